@@ -1,0 +1,182 @@
+"""The Python API: `train`, `evaluate`, `predict` — keyword-only, each returning a small result object."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from finetune.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
+from finetune.data import DatasetIndex, ImageDataset, list_images, load_dataset_index, make_loader, scan_image_folder
+from finetune.errors import CheckpointError, DataError
+from finetune.fit import FitContext, FitState, fit, read_history, seed_everything, state_from_payload
+from finetune.inference import Predictions, resolve_device, run_inference
+from finetune.metrics import predictions_table
+from finetune.model import build_model
+from finetune.recipe import DataConfig, Recipe, load_recipe, recipe_from_dict, save_recipe
+from finetune.report import Report, write_report
+from finetune.transforms import build_eval_pipeline, build_train_pipeline, resolve_image_config, save_pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    history: pd.DataFrame
+    report: Report
+    seconds: float
+
+
+def _start_run(recipe: Recipe, out: Path) -> DatasetIndex:
+    if out.exists() and any(out.iterdir()):
+        if (out / "recipe.yaml").exists():
+            raise CheckpointError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        raise CheckpointError(f"output folder {out} is not empty; choose a new --out folder")
+    index = load_dataset_index(recipe.data, seed=recipe.seed)
+    if not (index.samples["split"] == "val").any():
+        raise DataError("no validation images: set data.val_fraction above 0 or add a val/ folder")
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, out / "recipe.yaml")
+    index.samples.to_csv(out / "splits.csv", index=False)
+    (out / "classes.json").write_text(json.dumps(index.class_names, indent=1), encoding="utf-8")
+    return index
+
+
+def _resume_run(run_dir: Path) -> tuple[Recipe, DatasetIndex, dict]:
+    for name in ("recipe.yaml", "splits.csv", "classes.json", "checkpoints/last.pt"):
+        if not (run_dir / name).exists():
+            raise CheckpointError(f"cannot resume {run_dir}: {name} is missing (a run writes it after its first epoch); start a new run instead")
+    recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")), source=str(run_dir / "recipe.yaml"))
+    samples = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    index = DatasetIndex(samples=samples, class_names=json.loads((run_dir / "classes.json").read_text(encoding="utf-8")))
+    return recipe, index, load_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+def train(
+    *,
+    recipe: Recipe | str | Path | None = None,
+    data: str | Path | None = None,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[FitState], None] | None = None,
+) -> TrainResult:
+    """Fine-tune per `recipe` on `data`, writing the run folder `out`; `resume=True` continues `out`."""
+    started = time.perf_counter()
+    out = Path(out)
+    if resume:
+        recipe, index, payload = _resume_run(out)
+        state = state_from_payload(payload)
+        read_history(out, up_to_epoch=state.epoch)
+        log.info("resuming %s after epoch %d", out, state.epoch)
+    else:
+        if not isinstance(recipe, Recipe):
+            if recipe is None:
+                raise CheckpointError("train needs a recipe (e.g. recipes/quickstart.yaml), or resume=True with an existing run")
+            recipe = load_recipe(recipe, overrides=list(overrides))
+        elif overrides:
+            recipe = recipe_from_dict(recipe.to_dict(), overrides=list(overrides))
+        if data is not None:
+            recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": Path(data)})})
+        index = _start_run(recipe, out)
+        payload, state = None, None
+
+    seed_everything(recipe.seed)
+    bundle = build_model(recipe.model, num_classes=len(index.class_names), load_pretrained=payload is None)
+    if payload is not None:
+        bundle.model.load_state_dict(payload["state_dict"])
+    image = resolve_image_config(recipe.transforms, bundle.data_config)
+    train_tf = build_train_pipeline(recipe.transforms, image, seed=recipe.seed)
+    eval_tf = build_eval_pipeline(image)
+    save_pipeline(train_tf, out / "train_transforms.yaml")
+    save_pipeline(eval_tf, out / "eval_transforms.yaml")
+    train_rows, val_rows = index.split("train"), index.split("val")
+    ctx = FitContext(
+        recipe=recipe, class_names=index.class_names, image=image, run_dir=out, progress=progress, on_epoch_end=on_epoch_end,
+        train_set=ImageDataset(train_rows["path"], index.targets(train_rows), train_tf),
+        val_set=ImageDataset(val_rows["path"], index.targets(val_rows), eval_tf),
+    )
+    log.info("training %s on %d images (%d val) of %d classes -> %s", recipe.model.name, len(train_rows), len(val_rows), len(index.class_names), out)
+    fit(bundle, ctx, state=state)
+
+    split = "test" if (index.samples["split"] == "test").any() else "val"
+    rows = index.split(split)
+    report = _report_for(out / "checkpoints" / "best.pt", rows, out / "report", split=split, progress=progress)
+    return TrainResult(run_dir=out, best_checkpoint=out / "checkpoints" / "best.pt", history=read_history(out),
+                       report=report, seconds=time.perf_counter() - started)
+
+
+def _checkpoint_path(run: Path) -> Path:
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.exists():
+        raise CheckpointError(f"run {run} does not exist; pass a run folder written by 'finetune train' or a .pt checkpoint")
+    return run / "checkpoints" / "best.pt"
+
+
+def _predict_rows(loaded: LoadedModel, paths: list[str], targets: list[int], *, batch_size: int, progress: bool, desc: str) -> Predictions:
+    dataset = ImageDataset(paths, targets, build_eval_pipeline(loaded.image))
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=loaded.recipe.data.num_workers, shuffle=False, seed=0)
+    device = resolve_device(loaded.recipe.train.device)
+    preds, _ = run_inference(loaded.bundle.model.to(device), loader, device=device, paths=paths, progress=progress, desc=desc)
+    return preds
+
+
+def _report_for(checkpoint: Path, rows: pd.DataFrame, folder: Path, *, split: str, progress: bool) -> Report:
+    loaded = model_from_checkpoint(load_checkpoint(checkpoint))
+    lookup = {name: i for i, name in enumerate(loaded.class_names)}
+    unknown = sorted(set(rows["label"]) - set(lookup))
+    if unknown:
+        raise DataError(f"class folder(s) {unknown} are not classes of this model {loaded.class_names}; evaluate only on known classes")
+    preds = _predict_rows(loaded, list(rows["path"]), [lookup[label] for label in rows["label"]],
+                          batch_size=loaded.recipe.data.batch_size, progress=progress, desc="evaluate")
+    title = f"{loaded.recipe.model.name} on {split} ({len(rows)} images)"
+    return write_report(preds, loaded.class_names, folder, top_k=loaded.recipe.eval.top_k, title=title)
+
+
+def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None, progress: bool = True) -> Report:
+    """Evaluate a run's best checkpoint on labelled images; writes the report into `out` (default RUN/report)."""
+    checkpoint = _checkpoint_path(Path(run))
+    samples = scan_image_folder(Path(data), extensions=[e.lower() for e in DataConfig().extensions])
+    if (samples["split"] != "").any():
+        split = "test" if (samples["split"] == "test").any() else "val"
+        samples = samples[samples["split"] == split]
+        if samples.empty:
+            raise DataError(f"{data} has no test/ or val/ images to evaluate")
+    else:
+        split = Path(data).name
+    folder = Path(out) if out is not None else (checkpoint.parent.parent / "report" if checkpoint.parent.name == "checkpoints" else checkpoint.parent / "report")
+    return _report_for(checkpoint, samples.reset_index(drop=True), folder, split=split, progress=progress)
+
+
+def predict(*, run: str | Path, inputs: Sequence[str | Path], out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Classify image files and folders (searched recursively); returns and optionally writes a CSV."""
+    loaded = model_from_checkpoint(load_checkpoint(_checkpoint_path(Path(run))))
+    extensions = [e.lower() for e in loaded.recipe.data.extensions]
+    paths: list[str] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += [str(p) for p in list_images(item, extensions)]
+        elif item.is_file():
+            paths.append(str(item))
+        else:
+            raise DataError(f"input {item} does not exist; pass image files or folders")
+    if not paths:
+        raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(extensions)})")
+    preds = _predict_rows(loaded, paths, [-1] * len(paths), batch_size=loaded.recipe.data.batch_size, progress=progress, desc="predict")
+    table = predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False, float_format="%.6f")
+        log.info("wrote %d predictions to %s", len(table), out)
+    return table

@@ -1,0 +1,101 @@
+"""Self-contained checkpoints: weights plus everything eval/predict need, written atomically."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import CheckpointError
+from finetune.model import ModelBundle, build_model
+from finetune.recipe import Recipe, recipe_from_dict
+from finetune.transforms import ImageConfig
+
+FORMAT = "finetune-checkpoint"
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the weights and the pipeline."""
+    found = {"python": platform.python_version()}
+    for name in ("finetune", "torch", "torchvision", "timm", "albumentations", "scikit-learn", "numpy", "pillow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def make_payload(*, bundle: ModelBundle, class_names: list[str], image: ImageConfig, recipe: Recipe, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Only tensors and plain types, so `torch.load(..., weights_only=True)` reads it."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()},
+        "model_name": bundle.name,
+        "classifier": bundle.classifier,
+        "class_names": list(class_names),
+        "image": image.to_dict(),
+        "recipe": recipe.to_dict(),
+        "versions": library_versions(),
+        **(extra or {}),
+    }
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read and check a finetune checkpoint (weights_only: no arbitrary code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; was the run trained to the end of an epoch?")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unpickling error types
+        raise CheckpointError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a finetune checkpoint; to start from plain weights use model.pretrained: {path}")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer finetune (format {payload['format_version']}); upgrade finetune")
+    return payload
+
+
+@dataclass
+class LoadedModel:
+    bundle: ModelBundle
+    class_names: list[str]
+    image: ImageConfig
+    recipe: Recipe
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> LoadedModel:
+    """Rebuild the exact model (architecture, head, weights) a checkpoint was saved from."""
+    recipe = recipe_from_dict(payload["recipe"], source="stored in checkpoint")
+    class_names = list(payload["class_names"])
+    bundle = build_model(recipe.model, num_classes=len(class_names), load_pretrained=False)
+    try:
+        bundle.model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not fit {recipe.model.name}: {str(exc).splitlines()[0]}") from None
+    bundle.model.eval()
+    return LoadedModel(bundle=bundle, class_names=class_names, image=ImageConfig.from_dict(payload["image"]), recipe=recipe)

@@ -1,0 +1,127 @@
+"""The `finetune` command: a thin typer skin over the Python API. Errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from finetune.errors import FinetuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune ResNets on image folders from YAML recipes; evaluate and predict with the result.",
+)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+@contextlib.contextmanager
+def _session(quiet: bool, debug: bool) -> Iterator[None]:
+    """Logging for the command, and every FinetuneError as a single line with exit code 2."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", force=True)
+    try:
+        yield
+    except FinetuneError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; completed epochs are checkpointed: continue with 'finetune train --resume RUN'", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def train(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML, e.g. recipes/last_stage.yaml.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default runs/RECIPE-TIME).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set train.epochs=3 (repeatable).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder.")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Train from a recipe; writes checkpoints, metrics.csv and report/ into the run folder."""
+    from finetune.api import train as run_train
+
+    with _session(quiet, debug):
+        if resume is None and recipe is None:
+            raise FinetuneError("give a recipe (e.g. recipes/quickstart.yaml) or --resume RUN")
+        run_dir = resume or out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = run_train(recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet)
+        typer.echo(f"accuracy {result.report.metrics['accuracy']:.4f} | report: {result.report.folder} | best checkpoint: {result.best_checkpoint}")
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
+    data: Annotated[Path, typer.Option(help="Labelled image folder: class sub-folders, or train/val/test (test, else val, is used).")],
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default RUN/report).")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Evaluate a trained run on labelled images and write the report files."""
+    from finetune.api import evaluate
+
+    with _session(quiet, debug):
+        report = evaluate(run=run, data=data, out=out, progress=not quiet)
+        typer.echo(f"accuracy {report.metrics['accuracy']:.4f} on {report.metrics['num_images']} images | report: {report.folder}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    out: Annotated[Optional[Path], typer.Option(help="CSV to write (default: print to the terminal).")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Classify images; CSV with path, predicted label, confidence and top-k."""
+    from finetune.api import predict as run_predict
+
+    with _session(quiet, debug):
+        table = run_predict(run=run, inputs=inputs, out=out, progress=not quiet)
+        if out is None:
+            typer.echo(table.to_csv(index=False, float_format="%.4f"), nl=False)
+        else:
+            typer.echo(f"{len(table)} predictions written to {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/demo-TIME).")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Build data_examples/digits (scikit-learn's handwritten digits) and train recipes/quickstart.yaml on it."""
+    from finetune.api import train as run_train
+    from finetune.demo import build_digits_folder, default_paths, demo_out_dir
+
+    with _session(quiet, debug):
+        recipe, folder = default_paths()
+        build_digits_folder(folder)
+        result = run_train(recipe=recipe, data=folder, out=out or demo_out_dir(), progress=not quiet)
+        metrics = result.report.metrics
+        typer.echo(
+            f"demo: test accuracy {metrics['accuracy']:.4f} on {metrics['num_images']} digits in {result.seconds:.0f}s\n"
+            f"report: {result.report.folder}/summary.md (confusion_matrix.png, per_class.csv, ...)"
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="finetune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

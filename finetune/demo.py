@@ -1,0 +1,46 @@
+"""`finetune demo`: build a small real dataset (scikit-learn's handwritten digits) and train the quickstart recipe on it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from finetune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_digits_folder(folder: Path, *, size: int = 32) -> Path:
+    """Write the 1,797 8x8 digits of `sklearn.datasets.load_digits` as `size` px PNGs in class folders 0..9."""
+    from sklearn.datasets import load_digits
+
+    folder = Path(folder)
+    digits = load_digits()
+    if folder.is_dir() and sum(1 for _ in folder.rglob("*.png")) == len(digits.target):
+        log.info("digits dataset already at %s", folder)
+        return folder
+    for label in range(10):
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        grey = np.round(pixels / 16.0 * 255.0).astype(np.uint8)
+        Image.fromarray(grey, mode="L").resize((size, size), Image.BICUBIC).save(folder / str(label) / f"digit_{i:04d}.png")
+    log.info("wrote %d digit images to %s", len(digits.target), folder)
+    return folder
+
+
+def default_paths() -> tuple[Path, Path]:
+    """(quickstart recipe, digits folder) of this checkout; the demo needs the repository's recipes/."""
+    recipe = REPO_ROOT / "recipes" / "quickstart.yaml"
+    if not recipe.is_file():
+        raise DataError(f"{recipe} not found; run the demo from a clone of the finetune repository installed with 'pip install -e .'")
+    return recipe, REPO_ROOT / "data_examples" / "digits"
+
+
+def demo_out_dir(base: Path = Path("runs")) -> Path:
+    return base / time.strftime("demo-%Y%m%d-%H%M%S")

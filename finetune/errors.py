@@ -1,0 +1,36 @@
+"""Every user-facing error is a `FinetuneError`; the CLI prints it as one line and exits 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class FinetuneError(Exception):
+    """Base class: the message says what is wrong, where, and how to fix it."""
+
+
+class RecipeError(FinetuneError):
+    """The recipe (YAML or --set overrides) does not validate."""
+
+
+class DataError(FinetuneError):
+    """The dataset folder, manifest or an image cannot be used."""
+
+
+class ModelError(FinetuneError):
+    """The model name or its structure cannot be used."""
+
+
+class WeightsError(FinetuneError):
+    """Pretrained or local weights cannot be loaded."""
+
+
+class CheckpointError(FinetuneError):
+    """A run folder or checkpoint is missing, incomplete or does not match."""
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

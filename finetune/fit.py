@@ -1,0 +1,260 @@
+"""The training loop: phases of frozen/trainable stages, optimizer and schedule per phase, checkpoints, resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from finetune.checkpoint import make_payload, save_checkpoint
+from finetune.data import ImageDataset, make_loader
+from finetune.errors import FinetuneError
+from finetune.freeze import FreezePlan, apply_freeze, set_train_mode, stage_of_names
+from finetune.inference import resolve_device, run_inference
+from finetune.model import ModelBundle
+from finetune.recipe import STAGES, PhaseConfig, Recipe, TrainConfig
+from finetune.transforms import ImageConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_COLUMNS = ["epoch", "phase", "phase_epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "seconds"]
+
+
+class TrainingError(FinetuneError):
+    """Training cannot go on (for example a non-finite loss)."""
+
+
+@dataclass
+class FitState:
+    """Where training stands; stored in `last.pt` so `--resume` continues exactly."""
+
+    epoch: int = 0  # epochs completed over all phases
+    phase: int = 0
+    phase_epoch: int = 0  # epochs completed within `phase`
+    best_metric: float | None = None
+    best_epoch: int = 0
+    phase_best: float | None = None
+    bad_epochs: int = 0
+    finished: bool = False
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitContext:
+    """Everything `fit` needs besides the model: data, recipe, where to write."""
+
+    recipe: Recipe
+    class_names: list[str]
+    image: ImageConfig
+    train_set: ImageDataset
+    val_set: ImageDataset
+    run_dir: Path
+    progress: bool = True
+    on_epoch_end: Callable[[FitState], None] | None = None
+
+
+def stage_lr_multipliers(phase: PhaseConfig) -> dict[str, float]:
+    """Per-stage LR factor: layer-wise decay (head 1, layer4 d, layer3 d^2, ...) times explicit lr_mult."""
+    depth = {stage: len(STAGES) - 1 - i for i, stage in enumerate(STAGES)}
+    decay = phase.layer_decay or 1.0
+    return {stage: decay ** depth[stage] * phase.lr_mult.get(stage, 1.0) for stage in STAGES}
+
+
+def build_optimizer(model: nn.Module, phase: PhaseConfig, cfg: TrainConfig, *, classifier: str) -> torch.optim.Optimizer:
+    """One param group per (trainable stage, decay / no-decay); biases and norm weights get no weight decay."""
+    stages = stage_of_names(model, classifier)
+    mults = stage_lr_multipliers(phase)
+    groups = []
+    for stage in phase.trainable():
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and stages[n] == stage]
+        for decay, chosen in ((True, [p for n, p in params if p.ndim > 1]), (False, [p for n, p in params if p.ndim <= 1])):
+            if chosen:
+                groups.append({"params": chosen, "lr": phase.lr * mults[stage], "weight_decay": cfg.weight_decay if decay else 0.0, "stage": stage})
+    if not groups:
+        raise TrainingError(f"phase trains {list(phase.trainable())} but they hold no parameters; train at least 'head'")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=phase.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=phase.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total_steps: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay (or constant), stepped every batch."""
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision where the device supports it: bf16 (or fp16) on CUDA; on CPU only when asked (bf16)."""
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+            return torch.float16
+        return torch.bfloat16
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def _improved(value: float, best: float | None, metric: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if metric == "val_loss" else value > best + min_delta
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    pd.DataFrame([row], columns=METRICS_COLUMNS).to_csv(path, mode="a", header=not path.exists(), index=False, float_format="%.6g")
+
+
+def _train_epoch(model, loader, optimizer, scheduler, criterion, *, device, dtype, scaler, grad_clip, progress, desc, epoch) -> tuple[float, float]:
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    for step, (images, targets) in enumerate(bar):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images)
+            loss = criterion(logits.float(), targets)
+        if not torch.isfinite(loss):
+            lr = optimizer.param_groups[0]["lr"]
+            raise TrainingError(
+                f"loss became {loss.item()} at epoch {epoch}, step {step + 1} (lr {lr:.3g}); "
+                "HINT: lower train.lr or set train.grad_clip (the last good checkpoint is kept)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        batch = targets.size(0)
+        loss_sum += loss.item() * batch
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += batch
+        if progress:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) -> FitState:
+    """Train through every phase of the recipe; returns the final state. `state` resumes a run."""
+    cfg = ctx.recipe.train
+    data_cfg = ctx.recipe.data
+    device = resolve_device(cfg.device)
+    model = bundle.model.to(device)
+    dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    stopping = cfg.early_stopping
+    phases = cfg.resolved_phases()
+    state = state or FitState()
+    ckpt_dir = ctx.run_dir / "checkpoints"
+    metrics_path = ctx.run_dir / "metrics.csv"
+    val_loader = make_loader(ctx.val_set, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers, shuffle=False, seed=0)
+    total_epochs = sum(p.epochs for p in phases)
+
+    for phase_index in range(state.phase, len(phases)):
+        phase = phases[phase_index]
+        plan = FreezePlan(trainable=phase.trainable(), bn=phase.bn)
+        trainable = apply_freeze(model, plan, classifier=bundle.classifier)
+        optimizer = build_optimizer(model, phase, cfg, classifier=bundle.classifier)
+        steps = max(1, math.ceil(len(ctx.train_set) / data_cfg.batch_size))
+        scheduler = build_scheduler(optimizer, cfg, total_steps=phase.epochs * steps, steps_per_epoch=steps)
+        if state.phase == phase_index and state.phase_epoch > 0 and state.optimizer:
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+        else:
+            state.phase, state.phase_epoch, state.phase_best, state.bad_epochs = phase_index, 0, None, 0
+        log.info("phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, BN %s",
+                 phase_index + 1, len(phases), ", ".join(plan.trainable), f"{trainable:,}", phase.epochs, phase.lr, phase.bn)
+
+        while state.phase_epoch < phase.epochs:
+            epoch = state.epoch + 1
+            started = time.perf_counter()
+            set_train_mode(model, plan, classifier=bundle.classifier)
+            loader = make_loader(ctx.train_set, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers,
+                                 shuffle=True, seed=ctx.recipe.seed * 100_003 + epoch, pin_memory=device.type == "cuda")
+            lr = optimizer.param_groups[-1]["lr"]
+            train_loss, train_acc = _train_epoch(
+                model, loader, optimizer, scheduler, criterion, device=device, dtype=dtype, scaler=scaler,
+                grad_clip=cfg.grad_clip, progress=ctx.progress, desc=f"epoch {epoch}/{total_epochs}", epoch=epoch,
+            )
+            preds, val_loss = run_inference(model, val_loader, device=device, paths=ctx.val_set.paths, progress=ctx.progress, desc="validate")
+            val_acc = float((preds.predicted == preds.targets).mean())
+            val_f1 = float(f1_score(preds.targets, preds.predicted, average="macro", labels=list(range(len(ctx.class_names))), zero_division=0))
+            row = {"epoch": epoch, "phase": phase_index + 1, "phase_epoch": state.phase_epoch + 1, "lr": lr,
+                   "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+                   "val_accuracy": val_acc, "val_macro_f1": val_f1, "seconds": time.perf_counter() - started}
+            _append_row(metrics_path, row)
+            log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f (%.1fs)",
+                     epoch, train_loss, train_acc, val_loss, val_acc, val_f1, row["seconds"])
+
+            monitored = row[stopping.metric]
+            state.epoch, state.phase_epoch = epoch, state.phase_epoch + 1
+            payload_extra = {"epoch": epoch, "metrics": {k: float(v) for k, v in row.items()}}
+            if _improved(monitored, state.best_metric, stopping.metric, stopping.min_delta):
+                state.best_metric, state.best_epoch = float(monitored), epoch
+                save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, extra=payload_extra), ckpt_dir / "best.pt")
+            if _improved(monitored, state.phase_best, stopping.metric, stopping.min_delta):
+                state.phase_best, state.bad_epochs = float(monitored), 0
+            else:
+                state.bad_epochs += 1
+            stop_phase = stopping.patience is not None and state.bad_epochs >= stopping.patience
+            if stop_phase:
+                log.info("early stopping: %s did not improve for %d epoch(s)", stopping.metric, state.bad_epochs)
+                state.phase_epoch = phase.epochs
+            last_phase_done = state.phase_epoch >= phase.epochs
+            if last_phase_done and phase_index + 1 < len(phases):
+                state.phase, state.phase_epoch, state.optimizer, state.scheduler = phase_index + 1, 0, {}, {}
+            else:
+                state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
+            state.finished = last_phase_done and phase_index + 1 == len(phases)
+            save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe,
+                                         extra={**payload_extra, "training_state": asdict(state)}), ckpt_dir / "last.pt")
+            if ctx.on_epoch_end is not None:
+                ctx.on_epoch_end(state)
+    state.finished = True
+    return state
+
+
+def state_from_payload(payload: dict[str, Any]) -> FitState:
+    """The FitState stored in a `last.pt` payload."""
+    return FitState(**payload["training_state"])
+
+
+def read_history(run_dir: Path, *, up_to_epoch: int | None = None) -> pd.DataFrame:
+    """metrics.csv, optionally cut after `up_to_epoch` (rows written after the last checkpoint are dropped on resume)."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=METRICS_COLUMNS)
+    history = pd.read_csv(path)
+    if up_to_epoch is not None:
+        history = history[history["epoch"] <= up_to_epoch]
+        history.to_csv(path, index=False, float_format="%.6g")
+    return history
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy (model init and anything outside the loaders)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
