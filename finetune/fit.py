@@ -104,6 +104,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def build_criterion(cfg: TrainConfig) -> nn.Module:
+    """Cross-entropy with the recipe's label smoothing."""
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision where the device supports it: bf16 (or fp16) on CUDA; on CPU only when asked (bf16)."""
     if amp == "off":
@@ -164,7 +169,7 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
     model = bundle.model.to(device)
     dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = build_criterion(cfg)
     stopping = cfg.early_stopping
     phases = cfg.resolved_phases()
     state = state or FitState()
@@ -223,14 +228,14 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
             if stop_phase:
                 log.info("early stopping: %s did not improve for %d epoch(s)", stopping.metric, state.bad_epochs)
                 state.phase_epoch = phase.epochs
-            last_phase_done = state.phase_epoch >= phase.epochs
-            if last_phase_done and phase_index + 1 < len(phases):
-                state.phase, state.phase_epoch, state.optimizer, state.scheduler = phase_index + 1, 0, {}, {}
+            phase_done = state.phase_epoch >= phase.epochs
+            saved = asdict(state)
+            if phase_done and phase_index + 1 < len(phases):  # a resume starts the next phase afresh
+                saved.update(phase=phase_index + 1, phase_epoch=0, phase_best=None, bad_epochs=0, optimizer={}, scheduler={})
             else:
-                state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
-            state.finished = last_phase_done and phase_index + 1 == len(phases)
+                saved.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), finished=phase_done)
             save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe,
-                                         extra={**payload_extra, "training_state": asdict(state)}), ckpt_dir / "last.pt")
+                                         extra={**payload_extra, "training_state": saved}), ckpt_dir / "last.pt")
             if ctx.on_epoch_end is not None:
                 ctx.on_epoch_end(state)
     state.finished = True

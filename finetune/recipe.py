@@ -13,6 +13,7 @@ from finetune.errors import FinetuneError, RecipeError, did_you_mean
 STAGES: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 Stage = Literal["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 BnPolicy = Literal["frozen", "train"]
+SINGLE_PHASE_FIELDS = ("epochs", "lr", "freeze", "bn")  # the one-phase shorthand; phases replace them
 TRAIN_PRESETS: tuple[str, ...] = ("none", "light", "standard", "strong")
 
 
@@ -50,6 +51,13 @@ class TransformsConfig(_Strict):
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: Any) -> Any:
+        if value is not None and min(value) <= 0:
+            raise ValueError("every std value must be above 0")
+        return value
 
     @field_validator("train", mode="before")
     @classmethod
@@ -150,9 +158,9 @@ class TrainConfig(_Strict):
         if self.phases is not None:
             if not self.phases:
                 raise ValueError("phases is an empty list; remove it or give at least one phase")
-            set_here = self.model_fields_set & {"epochs", "lr", "freeze"}
+            set_here = self.model_fields_set & set(SINGLE_PHASE_FIELDS)
             if set_here:
-                raise ValueError(f"{sorted(set_here)} conflict with phases; set epochs/lr/train per phase instead")
+                raise ValueError(f"{sorted(set_here)} conflict with phases; set epochs/lr/train/bn per phase instead")
         elif set(self.freeze) == set(STAGES):
             raise ValueError("freeze lists every stage, so nothing would train; leave at least 'head' out")
         return self
@@ -180,8 +188,9 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain types only (paths as strings), suitable for YAML and checkpoints."""
-        return self.model_dump(mode="json")
+        """Plain types only (paths as strings), suitable for YAML and checkpoints; reloads to an equal recipe."""
+        exclude = {"train": set(SINGLE_PHASE_FIELDS)} if self.train.phases is not None else None
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -1,0 +1,102 @@
+"""Tiny image folders in assorted modes and a tiny-but-real recipe, shared by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+CLASSES = ("cat", "dog", "eel")  # three classes: never the default 1000
+
+
+def _pattern(label: int, i: int, size: int = 32) -> np.ndarray:
+    """A class-dependent image (colour + stripes) so that a tiny model can learn something."""
+    rng = np.random.default_rng(label * 1000 + i)
+    img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    img[..., label] += 150
+    img[:, (label * 5) % size :: 8] = 255
+    return img
+
+
+def write_mode_image(path: Path, mode: str, array: np.ndarray) -> None:
+    """Save `array` (HxWx3 uint8) as the given kind of file."""
+    rgb = Image.fromarray(array, "RGB")
+    if mode == "rgb_jpeg":
+        rgb.save(path.with_suffix(".jpg"), quality=95)
+    elif mode == "grey_png":
+        rgb.convert("L").save(path.with_suffix(".png"))
+    elif mode == "palette_png":
+        rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(path.with_suffix(".png"))
+    elif mode == "rgba_png":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(200)
+        rgba.save(path.with_suffix(".png"))
+    elif mode == "grey16_png":
+        grey = np.asarray(rgb.convert("L"), dtype=np.uint16) * 257
+        Image.fromarray(grey).save(path.with_suffix(".png"))
+    elif mode == "cmyk_jpeg":
+        rgb.convert("CMYK").save(path.with_suffix(".jpg"))
+    elif mode == "exif_jpeg":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90 CW on display
+        rgb.save(path.with_suffix(".jpg"), exif=exif)
+    elif mode == "gif_as_jpg":
+        rgb.convert("P").save(path.with_suffix(".jpg"), format="GIF")
+    else:
+        raise ValueError(mode)
+
+
+MODES = ("rgb_jpeg", "grey_png", "palette_png", "rgba_png", "grey16_png", "cmyk_jpeg", "exif_jpeg", "gif_as_jpg")
+
+
+def make_folder(root: Path, *, per_class: int = 8, classes=CLASSES, size: int = 32) -> Path:
+    """root/<class>/img_<i>.<ext> in assorted modes."""
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            write_mode_image(root / name / f"img_{i:02d}", MODES[i % len(MODES)], _pattern(label, i, size))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "flat")
+
+
+@pytest.fixture
+def presplit_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "presplit"
+    make_folder(root / "train", per_class=6)
+    make_folder(root / "val", per_class=3)
+    return root
+
+
+def tiny_recipe(**sections) -> dict:
+    """A recipe that trains in seconds: ResNet-18 at 32 px, one epoch, no workers."""
+    recipe = {
+        "seed": 0,
+        "data": {"val_fraction": 0.25, "batch_size": 8, "num_workers": 0},
+        "model": {"name": "resnet18", "pretrained": False},
+        "transforms": {"input_size": 32, "train": "light"},
+        "train": {"epochs": 1, "lr": 0.001},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    if "phases" in recipe["train"]:  # phases carry their own epochs and lr
+        recipe["train"].pop("epochs", None)
+        recipe["train"].pop("lr", None)
+    return recipe
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield

@@ -1,0 +1,112 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from finetune.data import load_dataset_index, load_image, read_manifest, scan_image_folder, split_samples
+from finetune.errors import DataError
+from finetune.recipe import DataConfig
+
+from conftest import CLASSES, MODES, make_folder, write_mode_image
+
+EXT = DataConfig().extensions
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_image_mode_decodes_to_rgb_uint8(tmp_path, mode):
+    array = np.zeros((20, 30, 3), np.uint8)
+    array[:, :10] = (220, 210, 200)
+    write_mode_image(tmp_path / "x", mode, array)
+    (path,) = list(tmp_path.iterdir())
+    image = load_image(path)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    expected = (30, 20) if mode == "exif_jpeg" else (20, 30)  # EXIF orientation 6 rotates a landscape photo
+    assert image.shape[:2] == expected
+    assert image.max() > 100, "16-bit and palette images keep their brightness"
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    array = np.zeros((20, 30, 3), np.uint8)
+    array[:, :10] = 255  # bright left band
+    write_mode_image(tmp_path / "r", "exif_jpeg", array)
+    image = load_image(tmp_path / "r.jpg")
+    assert image[:10].mean() > 200 and image[-5:].mean() < 50  # rotated 90 CW: the band is now on top
+
+
+def test_undecodable_file_names_the_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"cannot decode image .*broken.jpg"):
+        load_image(bad)
+
+
+def test_scan_flat_folder_sorted_classes_and_hidden_files_ignored(image_folder):
+    (image_folder / "cat" / ".DS_Store").write_bytes(b"junk")
+    (image_folder / "cat" / "notes.txt").write_text("x")
+    samples = scan_image_folder(image_folder, extensions=EXT)
+    assert sorted(samples["label"].unique()) == list(CLASSES)
+    assert len(samples) == 8 * len(CLASSES)
+    assert (samples["split"] == "").all()
+
+
+def test_flat_folder_split_is_stratified_seeded_and_saved_order(image_folder):
+    cfg = DataConfig(path=image_folder, val_fraction=0.25, test_fraction=0.25)
+    first = load_dataset_index(cfg, seed=3)
+    again = load_dataset_index(cfg, seed=3)
+    other = load_dataset_index(cfg, seed=4)
+    pd.testing.assert_frame_equal(first.samples, again.samples)
+    assert not first.samples.equals(other.samples)
+    counts = first.samples.groupby(["split", "label"]).size().unstack()
+    assert (counts.loc["val"] == 2).all() and (counts.loc["test"] == 2).all() and (counts.loc["train"] == 4).all()
+    assert first.class_names == sorted(CLASSES)
+
+
+def test_presplit_folder_is_respected(presplit_folder):
+    index = load_dataset_index(DataConfig(path=presplit_folder), seed=0)
+    assert set(index.samples["split"]) == {"train", "val"}
+    assert (index.split("val")["path"].str.contains("/val/")).all()
+
+
+def test_presplit_without_val_gets_a_val_split(tmp_path):
+    make_folder(tmp_path / "d" / "train", per_class=8)
+    index = load_dataset_index(DataConfig(path=tmp_path / "d", val_fraction=0.25), seed=0)
+    assert (index.samples["split"] == "val").sum() == 6
+
+
+def test_manifest_csv(tmp_path, image_folder):
+    rows = [(str(p.relative_to(tmp_path)), p.parent.name) for p in sorted(image_folder.rglob("*.*"))]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "m.csv", index=False)
+    index = load_dataset_index(DataConfig(path=tmp_path / "m.csv"), seed=0)
+    assert len(index.samples) == len(rows) and index.class_names == sorted(CLASSES)
+
+
+def test_manifest_errors(tmp_path):
+    (tmp_path / "m.csv").write_text("file,class\na.jpg,x\n")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['label', 'path'\]"):
+        read_manifest(tmp_path / "m.csv")
+    (tmp_path / "n.csv").write_text("path,label\nmissing.jpg,x\n")
+    with pytest.raises(DataError, match=r"names 1 missing file\(s\), first: .*missing.jpg"):
+        read_manifest(tmp_path / "n.csv")
+
+
+def test_data_errors_are_explicit(tmp_path, image_folder):
+    with pytest.raises(DataError, match=r"no data given; pass --data"):
+        load_dataset_index(DataConfig(), seed=0)
+    with pytest.raises(DataError, match=r"data folder .*nowhere does not exist"):
+        load_dataset_index(DataConfig(path=tmp_path / "nowhere"), seed=0)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no images found in .*empty"):
+        load_dataset_index(DataConfig(path=tmp_path / "empty"), seed=0)
+    make_folder(tmp_path / "one", classes=("only",))
+    with pytest.raises(DataError, match=r"at least 2 classes"):
+        load_dataset_index(DataConfig(path=tmp_path / "one"), seed=0)
+    make_folder(tmp_path / "tiny", per_class=1)
+    with pytest.raises(DataError, match=r"cannot make a stratified val split: class '.*' has 1 image"):
+        load_dataset_index(DataConfig(path=tmp_path / "tiny"), seed=0)
+
+
+def test_val_only_class_is_an_error(tmp_path):
+    make_folder(tmp_path / "d" / "train", classes=("a", "b"))
+    make_folder(tmp_path / "d" / "val", classes=("a", "b", "c"), per_class=2)
+    with pytest.raises(DataError, match=r"class\(es\) \['c'\] appear in val/test but have no training images"):
+        load_dataset_index(DataConfig(path=tmp_path / "d"), seed=0)

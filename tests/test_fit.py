@@ -1,0 +1,128 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from finetune import fit as fit_module
+from finetune import train
+from finetune.api import predict
+from finetune.checkpoint import load_checkpoint
+from finetune.errors import CheckpointError, FinetuneError
+from finetune.fit import FitState, build_optimizer, build_scheduler, stage_lr_multipliers
+from finetune.freeze import FreezePlan, apply_freeze
+from finetune.model import build_model
+from finetune.recipe import ModelConfig, PhaseConfig, TrainConfig, recipe_from_dict
+
+from conftest import tiny_recipe
+
+TWO_PHASES = {"phases": [{"epochs": 1, "train": ["head"], "lr": 0.01}, {"epochs": 2, "train": ["layer4", "head"], "lr": 0.003}], "warmup_epochs": 0.5}
+
+
+def test_layer_decay_gives_expected_stage_lrs():
+    phase = PhaseConfig(epochs=1, lr=1.0, layer_decay=0.5, lr_mult={"layer1": 10.0})
+    assert stage_lr_multipliers(phase) == {"head": 1.0, "layer4": 0.5, "layer3": 0.25, "layer2": 0.125, "layer1": 0.0625 * 10, "stem": 0.03125}
+
+
+def test_phase_changes_exactly_the_requires_grad_set_and_param_groups():
+    bundle = build_model(ModelConfig(name="resnet18"), num_classes=3)
+    for phase in (PhaseConfig(epochs=1, train=["head"], lr=0.1), PhaseConfig(epochs=1, train=["layer4", "head"], lr=0.1, layer_decay=0.5)):
+        apply_freeze(bundle.model, FreezePlan(trainable=phase.trainable()), classifier="fc")
+        grads = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+        prefixes = tuple("fc" if s == "head" else s for s in phase.trainable())
+        assert grads == {n for n, _ in bundle.model.named_parameters() if n.startswith(prefixes)}
+        optimizer = build_optimizer(bundle.model, phase, TrainConfig(), classifier="fc")
+        in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert in_groups == {id(p) for n, p in bundle.model.named_parameters() if n in grads}
+        lrs = {g["stage"]: g["lr"] for g in optimizer.param_groups}
+        assert lrs == ({"head": 0.1} if len(lrs) == 1 else {"head": 0.1, "layer4": 0.05})
+        assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if all(p.ndim == 1 for p in g["params"]))
+
+
+def test_warmup_then_cosine_schedule():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_scheduler(optimizer, TrainConfig(warmup_epochs=1), total_steps=20, steps_per_epoch=4)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.02
+
+
+def test_run_folder_contents_and_checkpoint_is_plain_torch(tmp_path, image_folder):
+    result = train(recipe=recipe_from_dict(tiny_recipe(train={"epochs": 2})), data=image_folder, out=tmp_path / "run", progress=False)
+    run = result.run_dir
+    for name in ("recipe.yaml", "splits.csv", "classes.json", "metrics.csv", "train_transforms.yaml", "eval_transforms.yaml", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run / name).exists(), name
+    history = pd.read_csv(run / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2] and history["val_accuracy"].between(0, 1).all()
+    payload = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert payload["class_names"] == ["cat", "dog", "eel"] and payload["model_name"] == "resnet18"
+    assert payload["image"]["input_size"] == 32 and len(payload["image"]["mean"]) == 3
+    assert payload["versions"]["torch"] == torch.__version__.split("+")[0] or payload["versions"]["torch"].startswith(torch.__version__[:4])
+    assert payload["recipe"]["model"]["name"] == "resnet18"
+    import timm
+
+    plain = timm.create_model("resnet18", num_classes=3)
+    plain.load_state_dict(payload["state_dict"])  # README's promise: plain timm/torch can load it
+    splits = pd.read_csv(run / "splits.csv")
+    assert set(splits["split"]) == {"train", "val"}
+
+
+def test_checkpoint_round_trip_gives_same_predictions(tmp_path, image_folder):
+    result = train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False)
+    report_preds = pd.read_csv(result.report.folder / "predictions.csv")
+    again = predict(run=result.run_dir, inputs=list(report_preds["path"]), progress=False)
+    assert list(again["predicted_label"]) == list(report_preds["predicted_label"])
+    assert again["confidence"].to_numpy() == pytest.approx(report_preds["confidence"].to_numpy(), abs=1e-5)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_mid_phase_two_matches_uninterrupted_run(tmp_path, image_folder):
+    recipe = recipe_from_dict(tiny_recipe(train=TWO_PHASES))
+    full = train(recipe=recipe, data=image_folder, out=tmp_path / "full", progress=False)
+
+    def crash_after_epoch_2(state: FitState) -> None:
+        if state.epoch == 2:
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        train(recipe=recipe, data=image_folder, out=tmp_path / "cut", progress=False, on_epoch_end=crash_after_epoch_2)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["training_state"]
+    assert (state["epoch"], state["phase"], state["phase_epoch"]) == (2, 1, 1)  # stopped inside phase 2
+    resumed = train(out=tmp_path / "cut", resume=True, progress=False)
+    a = load_checkpoint(full.run_dir / "checkpoints" / "last.pt")["state_dict"]
+    b = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(full.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
+    assert full.report.metrics == resumed.report.metrics
+
+
+def test_early_stopping_stops_and_keeps_best(tmp_path, image_folder):
+    recipe = recipe_from_dict(tiny_recipe(train={"epochs": 6, "lr": 1e-9, "early_stopping": {"metric": "val_loss", "patience": 1, "min_delta": 10.0}}))
+    result = train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
+    assert len(result.history) == 2  # epoch 1 sets the best, epoch 2 fails to improve by 10
+    assert load_checkpoint(result.best_checkpoint)["epoch"] == 1
+
+
+def test_non_finite_loss_stops_with_a_hint(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(fit_module, "build_criterion", lambda cfg: (lambda logits, targets: logits.sum() * math.nan))
+    with pytest.raises(fit_module.TrainingError, match=r"loss became nan at epoch 1, step 1 \(lr .*\); HINT: lower train.lr or set train.grad_clip"):
+        train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False)
+
+
+def test_run_folder_mistakes(tmp_path, image_folder):
+    recipe = recipe_from_dict(tiny_recipe())
+    train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match=r"already holds a run; continue it with --resume"):
+        train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match=r"cannot resume .*nothing: recipe.yaml is missing"):
+        train(out=tmp_path / "nothing", resume=True, progress=False)
+    with pytest.raises(FinetuneError, match=r"no validation images"):
+        train(recipe=recipe_from_dict(tiny_recipe(data={"val_fraction": 0.0})), data=image_folder, out=tmp_path / "r2", progress=False)
