@@ -110,7 +110,8 @@ def train(
 
     split = "test" if (index.samples["split"] == "test").any() else "val"
     rows = index.split(split)
-    report = _report_for(out / "checkpoints" / "best.pt", rows, out / "report", split=split, progress=progress)
+    best = model_from_checkpoint(load_checkpoint(out / "checkpoints" / "best.pt"))
+    report = _report_for(best, rows, out / "report", split=split, progress=progress)
     return TrainResult(run_dir=out, best_checkpoint=out / "checkpoints" / "best.pt", history=read_history(out),
                        report=report, seconds=time.perf_counter() - started)
 
@@ -132,8 +133,7 @@ def _predict_rows(loaded: LoadedModel, paths: list[str], targets: list[int], *, 
     return preds
 
 
-def _report_for(checkpoint: Path, rows: pd.DataFrame, folder: Path, *, split: str, progress: bool) -> Report:
-    loaded = model_from_checkpoint(load_checkpoint(checkpoint))
+def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split: str, progress: bool) -> Report:
     lookup = {name: i for i, name in enumerate(loaded.class_names)}
     unknown = sorted(set(rows["label"]) - set(lookup))
     if unknown:
@@ -147,6 +147,7 @@ def _report_for(checkpoint: Path, rows: pd.DataFrame, folder: Path, *, split: st
 def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None, progress: bool = True) -> Report:
     """Evaluate a run's best checkpoint on labelled images; writes the report into `out` (default RUN/report)."""
     checkpoint = _checkpoint_path(Path(run))
+    loaded = model_from_checkpoint(load_checkpoint(checkpoint))
     samples = scan_image_folder(Path(data), extensions=[e.lower() for e in DataConfig().extensions])
     if (samples["split"] != "").any():
         split = "test" if (samples["split"] == "test").any() else "val"
@@ -156,13 +157,12 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     else:
         split = Path(data).name
     folder = Path(out) if out is not None else (checkpoint.parent.parent / "report" if checkpoint.parent.name == "checkpoints" else checkpoint.parent / "report")
-    return _report_for(checkpoint, samples.reset_index(drop=True), folder, split=split, progress=progress)
+    return _report_for(loaded, samples.reset_index(drop=True), folder, split=split, progress=progress)
 
 
 def predict(*, run: str | Path, inputs: Sequence[str | Path], out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Classify image files and folders (searched recursively); returns and optionally writes a CSV."""
-    loaded = model_from_checkpoint(load_checkpoint(_checkpoint_path(Path(run))))
-    extensions = [e.lower() for e in loaded.recipe.data.extensions]
+    extensions = [e.lower() for e in DataConfig().extensions]
     paths: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -173,6 +173,7 @@ def predict(*, run: str | Path, inputs: Sequence[str | Path], out: str | Path | 
             raise DataError(f"input {item} does not exist; pass image files or folders")
     if not paths:
         raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(extensions)})")
+    loaded = model_from_checkpoint(load_checkpoint(_checkpoint_path(Path(run))))
     preds = _predict_rows(loaded, paths, [-1] * len(paths), batch_size=loaded.recipe.data.batch_size, progress=progress, desc="predict")
     table = predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k)
     if out is not None:

@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import classification_report
+
+from finetune.inference import Predictions
+from finetune.report import write_report
+
+CLASSES = ["ant", "bee", "wasp", "fly"]
+
+
+@pytest.fixture
+def preds():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, len(CLASSES), 60)
+    logits = rng.normal(size=(60, len(CLASSES)))
+    logits[np.arange(60), targets] += 1.5  # mostly right, some confusions
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return Predictions(paths=[f"img_{i}.png" for i in range(60)], probs=probs, targets=targets)
+
+
+def test_report_numbers_match_sklearn(tmp_path, preds):
+    report = write_report(preds, CLASSES, tmp_path, top_k=2, title="t")
+    per_class = pd.read_csv(tmp_path / "per_class.csv")
+    expected = classification_report(preds.targets, preds.predicted, target_names=CLASSES, output_dict=True, zero_division=0)
+    for _, row in per_class.iterrows():
+        for metric in ("precision", "recall", "f1"):
+            assert row[metric] == pytest.approx(expected[row["class"]][metric if metric != "f1" else "f1-score"])
+        assert row["support"] == expected[row["class"]]["support"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    assert metrics["macro_f1"] == pytest.approx(expected["macro avg"]["f1-score"])
+    assert metrics["weighted_recall"] == pytest.approx(expected["weighted avg"]["recall"])
+    assert metrics["num_images"] == 60 and 0 <= metrics["top2_accuracy"] <= 1 and metrics["top2_accuracy"] >= metrics["accuracy"]
+    assert report.metrics == metrics
+
+
+def test_confusion_matrices_are_labelled_and_sum_to_support(tmp_path, preds):
+    write_report(preds, CLASSES, tmp_path, top_k=2, title="t")
+    counts = pd.read_csv(tmp_path / "confusion_matrix.csv", index_col=0)
+    normalized = pd.read_csv(tmp_path / "confusion_matrix_normalized.csv", index_col=0)
+    per_class = pd.read_csv(tmp_path / "per_class.csv")
+    assert list(counts.index) == CLASSES and list(counts.columns) == CLASSES
+    assert list(counts.sum(axis=1)) == list(per_class["support"])
+    assert np.allclose(normalized.sum(axis=1), 1.0)
+    assert np.diag(counts).sum() == (preds.predicted == preds.targets).sum()
+
+
+def test_predictions_csv_and_summary(tmp_path, preds):
+    write_report(preds, CLASSES, tmp_path, top_k=3, title="My run")
+    table = pd.read_csv(tmp_path / "predictions.csv")
+    assert list(table.columns[:4]) == ["path", "true_label", "predicted_label", "confidence"]
+    assert (table["predicted_label"] == table["top1_label"]).all()
+    assert (table["top1_prob"] >= table["top2_prob"]).all() and (table["top2_prob"] >= table["top3_prob"]).all()
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# My run") and "| class" in summary and "Weakest class" in summary
+    png = (tmp_path / "confusion_matrix.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_confusion_png_with_many_classes(tmp_path):
+    n = 60
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(n), size=300)
+    preds = Predictions(paths=[str(i) for i in range(300)], probs=probs, targets=rng.integers(0, n, 300))
+    write_report(preds, [f"class_{i:02d}" for i in range(n)], tmp_path, top_k=5, title="many")
+    from PIL import Image
+
+    with Image.open(tmp_path / "confusion_matrix.png") as image:
+        assert image.width >= 2000  # grows with the class count so labels stay legible
