@@ -15,7 +15,7 @@ import yaml
 from finetune.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
 from finetune.data import DatasetIndex, ImageDataset, list_images, load_dataset_index, make_loader, scan_image_folder
 from finetune.errors import CheckpointError, DataError
-from finetune.fit import FitContext, FitState, fit, read_history, seed_everything, state_from_payload
+from finetune.fit import FitContext, class_weights, FitState, fit, read_history, seed_everything, state_from_payload
 from finetune.inference import Predictions, resolve_device, run_inference
 from finetune.metrics import predictions_table
 from finetune.model import build_model
@@ -100,7 +100,11 @@ def train(
     save_pipeline(train_tf, out / "train_transforms.yaml")
     save_pipeline(eval_tf, out / "eval_transforms.yaml")
     train_rows, val_rows = index.split("train"), index.split("val")
+    weights = class_weights(recipe.loss, class_names=index.class_names, targets=index.targets(train_rows))
+    if weights is not None:
+        (out / "class_weights.json").write_text(json.dumps(dict(zip(index.class_names, weights)), indent=1), encoding="utf-8")
     ctx = FitContext(
+        class_weights=weights,
         recipe=recipe, class_names=index.class_names, image=image, run_dir=out, progress=progress, on_epoch_end=on_epoch_end,
         train_set=ImageDataset(train_rows["path"], index.targets(train_rows), train_tf),
         val_set=ImageDataset(val_rows["path"], index.targets(val_rows), eval_tf),

@@ -118,6 +118,26 @@ def demo(
         )
 
 
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model name, e.g. resnet50 or tv:resnet50.")],
+    recipe: Annotated[Optional[Path], typer.Option(help="Show trainable/frozen per phase of this recipe (and its input size).")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: recipe, else the model's).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Parameters, GMACs and trainable/frozen per stage (stem, layer1..layer4, head)."""
+    import json
+
+    from finetune.inspection import format_inspection, inspect_model
+    from finetune.recipe import load_recipe
+
+    with _session(True, debug):
+        loaded = load_recipe(recipe) if recipe else None
+        info = inspect_model(name=model, recipe=loaded, input_size=input_size)
+        typer.echo(json.dumps(info.to_dict(), indent=2) if json_ else format_inspection(info))
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="finetune")

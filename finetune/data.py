@@ -194,15 +194,27 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
-def make_loader(dataset: ImageDataset, *, batch_size: int, num_workers: int, shuffle: bool, seed: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader whose shuffling and augmentation depend only on `seed` (so resume is exact)."""
+def make_loader(
+    dataset: ImageDataset, *, batch_size: int, num_workers: int, shuffle: bool, seed: int, pin_memory: bool = False, balanced: bool = False
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order and augmentation depend only on `seed` (so resume is exact).
+
+    `balanced` draws with replacement, each class equally likely (a WeightedRandomSampler).
+    """
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if balanced:
+        counts = np.bincount(dataset.targets)
+        weights = torch.as_tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
+        sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
+        shuffle = False
     if num_workers == 0 and hasattr(dataset.transform, "set_random_seed"):
         dataset.transform.set_random_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         generator=generator,
         worker_init_fn=_seed_worker if num_workers else None,

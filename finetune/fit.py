@@ -14,16 +14,17 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import f1_score
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from tqdm.auto import tqdm
 
 from finetune.checkpoint import make_payload, save_checkpoint
 from finetune.data import ImageDataset, make_loader
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, did_you_mean
 from finetune.freeze import FreezePlan, apply_freeze, set_train_mode, stage_of_names
 from finetune.inference import resolve_device, run_inference
 from finetune.model import ModelBundle
-from finetune.recipe import STAGES, PhaseConfig, Recipe, TrainConfig
+from finetune.recipe import STAGES, LossConfig, PhaseConfig, Recipe, TrainConfig
 from finetune.transforms import ImageConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class FitContext:
     train_set: ImageDataset
     val_set: ImageDataset
     run_dir: Path
+    class_weights: list[float] | None = None
     progress: bool = True
     on_epoch_end: Callable[[FitState], None] | None = None
 
@@ -104,9 +106,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_criterion(cfg: TrainConfig) -> nn.Module:
-    """Cross-entropy with the recipe's label smoothing."""
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+def class_weights(cfg: LossConfig, *, class_names: list[str], targets: list[int]) -> list[float] | None:
+    """Per-class loss weights from the training labels: sklearn's 'balanced', Cui et al.'s effective number, or given."""
+    if cfg.class_weights == "none":
+        return None
+    counts = np.bincount(np.asarray(targets), minlength=len(class_names)).astype(float)
+    if isinstance(cfg.class_weights, dict):
+        unknown = sorted(set(cfg.class_weights) - set(class_names))
+        if unknown:
+            raise TrainingError(f"loss.class_weights names unknown class(es) {unknown}{did_you_mean(unknown[0], class_names)}; classes: {class_names}")
+        return [float(cfg.class_weights.get(name, 1.0)) for name in class_names]
+    if cfg.class_weights == "balanced":
+        weights = compute_class_weight("balanced", classes=np.arange(len(class_names)), y=np.asarray(targets))
+    else:
+        weights = (1.0 - cfg.beta) / (1.0 - np.power(cfg.beta, counts))
+        weights = weights * len(class_names) / weights.sum()
+    return [float(w) for w in weights]
+
+
+def build_criterion(cfg: LossConfig, weights: list[float] | None = None) -> nn.Module:
+    """Cross-entropy with the recipe's label smoothing and optional class weights."""
+    tensor = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
+    return nn.CrossEntropyLoss(weight=tensor, label_smoothing=cfg.label_smoothing)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -169,7 +190,7 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
     model = bundle.model.to(device)
     dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    criterion = build_criterion(cfg)
+    criterion = build_criterion(ctx.recipe.loss, ctx.class_weights).to(device)
     stopping = cfg.early_stopping
     phases = cfg.resolved_phases()
     state = state or FitState()
@@ -198,7 +219,8 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
             started = time.perf_counter()
             set_train_mode(model, plan, classifier=bundle.classifier)
             loader = make_loader(ctx.train_set, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers,
-                                 shuffle=True, seed=ctx.recipe.seed * 100_003 + epoch, pin_memory=device.type == "cuda")
+                                 shuffle=True, seed=ctx.recipe.seed * 100_003 + epoch, pin_memory=device.type == "cuda",
+                                 balanced=data_cfg.sampler == "weighted")
             lr = optimizer.param_groups[-1]["lr"]
             train_loss, train_acc = _train_epoch(
                 model, loader, optimizer, scheduler, criterion, device=device, dtype=dtype, scaler=scaler,

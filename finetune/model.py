@@ -199,6 +199,15 @@ def _replace_head(model: nn.Module, classifier: str, num_classes: int, cfg: Head
     setattr(parent, attr, build_head(in_features, num_classes, cfg, conv=conv))
 
 
+def _small_input_stem(model: nn.Module, name: str) -> None:
+    """CIFAR-style stem: 3x3 stride-1 conv and no max-pool, so 32-64 px images keep their resolution."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise ModelError(f"model.small_input needs a single-conv stem (resnet18..152, wide/resnext, tv:*); {name} has another stem")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
 def build_model(cfg: ModelConfig, *, num_classes: int, load_pretrained: bool = True) -> ModelBundle:
     """Create the architecture, load weights per `cfg.pretrained`, and put a `num_classes` head on it."""
     if num_classes < 2:
@@ -207,6 +216,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int, load_pretrained: bool = T
     if load_pretrained and cfg.pretrained is True:
         load_weights(model, _hub_state_dict(cfg.name), classifier=classifier, source=f"hub weights of {cfg.name}")
     _replace_head(model, classifier, num_classes, cfg.head)
-    if load_pretrained and isinstance(cfg.pretrained, Path):
+    if load_pretrained and isinstance(cfg.pretrained, Path):  # a head of matching shape (same classes) is kept
         load_weights(model, read_state_dict(cfg.pretrained), classifier=classifier, source=str(cfg.pretrained))
+    if cfg.small_input:  # after loading: the pretrained 7x7 stem conv is replaced, the rest is kept
+        _small_input_stem(model, cfg.name)
     return ModelBundle(model=model, name=cfg.name, classifier=classifier, data_config=data_config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -29,6 +30,7 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)
+    sampler: Literal["shuffle", "weighted"] = Field("shuffle", description="weighted: draw classes equally often.")
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
     )
@@ -88,6 +90,7 @@ class ModelConfig(_Strict):
     name: str = "resnet18"
     pretrained: Union[bool, Path] = False
     head: HeadConfig = Field(default_factory=HeadConfig)
+    small_input: bool = Field(False, description="3x3/stride-1 stem, no max-pool (CIFAR-style) for 32-64 px images.")
 
     @field_validator("name")
     @classmethod
@@ -147,7 +150,6 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0.0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -173,6 +175,21 @@ class TrainConfig(_Strict):
         return [PhaseConfig(epochs=self.epochs, lr=self.lr, train="all" if len(trainable) == len(STAGES) else trainable, bn=self.bn)]
 
 
+class LossConfig(_Strict):
+    """Cross-entropy options."""
+
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Union[Literal["none", "balanced", "effective_number"], dict[str, float]] = "none"
+    beta: float = Field(0.999, gt=0.0, lt=1.0, description="effective_number's beta (Cui et al. 2019).")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        if isinstance(value, dict) and any(w <= 0 for w in value.values()):
+            raise ValueError("class weights must be above 0")
+        return value
+
+
 class EvalConfig(_Strict):
     top_k: int = Field(5, ge=1, le=100)
 
@@ -185,6 +202,7 @@ class Recipe(_Strict):
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,11 +233,11 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, source: str, *, prefix: tuple[str, ...] = ()) -> str:
     """Flatten pydantic's errors to `recipe.train.lr: Input should be greater than 0 (in FILE)`."""
     lines = []
     for item in error.errors():
-        loc = tuple(part for part in item["loc"] if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
+        loc = prefix + tuple(part for part in item["loc"] if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
         where = ".".join(str(p) for p in ("recipe", *loc))
         if item["type"] == "extra_forbidden":
             owner = _model_at(loc)
@@ -234,17 +252,33 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return f"invalid recipe {source}: " + "; ".join(unique)
 
 
+def model_config(name: str, *, base: ModelConfig | None = None) -> ModelConfig:
+    """A validated ModelConfig for `name` (unknown names raise RecipeError with a suggestion)."""
+    data = {**(base.model_dump() if base else {}), "name": name, "pretrained": False}
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, f"model '{name}'", prefix=("model",))) from None
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    """Set `a.b.0.c` in a nested dict/list tree (list items by index, e.g. train.phases.0.epochs)."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"--set {dotted}={raw}: '{key}' is a value, not a section")
-        node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"--set {dotted}={raw}: '{key}' is not an index of a list of {len(node)}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}={raw}: '{keys[depth - 1]}' is a value, not a section")
+        if last:
+            node[key] = yaml.safe_load(raw) if raw != "" else None
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
@@ -260,7 +294,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, s
 
 def recipe_from_dict(tree: dict[str, Any], *, overrides: list[str] | tuple[str, ...] = (), source: str = "<dict>") -> Recipe:
     """Validate a recipe tree after applying dotted overrides."""
-    tree = dict(tree)
+    tree = copy.deepcopy(tree)
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
     try:

@@ -112,7 +112,11 @@ def test_early_stopping_stops_and_keeps_best(tmp_path, image_folder):
 
 
 def test_non_finite_loss_stops_with_a_hint(tmp_path, image_folder, monkeypatch):
-    monkeypatch.setattr(fit_module, "build_criterion", lambda cfg: (lambda logits, targets: logits.sum() * math.nan))
+    class NanLoss(torch.nn.Module):
+        def forward(self, logits, targets):
+            return logits.sum() * math.nan
+
+    monkeypatch.setattr(fit_module, "build_criterion", lambda cfg, weights=None: NanLoss())
     with pytest.raises(fit_module.TrainingError, match=r"loss became nan at epoch 1, step 1 \(lr .*\); HINT: lower train.lr or set train.grad_clip"):
         train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False)
 
@@ -126,3 +130,37 @@ def test_run_folder_mistakes(tmp_path, image_folder):
         train(out=tmp_path / "nothing", resume=True, progress=False)
     with pytest.raises(FinetuneError, match=r"no validation images"):
         train(recipe=recipe_from_dict(tiny_recipe(data={"val_fraction": 0.0})), data=image_folder, out=tmp_path / "r2", progress=False)
+
+
+def test_class_weights():
+    from finetune.fit import class_weights
+    from finetune.recipe import LossConfig
+
+    names, targets = ["a", "b", "c"], [0] * 8 + [1] * 2 + [2] * 2
+    assert class_weights(LossConfig(), class_names=names, targets=targets) is None
+    balanced = class_weights(LossConfig(class_weights="balanced"), class_names=names, targets=targets)
+    assert balanced == pytest.approx([12 / (3 * 8), 12 / (3 * 2), 12 / (3 * 2)])
+    effective = class_weights(LossConfig(class_weights="effective_number", beta=0.9), class_names=names, targets=targets)
+    raw = [(1 - 0.9) / (1 - 0.9**n) for n in (8, 2, 2)]
+    assert effective == pytest.approx([w * 3 / sum(raw) for w in raw])
+    assert class_weights(LossConfig(class_weights={"b": 3.0}), class_names=names, targets=targets) == [1.0, 3.0, 1.0]
+    with pytest.raises(FinetuneError, match=r"names unknown class\(es\) \['bb'\] \(did you mean 'b'\?\)"):
+        class_weights(LossConfig(class_weights={"bb": 3.0}), class_names=names, targets=targets)
+
+
+def test_imbalanced_training_writes_weights_and_uses_weighted_sampler(tmp_path, image_folder):
+    import json
+
+    recipe = recipe_from_dict(tiny_recipe(loss={"class_weights": "balanced"}, data={"sampler": "weighted"}))
+    result = train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
+    weights = json.loads((result.run_dir / "class_weights.json").read_text())
+    assert set(weights) == {"cat", "dog", "eel"} and all(w > 0 for w in weights.values())
+
+
+def test_small_input_stem_keeps_resolution():
+    bundle = build_model(ModelConfig(name="resnet18", small_input=True), num_classes=10)
+    assert bundle.model.conv1.kernel_size == (3, 3) and bundle.model.conv1.stride == (1, 1)
+    features = bundle.model.forward_features(torch.randn(1, 3, 32, 32))
+    assert features.shape[-1] == 4  # 32 / 8: three stride-2 stages, no stem downsampling
+    with pytest.raises(FinetuneError, match=r"small_input needs a single-conv stem"):
+        build_model(ModelConfig(name="resnet50d", small_input=True), num_classes=10)

@@ -1,0 +1,96 @@
+"""`finetune inspect`: parameters, trainability and forward FLOPs per named stage (counted by torch, on the meta device)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from finetune.freeze import stage_modules, stage_of_names
+from finetune.model import build_model
+from finetune.recipe import STAGES, Recipe, model_config
+
+# He et al. 2016, Table 1: multiply-adds at 224 px for the ImageNet ResNets.
+PAPER_GFLOPS = {"resnet18": 1.8, "resnet34": 3.6, "resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}
+PAPER_NOTE = (
+    "Gap: today's ResNet-50/101/152 are 'v1.5' (stride 2 on the 3x3 conv of each downsampling bottleneck, "
+    "the paper puts it on the first 1x1), so that 1x1 and the 3x3 run on 4x more positions: +0.2-0.3 G."
+)
+BOTTLENECK_PAPER_MODELS = ("resnet50", "resnet101", "resnet152")
+
+
+@dataclass
+class StageInfo:
+    stage: str
+    modules: list[str]
+    params: int
+    gmacs: float
+    trainable: list[bool] = field(default_factory=list)  # one entry per phase
+    bn: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inspection:
+    model: str
+    input_size: int
+    num_classes: int
+    stages: list[StageInfo]
+    total_params: int
+    total_gmacs: float
+    paper_gflops: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "paper_note": self.paper_note}
+
+    @property
+    def paper_note(self) -> str | None:
+        return PAPER_NOTE if self.model.removeprefix("tv:") in BOTTLENECK_PAPER_MODELS else None
+
+
+def inspect_model(*, name: str, recipe: Recipe | None = None, input_size: int | None = None, num_classes: int = 1000) -> Inspection:
+    """Count per-stage parameters and multiply-accumulates (torch's FlopCounterMode / 2) of one forward pass."""
+    model_cfg = model_config(name, base=recipe.model if recipe else None)
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        bundle = build_model(model_cfg, num_classes=num_classes, load_pretrained=False)
+    size = input_size or (recipe.transforms.input_size if recipe and recipe.transforms.input_size else int(bundle.data_config["input_size"][-1]))
+    model = bundle.model.eval()
+    counter = FlopCounterMode(display=False, depth=None)
+    with counter:
+        model(torch.empty(1, 3, size, size, device="meta"))
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__
+    groups = stage_modules(model, bundle.classifier)
+    mapping = stage_of_names(model, bundle.classifier)
+    phases = recipe.train.resolved_phases() if recipe else []
+    stages = []
+    for stage in STAGES:
+        names = [n for n, _ in groups[stage]]
+        flops = sum(sum(counts.get(f"{prefix}.{n}", {}).values()) for n in names)
+        params = sum(p.numel() for n, p in model.named_parameters() if mapping[n] == stage)
+        stages.append(
+            StageInfo(stage=stage, modules=names, params=params, gmacs=flops / 2e9,
+                      trainable=[stage in phase.trainable() for phase in phases],
+                      bn=[("train" if stage in phase.trainable() else phase.bn) for phase in phases])
+        )
+    return Inspection(
+        model=name, input_size=size, num_classes=num_classes, stages=stages,
+        total_params=sum(p.numel() for p in model.parameters()),
+        total_gmacs=counter.get_total_flops() / 2e9, paper_gflops=PAPER_GFLOPS.get(name.removeprefix("tv:")),
+    )
+
+
+def format_inspection(info: Inspection) -> str:
+    """A plain-text table for the terminal."""
+    phases = len(info.stages[0].trainable)
+    header = f"{'stage':<8} {'params':>12} {'GMACs':>8}" + "".join(f"  {'phase ' + str(i + 1):>14}" for i in range(phases)) + "  modules"
+    lines = [f"{info.model} at {info.input_size}x{info.input_size}, {info.num_classes} classes", header, "-" * len(header)]
+    for s in info.stages:
+        cells = "".join(f"  {('train' if t else 'frozen') + ('' if t else ' bn:' + b):>14}" for t, b in zip(s.trainable, s.bn))
+        lines.append(f"{s.stage:<8} {s.params:>12,} {s.gmacs:>8.3f}{cells}  {', '.join(s.modules)}")
+    lines.append(f"{'total':<8} {info.total_params:>12,} {info.total_gmacs:>8.3f}")
+    if info.paper_gflops is not None:
+        lines.append(f"He et al. 2016, Table 1: {info.paper_gflops} G multiply-adds (measured here: {info.total_gmacs:.2f}).")
+        lines += [info.paper_note] if info.paper_note else []
+    return "\n".join(lines)
