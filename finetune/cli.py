@@ -138,6 +138,44 @@ def inspect(
         typer.echo(json.dumps(info.to_dict(), indent=2) if json_ else format_inspection(info))
 
 
+@app.command()
+def compare(
+    recipes: Annotated[list[Path], typer.Argument(help="Two or more recipe YAML files.")],
+    data: Annotated[Path, typer.Option(help="Image folder or CSV manifest; every recipe gets the same split.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the runs and leaderboard (default runs/compare-TIME).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override applied to every recipe (repeatable).")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Train several recipes on the same split and rank them: leaderboard.csv and leaderboard.md."""
+    from finetune.compare import compare as run_compare
+
+    with _session(quiet, debug):
+        folder = out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
+        result = run_compare(recipes=recipes, data=data, out=folder, overrides=set_ or [], progress=not quiet)
+        typer.echo(result.leaderboard.drop(columns="report").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        typer.echo(f"leaderboard: {result.folder / 'leaderboard.md'}")
+
+
+@app.command("lr-find")
+def lr_find(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML; the range test uses its first phase.")],
+    data: Annotated[Optional[Path], typer.Option(help="Image folder or CSV manifest.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for lr_find.csv and lr_find.png (default runs/lr-find-TIME).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field (repeatable).")] = None,
+    steps: Annotated[int, typer.Option(min=5, help="Number of LR steps.")] = 100,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Exponential LR range test: loss vs LR curve (PNG + CSV) and a suggested learning rate."""
+    from finetune.lr_find import find_lr
+
+    with _session(quiet, debug):
+        folder = out or Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
+        result = find_lr(recipe=recipe, data=data, out=folder, overrides=set_ or [], steps=steps, progress=not quiet)
+        typer.echo(f"suggested lr: {result.suggestion:.3g} | curve: {result.folder / 'lr_find.png'}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="finetune")

@@ -1,0 +1,70 @@
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from finetune.compare import compare
+from finetune.errors import RecipeError
+from finetune.fit import build_optimizer
+from finetune.lr_find import find_lr, lr_range_test, suggest_lr
+from finetune.model import build_model
+from finetune.recipe import ModelConfig, PhaseConfig, TrainConfig
+
+from conftest import tiny_recipe
+
+
+def _write(path, recipe):
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_compare_writes_a_leaderboard_on_one_split(tmp_path, image_folder):
+    probe = _write(tmp_path / "probe.yaml", tiny_recipe(train={"freeze": ["stem", "layer1", "layer2", "layer3", "layer4"]}))
+    full = _write(tmp_path / "full.yaml", tiny_recipe(seed=7, data={"val_fraction": 0.4}))
+    result = compare(recipes=[probe, full], data=image_folder, out=tmp_path / "cmp", progress=False)
+    board = pd.read_csv(tmp_path / "cmp" / "leaderboard.csv")
+    assert sorted(board["recipe"]) == ["full", "probe"]
+    assert {"accuracy", "macro_f1", "worst_class", "worst_class_recall", "trainable_params", "epochs", "seconds", "report"} <= set(board.columns)
+    params = dict(zip(board["recipe"], board["trainable_params"]))
+    assert params["probe"] == 512 * 3 + 3 and params["full"] > 11_000_000
+    a = pd.read_csv(tmp_path / "cmp" / "probe" / "splits.csv")
+    b = pd.read_csv(tmp_path / "cmp" / "full" / "splits.csv")
+    assert a.set_index(a["path"].map(lambda p: p.split("/")[-2:] and "/".join(p.split("/")[-2:])))["split"].sort_index().tolist() == \
+        b.set_index(b["path"].map(lambda p: "/".join(p.split("/")[-2:])))["split"].sort_index().tolist()
+    markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
+    assert "[report](probe/report/summary.md)" in markdown
+    for name in board["report"]:
+        assert (tmp_path / "cmp" / name).exists()
+
+
+def test_compare_needs_two_recipes(tmp_path):
+    with pytest.raises(RecipeError, match="at least two recipes"):
+        compare(recipes=[tmp_path / "a.yaml"], data=tmp_path, out=tmp_path / "o")
+
+
+def test_range_test_leaves_model_and_optimizer_untouched():
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="resnet18"), num_classes=3)
+    optimizer = build_optimizer(bundle.model, PhaseConfig(epochs=1, lr=0.01, layer_decay=0.5), TrainConfig(), classifier="fc")
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    lrs_before = [g["lr"] for g in optimizer.param_groups]
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(3)]
+    curve = lr_range_test(bundle.model.train(), data, optimizer, torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), steps=12, progress=False)
+    assert len(curve) >= 3 and (curve["lr"].diff().dropna() > 0).all()
+    assert all(torch.equal(before[k], v) for k, v in bundle.model.state_dict().items())
+    assert [g["lr"] for g in optimizer.param_groups] == lrs_before and not optimizer.state
+
+
+def test_suggestion_is_the_steepest_descent():
+    lrs = [10 ** (-6 + i * 0.1) for i in range(60)]
+    smoothed = [2.0 - 1.5 / (1 + pow(10, -(i - 30) / 3)) for i in range(50)] + [0.5 + (i - 50) for i in range(50, 60)]
+    curve = pd.DataFrame({"lr": lrs, "loss": smoothed, "smoothed": smoothed})
+    assert suggest_lr(curve) == pytest.approx(lrs[30], rel=0.3)
+
+
+def test_find_lr_writes_curve(tmp_path, image_folder):
+    recipe = _write(tmp_path / "r.yaml", tiny_recipe())
+    result = find_lr(recipe=recipe, data=image_folder, out=tmp_path / "lr", steps=10, progress=False)
+    assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 5000
+    assert len(pd.read_csv(tmp_path / "lr" / "lr_find.csv")) == len(result.curve) > 0
+    assert 1e-7 <= result.suggestion <= 10
