@@ -35,19 +35,25 @@ class TrainResult:
     seconds: float
 
 
-def _start_run(recipe: Recipe, out: Path) -> DatasetIndex:
+def _check_new_run(recipe: Recipe, out: Path) -> DatasetIndex:
+    """Refuse to overwrite work; scan and split the data. Nothing is written yet."""
     if out.exists() and any(out.iterdir()):
-        if (out / "recipe.yaml").exists():
+        if (out / "checkpoints" / "last.pt").exists():
             raise CheckpointError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-        raise CheckpointError(f"output folder {out} is not empty; choose a new --out folder")
+        if not (out / "recipe.yaml").exists():
+            raise CheckpointError(f"output folder {out} is not empty; choose a new --out folder")
+        log.info("%s holds a run that never finished an epoch; starting it again", out)
     index = load_dataset_index(recipe.data, seed=recipe.seed)
     if not (index.samples["split"] == "val").any():
         raise DataError("no validation images: set data.val_fraction above 0 or add a val/ folder")
+    return index
+
+
+def _write_run_files(recipe: Recipe, index: DatasetIndex, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out / "recipe.yaml")
     index.samples.to_csv(out / "splits.csv", index=False)
     (out / "classes.json").write_text(json.dumps(index.class_names, indent=1), encoding="utf-8")
-    return index
 
 
 def _resume_run(run_dir: Path) -> tuple[Recipe, DatasetIndex, dict]:
@@ -87,13 +93,15 @@ def train(
             recipe = recipe_from_dict(recipe.to_dict(), overrides=list(overrides))
         if data is not None:
             recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": Path(data)})})
-        index = _start_run(recipe, out)
+        index = _check_new_run(recipe, out)
         payload, state = None, None
 
     seed_everything(recipe.seed)
     bundle = build_model(recipe.model, num_classes=len(index.class_names), load_pretrained=payload is None)
     if payload is not None:
         bundle.model.load_state_dict(payload["state_dict"])
+    else:  # only once data and weights are known to be usable
+        _write_run_files(recipe, index, out)
     image = resolve_image_config(recipe.transforms, bundle.data_config)
     train_tf = build_train_pipeline(recipe.transforms, image, seed=recipe.seed)
     eval_tf = build_eval_pipeline(image)

@@ -128,6 +128,10 @@ def test_run_folder_mistakes(tmp_path, image_folder):
         train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
     with pytest.raises(CheckpointError, match=r"cannot resume .*nothing: recipe.yaml is missing"):
         train(out=tmp_path / "nothing", resume=True, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"output folder .*other is not empty; choose a new --out"):
+        train(recipe=recipe, data=image_folder, out=tmp_path / "other", progress=False)
     with pytest.raises(FinetuneError, match=r"no validation images"):
         train(recipe=recipe_from_dict(tiny_recipe(data={"val_fraction": 0.0})), data=image_folder, out=tmp_path / "r2", progress=False)
 
@@ -164,3 +168,12 @@ def test_small_input_stem_keeps_resolution():
     assert features.shape[-1] == 4  # 32 / 8: three stride-2 stages, no stem downsampling
     with pytest.raises(FinetuneError, match=r"small_input needs a single-conv stem"):
         build_model(ModelConfig(name="resnet50d", small_input=True), num_classes=10)
+
+
+def test_failed_start_leaves_no_run_folder_and_can_be_retried(tmp_path, image_folder):
+    bad = recipe_from_dict(tiny_recipe(model={"pretrained": str(tmp_path / "missing.pth")}))
+    with pytest.raises(FinetuneError, match=r"weights file .*missing.pth does not exist"):
+        train(recipe=bad, data=image_folder, out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    result = train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False)
+    assert result.best_checkpoint.exists()
