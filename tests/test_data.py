@@ -1,9 +1,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-from finetune.data import load_dataset_index, load_image, read_manifest, scan_image_folder, split_samples
+from finetune.data import load_dataset_index, load_image, read_manifest, scan_image_folder
 from finetune.errors import DataError
 from finetune.recipe import DataConfig
 
