@@ -16,6 +16,7 @@ from finetune.checkpoint import LoadedModel, load_checkpoint, model_from_checkpo
 from finetune.data import DatasetIndex, ImageDataset, list_images, load_dataset_index, make_loader, scan_image_folder
 from finetune.errors import CheckpointError, DataError
 from finetune.fit import FitContext, class_weights, FitState, fit, read_history, seed_everything, state_from_payload
+from finetune.html_report import RunContext
 from finetune.inference import Predictions, resolve_device, run_inference
 from finetune.metrics import predictions_table
 from finetune.model import build_model
@@ -123,7 +124,7 @@ def train(
     split = "test" if (index.samples["split"] == "test").any() else "val"
     rows = index.split(split)
     best = model_from_checkpoint(load_checkpoint(out / "checkpoints" / "best.pt"))
-    report = _report_for(best, rows, out / "report", split=split, progress=progress)
+    report = _report_for(best, rows, out / "report", split=split, progress=progress, checkpoint=out / "checkpoints" / "best.pt")
     return TrainResult(run_dir=out, best_checkpoint=out / "checkpoints" / "best.pt", history=read_history(out),
                        report=report, seconds=time.perf_counter() - started)
 
@@ -145,7 +146,7 @@ def _predict_rows(loaded: LoadedModel, paths: list[str], targets: list[int], *, 
     return preds
 
 
-def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split: str, progress: bool) -> Report:
+def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split: str, progress: bool, checkpoint: Path) -> Report:
     lookup = {name: i for i, name in enumerate(loaded.class_names)}
     unknown = sorted(set(rows["label"]) - set(lookup))
     if unknown:
@@ -153,7 +154,9 @@ def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split:
     preds = _predict_rows(loaded, list(rows["path"]), [lookup[label] for label in rows["label"]],
                           batch_size=loaded.recipe.data.batch_size, progress=progress, desc="evaluate")
     title = f"{loaded.recipe.model.name} on {split} ({len(rows)} images)"
-    return write_report(preds, loaded.class_names, folder, top_k=loaded.recipe.eval.top_k, title=title)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / "recipe.yaml").exists() else None
+    context = RunContext(meta=loaded.meta, run_dir=run_dir, split=split)
+    return write_report(preds, loaded.class_names, folder, top_k=loaded.recipe.eval.top_k, title=title, context=context)
 
 
 def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None, progress: bool = True) -> Report:
@@ -169,7 +172,7 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     else:
         split = Path(data).name
     folder = Path(out) if out is not None else (checkpoint.parent.parent / "report" if checkpoint.parent.name == "checkpoints" else checkpoint.parent / "report")
-    return _report_for(loaded, samples.reset_index(drop=True), folder, split=split, progress=progress)
+    return _report_for(loaded, samples.reset_index(drop=True), folder, split=split, progress=progress, checkpoint=checkpoint)
 
 
 def predict(*, run: str | Path, inputs: Sequence[str | Path], out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:

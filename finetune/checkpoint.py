@@ -86,6 +86,7 @@ class LoadedModel:
     class_names: list[str]
     image: ImageConfig
     recipe: Recipe
+    meta: dict[str, Any]  # everything in the checkpoint but the weights
 
 
 def model_from_checkpoint(payload: dict[str, Any]) -> LoadedModel:
@@ -98,4 +99,5 @@ def model_from_checkpoint(payload: dict[str, Any]) -> LoadedModel:
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint weights do not fit {recipe.model.name}: {str(exc).splitlines()[0]}") from None
     bundle.model.eval()
-    return LoadedModel(bundle=bundle, class_names=class_names, image=ImageConfig.from_dict(payload["image"]), recipe=recipe)
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
+    return LoadedModel(bundle=bundle, class_names=class_names, image=ImageConfig.from_dict(payload["image"]), recipe=recipe, meta=meta)

@@ -176,6 +176,26 @@ def lr_find(
         typer.echo(f"suggested lr: {result.suggestion:.3g} | curve: {result.folder / 'lr_find.png'}")
 
 
+report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("diff")
+def report_diff(
+    run_a: Annotated[Path, typer.Argument(help="Run (or report) folder A, the baseline.")],
+    run_b: Annotated[Path, typer.Argument(help="Run (or report) folder B, the change.")],
+    out: Annotated[Path, typer.Option(help="Folder for diff.md, per_class_diff.csv, confusion_diff.csv/.png.")],
+    debug: Debug = False,
+) -> None:
+    """Per-class metric deltas and confusion-matrix difference between two runs (B - A)."""
+    from finetune.report_diff import diff_reports
+
+    with _session(False, debug):
+        result = diff_reports(run_a=run_a, run_b=run_b, out=out)
+        typer.echo(result.headline.to_string(index=False, float_format=lambda v: f"{v:+.4f}"))
+        typer.echo(f"diff: {result.folder / 'diff.md'}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="finetune")

@@ -31,8 +31,10 @@ def headline_metrics(preds: Predictions, class_names: list[str], *, top_k: int) 
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
         result.update({f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)})
     k = min(top_k, len(class_names))
-    if k < len(class_names):
+    if 1 < k < len(class_names):  # top-1 is the accuracy; top-C is always 1
         result[f"top{k}_accuracy"] = float(top_k_accuracy_score(y_true, preds.probs, k=k, labels=labels))
+        result[f"per_class_top{k}_accuracy"] = per_class_topk(preds, class_names, k=k)
+    result["ece"] = expected_calibration_error(calibration_table(preds))
     return result
 
 
@@ -68,3 +70,50 @@ def predictions_table(preds: Predictions, class_names: list[str], *, top_k: int)
         frame[f"top{rank + 1}_label"] = names[order[:, rank]]
         frame[f"top{rank + 1}_prob"] = np.take_along_axis(preds.probs, order[:, rank : rank + 1], axis=1)[:, 0]
     return frame
+
+
+def calibration_table(preds: Predictions, *, bins: int = 15) -> pd.DataFrame:
+    """Equal-width confidence bins: count, accuracy, mean confidence and their gap (for ECE and the reliability diagram)."""
+    confidence = preds.probs.max(axis=1)
+    correct = preds.predicted == preds.targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        mask = index == b
+        count = int(mask.sum())
+        acc = float(correct[mask].mean()) if count else float("nan")
+        conf = float(confidence[mask].mean()) if count else float("nan")
+        rows.append({"bin": b, "lower": edges[b], "upper": edges[b + 1], "count": count, "accuracy": acc,
+                     "confidence": conf, "gap": abs(acc - conf) if count else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """ECE = sum over bins of (bin size / N) * |accuracy - confidence| (Guo et al. 2017)."""
+    filled = table[table["count"] > 0]
+    return float((filled["count"] * filled["gap"]).sum() / max(int(table["count"].sum()), 1))
+
+
+def most_confused(counts: pd.DataFrame, *, limit: int = 20) -> pd.DataFrame:
+    """Off-diagonal cells of the confusion matrix, largest first (fastai's most_confused)."""
+    support = counts.sum(axis=1)
+    rows = [
+        {"true": t, "predicted": p, "count": int(counts.at[t, p]), "fraction_of_true": counts.at[t, p] / support[t]}
+        for t in counts.index for p in counts.columns if t != p and counts.at[t, p] > 0
+    ]
+    frame = pd.DataFrame(rows, columns=["true", "predicted", "count", "fraction_of_true"])
+    return frame.sort_values(["count", "fraction_of_true"], ascending=False).head(limit).reset_index(drop=True)
+
+
+def per_image_loss(preds: Predictions) -> np.ndarray:
+    """Cross-entropy of each image's true class (the 'top losses' of fastai)."""
+    p_true = preds.probs[np.arange(len(preds.targets)), preds.targets]
+    return -np.log(np.clip(p_true, 1e-12, 1.0))
+
+
+def per_class_topk(preds: Predictions, class_names: list[str], *, k: int) -> dict[str, float]:
+    """Per class: fraction of its images whose true class is among the top-k predictions."""
+    top = np.argsort(-preds.probs, axis=1)[:, :k]
+    hit = (top == preds.targets[:, None]).any(axis=1)
+    return {name: float(hit[preds.targets == i].mean()) for i, name in enumerate(class_names) if (preds.targets == i).any()}

@@ -9,6 +9,7 @@ from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from finetune.errors import RecipeError, did_you_mean
@@ -135,3 +136,16 @@ def build_eval_pipeline(image: ImageConfig) -> A.Compose:
 def save_pipeline(pipeline: A.Compose, path: Path) -> None:
     """albumentations' own versioned serialization; `A.load(path, data_format='yaml')` reads it back."""
     A.save(pipeline, str(path), data_format="yaml")
+
+
+def preview_augmentations(pipeline: A.Compose, images: list[np.ndarray], image: ImageConfig, *, views: int) -> list[np.ndarray]:
+    """`views` random draws of `pipeline` per image, turned back from normalised tensors into RGB uint8."""
+    mean = np.asarray(image.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(image.std, dtype=np.float32)[:, None, None]
+    out = []
+    for picture in images:
+        for _ in range(views):
+            tensor = pipeline(image=picture)["image"]
+            array = np.asarray(tensor, dtype=np.float32) * std + mean
+            out.append(np.clip(array.transpose(1, 2, 0) * 255.0, 0, 255).astype(np.uint8))
+    return out

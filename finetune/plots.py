@@ -1,0 +1,130 @@
+"""Every figure of the report, drawn with matplotlib (and sklearn's ConfusionMatrixDisplay), saved as PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are files, never windows
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+
+def _square_figure(n: int) -> tuple[plt.Figure, plt.Axes]:
+    side = min(max(5.0, 0.45 * n + 3.0), 40.0)  # grows with the class count so labels stay legible
+    return plt.subplots(figsize=(side, side * 0.9), dpi=110)
+
+
+def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: Path, *, title: str) -> None:
+    """Row-normalised colours with counts (and % for up to 12 classes) in the non-empty cells."""
+    n = len(normalized)
+    fig, ax = _square_figure(n)
+    display = ConfusionMatrixDisplay(normalized.to_numpy(), display_labels=list(normalized.index))
+    display.plot(ax=ax, cmap="Blues", colorbar=True, include_values=False, xticks_rotation=90 if n > 6 else 0)
+    display.im_.set_clim(0.0, 1.0)
+    if n <= 30:  # beyond that, numbers in cells are unreadable; colours carry the information
+        for i in range(n):
+            for j in range(n):
+                count, value = counts.iat[i, j], normalized.iat[i, j]
+                if count == 0:
+                    continue
+                ax.text(j, i, f"{count}\n{value:.0%}" if n <= 12 else f"{count}", ha="center", va="center",
+                        fontsize=9 if n <= 12 else 7, color="white" if value > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> None:
+    """B - A of row-normalised matrices: blue where B puts more images, red where fewer."""
+    n = len(diff)
+    fig, ax = _square_figure(n)
+    limit = max(float(np.abs(diff.to_numpy()).max()), 0.01)
+    image = ax.imshow(diff.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
+    ax.set_xticks(range(n), list(diff.columns), rotation=90 if n > 6 else 0)
+    ax.set_yticks(range(n), list(diff.index))
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                value = diff.iat[i, j]
+                if abs(value) >= 0.005:
+                    ax.text(j, i, f"{value:+.0%}", ha="center", va="center", fontsize=8 if n <= 12 else 6)
+    fig.colorbar(image, ax=ax, label="change in fraction of the true class")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
+    """Loss, accuracy / macro-F1 and learning rate per epoch; dotted lines mark phase boundaries."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), dpi=110)
+    epochs = history["epoch"]
+    axes[0].plot(epochs, history["train_loss"], "o-", label="train")
+    axes[0].plot(epochs, history["val_loss"], "o-", label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(epochs, history["train_accuracy"], "o-", label="train accuracy")
+    axes[1].plot(epochs, history["val_accuracy"], "o-", label="val accuracy")
+    axes[1].plot(epochs, history["val_macro_f1"], "s--", label="val macro-F1")
+    axes[1].set_ylim(0, 1.02)
+    axes[1].set_title("accuracy")
+    axes[2].plot(epochs, history["lr"], "o-", color="C2")
+    axes[2].set_yscale("log")
+    axes[2].set_title("learning rate (head, epoch start)")
+    boundaries = history.loc[history["phase"].diff() > 0, "epoch"]
+    for ax in axes:
+        for epoch in boundaries:
+            ax.axvline(epoch - 0.5, color="0.5", ls=":")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
+    """Accuracy per confidence bin against the diagonal, with the confidence histogram below."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), dpi=110, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    width = table["upper"] - table["lower"]
+    filled = table["count"] > 0
+    top.bar(table.loc[filled, "lower"], table.loc[filled, "accuracy"], width=width[filled], align="edge", edgecolor="k", alpha=0.8, label="accuracy")
+    top.bar(table.loc[filled, "lower"], table.loc[filled, "confidence"] - table.loc[filled, "accuracy"],
+            bottom=table.loc[filled, "accuracy"], width=width[filled], align="edge", color="C3", alpha=0.3, label="gap")
+    top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    top.set_ylabel("accuracy")
+    top.set_title(f"reliability diagram (ECE {ece:.3f})")
+    top.legend(loc="upper left")
+    bottom.bar(table["lower"], table["count"], width=width, align="edge", color="0.6", edgecolor="k")
+    bottom.set_xlabel("confidence (top-1 probability)")
+    bottom.set_ylabel("images")
+    bottom.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, *, columns: int) -> None:
+    """A grid of RGB uint8 images with captions (augmentation preview)."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

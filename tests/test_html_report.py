@@ -1,0 +1,163 @@
+"""report.html and the extra report files: numbers checked, HTML parsed, rendered headless when Chromium exists."""
+
+import json
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from finetune import evaluate, train
+from finetune.cli import app
+from finetune.errors import CheckpointError
+from finetune.inference import Predictions
+from finetune.metrics import calibration_table, confusion_tables, expected_calibration_error, most_confused
+from finetune.recipe import recipe_from_dict
+from finetune.report import write_report
+from finetune.report_diff import diff_reports
+
+from conftest import tiny_recipe
+
+SECTION_IDS = {"summary", "metrics", "per-class", "confusion", "confused", "curves", "errors", "unsure", "calibration", "augmentation"}
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.srcs, self.hrefs, self.figures = set(), [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "img":
+            self.srcs.append(attrs.get("src", ""))
+        if tag == "a":
+            self.hrefs.append(attrs.get("href", ""))
+        if tag == "figure":
+            self.figures += 1
+
+
+def _parse(path):
+    collector = _Collector()
+    collector.feed(path.read_text(encoding="utf-8"))
+    return collector
+
+
+def test_ece_matches_direct_computation():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.45, 0.55]])
+    targets = np.array([0, 1, 0, 1])  # right, wrong, right, right
+    preds = Predictions(paths=list("abcd"), probs=probs, targets=targets)
+    table = calibration_table(preds, bins=15)
+    # direct: confidences 0.9 / 0.8 / 0.6 / 0.55 fall in bins (0.867,0.933], (0.733,0.8], (0.533,0.6] (the last two together)
+    direct = (abs(1 - 0.9) + abs(0 - 0.8) + 2 * abs(1 - (0.6 + 0.55) / 2)) / 4
+    assert expected_calibration_error(table) == pytest.approx(direct)
+    assert table["count"].sum() == 4 and (table.loc[table["count"] > 0, "accuracy"].between(0, 1)).all()
+
+
+def test_most_confused_pairs():
+    counts = pd.DataFrame([[5, 3, 0], [1, 6, 0], [0, 4, 2]], index=list("abc"), columns=list("abc"))
+    table = most_confused(counts)
+    assert list(zip(table["true"], table["predicted"], table["count"])) == [("c", "b", 4), ("a", "b", 3), ("b", "a", 1)]
+    assert table["fraction_of_true"].iloc[0] == pytest.approx(4 / 6)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_folder
+
+    root = tmp_path_factory.mktemp("html")
+    data = make_folder(root / "data", per_class=8)
+    recipe = recipe_from_dict(tiny_recipe(train={"epochs": 2, "lr": 0.0001}))  # a weak model: some errors to show
+    return train(recipe=recipe, data=data, out=root / "run", progress=False), data
+
+
+def test_report_html_is_self_contained_with_every_section(trained_run):
+    result, _ = trained_run
+    folder = result.report.folder
+    for name in ("report.html", "most_confused.csv", "calibration.csv", "training_curves.png", "reliability.png", "augmentation_preview.png"):
+        assert (folder / name).stat().st_size > 0, name
+    text = (folder / "report.html").read_text(encoding="utf-8")
+    parsed = _parse(folder / "report.html")
+    assert SECTION_IDS <= parsed.ids
+    assert parsed.srcs and all(src.startswith("data:image/png;base64,") for src in parsed.srcs)
+    assert all(href.startswith("#") for href in parsed.hrefs)
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    preds = pd.read_csv(folder / "predictions.csv")
+    wrong = (preds["true_label"] != preds["predicted_label"]).sum()
+    assert parsed.figures == min(wrong, 12) + min(len(preds) - wrong, 12)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0 <= metrics["ece"] <= 1
+    calibration = pd.read_csv(folder / "calibration.csv")
+    assert calibration["count"].sum() == metrics["num_images"]
+
+
+def test_eval_of_a_bare_checkpoint_says_what_is_missing(trained_run, tmp_path):
+    result, data = trained_run
+    shutil.copy(result.best_checkpoint, tmp_path / "model.pt")
+    report = evaluate(run=tmp_path / "model.pt", data=data, out=tmp_path / "report", progress=False)
+    text = (report.folder / "report.html").read_text(encoding="utf-8")
+    assert "Not available: this report was made from a checkpoint without its run folder" in text
+    assert not (report.folder / "training_curves.png").exists()
+
+
+def _synthetic_report(folder, seed, accuracy_boost):
+    rng = np.random.default_rng(seed)
+    targets = np.repeat(np.arange(3), 20)
+    logits = rng.normal(size=(60, 3))
+    logits[np.arange(60), targets] += accuracy_boost
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    write_report(Predictions(paths=[f"{i}.png" for i in range(60)], probs=probs, targets=targets), ["ant", "bee", "wasp"], folder, top_k=2, title="t")
+
+
+def test_report_diff(tmp_path):
+    _synthetic_report(tmp_path / "a" / "report", 0, 0.5)
+    _synthetic_report(tmp_path / "b" / "report", 1, 2.5)
+    result = diff_reports(run_a=tmp_path / "a", run_b=tmp_path / "b", out=tmp_path / "diff")
+    a = pd.read_csv(tmp_path / "a" / "report" / "per_class.csv").set_index("class")
+    b = pd.read_csv(tmp_path / "b" / "report" / "per_class.csv").set_index("class")
+    diff = pd.read_csv(tmp_path / "diff" / "per_class_diff.csv").set_index("class")
+    assert np.allclose(diff.loc[a.index, "f1_delta"], b["f1"] - a["f1"], atol=1e-6)
+    confusion = pd.read_csv(tmp_path / "diff" / "confusion_diff.csv", index_col=0)
+    assert np.allclose(confusion.sum(axis=1), 0.0, atol=1e-6)  # rows of two row-normalised matrices
+    assert (tmp_path / "diff" / "confusion_diff.png").stat().st_size > 5000
+    text = (tmp_path / "diff" / "diff.md").read_text()
+    assert "## Fixed (F1 up)" in text and "## Broke (F1 down)" in text
+    assert result.headline.set_index("metric").loc["accuracy", "delta"] > 0
+    cli = CliRunner().invoke(app, ["report", "diff", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "d2")])
+    assert cli.exit_code == 0 and "accuracy" in cli.stdout
+
+
+def test_report_diff_errors(tmp_path):
+    with pytest.raises(CheckpointError, match=r"holds no report"):
+        diff_reports(run_a=tmp_path, run_b=tmp_path, out=tmp_path / "d")
+    _synthetic_report(tmp_path / "a", 0, 1.0)
+    write_report(Predictions(paths=["x"], probs=np.array([[0.6, 0.4]]), targets=np.array([0])), ["ant", "moth"], tmp_path / "b", top_k=1, title="t")
+    with pytest.raises(CheckpointError, match=r"different classes \(only in one: \['bee', 'moth', 'wasp'\]\)"):
+        diff_reports(run_a=tmp_path / "a", run_b=tmp_path / "b", out=tmp_path / "d")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium not installed (CI installs Debian's chromium)")
+def test_report_renders_in_headless_chromium(trained_run, tmp_path):
+    result, _ = trained_run
+    shot = tmp_path / "shot.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1200,3000", (result.report.folder / "report.html").as_uri()],
+            capture_output=True, timeout=120, check=False,
+        )
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.shape[0] >= 3000 and pixels.std() > 20  # text, tables and figures, not a blank page
+    assert (pixels < 100).mean() > 0.01  # dark ink: text and plots are drawn
