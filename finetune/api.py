@@ -13,7 +13,8 @@ import pandas as pd
 import yaml
 
 from finetune.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
-from finetune.data import DatasetIndex, ImageDataset, list_images, load_dataset_index, make_loader, scan_image_folder
+from finetune.data import DatasetIndex, ImageDataset, list_images, make_index, make_loader, read_samples, scan_image_folder
+from finetune.doctor import screen_samples, split_leakage
 from finetune.errors import CheckpointError, DataError
 from finetune.fit import FitContext, class_weights, FitState, fit, read_history, seed_everything, state_from_payload
 from finetune.html_report import RunContext
@@ -36,22 +37,34 @@ class TrainResult:
     seconds: float
 
 
-def _check_new_run(recipe: Recipe, out: Path) -> DatasetIndex:
-    """Refuse to overwrite work; scan and split the data. Nothing is written yet."""
+def _check_new_run(recipe: Recipe, out: Path, *, progress: bool) -> tuple[DatasetIndex, pd.DataFrame, pd.DataFrame]:
+    """Refuse to overwrite work; scan, screen and split the data. Nothing is written yet."""
     if out.exists() and any(out.iterdir()):
         if (out / "checkpoints" / "last.pt").exists():
             raise CheckpointError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
         if not (out / "recipe.yaml").exists():
             raise CheckpointError(f"output folder {out} is not empty; choose a new --out folder")
         log.info("%s holds a run that never finished an epoch; starting it again", out)
-    index = load_dataset_index(recipe.data, seed=recipe.seed)
+    screened = screen_samples(read_samples(recipe.data), policy=recipe.data.bad_images, progress=progress)
+    index = make_index(screened.samples, recipe.data, seed=recipe.seed)
     if not (index.samples["split"] == "val").any():
         raise DataError("no validation images: set data.val_fraction above 0 or add a val/ folder")
-    return index
+    leaks = split_leakage(index.samples, screened.facts)
+    if len(leaks):
+        first = leaks.iloc[0]
+        message = (f"{len(leaks)} duplicate pair(s) across splits (e.g. {first['path_a']} [{first['split_a']}] ~ "
+                   f"{first['path_b']} [{first['split_b']}]); val/test scores may be inflated")
+        if recipe.data.strict_split:
+            raise DataError(message + "; remove the copies, or set data.group_pattern, or data.strict_split: false")
+        log.warning("%s; listed in leakage.csv. HINT: run 'finetune check' and remove the copies", message)
+    return index, screened.skipped, leaks
 
 
-def _write_run_files(recipe: Recipe, index: DatasetIndex, out: Path) -> None:
+def _write_run_files(recipe: Recipe, index: DatasetIndex, out: Path, skipped: pd.DataFrame, leaks: pd.DataFrame) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    skipped.to_csv(out / "skipped.csv", index=False)
+    if len(leaks):
+        leaks.to_csv(out / "leakage.csv", index=False)
     save_recipe(recipe, out / "recipe.yaml")
     index.samples.to_csv(out / "splits.csv", index=False)
     (out / "classes.json").write_text(json.dumps(index.class_names, indent=1), encoding="utf-8")
@@ -94,7 +107,7 @@ def train(
             recipe = recipe_from_dict(recipe.to_dict(), overrides=list(overrides))
         if data is not None:
             recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": Path(data)})})
-        index = _check_new_run(recipe, out)
+        index, skipped, leaks = _check_new_run(recipe, out, progress=progress)
         payload, state = None, None
 
     seed_everything(recipe.seed)
@@ -102,7 +115,7 @@ def train(
     if payload is not None:
         bundle.model.load_state_dict(payload["state_dict"])
     else:  # only once data and weights are known to be usable
-        _write_run_files(recipe, index, out)
+        _write_run_files(recipe, index, out, skipped, leaks)
     image = resolve_image_config(recipe.transforms, bundle.data_config)
     train_tf = build_train_pipeline(recipe.transforms, image, seed=recipe.seed)
     eval_tf = build_eval_pipeline(image)
@@ -147,6 +160,8 @@ def _predict_rows(loaded: LoadedModel, paths: list[str], targets: list[int], *, 
 
 
 def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split: str, progress: bool, checkpoint: Path) -> Report:
+    screened = screen_samples(rows, policy=loaded.recipe.data.bad_images, progress=progress)
+    rows = screened.samples
     lookup = {name: i for i, name in enumerate(loaded.class_names)}
     unknown = sorted(set(rows["label"]) - set(lookup))
     if unknown:
@@ -155,7 +170,11 @@ def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split:
                           batch_size=loaded.recipe.data.batch_size, progress=progress, desc="evaluate")
     title = f"{loaded.recipe.model.name} on {split} ({len(rows)} images)"
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / "recipe.yaml").exists() else None
-    context = RunContext(meta=loaded.meta, run_dir=run_dir, split=split)
+    skipped_train = len(pd.read_csv(run_dir / "skipped.csv")) if run_dir is not None and (run_dir / "skipped.csv").exists() else 0
+    extra = {"unreadable images skipped": f"{len(screened.skipped)} in this evaluation, {skipped_train} in the run's data (skipped.csv)"}
+    context = RunContext(meta=loaded.meta, run_dir=run_dir, split=split, extra=extra)
+    folder.mkdir(parents=True, exist_ok=True)
+    screened.skipped.to_csv(folder / "skipped.csv", index=False)
     return write_report(preds, loaded.class_names, folder, top_k=loaded.recipe.eval.top_k, title=title, context=context)
 
 
@@ -189,6 +208,10 @@ def predict(*, run: str | Path, inputs: Sequence[str | Path], out: str | Path | 
     if not paths:
         raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(extensions)})")
     loaded = model_from_checkpoint(load_checkpoint(_checkpoint_path(Path(run))))
+    screened = screen_samples(pd.DataFrame({"path": paths, "label": "", "split": ""}), policy=loaded.recipe.data.bad_images, progress=progress)
+    paths = list(screened.samples["path"])
+    if not paths:
+        raise DataError(f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}")
     preds = _predict_rows(loaded, paths, [-1] * len(paths), batch_size=loaded.recipe.data.batch_size, progress=progress, desc="predict")
     table = predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k)
     if out is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from finetune.errors import DataError
 from finetune.recipe import DataConfig
@@ -95,7 +96,20 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return frame[["path", "label", "split"]]
 
 
-def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _groups(frame: pd.DataFrame, pattern: str | None) -> pd.Series | None:
+    if pattern is None:
+        return None
+    regex = re.compile(pattern)
+    keys = []
+    for path in frame["path"]:
+        match = regex.search(Path(path).name)
+        if match is None:
+            raise DataError(f"data.group_pattern '{pattern}' does not match file name {Path(path).name} ({path}); fix the pattern")
+        keys.append(match.group(1) if match.groups() else match.group(0))
+    return pd.Series(keys, index=frame.index)
+
+
+def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str, group_pattern: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     counts = frame["label"].value_counts()
     n_take = int(round(len(frame) * fraction))
     if n_take < counts.size or (counts < 2).any():
@@ -104,51 +118,67 @@ def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> t
             f"cannot make a stratified {what} split: class '{small}' has {counts.min()} image(s) and the {what} set "
             f"would hold {n_take} for {counts.size} classes; add images or raise data.{what}_fraction"
         )
-    keep, take = train_test_split(frame, test_size=n_take, stratify=frame["label"], random_state=seed)
-    return keep, take
+    groups = _groups(frame, group_pattern)
+    if groups is None:
+        keep, take = train_test_split(frame, test_size=n_take, stratify=frame["label"], random_state=seed)
+        return keep, take
+    folds = max(2, int(round(1.0 / fraction)))
+    if groups.nunique() < folds:
+        raise DataError(f"data.group_pattern gives {groups.nunique()} group(s); a {what} fraction of {fraction:.2f} needs at least {folds}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    keep_idx, take_idx = next(splitter.split(frame, frame["label"], groups))
+    return frame.iloc[keep_idx], frame.iloc[take_idx]
 
 
-def split_samples(samples: pd.DataFrame, *, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
-    """Assign train/val/test to rows without a split (stratified, seeded); pre-split rows are kept."""
+def split_samples(samples: pd.DataFrame, *, val_fraction: float, test_fraction: float, seed: int, group_pattern: str | None = None) -> pd.DataFrame:
+    """Assign train/val/test to rows without a split (stratified, seeded, groups kept together); pre-split rows are kept."""
     samples = samples.copy()
     if (samples["split"] != "").all():
         if not (samples["split"] == "val").any() and val_fraction > 0:
             train = samples[samples["split"] == "train"]
-            keep, val = _stratified(train, val_fraction, seed, "val")
+            keep, val = _stratified(train, val_fraction, seed, "val", group_pattern)
             samples.loc[val.index, "split"] = "val"
         return samples
     pool = samples[samples["split"] == ""]
     if test_fraction > 0:
-        pool, test = _stratified(pool, test_fraction, seed, "test")
+        pool, test = _stratified(pool, test_fraction, seed, "test", group_pattern)
         samples.loc[test.index, "split"] = "test"
     if val_fraction > 0:
-        pool, val = _stratified(pool, val_fraction / (1.0 - test_fraction), seed, "val")
+        pool, val = _stratified(pool, val_fraction / (1.0 - test_fraction), seed, "val", group_pattern)
         samples.loc[val.index, "split"] = "val"
     samples.loc[pool.index, "split"] = "train"
     return samples
 
 
-def load_dataset_index(cfg: DataConfig, *, seed: int) -> DatasetIndex:
-    """Scan (or read the manifest), split, and fix the sorted class order from the training split."""
+def read_samples(cfg: DataConfig) -> pd.DataFrame:
+    """Every (path, label, split) row of the folder or manifest named by `cfg.path`."""
     if cfg.path is None:
         raise DataError("no data given; pass --data PATH (a folder of class folders or a CSV manifest) or set data.path")
     path = Path(cfg.path)
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise DataError(f"manifest {path} does not exist; check --data")
-        samples = read_manifest(path)
-    else:
-        samples = scan_image_folder(path, extensions=[e.lower() for e in cfg.extensions])
-    samples = split_samples(samples, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
+        return read_manifest(path)
+    return scan_image_folder(path, extensions=[e.lower() for e in cfg.extensions])
+
+
+def make_index(samples: pd.DataFrame, cfg: DataConfig, *, seed: int) -> DatasetIndex:
+    """Split, and fix the sorted class order from the training split."""
+    samples = split_samples(samples, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed, group_pattern=cfg.group_pattern)
     train_labels = set(samples.loc[samples["split"] == "train", "label"])
     if len(train_labels) < 2:
-        raise DataError(f"{path}: training needs at least 2 classes, found {sorted(train_labels)}")
+        raise DataError(f"{cfg.path}: training needs at least 2 classes, found {sorted(train_labels)}")
     unseen = sorted(set(samples["label"]) - train_labels)
     if unseen:
-        raise DataError(f"{path}: class(es) {unseen} appear in val/test but have no training images")
+        raise DataError(f"{cfg.path}: class(es) {unseen} appear in val/test but have no training images")
     order = {"train": 0, "val": 1, "test": 2}
     samples = samples.sort_values(["split", "label", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
     return DatasetIndex(samples=samples.reset_index(drop=True), class_names=sorted(train_labels))
+
+
+def load_dataset_index(cfg: DataConfig, *, seed: int) -> DatasetIndex:
+    """Scan (or read the manifest), split, and fix the sorted class order (no image is decoded)."""
+    return make_index(read_samples(cfg), cfg, seed=seed)
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -31,6 +32,19 @@ class DataConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)
     sampler: Literal["shuffle", "weighted"] = Field("shuffle", description="weighted: draw classes equally often.")
+    bad_images: Literal["skip", "fail"] = Field("skip", description="skip: list unreadable files in RUN/skipped.csv; fail: stop before training.")
+    strict_split: bool = Field(False, description="Duplicates across train/val/test are an error instead of a warning.")
+    group_pattern: str | None = Field(None, description="Regex on the file name; its first group (or match) keeps a group in one split.")
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
     )

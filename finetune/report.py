@@ -38,7 +38,7 @@ class Report:
     per_class: pd.DataFrame
 
 
-def _summary(metrics: dict[str, Any], per_class: pd.DataFrame, title: str) -> str:
+def _summary(metrics: dict[str, Any], per_class: pd.DataFrame, title: str, notes: dict[str, Any]) -> str:
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
     worst = per_class.sort_values("f1").iloc[0]
     return "\n".join(
@@ -56,6 +56,8 @@ def _summary(metrics: dict[str, Any], per_class: pd.DataFrame, title: str) -> st
             "",
             f"Weakest class: **{worst['class']}** (F1 {worst['f1']:.3f}). "
             "See report.html, confusion_matrix.png and predictions.csv for where its images went.",
+            "",
+            *[f"- {key}: {value}" for key, value in notes.items()],
             "",
         ]
     )
@@ -100,7 +102,7 @@ def write_report(preds: Predictions, class_names: list[str], folder: Path, *, to
         figures["curves"] = folder / "training_curves.png"
     if context is not None:
         figures["augmentation"] = _augmentation_preview(context, folder / "augmentation_preview.png")
-    (folder / "summary.md").write_text(_summary(metrics, per_class, title), encoding="utf-8")
+    (folder / "summary.md").write_text(_summary(metrics, per_class, title, context.extra if context else {}), encoding="utf-8")
     render_html(path=folder / "report.html", title=title, preds=preds, class_names=class_names, metrics=metrics, per_class=per_class,
                 counts=counts, confused=confused, bins=CALIBRATION_BINS, figures=figures, ctx=context)
     log.info("report written to %s (accuracy %.4f, open report.html)", folder, metrics["accuracy"])

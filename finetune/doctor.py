@@ -1,0 +1,231 @@
+"""Data quality: decode every file, find unreadable and odd images, duplicates and split leakage (`finetune check`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from finetune.data import SPLIT_NAMES, scan_image_folder
+
+log = logging.getLogger(__name__)
+
+UNUSUAL_MODES = {"CMYK": "CMYK", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer",
+                 "F": "float", "P": "palette", "PA": "palette+alpha", "RGBA": "alpha", "LA": "grey+alpha", "L": "greyscale", "1": "1-bit"}
+EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+FINDING_COLUMNS = ["path", "label", "split", "severity", "kind", "detail"]
+
+
+@dataclass
+class ImageFacts:
+    """What decoding one file revealed; `problem` is None for a usable image."""
+
+    problem: str | None
+    detail: str = ""
+    format: str | None = None
+    mode: str | None = None
+    size: tuple[int, int] = (0, 0)
+    exif_rotation: int = 1
+    sha256: str = ""
+    phash: int | None = None
+
+
+def examine_image(path: str | Path) -> ImageFacts:
+    """Decode the whole file (not just the header) and classify what is wrong, if anything."""
+    data = Path(path).read_bytes()
+    if not data:
+        return ImageFacts(problem="empty", detail="file has 0 bytes")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(path) as img:
+            fmt, mode, size = img.format, img.mode, img.size
+            rotation = int(img.getexif().get(0x0112, 1) or 1)
+            try:
+                img.load()
+            except OSError as exc:
+                return ImageFacts(problem="truncated", detail=str(exc), format=fmt, mode=mode, size=size, sha256=digest)
+            phash = int(str(imagehash.phash(ImageOps.exif_transpose(img).convert("L"))), 16)
+    except UnidentifiedImageError:
+        return ImageFacts(problem="not an image", detail=f"content is not a known image format (starts with {data[:8]!r})", sha256=digest)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return ImageFacts(problem="unsupported", detail=str(exc), sha256=digest)
+    return ImageFacts(problem=None, format=fmt, mode=mode, size=size, exif_rotation=rotation, sha256=digest, phash=phash)
+
+
+def examine_all(paths: Sequence[str], *, progress: bool = True) -> list[ImageFacts]:
+    return [examine_image(p) for p in tqdm(paths, desc="check images", disable=not progress, leave=False)]
+
+
+def duplicate_pairs(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, max_distance: int = 4) -> pd.DataFrame:
+    """Exact (same bytes) and near (perceptual hash within `max_distance` bits) duplicate pairs, with their splits."""
+    usable = [(i, f) for i, f in enumerate(facts) if f.problem is None and f.phash is not None]
+    rows = []
+    if usable:
+        index = np.array([i for i, _ in usable])
+        hashes = np.array([f.phash for _, f in usable], dtype=np.uint64)
+        digests = [f.sha256 for _, f in usable]
+        for a in range(len(usable) - 1):
+            distance = np.bitwise_count(hashes[a] ^ hashes[a + 1:])
+            for offset in np.nonzero(distance <= max_distance)[0]:
+                b = a + 1 + int(offset)
+                i, j = index[a], index[b]
+                kind = "exact duplicate" if digests[a] == digests[b] else "near duplicate"
+                rows.append({"path_a": samples.at[i, "path"], "path_b": samples.at[j, "path"], "kind": kind, "distance": int(distance[offset]),
+                             "split_a": samples.at[i, "split"], "split_b": samples.at[j, "split"],
+                             "label_a": samples.at[i, "label"], "label_b": samples.at[j, "label"]})
+    frame = pd.DataFrame(rows, columns=["path_a", "path_b", "kind", "distance", "split_a", "split_b", "label_a", "label_b"])
+    frame["crosses_split"] = (frame["split_a"] != frame["split_b"]) & (frame["split_a"] != "") & (frame["split_b"] != "")
+    return frame
+
+
+def _ignored_files(root: Path, extensions: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(root).parts
+        hidden = any(part.startswith(".") for part in relative)
+        if hidden:
+            rows.append({"path": str(path), "severity": "info", "kind": "ignored hidden file", "detail": ""})
+        elif path.suffix.lower() not in extensions:
+            rows.append({"path": str(path), "severity": "info", "kind": "ignored non-image file", "detail": f"extension '{path.suffix}'"})
+    return rows
+
+
+def _empty_class_folders(root: Path, samples: pd.DataFrame) -> list[str]:
+    split_dirs = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES]
+    bases = split_dirs if split_dirs and "train" in {p.name.lower() for p in split_dirs} else [root]
+    found = set(samples["label"])
+    return sorted({d.name for base in bases for d in base.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in found})
+
+
+def file_findings(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, tiny: int = 32, max_aspect: float = 5.0) -> list[dict[str, Any]]:
+    """One row per thing worth saying about a file."""
+    rows = []
+    for (_, row), fact in zip(samples.iterrows(), facts):
+        base = {"path": row["path"], "label": row["label"], "split": row["split"]}
+        if fact.problem is not None:
+            rows.append({**base, "severity": "error", "kind": fact.problem, "detail": fact.detail})
+            continue
+        expected = EXTENSION_FORMATS.get(Path(row["path"]).suffix.lower())
+        if expected and fact.format and fact.format != expected and not (expected == "TIFF" and fact.format == "TIFF"):
+            rows.append({**base, "severity": "warning", "kind": "extension mismatch", "detail": f"named {Path(row['path']).suffix} but holds {fact.format}"})
+        if fact.mode in UNUSUAL_MODES:
+            rows.append({**base, "severity": "info", "kind": "converted mode", "detail": f"{UNUSUAL_MODES[fact.mode]} ({fact.mode}) will be converted to RGB"})
+        if fact.exif_rotation != 1:
+            rows.append({**base, "severity": "info", "kind": "EXIF rotation", "detail": f"orientation {fact.exif_rotation} is applied"})
+        width, height = fact.size
+        if min(width, height) < tiny:
+            rows.append({**base, "severity": "warning", "kind": "tiny image", "detail": f"{width}x{height} px"})
+        if max(width, height) > max_aspect * max(min(width, height), 1):
+            rows.append({**base, "severity": "warning", "kind": "extreme aspect", "detail": f"{width}x{height} px"})
+    return rows
+
+
+@dataclass
+class CheckResult:
+    findings: pd.DataFrame
+    class_counts: pd.DataFrame
+    duplicates: pd.DataFrame
+    summary: dict[str, Any]
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self.summary["trainable"])
+
+
+def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool = True) -> CheckResult:
+    """The dataset doctor: everything `finetune check` reports, as tables plus a summary."""
+    root = Path(root)
+    samples = scan_image_folder(root, extensions=extensions)
+    facts = examine_all(list(samples["path"]), progress=progress)
+    rows = file_findings(samples, facts) + _ignored_files(root, extensions)
+    readable = samples[[f.problem is None for f in facts]]
+    counts = readable.groupby(["label", "split"]).size().unstack(fill_value=0)
+    counts["total"] = counts.sum(axis=1)
+    for name in _empty_class_folders(root, samples):
+        rows.append({"path": name, "label": name, "split": "", "severity": "warning", "kind": "empty class", "detail": "no readable images; ignored"})
+    for label, total in counts["total"].items():
+        if total == 1:
+            rows.append({"path": label, "label": label, "split": "", "severity": "warning", "kind": "single-image class", "detail": "too few to split or learn"})
+    unreadable_classes = sorted(set(samples["label"]) - set(readable["label"]))
+    for label in unreadable_classes:
+        rows.append({"path": label, "label": label, "split": "", "severity": "error", "kind": "class without readable images", "detail": "training would fail"})
+    duplicates = duplicate_pairs(samples.reset_index(drop=True), facts)
+    for _, dup in duplicates.iterrows():
+        leak = bool(dup["crosses_split"])
+        rows.append({"path": dup["path_a"], "label": dup["label_a"], "split": dup["split_a"], "severity": "warning" if leak else "info",
+                     "kind": f"{dup['kind']}{' across splits (leakage)' if leak else ''}",
+                     "detail": f"{dup['path_b']} ({dup['split_b'] or 'unsplit'}, distance {dup['distance']})"})
+    findings = pd.DataFrame(rows, columns=FINDING_COLUMNS).fillna("")
+    totals = counts["total"] if len(counts) else pd.Series(dtype=int)
+    summary = {
+        "root": str(root), "images": int(len(samples)), "readable": int(len(readable)), "classes": int(len(totals)),
+        "errors": int((findings["severity"] == "error").sum()), "warnings": int((findings["severity"] == "warning").sum()),
+        "imbalance_ratio": float(totals.max() / totals.min()) if len(totals) else None,
+        "leaking_pairs": int(duplicates["crosses_split"].sum()),
+        "trainable": len(totals) >= 2 and not unreadable_classes,
+    }
+    return CheckResult(findings=findings, class_counts=counts.reset_index(), duplicates=duplicates, summary=summary)
+
+
+def format_check(result: CheckResult, *, limit: int = 40) -> str:
+    """The terminal view: class counts, findings by kind, then the first `limit` findings."""
+    s = result.summary
+    lines = [f"{s['root']}: {s['images']} images ({s['readable']} readable), {s['classes']} classes, imbalance ratio "
+             f"{s['imbalance_ratio']:.1f}" if s["imbalance_ratio"] else f"{s['root']}: no readable images", "",
+             result.class_counts.to_string(index=False), ""]
+    if len(result.findings):
+        by_kind = result.findings.groupby(["severity", "kind"]).size().rename("files").reset_index()
+        lines += [by_kind.to_string(index=False), ""]
+        shown = result.findings.sort_values("severity").head(limit)
+        lines += [f"{r.severity:<7} {r.kind:<32} {r.path}  {r.detail}" for r in shown.itertuples()]
+        if len(result.findings) > limit:
+            lines.append(f"... {len(result.findings) - limit} more (use --json for all)")
+    verdict = "trainable" if s["trainable"] else "NOT trainable: fix the errors above"
+    lines += ["", f"{s['errors']} error(s), {s['warnings']} warning(s), {s['leaking_pairs']} duplicate pair(s) across splits: {verdict}"]
+    return "\n".join(lines)
+
+
+@dataclass
+class Screened:
+    """Samples whose images decode, the ones skipped (with reasons) and duplicate pairs across splits."""
+
+    samples: pd.DataFrame
+    skipped: pd.DataFrame
+    facts: dict[str, ImageFacts]
+
+
+def screen_samples(samples: pd.DataFrame, *, policy: str, progress: bool = True) -> Screened:
+    """Decode every image once before training: skip (and list) or refuse the unreadable ones."""
+    facts = examine_all(list(samples["path"]), progress=progress)
+    bad = np.array([f.problem is not None for f in facts], dtype=bool)
+    skipped = samples[bad].copy()
+    skipped["reason"] = [f"{f.problem}: {f.detail}" if f.detail else f.problem for f in facts if f.problem is not None]
+    if len(skipped) and policy == "fail":
+        listing = "; ".join(f"{p} ({r})" for p, r in zip(skipped["path"], skipped["reason"]))
+        raise DataError(f"{len(skipped)} unreadable image(s) and data.bad_images is 'fail': {listing}")
+    kept = samples[~bad]
+    lost = sorted(set(samples["label"]) - set(kept["label"]) - {""})
+    if lost:
+        raise DataError(f"class '{lost[0]}' has no readable images ({int((samples['label'] == lost[0]).sum())} skipped); "
+                        "replace the files or remove the class folder")
+    if len(skipped):
+        log.warning("skipping %d unreadable image(s), e.g. %s (%s)", len(skipped), skipped["path"].iloc[0], skipped["reason"].iloc[0])
+    return Screened(samples=kept, skipped=skipped.reset_index(drop=True), facts=dict(zip(samples["path"], facts)))
+
+
+def split_leakage(samples: pd.DataFrame, facts: dict[str, ImageFacts]) -> pd.DataFrame:
+    """Exact and near duplicate pairs whose two images sit in different splits."""
+    ordered = samples.reset_index(drop=True)
+    pairs = duplicate_pairs(ordered, [facts[p] for p in ordered["path"]])
+    return pairs[pairs["crosses_split"]].reset_index(drop=True)
