@@ -119,6 +119,31 @@ def demo(
 
 
 @app.command()
+def check(
+    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders, or train/ val/ [test/]).")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every finding to this JSON file.")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Dataset doctor: decode every file; unreadable, odd, duplicate and leaking images. Exit 1 if training would fail."""
+    import json
+
+    from finetune.doctor import check_dataset, format_check
+    from finetune.recipe import DataConfig
+
+    with _session(quiet, debug):
+        result = check_dataset(data, extensions=DataConfig().extensions, progress=not quiet)
+        typer.echo(format_check(result))
+        if json_out is not None:
+            payload = {"summary": result.summary, "class_counts": result.class_counts.to_dict(orient="records"),
+                       "findings": result.findings.to_dict(orient="records"), "duplicates": result.duplicates.to_dict(orient="records")}
+            json_out.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+            typer.echo(f"findings: {json_out}")
+        if not result.trainable:
+            raise typer.Exit(1)
+
+
+@app.command()
 def inspect(
     model: Annotated[str, typer.Argument(help="Model name, e.g. resnet50 or tv:resnet50.")],
     recipe: Annotated[Optional[Path], typer.Option(help="Show trainable/frozen per phase of this recipe (and its input size).")] = None,

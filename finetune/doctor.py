@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from finetune.data import SPLIT_NAMES, scan_image_folder
+from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,138 @@
+"""A dirty folder with every kind of bad file: `check` names each, `train` skips exactly the unreadable ones."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from finetune import train
+from finetune.cli import app
+from finetune.doctor import check_dataset
+from finetune.errors import DataError
+from finetune.recipe import DataConfig, recipe_from_dict
+
+from conftest import _pattern, make_folder, tiny_recipe, write_mode_image
+
+EXT = DataConfig().extensions
+UNREADABLE = {"empty.jpg": "empty", "truncated.jpg": "truncated", "notes.jpg": "not an image"}
+
+
+def _dirty(root):
+    """train/ and val/ with class folders, plus every bad-file kind of issue 5."""
+    make_folder(root / "train", per_class=8)
+    make_folder(root / "val", per_class=3)
+    cat = root / "train" / "cat"
+    (cat / "empty.jpg").write_bytes(b"")
+    good = (cat / "img_00.jpg").read_bytes()
+    (cat / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (cat / "notes.jpg").write_text("this is a text file with an image name")
+    (cat / ".DS_Store").write_bytes(b"\x00\x01")
+    (cat / "readme.txt").write_text("not an image")
+    Image.fromarray(_pattern(0, 50)).save(cat / "gif_named.jpg", format="GIF")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(cat / "tiny.png")
+    Image.fromarray(np.zeros((20, 300, 3), np.uint8) + 90).save(cat / "banner.png")
+    (root / "train" / "empty_class").mkdir()
+    make_folder(root / "train" / "_one", per_class=1, classes=("lonely",))
+    (root / "train" / "_one" / "lonely").rename(root / "train" / "lonely")
+    (root / "train" / "_one").rmdir()
+    # duplicates: an exact copy within train, an exact copy across splits, a near copy (re-encoded) across splits
+    (cat / "copy_of_00.jpg").write_bytes(good)
+    (root / "val" / "cat" / "leak_exact.jpg").write_bytes((cat / "img_01.png").read_bytes() if (cat / "img_01.png").exists() else good)
+    Image.fromarray(_pattern(0, 3)).resize((31, 31)).resize((32, 32)).save(root / "val" / "cat" / "leak_near.png")
+    return root
+
+
+@pytest.fixture
+def dirty(tmp_path):
+    return _dirty(tmp_path / "dirty")
+
+
+def _kinds(findings, name):
+    return set(findings.loc[findings["path"].str.endswith(name), "kind"])
+
+
+def test_check_names_every_problem(dirty):
+    result = check_dataset(dirty, extensions=EXT, progress=False)
+    f = result.findings
+    for name, kind in UNREADABLE.items():
+        assert kind in _kinds(f, name), name
+        assert (f.loc[f["path"].str.endswith(name), "severity"] == "error").all()
+    assert "extension mismatch" in _kinds(f, "gif_named.jpg")
+    assert "tiny image" in _kinds(f, "tiny.png")
+    assert "extreme aspect" in _kinds(f, "banner.png")
+    assert "ignored hidden file" in _kinds(f, ".DS_Store") and "ignored non-image file" in _kinds(f, "readme.txt")
+    for mode_file, detail in (("img_01.png", "greyscale"), ("img_02.png", "palette"), ("img_03.png", "alpha"), ("img_04.png", "16-bit"), ("img_05.jpg", "CMYK")):
+        rows = f[f["path"].str.endswith(f"cat/{mode_file}") & (f["kind"] == "converted mode")]
+        assert rows["detail"].str.contains(detail).any(), mode_file
+    assert "EXIF rotation" in _kinds(f, "cat/img_06.jpg")
+    assert set(f.loc[f["kind"] == "empty class", "label"]) == {"empty_class"}
+    assert set(f.loc[f["kind"] == "single-image class", "label"]) == {"lonely"}
+    kinds = set(f["kind"])
+    assert "exact duplicate" in kinds  # copy_of_00 within train
+    assert "exact duplicate across splits (leakage)" in kinds and "near duplicate across splits (leakage)" in kinds
+    assert result.summary["leaking_pairs"] >= 2 and result.summary["trainable"]
+    assert result.summary["imbalance_ratio"] == pytest.approx(result.class_counts["total"].max() / result.class_counts["total"].min())
+
+
+def test_check_cli_json_and_exit_codes(dirty, tmp_path):
+    result = CliRunner().invoke(app, ["check", str(dirty), "--json", str(tmp_path / "c.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "trainable" in result.stdout and "truncated" in result.stdout
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["summary"]["errors"] >= 3 and any(r["kind"] == "empty" for r in data["findings"])
+    broken = tmp_path / "broken"
+    make_folder(broken, per_class=2, classes=("a",))
+    (broken / "b").mkdir()
+    (broken / "b" / "x.jpg").write_bytes(b"nope")
+    result = CliRunner().invoke(app, ["check", str(broken), "--quiet"])
+    assert result.exit_code == 1 and "NOT trainable" in result.stdout
+
+
+def test_train_skips_exactly_the_unreadable_files(dirty, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe())
+    result = train(recipe=recipe, data=dirty, out=tmp_path / "run", progress=False)
+    skipped = pd.read_csv(result.run_dir / "skipped.csv")
+    assert sorted(p.split("/")[-1] for p in skipped["path"]) == sorted(UNREADABLE)
+    assert skipped["reason"].str.startswith(("empty", "truncated", "not an image")).all()
+    leaks = pd.read_csv(result.run_dir / "leakage.csv")
+    assert len(leaks) >= 2
+    splits = pd.read_csv(result.run_dir / "splits.csv")
+    assert not splits["path"].str.endswith(tuple(UNREADABLE)).any()
+    assert "unreadable images skipped" in (result.report.folder / "summary.md").read_text()
+
+
+def test_fail_policy_and_strict_split(dirty, tmp_path):
+    with pytest.raises(DataError, match=r"3 unreadable image\(s\) and data.bad_images is 'fail': .*empty.jpg \(empty"):
+        train(recipe=recipe_from_dict(tiny_recipe(data={"bad_images": "fail"})), data=dirty, out=tmp_path / "a", progress=False)
+    with pytest.raises(DataError, match=r"duplicate pair\(s\) across splits .*set data.group_pattern, or data.strict_split: false"):
+        train(recipe=recipe_from_dict(tiny_recipe(data={"strict_split": True})), data=dirty, out=tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_class_with_only_bad_files_is_named(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=6, classes=("a", "b"))
+    (root / "c").mkdir()
+    (root / "c" / "1.jpg").write_bytes(b"")
+    (root / "c" / "2.jpg").write_text("text")
+    with pytest.raises(DataError, match=r"class 'c' has no readable images \(2 skipped\)"):
+        train(recipe=recipe_from_dict(tiny_recipe()), data=root, out=tmp_path / "run", progress=False)
+
+
+def test_group_pattern_keeps_groups_in_one_split(tmp_path):
+    root = tmp_path / "g"
+    for label in range(2):
+        folder = root / f"c{label}"
+        folder.mkdir(parents=True)
+        for patient in range(8):
+            for shot in range(3):
+                write_mode_image(folder / f"p{label}{patient}_{shot}", "rgb_jpeg", _pattern(label, patient * 3 + shot))
+    recipe = recipe_from_dict(tiny_recipe(data={"group_pattern": r"^(p\d+)_", "val_fraction": 0.25}))
+    result = train(recipe=recipe, data=root, out=tmp_path / "run", progress=False)
+    splits = pd.read_csv(result.run_dir / "splits.csv")
+    splits["group"] = splits["path"].str.extract(r"/(p\d+)_")[0]
+    assert (splits.groupby("group")["split"].nunique() == 1).all()
+    with pytest.raises(DataError, match=r"group_pattern '\^\(x\\d\+\)_' does not match file name"):
+        train(recipe=recipe_from_dict(tiny_recipe(data={"group_pattern": r"^(x\d+)_"})), data=root, out=tmp_path / "r2", progress=False)
