@@ -70,14 +70,41 @@ def _write_run_files(recipe: Recipe, index: DatasetIndex, out: Path, skipped: pd
     (out / "classes.json").write_text(json.dumps(index.class_names, indent=1), encoding="utf-8")
 
 
-def _resume_run(run_dir: Path) -> tuple[Recipe, DatasetIndex, dict]:
-    for name in ("recipe.yaml", "splits.csv", "classes.json", "checkpoints/last.pt"):
+def _resume_run(run_dir: Path) -> tuple[Recipe, DatasetIndex, dict | None]:
+    """The run's recipe, split and last checkpoint (None when it was stopped inside its first epoch)."""
+    for name in ("recipe.yaml", "splits.csv", "classes.json"):
         if not (run_dir / name).exists():
-            raise CheckpointError(f"cannot resume {run_dir}: {name} is missing (a run writes it after its first epoch); start a new run instead")
+            raise CheckpointError(f"cannot resume {run_dir}: {name} is missing, so it is no finetune run folder; start a new run instead")
     recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")), source=str(run_dir / "recipe.yaml"))
     samples = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
     index = DatasetIndex(samples=samples, class_names=json.loads((run_dir / "classes.json").read_text(encoding="utf-8")))
-    return recipe, index, load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    last = run_dir / "checkpoints" / "last.pt"
+    return recipe, index, load_checkpoint(last) if last.exists() else None
+
+
+_RESUME_FREE = {"data.num_workers"}  # settings a resumed run may change without changing its result
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def _refuse_changed_recipe(stored: Recipe, recipe: Recipe | str | Path | None, overrides: Sequence[str], out: Path) -> None:
+    """--resume with a recipe: it must be the run's own (up to settings that do not change results)."""
+    if recipe is None:
+        candidate = recipe_from_dict(stored.to_dict(), overrides=list(overrides))
+    else:
+        candidate = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides=list(overrides))
+        candidate = candidate.model_copy(update={"data": candidate.data.model_copy(update={"path": stored.data.path})})
+    old, new = _flatten(stored.to_dict()), _flatten(candidate.to_dict())
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE)
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        raise CheckpointError(f"--resume {out}: the recipe differs from the run's ({shown}); resume without a recipe, or start a new run")
 
 
 def train(
@@ -94,10 +121,13 @@ def train(
     started = time.perf_counter()
     out = Path(out)
     if resume:
-        recipe, index, payload = _resume_run(out)
-        state = state_from_payload(payload)
-        read_history(out, up_to_epoch=state.epoch)
-        log.info("resuming %s after epoch %d", out, state.epoch)
+        stored, index, payload = _resume_run(out)
+        if recipe is not None or overrides:
+            _refuse_changed_recipe(stored, recipe, overrides, out)
+        recipe = stored
+        state = state_from_payload(payload) if payload is not None else None
+        read_history(out, up_to_epoch=state.epoch if state else 0)
+        log.info("resuming %s after epoch %d", out, state.epoch if state else 0)
     else:
         if not isinstance(recipe, Recipe):
             if recipe is None:
@@ -114,7 +144,7 @@ def train(
     bundle = build_model(recipe.model, num_classes=len(index.class_names), load_pretrained=payload is None)
     if payload is not None:
         bundle.model.load_state_dict(payload["state_dict"])
-    else:  # only once data and weights are known to be usable
+    if not resume:  # only once data and weights are known to be usable
         _write_run_files(recipe, index, out, skipped, leaks)
     image = resolve_image_config(recipe.transforms, bundle.data_config)
     train_tf = build_train_pipeline(recipe.transforms, image, seed=recipe.seed)

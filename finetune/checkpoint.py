@@ -97,7 +97,12 @@ def model_from_checkpoint(payload: dict[str, Any]) -> LoadedModel:
     try:
         bundle.model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint weights do not fit {recipe.model.name}: {str(exc).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
+        raise CheckpointError(
+            f"checkpoint weights do not fit {recipe.model.name} with {len(class_names)} classes: {detail}; "
+            "the checkpoint was edited or saved for another model or class count"
+        ) from None
     bundle.model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
     return LoadedModel(bundle=bundle, class_names=class_names, image=ImageConfig.from_dict(payload["image"]), recipe=recipe, meta=meta)

@@ -63,7 +63,7 @@ ERRORS = [
     (["train", "RECIPE", "--set", "model.name=resnet5"], r"did you mean 'resnet50'"),
     (["train", "RECIPE", "--set", "train.epochs"], r"^error: --set 'train.epochs' is not KEY=VALUE"),
     (["train", "RECIPE", "--data", "nowhere"], r"^error: data folder nowhere does not exist"),
-    (["train", "--resume", "RUN"], r"^error: cannot resume .*recipe.yaml is missing"),
+    (["train", "--resume", "RUN"], r"^error: cannot resume .*recipe.yaml is missing, so it is no finetune run folder"),
     (["eval", "no_run", "--data", "x"], r"^error: run no_run does not exist"),
     (["eval", "RUN", "--data", "x"], r"^error: checkpoint .*best.pt not found"),
     (["predict", "RUN", "no_such.jpg"], r"^error: input no_such.jpg does not exist"),

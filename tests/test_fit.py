@@ -126,7 +126,7 @@ def test_run_folder_mistakes(tmp_path, image_folder):
     train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
     with pytest.raises(CheckpointError, match=r"already holds a run; continue it with --resume"):
         train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
-    with pytest.raises(CheckpointError, match=r"cannot resume .*nothing: recipe.yaml is missing"):
+    with pytest.raises(CheckpointError, match=r"cannot resume .*nothing: recipe.yaml is missing, so it is no finetune run folder"):
         train(out=tmp_path / "nothing", resume=True, progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -177,3 +177,43 @@ def test_failed_start_leaves_no_run_folder_and_can_be_retried(tmp_path, image_fo
     assert not (tmp_path / "run").exists()
     result = train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False)
     assert result.best_checkpoint.exists()
+
+
+def test_resume_refuses_a_changed_recipe_and_bad_checkpoints(tmp_path, image_folder):
+    recipe = recipe_from_dict(tiny_recipe(train={"epochs": 2}))
+    train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match=r"--resume .*run: the recipe differs from the run's \(train.lr: 0.001 -> 0.1\)"):
+        train(out=tmp_path / "run", resume=True, overrides=["train.lr=0.1"], progress=False)
+    # the same recipe (and a harmless change) is accepted: the run is already finished, nothing more trains
+    done = train(recipe=recipe, out=tmp_path / "run", resume=True, overrides=["data.num_workers=1"], progress=False)
+    assert len(done.history) == 2
+
+    payload = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    payload["class_names"] = ["cat", "dog", "eel", "fox"]  # a checkpoint for another class count
+    torch.save(payload, tmp_path / "other_classes.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint weights do not fit resnet18 with 4 classes: .*size mismatch"):
+        predict(run=tmp_path / "other_classes.pt", inputs=[image_folder / "cat"], progress=False)
+    payload["recipe"]["model"]["name"] = "resnet34"  # ... and for another architecture
+    torch.save(payload, tmp_path / "other_arch.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint weights do not fit resnet34 with 4 classes: .*Missing key"):
+        predict(run=tmp_path / "other_arch.pt", inputs=[image_folder / "cat"], progress=False)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match=r"plain.pt is not a finetune checkpoint; to start from plain weights use model.pretrained"):
+        predict(run=tmp_path / "plain.pt", inputs=[image_folder / "cat"], progress=False)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    from finetune import checkpoint as checkpoint_module
+
+    checkpoint_module.save_checkpoint({"format": "finetune-checkpoint", "format_version": 1, "epoch": 1}, tmp_path / "last.pt")
+
+    def dying_save(obj, handle):
+        handle.write(b"partial bytes")
+        raise KeyboardInterrupt  # the process is stopped in the middle of writing
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module.save_checkpoint({"format": "finetune-checkpoint", "format_version": 1, "epoch": 2}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert checkpoint_module.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind

@@ -16,7 +16,7 @@ from finetune import evaluate, train
 from finetune.cli import app
 from finetune.errors import CheckpointError
 from finetune.inference import Predictions
-from finetune.metrics import calibration_table, confusion_tables, expected_calibration_error, most_confused
+from finetune.metrics import calibration_table, expected_calibration_error, most_confused
 from finetune.recipe import recipe_from_dict
 from finetune.report import write_report
 from finetune.report_diff import diff_reports
