@@ -92,3 +92,14 @@ def test_real_process_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr
+
+
+def test_debug_shows_the_exception(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from finetune.errors import FinetuneError
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["eval", "no_run", "--data", ".", "--debug"])
+    assert isinstance(result.exception, FinetuneError) and "no_run does not exist" in str(result.exception)
