@@ -183,7 +183,7 @@ def format_check(result: CheckResult, *, limit: int = 40) -> str:
     """The terminal view: class counts, findings by kind, then the first `limit` findings."""
     s = result.summary
     lines = [f"{s['root']}: {s['images']} images ({s['readable']} readable), {s['classes']} classes, imbalance ratio "
-             f"{s['imbalance_ratio']:.1f}" if s["imbalance_ratio"] else f"{s['root']}: no readable images", "",
+             f"{s['imbalance_ratio']:.2f}" if s["imbalance_ratio"] else f"{s['root']}: no readable images", "",
              result.class_counts.to_string(index=False), ""]
     if len(result.findings):
         by_kind = result.findings.groupby(["severity", "kind"]).size().rename("files").reset_index()
