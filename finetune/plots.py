@@ -35,6 +35,10 @@ def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: 
                     continue
                 ax.text(j, i, f"{count}\n{value:.0%}" if n <= 12 else f"{count}", ha="center", va="center",
                         fontsize=9 if n <= 12 else 7, color="white" if value > 0.5 else "black")
+    _save_matrix(fig, ax, path, title)
+
+
+def _save_matrix(fig: plt.Figure, ax: plt.Axes, path: Path, title: str) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -58,12 +62,7 @@ def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> 
                 if abs(value) >= 0.005:
                     ax.text(j, i, f"{value:+.0%}", ha="center", va="center", fontsize=8 if n <= 12 else 6)
     fig.colorbar(image, ax=ax, label="change in fraction of the true class")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_matrix(fig, ax, path, title)
 
 
 def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
