@@ -202,6 +202,9 @@ def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split:
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / "recipe.yaml").exists() else None
     skipped_train = len(pd.read_csv(run_dir / "skipped.csv")) if run_dir is not None and (run_dir / "skipped.csv").exists() else 0
     extra = {"unreadable images skipped": f"{len(screened.skipped)} in this evaluation, {skipped_train} in the run's data (skipped.csv)"}
+    if run_dir is not None and (run_dir / "class_weights.json").exists():
+        weights = json.loads((run_dir / "class_weights.json").read_text(encoding="utf-8"))
+        extra["loss class weights"] = ", ".join(f"{name}: {value:.3g}" for name, value in weights.items())
     context = RunContext(meta=loaded.meta, run_dir=run_dir, split=split, extra=extra)
     folder.mkdir(parents=True, exist_ok=True)
     screened.skipped.to_csv(folder / "skipped.csv", index=False)

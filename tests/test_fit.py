@@ -159,6 +159,7 @@ def test_imbalanced_training_writes_weights_and_uses_weighted_sampler(tmp_path, 
     result = train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
     weights = json.loads((result.run_dir / "class_weights.json").read_text())
     assert set(weights) == {"cat", "dog", "eel"} and all(w > 0 for w in weights.values())
+    assert "loss class weights: cat:" in (result.report.folder / "summary.md").read_text()
 
 
 def test_small_input_stem_keeps_resolution():

@@ -1,0 +1,72 @@
+"""The remaining user-facing messages, one test each (the others live beside their module's tests)."""
+
+import pytest
+import torch
+
+from finetune import evaluate, predict, train
+from finetune.checkpoint import load_checkpoint
+from finetune.data import load_dataset_index
+from finetune.errors import CheckpointError, DataError, RecipeError
+from finetune.recipe import DataConfig, recipe_from_dict
+
+from conftest import make_folder, tiny_recipe
+
+RECIPE_ERRORS = [
+    ({"train": {"phases": [{"epochs": 1, "lr": 0.1, "train": []}]}}, r"phases\.0\.train: .*at least one stage must be trainable"),
+    ({"transforms": {"train": [{"HorizontalFlip": {}, "VerticalFlip": {}}]}}, r"each transform is a one-key mapping like"),
+    ({"transforms": {"std": [0.2, 0.0, 0.2]}}, r"recipe\.transforms\.std: every std value must be above 0"),
+    ({"loss": {"class_weights": {"cat": -1.0}}}, r"recipe\.loss\.class_weights: class weights must be above 0"),
+    ({"data": {"group_pattern": "(unclosed"}}, r"recipe\.data\.group_pattern: not a valid regular expression"),
+    ({"data": {"bad_images": "ignore"}}, r"recipe\.data\.bad_images: Input should be 'skip' or 'fail'"),
+    ({"model": {"small_input": "maybe"}}, r"recipe\.model\.small_input: Input should be a valid boolean"),
+]
+
+
+@pytest.mark.parametrize("section,pattern", RECIPE_ERRORS, ids=[p for _, p in RECIPE_ERRORS])
+def test_more_bad_recipes(section, pattern):
+    with pytest.raises(RecipeError, match=pattern):
+        recipe_from_dict(tiny_recipe(**section))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    data = make_folder(root / "data", per_class=6)
+    return train(recipe=recipe_from_dict(tiny_recipe()), data=data, out=root / "run", progress=False).run_dir
+
+
+def test_eval_on_unknown_classes(run, tmp_path):
+    make_folder(tmp_path / "other", per_class=2, classes=("cat", "owl"))
+    with pytest.raises(DataError, match=r"class folder\(s\) \['owl'\] are not classes of this model \['cat', 'dog', 'eel'\]"):
+        evaluate(run=run, data=tmp_path / "other", progress=False)
+
+
+def test_predict_inputs(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no images found in .*empty"):
+        predict(run=run, inputs=[tmp_path / "empty"], progress=False)
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"none of the 1 input image\(s\) could be decoded, e.g. .*bad.jpg"):
+        predict(run=run, inputs=[tmp_path / "bad.jpg"], progress=False)
+
+
+def test_newer_checkpoint_format(run, tmp_path):
+    payload = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match=r"written by a newer finetune \(format 99\); upgrade finetune"):
+        load_checkpoint(tmp_path / "future.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match=r"junk.pt is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_manifest_and_group_errors(tmp_path):
+    with pytest.raises(DataError, match=r"manifest .*none.csv does not exist"):
+        load_dataset_index(DataConfig(path=tmp_path / "none.csv"), seed=0)
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match=r"manifest .*bin.csv is not a readable CSV"):
+        load_dataset_index(DataConfig(path=tmp_path / "bin.csv"), seed=0)
+    make_folder(tmp_path / "g", per_class=4)
+    with pytest.raises(DataError, match=r"data.group_pattern gives 1 group\(s\); a val fraction of 0.25 needs at least 4"):
+        load_dataset_index(DataConfig(path=tmp_path / "g", val_fraction=0.25, group_pattern=r"img"), seed=0)
