@@ -244,6 +244,8 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
                 save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, extra=payload_extra), ckpt_dir / "best.pt")
             if _improved(monitored, state.phase_best, stopping.metric, stopping.min_delta):
                 state.phase_best, state.bad_epochs = float(monitored), 0
+                if stopping.restore_best:
+                    save_checkpoint({"state_dict": model.state_dict(), "epoch": epoch}, ckpt_dir / "phase_best.pt")
             else:
                 state.bad_epochs += 1
             stop_phase = stopping.patience is not None and state.bad_epochs >= stopping.patience
@@ -251,6 +253,10 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
                 log.info("early stopping: %s did not improve for %d epoch(s)", stopping.metric, state.bad_epochs)
                 state.phase_epoch = phase.epochs
             phase_done = state.phase_epoch >= phase.epochs
+            if phase_done and stopping.restore_best and state.bad_epochs > 0:
+                best_of_phase = torch.load(ckpt_dir / "phase_best.pt", map_location=device, weights_only=True)
+                model.load_state_dict(best_of_phase["state_dict"])  # before last.pt, so a resume sees the same weights
+                log.info("restored the phase's best weights (epoch %d)", best_of_phase["epoch"])
             saved = asdict(state)
             if phase_done and phase_index + 1 < len(phases):  # a resume starts the next phase afresh
                 saved.update(phase=phase_index + 1, phase_epoch=0, phase_best=None, bad_epochs=0, optimizer={}, scheduler={})

@@ -149,6 +149,7 @@ class EarlyStoppingConfig(_Strict):
     metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = "val_accuracy"
     patience: int | None = Field(None, ge=1, description="Epochs without improvement before stopping; null = off.")
     min_delta: float = Field(0.0, ge=0.0)
+    restore_best: bool = Field(False, description="At the end of each phase, go back to that phase's best weights.")
 
 
 class TrainConfig(_Strict):

@@ -218,3 +218,26 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
     monkeypatch.undo()
     assert checkpoint_module.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_restore_best_goes_back_to_the_phase_best_weights(tmp_path, image_folder, monkeypatch):
+    """A phase whose last epoch is worse than its best ends on the best weights; resume agrees."""
+    phases = {"phases": [{"epochs": 3, "train": ["head"], "lr": 0.05}, {"epochs": 1, "train": ["head"], "lr": 1e-9}],
+              "early_stopping": {"metric": "val_loss", "restore_best": True}}
+    scores = iter([0.5, 0.1, 0.9, 0.2])  # epoch 2 is phase 1's best; epoch 3 is worse
+
+    real = fit_module.run_inference
+
+    def fake_inference(*args, **kwargs):
+        preds, _ = real(*args, **kwargs)
+        return preds, next(scores)
+
+    monkeypatch.setattr(fit_module, "run_inference", fake_inference)
+    seen = {}
+
+    def remember(state):
+        seen[state.epoch] = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state_dict"]["fc.weight"].clone()
+
+    train(recipe=recipe_from_dict(tiny_recipe(train=phases)), data=image_folder, out=tmp_path / "run", progress=False, on_epoch_end=remember)
+    assert not torch.equal(seen[2], seen[1])  # the head does train in phase 1
+    assert torch.equal(seen[3], seen[2])  # last.pt after phase 1 holds epoch 2's weights, not epoch 3's
