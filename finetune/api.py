@@ -14,7 +14,7 @@ import yaml
 
 from finetune.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
 from finetune.data import DatasetIndex, ImageDataset, list_images, make_index, make_loader, read_samples, scan_image_folder
-from finetune.doctor import screen_samples, split_leakage
+from finetune.doctor import Screened, screen_samples, split_leakage
 from finetune.errors import CheckpointError, DataError
 from finetune.fit import FitContext, class_weights, FitState, fit, read_history, seed_everything, state_from_payload
 from finetune.html_report import RunContext
@@ -167,7 +167,8 @@ def train(
     split = "test" if (index.samples["split"] == "test").any() else "val"
     rows = index.split(split)
     best = model_from_checkpoint(load_checkpoint(out / "checkpoints" / "best.pt"))
-    report = _report_for(best, rows, out / "report", split=split, progress=progress, checkpoint=out / "checkpoints" / "best.pt")
+    report = _report_for(best, rows, out / "report", split=split, progress=progress, checkpoint=out / "checkpoints" / "best.pt",
+                         screened_already=True)
     return TrainResult(run_dir=out, best_checkpoint=out / "checkpoints" / "best.pt", history=read_history(out),
                        report=report, seconds=time.perf_counter() - started)
 
@@ -189,8 +190,12 @@ def _predict_rows(loaded: LoadedModel, paths: list[str], targets: list[int], *, 
     return preds
 
 
-def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split: str, progress: bool, checkpoint: Path) -> Report:
-    screened = screen_samples(rows, policy=loaded.recipe.data.bad_images, progress=progress)
+def _report_for(loaded: LoadedModel, rows: pd.DataFrame, folder: Path, *, split: str, progress: bool, checkpoint: Path,
+                screened_already: bool = False) -> Report:
+    if screened_already:  # the run's own split was decoded before training
+        screened = Screened(samples=rows, skipped=pd.DataFrame(columns=[*rows.columns, "reason"]), facts={})
+    else:
+        screened = screen_samples(rows, policy=loaded.recipe.data.bad_images, progress=progress)
     rows = screened.samples
     lookup = {name: i for i, name in enumerate(loaded.class_names)}
     unknown = sorted(set(rows["label"]) - set(lookup))
