@@ -1,0 +1,53 @@
+"""Peak memory of training with stem..layer3 frozen against full fine-tuning (same model, batch, input).
+
+Each case runs in a fresh subprocess and reports its peak resident memory (ru_maxrss) above the
+memory after building the model and batch, so weights and imports cancel out. Run: python benchmarks/bench_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+CASE = r"""
+import json, resource, sys, timm, torch
+from finetune.freeze import FreezePlan, apply_freeze, set_train_mode
+frozen = sys.argv[1] == "frozen"
+torch.manual_seed(0)
+model = timm.create_model("resnet50", num_classes=10)
+images, targets = torch.randn(32, 3, 224, 224), torch.randint(0, 10, (32,))
+plan = FreezePlan(trainable=("layer4", "head") if frozen else ("stem", "layer1", "layer2", "layer3", "layer4", "head"))
+apply_freeze(model, plan, classifier="fc")
+set_train_mode(model, plan, classifier="fc")
+optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(2):
+    loss = torch.nn.functional.cross_entropy(model(images), targets)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"extra_mib": (peak - base) / 1024}))
+"""
+
+
+def run(case: str) -> float:
+    out = subprocess.run([sys.executable, "-c", CASE, case], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    full = statistics.median(run("full") for _ in range(args.repeats))
+    frozen = statistics.median(run("frozen") for _ in range(args.repeats))
+    print(f"ResNet-50, batch 32, 224 px: training memory above the model: full fine-tune {full:.0f} MiB, "
+          f"stem..layer3 frozen {frozen:.0f} MiB -> ratio {frozen / full:.2f} (target <= 0.6)")
+
+
+if __name__ == "__main__":
+    main()
