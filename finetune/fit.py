@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class FitState:
     best_epoch: int = 0
     phase_best: float | None = None
     bad_epochs: int = 0
-    finished: bool = False
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
 
@@ -261,18 +260,18 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
             if phase_done and phase_index + 1 < len(phases):  # a resume starts the next phase afresh
                 saved.update(phase=phase_index + 1, phase_epoch=0, phase_best=None, bad_epochs=0, optimizer={}, scheduler={})
             else:
-                saved.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), finished=phase_done)
+                saved.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe,
                                          extra={**payload_extra, "training_state": saved}), ckpt_dir / "last.pt")
             if ctx.on_epoch_end is not None:
                 ctx.on_epoch_end(state)
-    state.finished = True
     return state
 
 
 def state_from_payload(payload: dict[str, Any]) -> FitState:
     """The FitState stored in a `last.pt` payload."""
-    return FitState(**payload["training_state"])
+    known = {f.name for f in fields(FitState)}
+    return FitState(**{k: v for k, v in payload["training_state"].items() if k in known})
 
 
 def read_history(run_dir: Path, *, up_to_epoch: int | None = None) -> pd.DataFrame:
