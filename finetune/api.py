@@ -14,6 +14,7 @@ import yaml
 
 from finetune.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
 from finetune.data import DatasetIndex, ImageDataset, list_images, make_index, make_loader, read_samples, scan_image_folder
+from finetune.distributed import barrier, setup, teardown
 from finetune.doctor import Screened, screen_samples, split_leakage
 from finetune.errors import CheckpointError, DataError
 from finetune.fit import FitContext, class_weights, FitState, fit, read_history, seed_everything, state_from_payload
@@ -33,7 +34,7 @@ class TrainResult:
     run_dir: Path
     best_checkpoint: Path
     history: pd.DataFrame
-    report: Report
+    report: Report | None  # None on torchrun ranks other than 0 (rank 0 writes the report)
     seconds: float
 
 
@@ -117,7 +118,10 @@ def train(
     progress: bool = True,
     on_epoch_end: Callable[[FitState], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune per `recipe` on `data`, writing the run folder `out`; `resume=True` continues `out`."""
+    """Fine-tune per `recipe` on `data`, writing the run folder `out`; `resume=True` continues `out`.
+
+    Under `torchrun --nproc_per_node=N` every process calls this; they train data-parallel and rank 0 writes.
+    """
     started = time.perf_counter()
     out = Path(out)
     if resume:
@@ -126,7 +130,10 @@ def train(
             _refuse_changed_recipe(stored, recipe, overrides, out)
         recipe = stored
         state = state_from_payload(payload) if payload is not None else None
-        read_history(out, up_to_epoch=state.epoch if state else 0)
+        ranks = setup(recipe.train.device)
+        progress = progress and ranks.main
+        if ranks.main:
+            read_history(out, up_to_epoch=state.epoch if state else 0)
         log.info("resuming %s after epoch %d", out, state.epoch if state else 0)
     else:
         if not isinstance(recipe, Recipe):
@@ -137,6 +144,8 @@ def train(
             recipe = recipe_from_dict(recipe.to_dict(), overrides=list(overrides))
         if data is not None:
             recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": Path(data)})})
+        ranks = setup(recipe.train.device)
+        progress = progress and ranks.main
         index, skipped, leaks = _check_new_run(recipe, out, progress=progress)
         payload, state = None, None
 
@@ -144,17 +153,19 @@ def train(
     bundle = build_model(recipe.model, num_classes=len(index.class_names), load_pretrained=payload is None)
     if payload is not None:
         bundle.model.load_state_dict(payload["state_dict"])
-    if not resume:  # only once data and weights are known to be usable
-        _write_run_files(recipe, index, out, skipped, leaks)
+    barrier()  # every rank has checked the folder and the data before rank 0 writes
     image = resolve_image_config(recipe.transforms, bundle.data_config)
     train_tf = build_train_pipeline(recipe.transforms, image, seed=recipe.seed)
     eval_tf = build_eval_pipeline(image)
-    save_pipeline(train_tf, out / "train_transforms.yaml")
-    save_pipeline(eval_tf, out / "eval_transforms.yaml")
     train_rows, val_rows = index.split("train"), index.split("val")
     weights = class_weights(recipe.loss, class_names=index.class_names, targets=index.targets(train_rows))
-    if weights is not None:
-        (out / "class_weights.json").write_text(json.dumps(dict(zip(index.class_names, weights)), indent=1), encoding="utf-8")
+    if ranks.main:
+        if not resume:  # only once data and weights are known to be usable
+            _write_run_files(recipe, index, out, skipped, leaks)
+        save_pipeline(train_tf, out / "train_transforms.yaml")
+        save_pipeline(eval_tf, out / "eval_transforms.yaml")
+        if weights is not None:
+            (out / "class_weights.json").write_text(json.dumps(dict(zip(index.class_names, weights)), indent=1), encoding="utf-8")
     ctx = FitContext(
         class_weights=weights,
         recipe=recipe, class_names=index.class_names, image=image, run_dir=out, progress=progress, on_epoch_end=on_epoch_end,
@@ -162,7 +173,13 @@ def train(
         val_set=ImageDataset(val_rows["path"], index.targets(val_rows), eval_tf),
     )
     log.info("training %s on %d images (%d val) of %d classes -> %s", recipe.model.name, len(train_rows), len(val_rows), len(index.class_names), out)
-    fit(bundle, ctx, state=state)
+    try:
+        fit(bundle, ctx, state=state)
+    finally:
+        teardown()
+    if not ranks.main:
+        return TrainResult(run_dir=out, best_checkpoint=out / "checkpoints" / "best.pt", history=pd.DataFrame(), report=None,
+                           seconds=time.perf_counter() - started)
 
     split = "test" if (index.samples["split"] == "test").any() else "val"
     rows = index.split(split)

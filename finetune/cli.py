@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on
 @contextlib.contextmanager
 def _session(quiet: bool, debug: bool) -> Iterator[None]:
     """Logging for the command, and every FinetuneError as a single line with exit code 2."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", force=True)
+    follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
+    logging.basicConfig(level=logging.ERROR if follower else logging.WARNING if quiet else logging.INFO, format="%(message)s", force=True)
     try:
         yield
     except FinetuneError as exc:
@@ -57,8 +59,12 @@ def train(
     with _session(quiet, debug):
         if resume is None and recipe is None:
             raise FinetuneError("give a recipe (e.g. recipes/quickstart.yaml) or --resume RUN")
+        if resume is None and out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FinetuneError("under torchrun every process must write to the same run folder: pass --out RUN")
         run_dir = resume or out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = run_train(recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet)
+        if result.report is None:  # a torchrun rank other than 0
+            return
         typer.echo(f"accuracy {result.report.metrics['accuracy']:.4f} | report: {result.report.folder} | best checkpoint: {result.best_checkpoint}")
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from finetune.distributed import Ranks, shard
 from finetune.errors import DataError
 from finetune.recipe import DataConfig
 
@@ -225,21 +226,31 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(
-    dataset: ImageDataset, *, batch_size: int, num_workers: int, shuffle: bool, seed: int, pin_memory: bool = False, balanced: bool = False
+    dataset: ImageDataset, *, batch_size: int, num_workers: int, shuffle: bool, seed: int, pin_memory: bool = False, balanced: bool = False,
+    ranks: Ranks | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose order and augmentation depend only on `seed` (so resume is exact).
 
     `balanced` draws with replacement, each class equally likely (a WeightedRandomSampler).
+    Under torchrun (`ranks.enabled`) each rank reads its share: a DistributedSampler seeded with
+    `seed` when shuffling (the same permutation on every rank), a strided slice otherwise.
     """
-    generator = torch.Generator().manual_seed(seed)
+    ranks = ranks or Ranks()
+    generator = torch.Generator().manual_seed(seed + 7919 * ranks.rank)  # augmentation differs per rank
     sampler = None
-    if balanced:
+    if ranks.enabled:
+        if balanced:
+            raise DataError("data.sampler: weighted is not supported under torchrun; use sampler: shuffle with loss.class_weights")
+        sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=seed)
+                   if shuffle else shard(len(dataset), ranks))
+        shuffle = False
+    elif balanced:
         counts = np.bincount(dataset.targets)
         weights = torch.as_tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
         sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
         shuffle = False
     if num_workers == 0 and hasattr(dataset.transform, "set_random_seed"):
-        dataset.transform.set_random_seed(seed)
+        dataset.transform.set_random_seed(seed + 7919 * ranks.rank)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

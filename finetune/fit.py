@@ -16,10 +16,13 @@ import torch
 from sklearn.metrics import f1_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from finetune.checkpoint import make_payload, save_checkpoint
 from finetune.data import ImageDataset, make_loader
+from finetune.distributed import barrier, current, gather_predictions, mean_across
+from finetune.feature_cache import CachedPhase, cached_phase, why_not_cached
 from finetune.errors import FinetuneError, did_you_mean
 from finetune.freeze import FreezePlan, apply_freeze, set_train_mode, stage_of_names
 from finetune.inference import resolve_device, run_inference
@@ -193,9 +196,10 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
     stopping = cfg.early_stopping
     phases = cfg.resolved_phases()
     state = state or FitState()
+    ranks = current()
     ckpt_dir = ctx.run_dir / "checkpoints"
     metrics_path = ctx.run_dir / "metrics.csv"
-    val_loader = make_loader(ctx.val_set, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers, shuffle=False, seed=0)
+    val_loader = make_loader(ctx.val_set, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers, shuffle=False, seed=0, ranks=ranks)
     total_epochs = sum(p.epochs for p in phases)
 
     for phase_index in range(state.phase, len(phases)):
@@ -203,7 +207,7 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
         plan = FreezePlan(trainable=phase.trainable(), bn=phase.bn)
         trainable = apply_freeze(model, plan, classifier=bundle.classifier)
         optimizer = build_optimizer(model, phase, cfg, classifier=bundle.classifier)
-        steps = max(1, math.ceil(len(ctx.train_set) / data_cfg.batch_size))
+        steps = max(1, math.ceil(math.ceil(len(ctx.train_set) / ranks.world) / data_cfg.batch_size))
         scheduler = build_scheduler(optimizer, cfg, total_steps=phase.epochs * steps, steps_per_epoch=steps)
         if state.phase == phase_index and state.phase_epoch > 0 and state.optimizer:
             optimizer.load_state_dict(state.optimizer)
@@ -212,26 +216,41 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
             state.phase, state.phase_epoch, state.phase_best, state.bad_epochs = phase_index, 0, None, 0
         log.info("phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, BN %s",
                  phase_index + 1, len(phases), ", ".join(plan.trainable), f"{trainable:,}", phase.epochs, phase.lr, phase.bn)
+        cached = _phase_features(bundle, ctx, phase, device=device, dtype=dtype)
+        if cached is not None:  # the classifier trains on cached backbone outputs: same parameters, no image decoding
+            net, train_set, val_net = cached.head, cached.train, cached.head
+            val_batches = make_loader(cached.val, batch_size=data_cfg.batch_size, num_workers=0, shuffle=False, seed=0)
+        elif ranks.enabled:
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+            net, train_set, val_net, val_batches = DistributedDataParallel(model, device_ids=device_ids), ctx.train_set, model, val_loader
+        else:
+            net, train_set, val_net, val_batches = model, ctx.train_set, model, val_loader
 
         while state.phase_epoch < phase.epochs:
             epoch = state.epoch + 1
             started = time.perf_counter()
             set_train_mode(model, plan, classifier=bundle.classifier)
-            loader = make_loader(ctx.train_set, batch_size=data_cfg.batch_size, num_workers=data_cfg.num_workers,
-                                 shuffle=True, seed=ctx.recipe.seed * 100_003 + epoch, pin_memory=device.type == "cuda",
-                                 balanced=data_cfg.sampler == "weighted")
+            epoch_seed = ctx.recipe.seed * 100_003 + epoch
+            if cached is not None:
+                cached.train.choose_views(epoch_seed)
+            loader = make_loader(train_set, batch_size=data_cfg.batch_size, num_workers=0 if cached else data_cfg.num_workers,
+                                 shuffle=True, seed=epoch_seed, pin_memory=device.type == "cuda" and cached is None,
+                                 balanced=data_cfg.sampler == "weighted", ranks=ranks)
             lr = optimizer.param_groups[-1]["lr"]
             train_loss, train_acc = _train_epoch(
-                model, loader, optimizer, scheduler, criterion, device=device, dtype=dtype, scaler=scaler,
+                net, loader, optimizer, scheduler, criterion, device=device, dtype=dtype, scaler=scaler,
                 grad_clip=cfg.grad_clip, progress=ctx.progress, desc=f"epoch {epoch}/{total_epochs}", epoch=epoch,
             )
-            preds, val_loss = run_inference(model, val_loader, device=device, paths=ctx.val_set.paths, progress=ctx.progress, desc="validate")
+            train_loss, train_acc = mean_across([train_loss, train_acc], ranks, device)
+            preds, val_loss = run_inference(val_net, val_batches, device=device, paths=ctx.val_set.paths, progress=ctx.progress, desc="validate")
+            preds, val_loss = gather_predictions(preds, val_loss, ranks, paths=ctx.val_set.paths)
             val_acc = float((preds.predicted == preds.targets).mean())
             val_f1 = float(f1_score(preds.targets, preds.predicted, average="macro", labels=list(range(len(ctx.class_names))), zero_division=0))
             row = {"epoch": epoch, "phase": phase_index + 1, "phase_epoch": state.phase_epoch + 1, "lr": lr,
                    "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
                    "val_accuracy": val_acc, "val_macro_f1": val_f1, "seconds": time.perf_counter() - started}
-            _append_row(metrics_path, row)
+            if ranks.main:
+                _append_row(metrics_path, row)
             log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f (%.1fs)",
                      epoch, train_loss, train_acc, val_loss, val_acc, val_f1, row["seconds"])
 
@@ -240,10 +259,12 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
             payload_extra = {"epoch": epoch, "metrics": {k: float(v) for k, v in row.items()}}
             if _improved(monitored, state.best_metric, stopping.metric, stopping.min_delta):
                 state.best_metric, state.best_epoch = float(monitored), epoch
-                save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, extra=payload_extra), ckpt_dir / "best.pt")
+                if ranks.main:
+                        save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, extra=payload_extra),
+                                    ckpt_dir / "best.pt")
             if _improved(monitored, state.phase_best, stopping.metric, stopping.min_delta):
                 state.phase_best, state.bad_epochs = float(monitored), 0
-                if stopping.restore_best:
+                if stopping.restore_best and ranks.main:
                     save_checkpoint({"state_dict": model.state_dict(), "epoch": epoch}, ckpt_dir / "phase_best.pt")
             else:
                 state.bad_epochs += 1
@@ -253,6 +274,7 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
                 state.phase_epoch = phase.epochs
             phase_done = state.phase_epoch >= phase.epochs
             if phase_done and stopping.restore_best and state.bad_epochs > 0:
+                barrier()  # rank 0 has written phase_best.pt
                 best_of_phase = torch.load(ckpt_dir / "phase_best.pt", map_location=device, weights_only=True)
                 model.load_state_dict(best_of_phase["state_dict"])  # before last.pt, so a resume sees the same weights
                 log.info("restored the phase's best weights (epoch %d)", best_of_phase["epoch"])
@@ -261,11 +283,25 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
                 saved.update(phase=phase_index + 1, phase_epoch=0, phase_best=None, bad_epochs=0, optimizer={}, scheduler={})
             else:
                 saved.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-            save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe,
-                                         extra={**payload_extra, "training_state": saved}), ckpt_dir / "last.pt")
+            if ranks.main:
+                save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe,
+                                             extra={**payload_extra, "training_state": saved}), ckpt_dir / "last.pt")
             if ctx.on_epoch_end is not None:
                 ctx.on_epoch_end(state)
+    barrier()  # every checkpoint is on disk before any rank goes on
     return state
+
+
+def _phase_features(bundle: ModelBundle, ctx: FitContext, phase: PhaseConfig, *, device: torch.device, dtype: torch.dtype | None) -> CachedPhase | None:
+    """Cached backbone features for a head-only phase with frozen BN, or None (with the reason logged)."""
+    reason = why_not_cached(ctx.recipe, phase, distributed=current().enabled)
+    if reason is not None:
+        if phase.trainable() == ("head",):
+            log.info("feature cache not used: %s", reason)
+        return None
+    return cached_phase(bundle, ctx.recipe, train_paths=ctx.train_set.paths, train_targets=ctx.train_set.targets,
+                        val_paths=ctx.val_set.paths, val_targets=ctx.val_set.targets, train_pipeline=ctx.train_set.transform,
+                        eval_pipeline=ctx.val_set.transform, device=device, dtype=dtype, progress=ctx.progress)
 
 
 def state_from_payload(payload: dict[str, Any]) -> FitState:

@@ -169,6 +169,10 @@ class TrainConfig(_Strict):
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    feature_cache: Literal["auto", "off"] = Field(
+        "auto", description="Head-only phases with frozen BN train on pooled features cached on disk (FINETUNE_CACHE_DIR)."
+    )
+    cache_views: int = Field(0, ge=0, le=64, description="Cache this many augmented views per image (0: the eval pipeline only).")
 
     @model_validator(mode="after")
     def _phases_or_single(self) -> "TrainConfig":

@@ -83,8 +83,6 @@ def build_transform(name: str, kwargs: dict[str, Any]) -> A.BasicTransform:
 
 def _preset(name: str, size: int, interpolation: int) -> list[A.BasicTransform]:
     crop = lambda scale: A.RandomResizedCrop(size=(size, size), scale=scale, interpolation=interpolation)  # noqa: E731
-    if name == "none":
-        return []
     if name == "light":
         return [crop((0.6, 1.0)), A.HorizontalFlip(p=0.5)]
     if name == "standard":
@@ -110,7 +108,9 @@ def _finish(image: ImageConfig, interpolation: int) -> list[A.BasicTransform]:
 
 
 def build_train_pipeline(cfg: TransformsConfig, image: ImageConfig, *, seed: int | None = None) -> A.Compose:
-    """Augmentations from the recipe, then resize to the model's size and normalise."""
+    """Augmentations from the recipe, then resize to the model's size and normalise; `none` is the eval pipeline."""
+    if cfg.train == "none":  # no augmentation: train on exactly what evaluation sees (and what a feature cache can reuse)
+        return build_eval_pipeline(image)
     interpolation = _INTERPOLATION.get(image.interpolation, cv2.INTER_LINEAR)
     if isinstance(cfg.train, str):
         steps = _preset(cfg.train, image.input_size, interpolation)

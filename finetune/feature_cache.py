@@ -1,0 +1,220 @@
+"""Pooled backbone features cached on disk, so a head-only phase costs one backbone pass, then seconds per epoch.
+
+A phase qualifies when only `head` trains and BatchNorm is frozen: the backbone is then a fixed
+function, and its output for an image depends only on (image bytes, backbone weights, pipeline).
+Those three hashes name the cache entry, so a change to any of them is a miss, never a stale hit.
+With `cache_views: K` each image gets K augmented views of the train pipeline (view v is drawn
+with a seed from the image hash and v), and every epoch picks one view per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from finetune.data import load_image
+from finetune.freeze import stage_of_names
+from finetune.model import ModelBundle
+from finetune.recipe import PhaseConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """$FINETUNE_CACHE_DIR, else $XDG_CACHE_HOME/finetune/features, else ~/.cache/finetune/features."""
+    if os.environ.get("FINETUNE_CACHE_DIR"):
+        return Path(os.environ["FINETUNE_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "finetune" / "features"
+
+
+def why_not_cached(recipe: Recipe, phase: PhaseConfig, *, distributed: bool) -> str | None:
+    """None when `phase` can train on cached features, else the reason (logged for the user)."""
+    if recipe.train.feature_cache == "off":
+        return "train.feature_cache is off"
+    if phase.trainable() != ("head",):
+        return f"the phase trains {', '.join(phase.trainable())}"
+    if phase.bn != "frozen":
+        return "bn: train lets BatchNorm statistics move, so features change every step"
+    if distributed:
+        return "feature caching is single-process"
+    if recipe.transforms.train != "none" and recipe.train.cache_views == 0:
+        return "the train pipeline augments; set train.cache_views: K to cache K augmented views, or transforms.train: none"
+    return None
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def backbone_key(bundle: ModelBundle, dtype: torch.dtype | None) -> str:
+    """Hash of the architecture and every backbone tensor (the head is excluded: it is what trains)."""
+    stages = stage_of_names(bundle.model, bundle.classifier)
+    parts: list[bytes | str] = [type(bundle.model).__name__, str(dtype)]
+    for name, tensor in sorted(bundle.model.state_dict().items()):
+        if stages.get(name) != "head":
+            parts += [name, tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()]
+    return _digest(*parts)
+
+
+def pipeline_key(pipeline: A.Compose, *, seed: int | None) -> str:
+    """Hash of albumentations' own serialization of the pipeline (plus the seed for augmented views)."""
+    return _digest(json.dumps(A.to_dict(pipeline), sort_keys=True, default=str), str(seed))
+
+
+def file_key(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class FeatureSet(torch.utils.data.Dataset):
+    """(feature, target) pairs from an (images x views x dim) tensor; `choose_views` picks a view per image."""
+
+    def __init__(self, features: torch.Tensor, targets: Sequence[int]) -> None:
+        self.features = features
+        self.targets = list(targets)
+        self.transform = None  # nothing random to seed: make_loader looks for one
+        self.views = torch.zeros(len(self.targets), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.features[index, self.views[index]], self.targets[index]
+
+    def choose_views(self, seed: int) -> None:
+        if self.features.size(1) > 1:
+            generator = torch.Generator().manual_seed(seed)
+            self.views = torch.randint(self.features.size(1), (len(self.targets),), generator=generator)
+
+
+class HeadOnFeatures(nn.Module):
+    """The model's own classifier module applied to cached classifier inputs (same parameters, no copy)."""
+
+    def __init__(self, head: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.head = head
+        self.shape = shape
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.view(features.size(0), *self.shape)).flatten(1)
+
+
+class _Views(torch.utils.data.Dataset):
+    def __init__(self, jobs: list[tuple[str, int]], pipeline: A.Compose) -> None:
+        self.jobs, self.pipeline = jobs, pipeline
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, seed = self.jobs[index]
+        if seed >= 0:
+            self.pipeline.set_random_seed(seed)
+        return self.pipeline(image=load_image(path))["image"], index
+
+
+@dataclass
+class FeatureCache:
+    """One cache folder: features of one backbone under one pipeline, a file per (image content, view)."""
+
+    folder: Path
+    views: int  # 0: the deterministic (eval) pipeline, one view
+    seed: int = 0  # with the image hash and view index, seeds each augmented view
+
+    def _file(self, image_key: str, view: int) -> Path:
+        return self.folder / image_key[:2] / f"{image_key}.v{view}.npy"
+
+    def features(self, bundle: ModelBundle, paths: Sequence[str], pipeline: A.Compose, *, device: torch.device,
+                 dtype: torch.dtype | None, batch_size: int, num_workers: int, progress: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(images x views x dim) features for `paths`, computing only what the cache lacks."""
+        keys = [file_key(p) for p in tqdm(paths, desc="hash images", disable=not progress, leave=False)]
+        views = max(self.views, 1)
+        wanted = [(i, v) for i in range(len(paths)) for v in range(views)]
+        missing = [(i, v) for i, v in wanted if not self._file(keys[i], v).exists()]
+        if missing:
+            seeds = [int(_digest(str(self.seed), keys[i], str(v))[:8], 16) if self.views else -1 for i, v in missing]
+            self._compute(bundle, [(paths[i], s) for (i, _), s in zip(missing, seeds)], [self._file(keys[i], v) for i, v in missing],
+                          pipeline, device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        log.info("feature cache %s: %d view(s) computed, %d reused", self.folder, len(missing), len(wanted) - len(missing))
+        stacked = np.stack([np.load(self._file(keys[i], v)) for i, v in wanted])
+        meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
+        return torch.from_numpy(stacked).view(len(paths), views, -1), tuple(meta["shape"])
+
+    @torch.inference_mode()
+    def _compute(self, bundle: ModelBundle, jobs: list[tuple[str, int]], files: list[Path], pipeline: A.Compose, *,
+                 device: torch.device, dtype: torch.dtype | None, batch_size: int, num_workers: int, progress: bool) -> None:
+        captured: list[torch.Tensor] = []
+        head = bundle.model.get_submodule(bundle.classifier)
+        hook = head.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+        loader = torch.utils.data.DataLoader(_Views(jobs, pipeline), batch_size=batch_size, num_workers=num_workers)
+        was_training = bundle.model.training
+        bundle.model.eval()
+        try:
+            for images, indices in tqdm(loader, desc="cache features", disable=not progress, leave=False):
+                captured.clear()
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    bundle.model(images.to(device))
+                batch = captured[0].float().cpu()
+                self._write_meta(tuple(batch.shape[1:]))
+                for row, index in zip(batch.flatten(1).numpy(), indices.tolist()):
+                    _save_atomic(files[index], row)
+        finally:
+            hook.remove()
+            bundle.model.train(was_training)
+
+    def _write_meta(self, shape: tuple[int, ...]) -> None:
+        path = self.folder / "meta.json"
+        if not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"shape": list(shape)}), encoding="utf-8")
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    with open(partial, "wb") as handle:
+        np.save(handle, array)
+    os.replace(partial, path)
+
+
+@dataclass
+class CachedPhase:
+    """What a head-only phase trains and validates on instead of images."""
+
+    train: FeatureSet
+    val: FeatureSet
+    head: HeadOnFeatures
+
+
+def cached_phase(bundle: ModelBundle, recipe: Recipe, *, train_paths: Sequence[str], train_targets: Sequence[int],
+                 val_paths: Sequence[str], val_targets: Sequence[int], train_pipeline: A.Compose, eval_pipeline: A.Compose,
+                 device: torch.device, dtype: torch.dtype | None, progress: bool) -> CachedPhase:
+    """Features for the train split (K views, or the eval pipeline) and the val split (eval pipeline)."""
+    root = cache_root()
+    model_key = backbone_key(bundle, dtype)[:24]
+    views = recipe.train.cache_views
+    options = dict(device=device, dtype=dtype, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, progress=progress)
+    eval_cache = FeatureCache(root / f"{model_key}-{pipeline_key(eval_pipeline, seed=None)[:24]}", views=0)
+    if views:
+        train_cache = FeatureCache(root / f"{model_key}-{pipeline_key(train_pipeline, seed=recipe.seed)[:24]}-k{views}", views=views, seed=recipe.seed)
+        train_features, shape = train_cache.features(bundle, train_paths, train_pipeline, **options)
+    else:
+        train_features, shape = eval_cache.features(bundle, train_paths, eval_pipeline, **options)
+    val_features, _ = eval_cache.features(bundle, val_paths, eval_pipeline, **options)
+    head = HeadOnFeatures(bundle.model.get_submodule(bundle.classifier), shape)
+    return CachedPhase(train=FeatureSet(train_features, train_targets), val=FeatureSet(val_features, val_targets), head=head)
