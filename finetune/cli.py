@@ -54,13 +54,13 @@ def train(
     debug: Debug = False,
 ) -> None:
     """Train from a recipe; writes checkpoints, metrics.csv and report/ into the run folder."""
-    from finetune.api import train as run_train
-
     with _session(quiet, debug):
         if resume is None and recipe is None:
             raise FinetuneError("give a recipe (e.g. recipes/quickstart.yaml) or --resume RUN")
         if resume is None and out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise FinetuneError("under torchrun every process must write to the same run folder: pass --out RUN")
+        from finetune.api import train as run_train
+
         run_dir = resume or out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = run_train(recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet)
         if result.report is None:  # a torchrun rank other than 0
