@@ -1,7 +1,9 @@
 """The data pipeline on real JPEGs: decode + the `standard` train pipeline at 224 px, loader alone and inside training.
 
-Reports images/s of the loader alone for several worker counts, and the fraction of each training step
-(ResNet-18, layer4+head trainable, batch 32) spent waiting for data. Run: python benchmarks/bench_data.py
+Reports decode speed (OpenCV, which finetune uses for JPEGs, against PIL), images/s of the loader alone
+for several worker counts and OpenCV thread settings, worker start-up time (what persistent_workers
+would save per epoch), and the fraction of each training step (ResNet-18, layer4+head trainable,
+batch 32) spent waiting for data. Run: python benchmarks/bench_data.py
 Needs ../shared/datasets/hymenoptera beside the repository.
 """
 
@@ -12,11 +14,14 @@ import statistics
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import timm
 import torch
+from PIL import Image, ImageOps
 from torch import nn
 
-from finetune.data import ImageDataset, list_images, make_loader
+from finetune.data import ImageDataset, list_images, load_image, make_loader
 from finetune.recipe import TransformsConfig
 from finetune.transforms import build_train_pipeline, resolve_image_config
 
@@ -30,10 +35,28 @@ def _dataset(limit: int) -> ImageDataset:
     return ImageDataset(paths, [0] * len(paths), pipeline)
 
 
+def _pil_decode(path: str) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def decode_rate(paths: list[str], decode) -> float:
+    start = time.perf_counter()
+    for path in paths:
+        decode(path)
+    return len(paths) / (time.perf_counter() - start)
+
+
 def loader_alone(dataset: ImageDataset, workers: int, batch: int) -> float:
     start = time.perf_counter()
     count = sum(len(targets) for _, targets in make_loader(dataset, batch_size=batch, num_workers=workers, shuffle=True, seed=0))
     return count / (time.perf_counter() - start)
+
+
+def first_batch_seconds(dataset: ImageDataset, workers: int, batch: int) -> float:
+    start = time.perf_counter()
+    next(iter(make_loader(dataset, batch_size=batch, num_workers=workers, shuffle=True, seed=0)))
+    return time.perf_counter() - start
 
 
 def wait_fraction(dataset: ImageDataset, workers: int, batch: int) -> tuple[float, float]:
@@ -57,6 +80,45 @@ def wait_fraction(dataset: ImageDataset, workers: int, batch: int) -> tuple[floa
     return waited / total, images / total
 
 
+def run(*, images: int = 128, repeats: int = 3) -> list[dict]:
+    dataset = _dataset(images)
+    median = lambda f: statistics.median(f() for _ in range(repeats))  # noqa: E731
+    print(f"{len(dataset)} hymenoptera JPEGs, standard train pipeline at 224 px, torch threads {torch.get_num_threads()}")
+    opencv, pil = median(lambda: decode_rate(dataset.paths, load_image)), median(lambda: decode_rate(dataset.paths, _pil_decode))
+    print(f"decode only: OpenCV (finetune) {opencv:.0f} img/s, PIL {pil:.0f} img/s")
+    rows = [{"figure": "JPEG decode, OpenCV (used) / PIL", "measured": f"{opencv:.0f} vs {pil:.0f} img/s", "ratio": opencv / pil,
+             "target": "> 1 to adopt", "met": None}]
+    default_threads = cv2.getNumThreads()
+    alone = {}
+    for threads in (default_threads, 1):
+        cv2.setNumThreads(threads)
+        for workers in (0, 1, 2):
+            alone[threads, workers] = median(lambda: loader_alone(dataset, workers, 32))
+            print(f"loader alone, num_workers={workers}, cv2 threads {threads}: {alone[threads, workers]:.1f} img/s")
+    cv2.setNumThreads(default_threads)
+    startup = median(lambda: first_batch_seconds(dataset, 2, 32)) - 1 / alone[default_threads, 0] * 32
+    print(f"2 workers: start-up about {startup:.2f} s per epoch (what persistent_workers would save)")
+    waits = {}
+    for workers in (0, 2):
+        runs = [wait_fraction(dataset, workers, 32) for _ in range(repeats)]
+        waits[workers] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        print(f"training ResNet-18 (layer4+head), num_workers={workers}: {waits[workers][1]:.1f} img/s, "
+              f"waiting for data {waits[workers][0]:.1%} of the time (target <= 5%)")
+    best_loader = max(alone[default_threads, w] for w in (0, 1, 2))
+    return rows + [
+        {"figure": "loader alone (decode + standard pipeline) / training consumption, img/s", "measured": f"{best_loader:.0f} vs {waits[0][1]:.1f}",
+         "ratio": best_loader / waits[0][1], "target": "> 1", "met": best_loader > waits[0][1]},
+        {"figure": "cv2.setNumThreads(1) / default, loader with 2 workers", "measured": f"{alone[1, 2]:.0f} vs {alone[default_threads, 2]:.0f} img/s",
+         "ratio": alone[1, 2] / alone[default_threads, 2], "target": "> 1 to adopt", "met": None},
+        {"figure": "worker start-up per epoch / epoch time (persistent_workers would save this)",
+         "measured": f"{startup:.2f} s of {len(dataset) / waits[2][1]:.1f} s", "ratio": startup / (len(dataset) / waits[2][1]), "target": "(small: not adopted)", "met": None},
+        {"figure": "data wait fraction, training, num_workers=0", "measured": f"{waits[0][0]:.1%}", "ratio": waits[0][0], "target": "<= 0.05",
+         "met": waits[0][0] <= 0.05},
+        {"figure": "data wait fraction, training, num_workers=2", "measured": f"{waits[2][0]:.1%}", "ratio": waits[2][0], "target": "<= 0.05",
+         "met": waits[2][0] <= 0.05},
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=128)
@@ -64,16 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found")
-    dataset = _dataset(args.images)
-    print(f"{len(dataset)} hymenoptera JPEGs, standard train pipeline at 224 px, torch threads {torch.get_num_threads()}")
-    for workers in (0, 1, 2):
-        rates = [loader_alone(dataset, workers, 32) for _ in range(args.repeats)]
-        print(f"loader alone, num_workers={workers}: {statistics.median(rates):.1f} img/s (median of {args.repeats})")
-    for workers in (0, 2):
-        runs = [wait_fraction(dataset, workers, 32) for _ in range(args.repeats)]
-        fraction = statistics.median(r[0] for r in runs)
-        rate = statistics.median(r[1] for r in runs)
-        print(f"training ResNet-18 (layer4+head), num_workers={workers}: {rate:.1f} img/s, waiting for data {fraction:.1%} of the time (target <= 5%)")
+    run(images=args.images, repeats=args.repeats)
 
 
 if __name__ == "__main__":

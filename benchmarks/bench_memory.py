@@ -34,19 +34,25 @@ print(json.dumps({"extra_mib": (peak - base) / 1024}))
 """
 
 
-def run(case: str) -> float:
+def measure(case: str) -> float:
     out = subprocess.run([sys.executable, "-c", CASE, case], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
+
+
+def run(*, repeats: int = 3) -> list[dict]:
+    full = statistics.median(measure("full") for _ in range(repeats))
+    frozen = statistics.median(measure("frozen") for _ in range(repeats))
+    print(f"ResNet-50, batch 32, 224 px: training memory above the model: full fine-tune {full:.0f} MiB, "
+          f"stem..layer3 frozen {frozen:.0f} MiB -> ratio {frozen / full:.2f} (target <= 0.6)")
+    return [{"figure": "training memory, stem..layer3 frozen / full fine-tune (ResNet-50, batch 32, 224 px)",
+             "measured": f"{frozen:.0f} vs {full:.0f} MiB", "ratio": frozen / full, "target": "<= 0.6", "met": frozen / full <= 0.6}]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    full = statistics.median(run("full") for _ in range(args.repeats))
-    frozen = statistics.median(run("frozen") for _ in range(args.repeats))
-    print(f"ResNet-50, batch 32, 224 px: training memory above the model: full fine-tune {full:.0f} MiB, "
-          f"stem..layer3 frozen {frozen:.0f} MiB -> ratio {frozen / full:.2f} (target <= 0.6)")
+    run(repeats=args.repeats)
 
 
 if __name__ == "__main__":

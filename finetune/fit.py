@@ -216,6 +216,7 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
             state.phase, state.phase_epoch, state.phase_best, state.bad_epochs = phase_index, 0, None, 0
         log.info("phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, BN %s",
                  phase_index + 1, len(phases), ", ".join(plan.trainable), f"{trainable:,}", phase.epochs, phase.lr, phase.bn)
+        setup_started: float | None = time.perf_counter()  # the phase's first epoch is charged its feature caching
         cached = _phase_features(bundle, ctx, phase, device=device, dtype=dtype)
         if cached is not None:  # the classifier trains on cached backbone outputs: same parameters, no image decoding
             net, train_set, val_net = cached.head, cached.train, cached.head
@@ -228,7 +229,7 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
 
         while state.phase_epoch < phase.epochs:
             epoch = state.epoch + 1
-            started = time.perf_counter()
+            started, setup_started = setup_started or time.perf_counter(), None
             set_train_mode(model, plan, classifier=bundle.classifier)
             epoch_seed = ctx.recipe.seed * 100_003 + epoch
             if cached is not None:

@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     return root, data, recipe, reference
 
 
-@pytest.mark.parametrize("rows,delay", [(1, 0.0), (2, 0.15), (3, 0.4)], ids=["after-epoch-1", "early-epoch-3", "inside-phase-2"])
+@pytest.mark.parametrize("rows,delay", [(1, 0.0), (3, 0.4)], ids=["after-epoch-1", "inside-phase-2"])
 def test_sigkill_then_resume_matches_uninterrupted(setup, rows, delay):
     root, data, recipe, reference = setup
     run = root / f"killed-{rows}"
