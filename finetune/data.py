@@ -227,7 +227,6 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
-    cv2.setNumThreads(1)  # workers already run in parallel; OpenCV's own threads only compete (bench_data.py)
     seed = torch.initial_seed() % 2**31
     np.random.seed(seed)
     transform = getattr(info.dataset, "transform", None)

@@ -207,7 +207,7 @@ def cached_phase(bundle: ModelBundle, recipe: Recipe, *, train_paths: Sequence[s
     """Features for the train split (K views, or the eval pipeline) and the val split (eval pipeline)."""
     root = cache_root()
     model_key = backbone_key(bundle, dtype)[:24]
-    views = recipe.train.cache_views
+    views = recipe.train.cache_views if recipe.transforms.train != "none" else 0  # the eval pipeline has one view
     options = dict(device=device, dtype=dtype, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, progress=progress)
     eval_cache = FeatureCache(root / f"{model_key}-{pipeline_key(eval_pipeline, seed=None)[:24]}", views=0)
     if views:

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from finetune.checkpoint import make_payload, save_checkpoint
 from finetune.data import ImageDataset, make_loader
 from finetune.distributed import barrier, current, gather_predictions, mean_across
-from finetune.feature_cache import CachedPhase, cached_phase, why_not_cached
 from finetune.errors import FinetuneError, did_you_mean
+from finetune.feature_cache import CachedPhase, cached_phase, why_not_cached
 from finetune.freeze import FreezePlan, apply_freeze, set_train_mode, stage_of_names
 from finetune.inference import resolve_device, run_inference
 from finetune.model import ModelBundle
@@ -217,7 +217,7 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
         log.info("phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, BN %s",
                  phase_index + 1, len(phases), ", ".join(plan.trainable), f"{trainable:,}", phase.epochs, phase.lr, phase.bn)
         setup_started: float | None = time.perf_counter()  # the phase's first epoch is charged its feature caching
-        cached = _phase_features(bundle, ctx, phase, device=device, dtype=dtype)
+        cached = _phase_features(bundle, ctx, phase, device=device, dtype=dtype, distributed=ranks.enabled)
         if cached is not None:  # the classifier trains on cached backbone outputs: same parameters, no image decoding
             net, train_set, val_net = cached.head, cached.train, cached.head
             val_batches = make_loader(cached.val, batch_size=data_cfg.batch_size, num_workers=0, shuffle=False, seed=0)
@@ -261,7 +261,7 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
             if _improved(monitored, state.best_metric, stopping.metric, stopping.min_delta):
                 state.best_metric, state.best_epoch = float(monitored), epoch
                 if ranks.main:
-                        save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, extra=payload_extra),
+                    save_checkpoint(make_payload(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, extra=payload_extra),
                                     ckpt_dir / "best.pt")
             if _improved(monitored, state.phase_best, stopping.metric, stopping.min_delta):
                 state.phase_best, state.bad_epochs = float(monitored), 0
@@ -293,9 +293,10 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
     return state
 
 
-def _phase_features(bundle: ModelBundle, ctx: FitContext, phase: PhaseConfig, *, device: torch.device, dtype: torch.dtype | None) -> CachedPhase | None:
+def _phase_features(bundle: ModelBundle, ctx: FitContext, phase: PhaseConfig, *, device: torch.device, dtype: torch.dtype | None,
+                    distributed: bool) -> CachedPhase | None:
     """Cached backbone features for a head-only phase with frozen BN, or None (with the reason logged)."""
-    reason = why_not_cached(ctx.recipe, phase, distributed=current().enabled)
+    reason = why_not_cached(ctx.recipe, phase, distributed=distributed)
     if reason is not None:
         if phase.trainable() == ("head",):
             log.info("feature cache not used: %s", reason)
