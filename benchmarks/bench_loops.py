@@ -1,7 +1,7 @@
 """finetune's training and inference loops against a bare PyTorch loop, measured in the same process.
 
-Same timm model, batch, input size, optimizer and in-memory data for both; medians over repeats,
-alternating the two loops so that machine noise hits both alike. Run: python benchmarks/bench_loops.py
+Same timm model, batch, input size, optimizer and in-memory data for both. Each repeat times the two
+loops back to back (alternating which goes first); the ratio is the median of the per-repeat ratios. Run: python benchmarks/bench_loops.py
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def finetune_eval(model: nn.Module, batches) -> float:
     return time.perf_counter() - start
 
 
+LOOPS = {"train": (bare_train, finetune_train), "eval": (bare_eval, finetune_eval)}
+
+
 def measure(size: int, batch: int, steps: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10)
@@ -75,17 +78,18 @@ def measure(size: int, batch: int, steps: int, repeats: int) -> dict:
     images = batch * steps
     bare_train(model, batches[:2])  # warm-up: allocator and kernels
     rows = {"bare_train": [], "finetune_train": [], "bare_eval": [], "finetune_eval": []}
-    for _ in range(repeats):
-        rows["bare_train"].append(images / bare_train(model, batches))
-        rows["finetune_train"].append(images / finetune_train(model, batches))
-        rows["bare_eval"].append(images / bare_eval(model, batches))
-        rows["finetune_eval"].append(images / finetune_eval(model, batches))
+    for repeat in range(repeats):  # each repeat times both loops back to back, alternating which goes first
+        for kind in ("train", "eval"):
+            pair = [("bare", LOOPS[kind][0]), ("finetune", LOOPS[kind][1])]
+            for name, loop in pair if repeat % 2 == 0 else pair[::-1]:
+                rows[f"{name}_{kind}"].append(images / loop(model, batches))
     medians = {k: statistics.median(v) for k, v in rows.items()}
+    paired = {kind: statistics.median(f / b for f, b in zip(rows[f"finetune_{kind}"], rows[f"bare_{kind}"])) for kind in ("train", "eval")}
     return {
         "size": size, "batch": batch, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
         **{f"{k}_img_s": round(v, 1) for k, v in medians.items()},
-        "train_ratio": round(medians["finetune_train"] / medians["bare_train"], 3),
-        "eval_ratio": round(medians["finetune_eval"] / medians["bare_eval"], 3),
+        "train_ratio": round(paired["train"], 3),  # median of per-repeat ratios: slow drifts of the machine cancel
+        "eval_ratio": round(paired["eval"], 3),
     }
 
 

@@ -25,7 +25,7 @@ import bench_loops  # noqa: E402
 import bench_memory  # noqa: E402
 
 SUITE = [  # (name, callable) with settings chosen so that the whole run stays under 15 minutes
-    ("loops", lambda: bench_loops.run(repeats=3)),
+    ("loops", lambda: bench_loops.run(repeats=5)),
     ("data", lambda: bench_data.run(images=96, repeats=3)),
     ("flops", lambda: bench_flops.run(batch=16, repeats=3)),
     ("memory", lambda: bench_memory.run(repeats=2)),
