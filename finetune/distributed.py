@@ -28,7 +28,6 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -53,9 +52,8 @@ def setup(device: str) -> Ranks:
     cuda = device != "cpu" and torch.cuda.is_available()
     if device == "cuda" and not cuda:
         raise RecipeError("train.device is cuda but no GPU is visible; use train.device: cpu (gloo) for CPU processes")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     ranks = current()
     log.info("rank %d of %d joined (%s)", ranks.rank, ranks.world, dist.get_backend())
@@ -64,7 +62,7 @@ def setup(device: str) -> Ranks:
 
 def current() -> Ranks:
     if dist.is_available() and dist.is_initialized():
-        return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        return Ranks(rank=dist.get_rank(), world=dist.get_world_size())
     return Ranks()
 
 
