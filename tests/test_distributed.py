@@ -85,3 +85,17 @@ def test_torchrun_resumes_a_run(single):
 def test_torchrun_needs_an_out_folder():
     done = CliRunner().invoke(app, ["train", "recipes/quickstart.yaml"], env={"WORLD_SIZE": "2", "RANK": "0"})
     assert done.exit_code == 2 and "error: under torchrun every process must write to the same run folder: pass --out RUN" in done.output
+
+
+def test_unsupported_torchrun_settings_say_so(monkeypatch, image_folder):
+    from finetune.data import ImageDataset, make_loader
+    from finetune.distributed import Ranks, setup
+    from finetune.errors import DataError, RecipeError
+
+    dataset = ImageDataset([str(p) for p in sorted(image_folder.rglob("*.*"))][:4], [0, 1, 0, 1], None)
+    with pytest.raises(DataError, match="data.sampler: weighted is not supported under torchrun; use sampler: shuffle"):
+        make_loader(dataset, batch_size=2, num_workers=0, shuffle=True, seed=0, balanced=True, ranks=Ranks(rank=0, world=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError, match="train.device is cuda but no GPU is visible; use train.device: cpu"):
+        setup("cuda")
