@@ -66,9 +66,9 @@ def _write_run_files(recipe: Recipe, index: DatasetIndex, out: Path, skipped: pd
     skipped.to_csv(out / "skipped.csv", index=False)
     if len(leaks):
         leaks.to_csv(out / "leakage.csv", index=False)
-    save_recipe(recipe, out / "recipe.yaml")
     index.samples.to_csv(out / "splits.csv", index=False)
     (out / "classes.json").write_text(json.dumps(index.class_names, indent=1), encoding="utf-8")
+    save_recipe(recipe, out / "recipe.yaml")  # last, atomically: a folder with recipe.yaml can be resumed
 
 
 def _resume_run(run_dir: Path) -> tuple[Recipe, DatasetIndex, dict | None]:

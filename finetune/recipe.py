@@ -339,5 +339,7 @@ def load_recipe(path: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    """Write the fully resolved recipe (every default filled in)."""
-    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the fully resolved recipe (every default filled in), atomically: a kill leaves the old file or the new one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    partial.replace(path)
