@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 import torch
 
 from finetune.errors import CheckpointError
+from finetune.files import atomic_write
 from finetune.model import ModelBundle, build_model
 from finetune.recipe import Recipe, recipe_from_dict
 from finetune.transforms import ImageConfig
@@ -49,19 +48,8 @@ def make_payload(*, bundle: ModelBundle, class_names: list[str], image: ImageCon
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Written atomically (temporary file, fsync, rename): a kill leaves the old file intact."""
+    atomic_write(Path(path), lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune.data import load_image
+from finetune.files import atomic_write
 from finetune.freeze import stage_of_names
 from finetune.model import ModelBundle
 from finetune.recipe import PhaseConfig, Recipe
@@ -172,7 +173,7 @@ class FeatureCache:
                 batch = captured[0].float().cpu()
                 self._write_meta(tuple(batch.shape[1:]))
                 for row, index in zip(batch.flatten(1).numpy(), indices.tolist()):
-                    _save_atomic(files[index], row)
+                    atomic_write(files[index], lambda handle, row=row: np.save(handle, row))
         finally:
             hook.remove()
             bundle.model.train(was_training)
@@ -182,14 +183,6 @@ class FeatureCache:
         if not path.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"shape": list(shape)}), encoding="utf-8")
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".{os.getpid()}.partial")
-    with open(partial, "wb") as handle:
-        np.save(handle, array)
-    os.replace(partial, path)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import FinetuneError, RecipeError, did_you_mean
+from finetune.files import atomic_write
 
 STAGES: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 Stage = Literal["stem", "layer1", "layer2", "layer3", "layer4", "head"]
@@ -340,6 +341,5 @@ def load_recipe(path: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
     """Write the fully resolved recipe (every default filled in), atomically: a kill leaves the old file or the new one."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
-    partial.replace(path)
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode("utf-8")
+    atomic_write(Path(path), lambda handle: handle.write(text))
