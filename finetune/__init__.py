@@ -17,11 +17,16 @@ _LAZY = {
     "train": "finetune.api",
     "evaluate": "finetune.api",
     "predict": "finetune.api",
+    "compare": "finetune.api",
+    "find_lr": "finetune.api",
+    "check": "finetune.api",
+    "inspect": "finetune.api",
+    "demo": "finetune.api",
     "TrainResult": "finetune.api",
-    "load_recipe": "finetune.recipe",
-    "Recipe": "finetune.recipe",
+    "load_recipe": "finetune.config.loading",
+    "Recipe": "finetune.config.schema",
 }
-__all__ = ["FinetuneError", *_LAZY]
+__all__ = ["FinetuneError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The `finetune` command: a thin typer skin over the Python API. Errors become one line and exit code 2."""
+"""The `finetune` command: a thin typer skin over `finetune.api`. Errors become one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from finetune.errors import FinetuneError
+from finetune import __version__
+from finetune.errors import FinetuneError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -24,13 +25,28 @@ app = typer.Typer(
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set train.epochs=3 (repeatable).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fine-tune ResNets on image folders from YAML recipes; evaluate and predict with the result."""
 
 
 @contextlib.contextmanager
 def _session(quiet: bool, debug: bool) -> Iterator[None]:
     """Logging for the command, and every FinetuneError as a single line with exit code 2."""
     follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
-    logging.basicConfig(level=logging.ERROR if follower else logging.WARNING if quiet else logging.INFO, format="%(message)s", force=True)
+    level = logging.ERROR if follower else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", force=True)
     try:
         yield
     except FinetuneError as exc:
@@ -43,12 +59,16 @@ def _session(quiet: bool, debug: bool) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def _timestamped(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 @app.command()
 def train(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML, e.g. recipes/last_stage.yaml.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default runs/RECIPE-TIME).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set train.epochs=3 (repeatable).")] = None,
+    set_: Overrides = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder.")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -56,16 +76,16 @@ def train(
     """Train from a recipe; writes checkpoints, metrics.csv and report/ into the run folder."""
     with _session(quiet, debug):
         if resume is None and recipe is None:
-            raise FinetuneError("give a recipe (e.g. recipes/quickstart.yaml) or --resume RUN")
+            raise UsageError("give a recipe (e.g. recipes/quickstart.yaml) or --resume RUN")
         if resume is None and out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise FinetuneError("under torchrun every process must write to the same run folder: pass --out RUN")
-        from finetune.api import train as run_train
+            raise UsageError("under torchrun every process must write to the same run folder: pass --out RUN")
+        from finetune import api
 
-        run_dir = resume or out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = run_train(recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet)
-        if result.report is None:  # a torchrun rank other than 0
-            return
-        typer.echo(f"accuracy {result.report.metrics['accuracy']:.4f} | report: {result.report.folder} | best checkpoint: {result.best_checkpoint}")
+        run_dir = resume or out or _timestamped(recipe.stem if recipe else "run")
+        result = api.train(recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet)
+        if result.report is not None:  # None on torchrun ranks other than 0
+            typer.echo(f"accuracy {result.report.metrics['accuracy']:.4f} | report: {result.report.folder} | "
+                       f"best checkpoint: {result.best_checkpoint}")
 
 
 @app.command("eval")
@@ -77,10 +97,10 @@ def eval_(
     debug: Debug = False,
 ) -> None:
     """Evaluate a trained run on labelled images and write the report files."""
-    from finetune.api import evaluate
-
     with _session(quiet, debug):
-        report = evaluate(run=run, data=data, out=out, progress=not quiet)
+        from finetune import api
+
+        report = api.evaluate(run=run, data=data, out=out, progress=not quiet)
         typer.echo(f"accuracy {report.metrics['accuracy']:.4f} on {report.metrics['num_images']} images | report: {report.folder}")
 
 
@@ -93,14 +113,11 @@ def predict(
     debug: Debug = False,
 ) -> None:
     """Classify images; CSV with path, predicted label, confidence and top-k."""
-    from finetune.api import predict as run_predict
-
     with _session(quiet, debug):
-        table = run_predict(run=run, inputs=inputs, out=out, progress=not quiet)
-        if out is None:
-            typer.echo(table.to_csv(index=False, float_format="%.4f"), nl=False)
-        else:
-            typer.echo(f"{len(table)} predictions written to {out}")
+        from finetune import api
+
+        table = api.predict(run=run, inputs=inputs, out=out, progress=not quiet)
+        typer.echo(table.to_csv(index=False, float_format="%.4f") if out is None else f"{len(table)} predictions written to {out}", nl=out is not None)
 
 
 @app.command()
@@ -110,18 +127,14 @@ def demo(
     debug: Debug = False,
 ) -> None:
     """Build data_examples/digits (scikit-learn's handwritten digits) and train recipes/quickstart.yaml on it."""
-    from finetune.api import train as run_train
-    from finetune.demo import build_digits_folder, default_paths, demo_out_dir
-
     with _session(quiet, debug):
-        recipe, folder = default_paths()
-        build_digits_folder(folder)
-        result = run_train(recipe=recipe, data=folder, out=out or demo_out_dir(), progress=not quiet)
-        metrics = result.report.metrics
-        typer.echo(
-            f"demo: test accuracy {metrics['accuracy']:.4f} on {metrics['num_images']} digits in {result.seconds:.0f}s\n"
-            f"report: {result.report.folder}/summary.md (confusion_matrix.png, per_class.csv, ...)"
-        )
+        from finetune import api
+
+        result = api.demo(out=out, progress=not quiet)
+        if result.report is not None:
+            metrics = result.report.metrics
+            typer.echo(f"demo: test accuracy {metrics['accuracy']:.4f} on {metrics['num_images']} digits in {result.seconds:.0f}s\n"
+                       f"report: {result.report.folder}/summary.md (confusion_matrix.png, per_class.csv, ...)")
 
 
 @app.command()
@@ -132,21 +145,16 @@ def check(
     debug: Debug = False,
 ) -> None:
     """Dataset doctor: decode every file; unreadable, odd, duplicate and leaking images. Exit 1 if training would fail."""
-    import json
-
-    from finetune.doctor import check_dataset, format_check
-    from finetune.recipe import DataConfig
-
     with _session(quiet, debug):
-        result = check_dataset(data, extensions=DataConfig().extensions, progress=not quiet)
+        from finetune import api
+        from finetune.data.doctor import format_check
+
+        result = api.check(data=data, json_out=json_out, progress=not quiet)
         typer.echo(format_check(result))
         if json_out is not None:
-            payload = {"summary": result.summary, "class_counts": result.class_counts.to_dict(orient="records"),
-                       "findings": result.findings.to_dict(orient="records"), "duplicates": result.duplicates.to_dict(orient="records")}
-            json_out.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
             typer.echo(f"findings: {json_out}")
-        if not result.trainable:
-            raise typer.Exit(1)
+    if not result.trainable:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -158,14 +166,13 @@ def inspect(
     debug: Debug = False,
 ) -> None:
     """Parameters, GMACs and trainable/frozen per stage (stem, layer1..layer4, head)."""
-    import json
-
-    from finetune.inspection import format_inspection, inspect_model
-    from finetune.recipe import load_recipe
-
     with _session(True, debug):
-        loaded = load_recipe(recipe) if recipe else None
-        info = inspect_model(name=model, recipe=loaded, input_size=input_size)
+        import json
+
+        from finetune import api
+        from finetune.models.inspect import format_inspection
+
+        info = api.inspect(model=model, recipe=recipe, input_size=input_size)
         typer.echo(json.dumps(info.to_dict(), indent=2) if json_ else format_inspection(info))
 
 
@@ -179,11 +186,10 @@ def compare(
     debug: Debug = False,
 ) -> None:
     """Train several recipes on the same split and rank them: leaderboard.csv and leaderboard.md."""
-    from finetune.compare import compare as run_compare
-
     with _session(quiet, debug):
-        folder = out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
-        result = run_compare(recipes=recipes, data=data, out=folder, overrides=set_ or [], progress=not quiet)
+        from finetune import api
+
+        result = api.compare(recipes=recipes, data=data, out=out or _timestamped("compare"), overrides=set_ or [], progress=not quiet)
         typer.echo(result.leaderboard.drop(columns="report").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         typer.echo(f"leaderboard: {result.folder / 'leaderboard.md'}")
 
@@ -193,17 +199,17 @@ def lr_find(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML; the range test uses its first phase.")],
     data: Annotated[Optional[Path], typer.Option(help="Image folder or CSV manifest.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for lr_find.csv and lr_find.png (default runs/lr-find-TIME).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field (repeatable).")] = None,
+    set_: Overrides = None,
     steps: Annotated[int, typer.Option(min=5, help="Number of LR steps.")] = 100,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Exponential LR range test: loss vs LR curve (PNG + CSV) and a suggested learning rate."""
-    from finetune.lr_find import find_lr
-
     with _session(quiet, debug):
-        folder = out or Path("runs") / time.strftime("lr-find-%Y%m%d-%H%M%S")
-        result = find_lr(recipe=recipe, data=data, out=folder, overrides=set_ or [], steps=steps, progress=not quiet)
+        from finetune import api
+
+        result = api.find_lr(recipe=recipe, data=data, out=out or _timestamped("lr-find"), overrides=set_ or [], steps=steps,
+                             progress=not quiet)
         typer.echo(f"suggested lr: {result.suggestion:.3g} | curve: {result.folder / 'lr_find.png'}")
 
 
@@ -219,10 +225,10 @@ def report_diff(
     debug: Debug = False,
 ) -> None:
     """Per-class metric deltas and confusion-matrix difference between two runs (B - A)."""
-    from finetune.report_diff import diff_reports
-
     with _session(False, debug):
-        result = diff_reports(run_a=run_a, run_b=run_b, out=out)
+        from finetune import api
+
+        result = api.diff_reports(run_a=run_a, run_b=run_b, out=out)
         typer.echo(result.headline.to_string(index=False, float_format=lambda v: f"{v:+.4f}"))
         typer.echo(f"diff: {result.folder / 'diff.md'}")
 

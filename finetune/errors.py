@@ -10,8 +10,12 @@ class FinetuneError(Exception):
     """Base class: the message says what is wrong, where, and how to fix it."""
 
 
+class UsageError(FinetuneError):
+    """The arguments of a command or API call do not go together (no recipe, no --out under torchrun, ...)."""
+
+
 class RecipeError(FinetuneError):
-    """The recipe (YAML or --set overrides) does not validate."""
+    """The recipe (YAML or --set overrides) does not validate, or a value does not fit the data."""
 
 
 class DataError(FinetuneError):
@@ -26,11 +30,19 @@ class WeightsError(FinetuneError):
     """Pretrained or local weights cannot be loaded."""
 
 
+class RunDirError(FinetuneError):
+    """A run or output folder cannot be created, written, locked or resumed."""
+
+
 class CheckpointError(FinetuneError):
-    """A run folder or checkpoint is missing, incomplete or does not match."""
+    """A checkpoint is missing, unreadable or does not match its model."""
+
+
+class TrainingError(FinetuneError):
+    """Training cannot go on (for example a non-finite loss)."""
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    """Return " (did you mean 'x'?)" for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -5,12 +5,13 @@ import pytest
 import torch
 import yaml
 
-from finetune.compare import compare
-from finetune.errors import RecipeError
-from finetune.fit import build_optimizer
-from finetune.lr_find import find_lr, lr_range_test, suggest_lr
-from finetune.model import build_model
-from finetune.recipe import ModelConfig, PhaseConfig, TrainConfig
+from finetune.runs.compare import compare
+from finetune.config.schema import ModelConfig, PhaseConfig, TrainConfig
+from finetune.errors import UsageError
+from finetune.models.build import build_model
+from finetune.runs.lr_find import find_lr
+from finetune.training.lr_find import lr_range_test, suggest_lr
+from finetune.training.optim import build_optimizer
 
 from conftest import tiny_recipe
 
@@ -41,14 +42,14 @@ def test_compare_writes_a_leaderboard_on_one_split(tmp_path, image_folder):
 
 
 def test_compare_needs_two_recipes(tmp_path):
-    with pytest.raises(RecipeError, match="at least two recipes"):
+    with pytest.raises(UsageError, match="at least two recipes"):
         compare(recipes=[tmp_path / "a.yaml"], data=tmp_path, out=tmp_path / "o")
 
 
 def test_range_test_leaves_model_and_optimizer_untouched():
     torch.manual_seed(0)
     bundle = build_model(ModelConfig(name="resnet18"), num_classes=3)
-    optimizer = build_optimizer(bundle.model, PhaseConfig(epochs=1, lr=0.01, layer_decay=0.5), TrainConfig(), classifier="fc")
+    optimizer = build_optimizer(bundle.model, PhaseConfig(epochs=1, lr=0.01, layer_decay=0.5), TrainConfig(), bundle.stages)
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
     lrs_before = [g["lr"] for g in optimizer.param_groups]
     data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(3)]

@@ -2,9 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finetune.data import load_dataset_index, load_image, read_manifest, scan_image_folder
+from finetune.config.schema import DataConfig
+from finetune.data.decode import load_image
+from finetune.data.scan import read_manifest, scan_image_folder
+from finetune.data.split import load_dataset_index
 from finetune.errors import DataError
-from finetune.recipe import DataConfig
 
 from conftest import CLASSES, MODES, make_folder, write_mode_image
 

@@ -3,7 +3,7 @@
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.demo import build_digits_folder
+from finetune.data.demo import build_digits_folder
 
 import json
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from finetune import train
 from finetune.cli import app
-from finetune.recipe import recipe_from_dict
+from finetune.config.loading import recipe_from_dict
 
 from conftest import tiny_recipe
 
@@ -88,13 +88,13 @@ def test_torchrun_needs_an_out_folder():
 
 
 def test_unsupported_torchrun_settings_say_so(monkeypatch, image_folder):
-    from finetune.data import ImageDataset, make_loader
-    from finetune.distributed import Ranks, setup
+    from finetune.data.loader import ImageDataset, make_loader
+    from finetune.training.distributed import setup
     from finetune.errors import DataError, RecipeError
 
     dataset = ImageDataset([str(p) for p in sorted(image_folder.rglob("*.*"))][:4], [0, 1, 0, 1], None)
     with pytest.raises(DataError, match="data.sampler: weighted is not supported under torchrun; use sampler: shuffle"):
-        make_loader(dataset, batch_size=2, num_workers=0, shuffle=True, seed=0, balanced=True, ranks=Ranks(rank=0, world=2))
+        make_loader(dataset, batch_size=2, num_workers=0, shuffle=True, seed=0, balanced=True, rank=0, world=2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RecipeError, match="train.device is cuda but no GPU is visible; use train.device: cpu"):

@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from finetune import train
 from finetune.cli import app
-from finetune.doctor import check_dataset
+from finetune.data.doctor import check_dataset
 from finetune.errors import DataError
-from finetune.recipe import DataConfig, recipe_from_dict
+from finetune.config.loading import recipe_from_dict
+from finetune.config.schema import DataConfig
 
 from conftest import _pattern, make_folder, tiny_recipe, write_mode_image
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from finetune import train
-from finetune.data import load_image
-from finetune.feature_cache import cached_phase, why_not_cached
-from finetune.model import build_model
-from finetune.recipe import ModelConfig, recipe_from_dict
-from finetune.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline
+from finetune.config.loading import recipe_from_dict
+from finetune.config.schema import ModelConfig
+from finetune.data.decode import load_image
+from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline
+from finetune.models.build import build_model
+from finetune.training.feature_cache import cached_phase, why_not_cached
 
 from conftest import make_folder, tiny_recipe, write_mode_image
 

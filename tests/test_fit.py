@@ -4,15 +4,17 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune import fit as fit_module
 from finetune import train
 from finetune.api import predict
-from finetune.checkpoint import load_checkpoint
-from finetune.errors import CheckpointError, FinetuneError
-from finetune.fit import FitState, build_optimizer, build_scheduler, stage_lr_multipliers
-from finetune.freeze import FreezePlan, apply_freeze
-from finetune.model import build_model
-from finetune.recipe import ModelConfig, PhaseConfig, TrainConfig, recipe_from_dict
+from finetune.config.loading import recipe_from_dict
+from finetune.config.schema import ModelConfig, PhaseConfig, TrainConfig
+from finetune.errors import CheckpointError, FinetuneError, RunDirError, TrainingError
+from finetune.models.build import build_model
+from finetune.models.stages import FreezePlan, apply_freeze
+from finetune.training import loop as loop_module
+from finetune.training.checkpoint import load_checkpoint
+from finetune.training.loop import FitState
+from finetune.training.optim import build_optimizer, build_scheduler, stage_lr_multipliers
 
 from conftest import tiny_recipe
 
@@ -27,13 +29,14 @@ def test_layer_decay_gives_expected_stage_lrs():
 def test_phase_changes_exactly_the_requires_grad_set_and_param_groups():
     bundle = build_model(ModelConfig(name="resnet18"), num_classes=3)
     for phase in (PhaseConfig(epochs=1, train=["head"], lr=0.1), PhaseConfig(epochs=1, train=["layer4", "head"], lr=0.1, layer_decay=0.5)):
-        apply_freeze(bundle.model, FreezePlan(trainable=phase.trainable()), classifier="fc")
+        apply_freeze(bundle.model, FreezePlan(trainable=phase.trainable_stages()), bundle.stages)
         grads = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
-        prefixes = tuple("fc" if s == "head" else s for s in phase.trainable())
+        prefixes = tuple("fc" if s == "head" else s for s in phase.trainable_stages())
         assert grads == {n for n, _ in bundle.model.named_parameters() if n.startswith(prefixes)}
-        optimizer = build_optimizer(bundle.model, phase, TrainConfig(), classifier="fc")
+        optimizer = build_optimizer(bundle.model, phase, TrainConfig(), bundle.stages)
         in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert in_groups == {id(p) for n, p in bundle.model.named_parameters() if n in grads}
+        build_scheduler(optimizer, TrainConfig(), total_steps=10, steps_per_epoch=10)  # sets each group's rate (lr x lr_scale)
         lrs = {g["stage"]: g["lr"] for g in optimizer.param_groups}
         assert lrs == ({"head": 0.1} if len(lrs) == 1 else {"head": 0.1, "layer4": 0.05})
         assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if all(p.ndim == 1 for p in g["params"]))
@@ -116,29 +119,29 @@ def test_non_finite_loss_stops_with_a_hint(tmp_path, image_folder, monkeypatch):
         def forward(self, logits, targets):
             return logits.sum() * math.nan
 
-    monkeypatch.setattr(fit_module, "build_criterion", lambda cfg, weights=None: NanLoss())
-    with pytest.raises(fit_module.TrainingError, match=r"loss became nan at epoch 1, step 1 \(lr .*\); HINT: lower train.lr or set train.grad_clip"):
+    monkeypatch.setattr(loop_module, "build_criterion", lambda cfg, weights=None: NanLoss())
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step 1 \(lr .*\); HINT: lower train.lr or set train.grad_clip"):
         train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False)
 
 
 def test_run_folder_mistakes(tmp_path, image_folder):
     recipe = recipe_from_dict(tiny_recipe())
     train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
-    with pytest.raises(CheckpointError, match=r"already holds a run; continue it with --resume"):
+    with pytest.raises(RunDirError, match=r"already holds a run; continue it with --resume"):
         train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
-    with pytest.raises(CheckpointError, match=r"cannot resume .*nothing: recipe.yaml is missing, so it is no finetune run folder"):
+    with pytest.raises(RunDirError, match=r"cannot resume .*nothing: recipe.yaml is missing, so it is no finetune run folder"):
         train(out=tmp_path / "nothing", resume=True, progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match=r"output folder .*other is not empty; choose a new --out"):
+    with pytest.raises(RunDirError, match=r"output folder .*other is not empty; choose a new --out"):
         train(recipe=recipe, data=image_folder, out=tmp_path / "other", progress=False)
     with pytest.raises(FinetuneError, match=r"no validation images"):
         train(recipe=recipe_from_dict(tiny_recipe(data={"val_fraction": 0.0})), data=image_folder, out=tmp_path / "r2", progress=False)
 
 
 def test_class_weights():
-    from finetune.fit import class_weights
-    from finetune.recipe import LossConfig
+    from finetune.config.schema import LossConfig
+    from finetune.training.loss import class_weights
 
     names, targets = ["a", "b", "c"], [0] * 8 + [1] * 2 + [2] * 2
     assert class_weights(LossConfig(), class_names=names, targets=targets) is None
@@ -183,7 +186,7 @@ def test_failed_start_leaves_no_run_folder_and_can_be_retried(tmp_path, image_fo
 def test_resume_refuses_a_changed_recipe_and_bad_checkpoints(tmp_path, image_folder):
     recipe = recipe_from_dict(tiny_recipe(train={"epochs": 2}))
     train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
-    with pytest.raises(CheckpointError, match=r"--resume .*run: the recipe differs from the run's \(train.lr: 0.001 -> 0.1\)"):
+    with pytest.raises(RunDirError, match=r"--resume .*run: the recipe differs from the run's \(train.lr: 0.001 -> 0.1\)"):
         train(out=tmp_path / "run", resume=True, overrides=["train.lr=0.1"], progress=False)
     # the same recipe (and a harmless change) is accepted: the run is already finished, nothing more trains
     done = train(recipe=recipe, out=tmp_path / "run", resume=True, overrides=["data.num_workers=1"], progress=False)
@@ -204,7 +207,7 @@ def test_resume_refuses_a_changed_recipe_and_bad_checkpoints(tmp_path, image_fol
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    from finetune import checkpoint as checkpoint_module
+    from finetune.training import checkpoint as checkpoint_module
 
     checkpoint_module.save_checkpoint({"format": "finetune-checkpoint", "format_version": 1, "epoch": 1}, tmp_path / "last.pt")
 
@@ -226,13 +229,12 @@ def test_restore_best_goes_back_to_the_phase_best_weights(tmp_path, image_folder
               "early_stopping": {"metric": "val_loss", "restore_best": True}}
     scores = iter([0.5, 0.1, 0.9, 0.2])  # epoch 2 is phase 1's best; epoch 3 is worse
 
-    real = fit_module.run_inference
+    real = loop_module.validate
 
-    def fake_inference(*args, **kwargs):
-        preds, _ = real(*args, **kwargs)
-        return preds, next(scores)
+    def fake_validate(*args, **kwargs):
+        return {**real(*args, **kwargs), "val_loss": next(scores)}
 
-    monkeypatch.setattr(fit_module, "run_inference", fake_inference)
+    monkeypatch.setattr(loop_module, "validate", fake_validate)
     seen = {}
 
     def remember(state):

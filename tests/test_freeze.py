@@ -4,10 +4,12 @@ import torch
 import torchvision
 
 from finetune import train
-from finetune.checkpoint import load_checkpoint
-from finetune.freeze import FreezePlan, apply_freeze, set_train_mode, stage_of_names
-from finetune.model import build_model
-from finetune.recipe import STAGES, ModelConfig, recipe_from_dict
+from finetune.config.catalog import STAGES
+from finetune.config.loading import recipe_from_dict
+from finetune.config.schema import ModelConfig
+from finetune.models.build import build_model
+from finetune.models.stages import FreezePlan, apply_freeze, set_train_mode
+from finetune.training.checkpoint import load_checkpoint
 
 from conftest import tiny_recipe
 
@@ -17,7 +19,7 @@ FROZEN = ["stem", "layer1", "layer2", "layer3"]
 @pytest.mark.parametrize("name", ["resnet18", "resnet50d", "resnext50_32x4d", "wide_resnet50_2", "resnetv2_50", "tv:resnet18", "tv:resnext50_32x4d"])
 def test_every_tensor_belongs_to_exactly_one_named_stage(name):
     bundle = build_model(ModelConfig(name=name), num_classes=5)
-    mapping = stage_of_names(bundle.model, bundle.classifier)
+    mapping = bundle.stages.of_tensor
     assert set(mapping.values()) == set(STAGES)
     assert all(mapping[k] == "head" for k in mapping if k.startswith(bundle.classifier + "."))
 
@@ -26,7 +28,7 @@ def test_stages_mean_the_same_for_timm_and_torchvision():
     counts = {}
     for name in ("resnet50", "tv:resnet50"):
         bundle = build_model(ModelConfig(name=name), num_classes=5)
-        mapping = stage_of_names(bundle.model, bundle.classifier)
+        mapping = bundle.stages.of_tensor
         counts[name] = {s: sum(p.numel() for n, p in bundle.model.named_parameters() if mapping[n] == s) for s in STAGES}
     assert counts["resnet50"] == counts["tv:resnet50"]
 
@@ -34,8 +36,8 @@ def test_stages_mean_the_same_for_timm_and_torchvision():
 def test_frozen_bn_stays_in_eval_mode_after_train():
     bundle = build_model(ModelConfig(name="resnet18"), num_classes=3)
     plan = FreezePlan(trainable=("layer4", "head"), bn="frozen")
-    trainable = apply_freeze(bundle.model, plan, classifier=bundle.classifier)
-    set_train_mode(bundle.model, plan, classifier=bundle.classifier)
+    trainable = apply_freeze(bundle.model, plan, bundle.stages)
+    set_train_mode(bundle.model, plan, bundle.stages)
     assert trainable == sum(p.numel() for n, p in bundle.model.named_parameters() if n.startswith(("layer4", "fc")))
     assert not bundle.model.bn1.training and not bundle.model.layer3[0].bn1.training
     assert bundle.model.layer4[0].bn1.training and bundle.model.training
@@ -59,7 +61,7 @@ def test_frozen_stages_are_bit_identical_after_training(tmp_path, image_folder, 
     recipe = recipe_from_dict(tiny_recipe(model={"name": name, "pretrained": str(path)}, train={"freeze": FROZEN, "bn": "frozen", "epochs": 2, "lr": 0.01}))
     result = train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
     trained = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["state_dict"]
-    mapping = stage_of_names(build_model(recipe.model, num_classes=3, load_pretrained=False).model, "fc")
+    mapping = build_model(recipe.model, num_classes=3, load_pretrained=False).stages.of_tensor
     frozen_keys = [k for k in loaded if mapping.get(k) in FROZEN]
     assert any("running_mean" in k for k in frozen_keys) and any("num_batches_tracked" in k for k in frozen_keys)
     for key in frozen_keys:

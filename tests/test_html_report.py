@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 from finetune import evaluate, train
 from finetune.cli import app
-from finetune.errors import CheckpointError
-from finetune.inference import Predictions
-from finetune.metrics import calibration_table, expected_calibration_error, most_confused
-from finetune.recipe import recipe_from_dict
-from finetune.report import write_report
-from finetune.report_diff import diff_reports
+from finetune.config.loading import recipe_from_dict
+from finetune.errors import DataError, RunDirError
+from finetune.evaluation.inference import Predictions
+from finetune.evaluation.metrics import calibration_table, expected_calibration_error, most_confused
+from finetune.reporting.diff import diff_reports
+from finetune.reporting.report import write_report
 
 from conftest import tiny_recipe
 
@@ -138,11 +138,11 @@ def test_report_diff(tmp_path):
 
 
 def test_report_diff_errors(tmp_path):
-    with pytest.raises(CheckpointError, match=r"holds no report"):
+    with pytest.raises(RunDirError, match=r"holds no report"):
         diff_reports(run_a=tmp_path, run_b=tmp_path, out=tmp_path / "d")
     _synthetic_report(tmp_path / "a", 0, 1.0)
     write_report(Predictions(paths=["x"], probs=np.array([[0.6, 0.4]]), targets=np.array([0])), ["ant", "moth"], tmp_path / "b", top_k=1, title="t")
-    with pytest.raises(CheckpointError, match=r"different classes \(only in one: \['bee', 'moth', 'wasp'\]\)"):
+    with pytest.raises(DataError, match=r"different classes \(only in one: \['bee', 'moth', 'wasp'\]\)"):
         diff_reports(run_a=tmp_path / "a", run_b=tmp_path / "b", out=tmp_path / "d")
 
 

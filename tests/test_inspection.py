@@ -5,8 +5,8 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import RecipeError
-from finetune.inspection import format_inspection, inspect_model
-from finetune.recipe import load_recipe
+from finetune.config.loading import load_recipe
+from finetune.models.inspect import format_inspection, inspect_model
 
 from conftest import REPO
 

@@ -6,12 +6,13 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from finetune import model as model_module
-from finetune.checkpoint import make_payload, save_checkpoint
+from finetune.config.catalog import known_model_names
+from finetune.config.schema import ModelConfig, Recipe
+from finetune.data.transforms import ImageConfig
 from finetune.errors import WeightsError
-from finetune.model import build_model, known_model_names
-from finetune.recipe import ModelConfig, Recipe
-from finetune.transforms import ImageConfig
+from finetune.models import weights as weights_module
+from finetune.models.build import build_model
+from finetune.training.checkpoint import make_payload, save_checkpoint
 
 N = 7  # never the default 1000
 
@@ -118,8 +119,8 @@ def test_missing_and_garbage_weight_files(tmp_path):
     ("tv:resnet50", "download.pytorch.org", "resnet50-11ad3fa6.pth"),
 ])
 def test_unreachable_hub_fails_fast_naming_the_file(monkeypatch, name, host, filename):
-    monkeypatch.setattr(model_module, "_cached_hub_file", lambda name: None)
-    monkeypatch.setattr(model_module, "_host_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(weights_module, "_cached_hub_file", lambda name: None)
+    monkeypatch.setattr(weights_module, "_host_reachable", lambda url, timeout=3.0: False)
     with pytest.raises(WeightsError, match=rf"cannot reach {host} .* download https://\S+{filename} .*model.pretrained: /path/to/{filename}"):
         build_model(ModelConfig(name=name, pretrained=True), num_classes=N)
 
@@ -127,7 +128,7 @@ def test_unreachable_hub_fails_fast_naming_the_file(monkeypatch, name, host, fil
 def test_cached_hub_file_is_used_offline(monkeypatch, tmp_path):
     state = timm.create_model("resnet18").state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
-    monkeypatch.setattr(model_module, "_cached_hub_file", lambda name: tmp_path / "model.safetensors")
-    monkeypatch.setattr(model_module, "_host_reachable", lambda url, timeout=3.0: pytest.fail("no network call when cached"))
+    monkeypatch.setattr(weights_module, "_cached_hub_file", lambda name: tmp_path / "model.safetensors")
+    monkeypatch.setattr(weights_module, "_host_reachable", lambda url, timeout=3.0: pytest.fail("no network call when cached"))
     bundle = build_model(ModelConfig(name="resnet18", pretrained=True), num_classes=N)
     assert _backbone_equal(bundle.model, state)

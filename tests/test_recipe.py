@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from finetune.errors import RecipeError
-from finetune.recipe import Recipe, load_recipe, recipe_from_dict, save_recipe
+from finetune.config.loading import load_recipe, recipe_from_dict, save_recipe
+from finetune.config.schema import Recipe
 
 from conftest import REPO, tiny_recipe
 
@@ -41,7 +42,7 @@ def test_resolved_recipe_round_trips(tmp_path):
 def test_single_phase_from_freeze_list():
     recipe = recipe_from_dict(tiny_recipe(train={"freeze": ["stem", "layer1", "layer2", "layer3"], "epochs": 2}))
     (phase,) = recipe.train.resolved_phases()
-    assert phase.trainable() == ("layer4", "head") and phase.epochs == 2 and phase.bn == "frozen"
+    assert phase.trainable_stages() == ("layer4", "head") and phase.epochs == 2 and phase.bn == "frozen"
 
 
 BAD = [

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from finetune import train
-from finetune.recipe import load_recipe
+from finetune.config.loading import load_recipe
 
 from conftest import REPO
 

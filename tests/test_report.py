@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import classification_report
 
-from finetune.inference import Predictions
-from finetune.report import write_report
+from finetune.evaluation.inference import Predictions
+from finetune.reporting.report import write_report
 
 CLASSES = ["ant", "bee", "wasp", "fly"]
 

@@ -2,8 +2,8 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from finetune.recipe import TransformsConfig
-from finetune.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, resolve_image_config, save_pipeline
+from finetune.config.schema import TransformsConfig
+from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, resolve_image_config, save_pipeline
 
 IMAGE = ImageConfig(input_size=48, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), interpolation="bicubic", crop_pct=0.9)
 

@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import pandas as pd
 
-from finetune.data import load_image
-from finetune.html_report import RunContext, render_html
-from finetune.inference import Predictions
-from finetune.metrics import (
+from finetune.data.decode import load_image
+from finetune.data.transforms import ImageConfig, load_pipeline, preview_augmentations
+from finetune.evaluation.inference import Predictions
+from finetune.evaluation.metrics import (
     calibration_table,
     confusion_tables,
     headline_metrics,
@@ -22,8 +21,8 @@ from finetune.metrics import (
     per_class_table,
     predictions_table,
 )
-from finetune.plots import plot_confusion_matrix, plot_image_grid, plot_reliability, plot_training_curves
-from finetune.transforms import ImageConfig, preview_augmentations
+from finetune.reporting.html import RunContext, render_html
+from finetune.reporting.plots import plot_confusion_matrix, plot_image_grid, plot_reliability, plot_training_curves
 
 log = logging.getLogger(__name__)
 CALIBRATION_BINS = 15
@@ -65,12 +64,12 @@ def _summary(metrics: dict[str, Any], per_class: pd.DataFrame, title: str, notes
 
 def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views: int = 5) -> Path | None:
     """Draws of the run's saved train pipeline on a few training images (one per class first)."""
-    run = ctx.run_dir
-    if run is None or not (run / "train_transforms.yaml").exists() or not (run / "splits.csv").exists():
+    run = ctx.run
+    if run is None or not run.train_transforms.exists() or not run.splits.exists():
         return None
-    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    splits = pd.read_csv(run.splits, dtype=str, keep_default_na=False)
     train = splits[splits["split"] == "train"].groupby("label").head(1).head(images)
-    pipeline = A.load(str(run / "train_transforms.yaml"), data_format="yaml")
+    pipeline = load_pipeline(run.train_transforms)
     pipeline.set_random_seed(0)
     pictures = [load_image(p) for p in train["path"]]
     grid = preview_augmentations(pipeline, pictures, ImageConfig.from_dict(ctx.meta["image"]), views=views)
@@ -79,14 +78,9 @@ def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views
     return path
 
 
-def write_report(preds: Predictions, class_names: list[str], folder: Path, *, top_k: int, title: str, context: RunContext | None = None) -> Report:
-    """Compute metrics from `preds` and write every report file into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics = headline_metrics(preds, class_names, top_k=top_k)
-    per_class = per_class_table(preds, class_names)
-    counts, normalized = confusion_tables(preds, class_names)
-    calibration = calibration_table(preds, bins=CALIBRATION_BINS)
-    confused = most_confused(counts)
+def _write_tables(folder: Path, preds: Predictions, class_names: list[str], *, top_k: int, metrics: dict[str, Any],
+                  per_class: pd.DataFrame, counts: pd.DataFrame, normalized: pd.DataFrame, calibration: pd.DataFrame,
+                  confused: pd.DataFrame) -> None:
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     per_class.to_csv(folder / "per_class.csv", index=False)
     counts.to_csv(folder / "confusion_matrix.csv")
@@ -94,14 +88,35 @@ def write_report(preds: Predictions, class_names: list[str], folder: Path, *, to
     confused.to_csv(folder / "most_confused.csv", index=False, float_format="%.6f")
     calibration.to_csv(folder / "calibration.csv", index=False, float_format="%.6f")
     predictions_table(preds, class_names, top_k=top_k).to_csv(folder / "predictions.csv", index=False, float_format="%.6f")
+
+
+def _write_figures(folder: Path, *, title: str, metrics: dict[str, Any], counts: pd.DataFrame, normalized: pd.DataFrame,
+                   calibration: pd.DataFrame, context: RunContext | None) -> dict[str, Path | None]:
     plot_confusion_matrix(normalized, counts, folder / "confusion_matrix.png", title=title)
     plot_reliability(calibration, metrics["ece"], folder / "reliability.png")
-    figures: dict[str, Path | None] = {"confusion": folder / "confusion_matrix.png", "reliability": folder / "reliability.png", "curves": None, "augmentation": None}
-    if context is not None and context.run_dir is not None and (context.run_dir / "metrics.csv").exists():
-        plot_training_curves(pd.read_csv(context.run_dir / "metrics.csv"), folder / "training_curves.png")
+    figures: dict[str, Path | None] = {"confusion": folder / "confusion_matrix.png", "reliability": folder / "reliability.png",
+                                       "curves": None, "augmentation": None}
+    if context is not None and context.run is not None and context.run.metrics.exists():
+        plot_training_curves(pd.read_csv(context.run.metrics), folder / "training_curves.png")
         figures["curves"] = folder / "training_curves.png"
     if context is not None:
         figures["augmentation"] = _augmentation_preview(context, folder / "augmentation_preview.png")
+    return figures
+
+
+def write_report(preds: Predictions, class_names: list[str], folder: Path, *, top_k: int, title: str,
+                 context: RunContext | None = None) -> Report:
+    """Compute metrics from `preds` and write every report file into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = headline_metrics(preds, class_names, top_k=top_k)
+    per_class = per_class_table(preds, class_names)
+    counts, normalized = confusion_tables(preds, class_names)
+    calibration = calibration_table(preds, bins=CALIBRATION_BINS)
+    confused = most_confused(counts)
+    _write_tables(folder, preds, class_names, top_k=top_k, metrics=metrics, per_class=per_class, counts=counts,
+                  normalized=normalized, calibration=calibration, confused=confused)
+    figures = _write_figures(folder, title=title, metrics=metrics, counts=counts, normalized=normalized, calibration=calibration,
+                             context=context)
     (folder / "summary.md").write_text(_summary(metrics, per_class, title, context.extra if context else {}), encoding="utf-8")
     render_html(path=folder / "report.html", title=title, preds=preds, class_names=class_names, metrics=metrics, per_class=per_class,
                 counts=counts, confused=confused, bins=CALIBRATION_BINS, figures=figures, ctx=context)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from finetune.data.loader import shard_indices
 from finetune.errors import RecipeError
-from finetune.inference import Predictions
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def setup(device: str) -> Ranks:
     """Join the torchrun process group (once per process); a no-op outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         return current()
     if not launched():
         return Ranks()
@@ -61,18 +66,16 @@ def setup(device: str) -> Ranks:
 
 
 def current() -> Ranks:
-    if dist.is_available() and dist.is_initialized():
-        return Ranks(rank=dist.get_rank(), world=dist.get_world_size())
-    return Ranks()
+    return Ranks(rank=dist.get_rank(), world=dist.get_world_size()) if _joined() else Ranks()
 
 
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.barrier()
 
 
@@ -82,24 +85,19 @@ def mean_across(values: list[float], ranks: Ranks, device: torch.device) -> list
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return (tensor / ranks.world).tolist()
+    return [float(v) for v in (tensor / ranks.world).tolist()]
 
 
-def shard(total: int, ranks: Ranks) -> range:
-    """This rank's share of `total` items for evaluation (strided, no padding, so nothing is counted twice)."""
-    return range(ranks.rank, total, ranks.world)
-
-
-def gather_predictions(part: Predictions, loss: float, ranks: Ranks, *, paths: list[str]) -> tuple[Predictions, float]:
-    """Every rank's shard of predictions reassembled in dataset order, and the mean loss over all of them."""
+def gather_logits(logits: np.ndarray, targets: np.ndarray, ranks: Ranks, *, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's shard of validation outputs reassembled in dataset order (see `shard_indices`)."""
     if not ranks.enabled:
-        return part, loss
-    pieces: list = [None] * ranks.world
-    dist.all_gather_object(pieces, (part.probs, part.targets, loss * len(part.targets) if len(part.targets) else 0.0))
-    probs = np.zeros((len(paths), pieces[0][0].shape[1]), dtype=np.float32)
-    targets = np.zeros(len(paths), dtype=np.int64)
-    for rank, (rank_probs, rank_targets, _) in enumerate(pieces):
-        index = list(shard(len(paths), Ranks(rank=rank, world=ranks.world)))
-        probs[index], targets[index] = rank_probs, rank_targets
-    total_loss = sum(piece[2] for piece in pieces)
-    return Predictions(paths=list(paths), probs=probs, targets=targets), total_loss / max(len(paths), 1)
+        return logits, targets
+    pieces: list[Any] = [None] * ranks.world
+    dist.all_gather_object(pieces, (logits, targets))
+    width = next(piece[0].shape[1] for piece in pieces if len(piece[0]))
+    full_logits = np.zeros((total, width), dtype=np.float32)
+    full_targets = np.zeros(total, dtype=np.int64)
+    for rank, (rank_logits, rank_targets) in enumerate(pieces):
+        index = list(shard_indices(total, rank=rank, world=ranks.world))
+        full_logits[index], full_targets[index] = rank_logits, rank_targets
+    return full_logits, full_targets

@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from finetune.data import SPLIT_NAMES, scan_image_folder
+from finetune.data.scan import scan_image_folder, split_folders
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,8 @@ def _ignored_files(root: Path, extensions: Sequence[str]) -> list[dict[str, Any]
 
 
 def _empty_class_folders(root: Path, samples: pd.DataFrame) -> list[str]:
-    split_dirs = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES]
-    bases = split_dirs if split_dirs and "train" in {p.name.lower() for p in split_dirs} else [root]
+    splits = split_folders(root)
+    bases = list(splits) if splits is not None else [root]
     found = set(samples["label"])
     return sorted({d.name for base in bases for d in base.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in found})
 
@@ -142,6 +142,11 @@ class CheckResult:
     @property
     def trainable(self) -> bool:
         return bool(self.summary["trainable"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, as plain types (what `finetune check --json` writes)."""
+        return {"summary": self.summary, "class_counts": self.class_counts.to_dict(orient="records"),
+                "findings": self.findings.to_dict(orient="records"), "duplicates": self.duplicates.to_dict(orient="records")}
 
 
 def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool = True) -> CheckResult:

@@ -1,23 +1,30 @@
-"""Every figure of the report, drawn with matplotlib (and sklearn's ConfusionMatrixDisplay), saved as PNG."""
+"""Every figure of the reports, drawn on `matplotlib.figure.Figure` objects (no pyplot, no backend switch) and saved as PNG."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import ConfusionMatrixDisplay
 
-matplotlib.use("Agg")  # headless: reports are files, never windows
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+CELL_TEXT_LIMIT = 30  # beyond this many classes numbers in cells are unreadable; colours carry the information
+PERCENT_LIMIT = 12  # up to this many classes a cell shows its count and its row percentage
 
 
-def _square_figure(n: int) -> tuple[plt.Figure, plt.Axes]:
+def _square_figure(n: int) -> tuple[Figure, Axes]:
     side = min(max(5.0, 0.45 * n + 3.0), 40.0)  # grows with the class count so labels stay legible
-    return plt.subplots(figsize=(side, side * 0.9), dpi=110)
+    fig = Figure(figsize=(side, side * 0.9), dpi=110)
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: Path, *, title: str) -> None:
@@ -27,24 +34,21 @@ def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: 
     display = ConfusionMatrixDisplay(normalized.to_numpy(), display_labels=list(normalized.index))
     display.plot(ax=ax, cmap="Blues", colorbar=True, include_values=False, xticks_rotation=90 if n > 6 else 0)
     display.im_.set_clim(0.0, 1.0)
-    if n <= 30:  # beyond that, numbers in cells are unreadable; colours carry the information
+    if n <= CELL_TEXT_LIMIT:
         for i in range(n):
             for j in range(n):
                 count, value = counts.iat[i, j], normalized.iat[i, j]
-                if count == 0:
-                    continue
-                ax.text(j, i, f"{count}\n{value:.0%}" if n <= 12 else f"{count}", ha="center", va="center",
-                        fontsize=9 if n <= 12 else 7, color="white" if value > 0.5 else "black")
-    _save_matrix(fig, ax, path, title)
+                if count:
+                    ax.text(j, i, f"{count}\n{value:.0%}" if n <= PERCENT_LIMIT else f"{count}", ha="center", va="center",
+                            fontsize=9 if n <= PERCENT_LIMIT else 7, color="white" if value > 0.5 else "black")
+    _label_matrix(ax, title)
+    _save(fig, path)
 
 
-def _save_matrix(fig: plt.Figure, ax: plt.Axes, path: Path, title: str) -> None:
+def _label_matrix(ax: Axes, title: str) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> None:
@@ -55,19 +59,21 @@ def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> 
     image = ax.imshow(diff.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
     ax.set_xticks(range(n), list(diff.columns), rotation=90 if n > 6 else 0)
     ax.set_yticks(range(n), list(diff.index))
-    if n <= 30:
+    if n <= CELL_TEXT_LIMIT:
         for i in range(n):
             for j in range(n):
                 value = diff.iat[i, j]
                 if abs(value) >= 0.005:
-                    ax.text(j, i, f"{value:+.0%}", ha="center", va="center", fontsize=8 if n <= 12 else 6)
+                    ax.text(j, i, f"{value:+.0%}", ha="center", va="center", fontsize=8 if n <= PERCENT_LIMIT else 6)
     fig.colorbar(image, ax=ax, label="change in fraction of the true class")
-    _save_matrix(fig, ax, path, title)
+    _label_matrix(ax, title)
+    _save(fig, path)
 
 
 def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
     """Loss, accuracy / macro-F1 and learning rate per epoch; dotted lines mark phase boundaries."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), dpi=110)
+    fig = Figure(figsize=(14, 3.8), dpi=110)
+    axes = fig.subplots(1, 3)
     epochs = history["epoch"]
     axes[0].plot(epochs, history["train_loss"], "o-", label="train")
     axes[0].plot(epochs, history["val_loss"], "o-", label="val")
@@ -85,21 +91,21 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
         for epoch in boundaries:
             ax.axvline(epoch - 0.5, color="0.5", ls=":")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
     """Accuracy per confidence bin against the diagonal, with the confidence histogram below."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), dpi=110, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig = Figure(figsize=(5.5, 6.5), dpi=110)
+    top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     width = table["upper"] - table["lower"]
     filled = table["count"] > 0
-    top.bar(table.loc[filled, "lower"], table.loc[filled, "accuracy"], width=width[filled], align="edge", edgecolor="k", alpha=0.8, label="accuracy")
+    top.bar(table.loc[filled, "lower"], table.loc[filled, "accuracy"], width=width[filled], align="edge", edgecolor="k", alpha=0.8,
+            label="accuracy")
     top.bar(table.loc[filled, "lower"], table.loc[filled, "confidence"] - table.loc[filled, "accuracy"],
             bottom=table.loc[filled, "accuracy"], width=width[filled], align="edge", color="C3", alpha=0.3, label="gap")
     top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
@@ -110,20 +116,34 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
     bottom.set_xlabel("confidence (top-1 probability)")
     bottom.set_ylabel("images")
     bottom.set_xlim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, *, columns: int) -> None:
     """A grid of RGB uint8 images with captions (augmentation preview)."""
     rows = max(1, int(np.ceil(len(images) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), dpi=100, squeeze=False)
+    fig = Figure(figsize=(2.2 * columns, 2.4 * rows), dpi=100)
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):
         ax.imshow(image)
         ax.set_title(caption, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def plot_lr_curve(curve: pd.DataFrame, suggestion: float, path: Path) -> None:
+    """lr-find's loss against the learning rate (log scale), smoothed, with the suggestion marked."""
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.subplots()
+    ax.plot(curve["lr"], curve["loss"], color="0.75", lw=1, label="loss")
+    ax.plot(curve["lr"], curve["smoothed"], color="C0", lw=2, label="smoothed")
+    ax.axvline(suggestion, color="C3", ls="--", label=f"suggested lr {suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (first phase, head group)")
+    ax.set_ylabel("training loss")
+    low, high = curve["smoothed"].min(), curve["smoothed"].iloc[0]
+    ax.set_ylim(low - 0.1 * abs(high - low), high + 0.5 * abs(high - low) + 1e-6)
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)

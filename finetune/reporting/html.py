@@ -15,10 +15,11 @@ import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
-from finetune.data import load_image
+from finetune.data.decode import load_image
 from finetune.errors import DataError
-from finetune.inference import Predictions
-from finetune.metrics import per_image_loss
+from finetune.evaluation.inference import Predictions
+from finetune.evaluation.metrics import per_image_loss
+from finetune.run_dir import RunDir
 
 SECTIONS = [
     ("summary", "Run summary"), ("metrics", "Metrics"), ("per-class", "Per class"), ("confusion", "Confusion matrix"),
@@ -32,7 +33,7 @@ class RunContext:
     """What the report knows about the run beyond the predictions: the checkpoint's metadata and run folder."""
 
     meta: dict[str, Any]  # checkpoint payload without the state dict
-    run_dir: Path | None = None
+    run: RunDir | None = None
     split: str = "val"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -87,14 +88,14 @@ def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list
     ]
     rows += [(key, str(value)) for key, value in ctx.extra.items()]
     split_counts = None
-    if ctx.run_dir is not None and (ctx.run_dir / "splits.csv").exists():
-        splits = pd.read_csv(ctx.run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    if ctx.run is not None and ctx.run.splits.exists():
+        splits = pd.read_csv(ctx.run.splits, dtype=str, keep_default_na=False)
         counts = splits.groupby(["label", "split"]).size().unstack(fill_value=0)
         counts.loc["total"] = counts.sum()
         rows.append(("split sizes", ", ".join(f"{k}: {v}" for k, v in counts.loc["total"].items())))
         split_counts = counts.to_html()
-    if ctx.run_dir is not None and (ctx.run_dir / "metrics.csv").exists():
-        history = pd.read_csv(ctx.run_dir / "metrics.csv")
+    if ctx.run is not None and ctx.run.metrics.exists():
+        history = pd.read_csv(ctx.run.metrics)
         rows.append(("training time", f"{history['seconds'].sum():.0f} s over {len(history)} epochs"))
     return rows, split_counts
 
@@ -112,7 +113,7 @@ def render_html(
     headline = [(k.replace("_", " "), f"{v:.2%}" if k != "ece" and isinstance(v, float) else (f"{v:.3f}" if isinstance(v, float) else str(v)))
                 for k, v in metrics.items() if not isinstance(v, dict)]
     meta = ctx.meta if ctx else {}
-    env = Environment(loader=PackageLoader("finetune", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(loader=PackageLoader("finetune.reporting", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=title, written=time.strftime("%Y-%m-%d %H:%M"), sections=SECTIONS, summary=summary, split_counts=split_counts,
         recipe_yaml=yaml.safe_dump(meta.get("recipe", {}), sort_keys=False), versions=meta.get("versions", {}),

@@ -1,4 +1,4 @@
-"""Self-contained checkpoints: weights plus everything eval/predict need, written atomically."""
+"""Self-contained checkpoints: weights plus everything eval/predict need, in one format, written atomically."""
 
 from __future__ import annotations
 
@@ -10,20 +10,22 @@ from typing import Any
 
 import torch
 
+from finetune.config.loading import recipe_from_dict
+from finetune.config.schema import Recipe
+from finetune.data.transforms import ImageConfig
 from finetune.errors import CheckpointError
 from finetune.files import atomic_write
-from finetune.model import ModelBundle, build_model
-from finetune.recipe import Recipe, recipe_from_dict
-from finetune.transforms import ImageConfig
+from finetune.models.build import ModelBundle, build_model
 
 FORMAT = "finetune-checkpoint"
 FORMAT_VERSION = 1
+VERSIONED_LIBRARIES = ("finetune", "torch", "torchvision", "timm", "albumentations", "scikit-learn", "numpy", "pillow")
 
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the weights and the pipeline."""
     found = {"python": platform.python_version()}
-    for name in ("finetune", "torch", "torchvision", "timm", "albumentations", "scikit-learn", "numpy", "pillow"):
+    for name in VERSIONED_LIBRARIES:
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -31,7 +33,9 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def make_payload(*, bundle: ModelBundle, class_names: list[str], image: ImageConfig, recipe: Recipe, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def make_payload(
+    *, bundle: ModelBundle, class_names: list[str], image: ImageConfig, recipe: Recipe, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Only tensors and plain types, so `torch.load(..., weights_only=True)` reads it."""
     return {
         "format": FORMAT,
@@ -60,12 +64,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unpickling error types
-        raise CheckpointError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a finetune checkpoint; to start from plain weights use model.pretrained: {path}")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer finetune (format {payload['format_version']}); upgrade finetune")
     return payload
+
+
+@dataclass
+class CheckpointSaver:
+    """Writes best.pt, last.pt and phase_best.pt of one run, all in the one checkpoint format (rank 0 only)."""
+
+    bundle: ModelBundle
+    class_names: list[str]
+    image: ImageConfig
+    recipe: Recipe
+    enabled: bool = True  # False on torchrun ranks other than 0
+
+    def save(self, path: Path, *, epoch: int, metrics: dict[str, float], training_state: dict[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        extra: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
+        if training_state is not None:
+            extra["training_state"] = training_state
+        payload = make_payload(bundle=self.bundle, class_names=self.class_names, image=self.image, recipe=self.recipe, extra=extra)
+        save_checkpoint(payload, path)
 
 
 @dataclass
@@ -77,20 +102,25 @@ class LoadedModel:
     meta: dict[str, Any]  # everything in the checkpoint but the weights
 
 
+def _fit_error(exc: RuntimeError, recipe: Recipe, classes: int) -> CheckpointError:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
+    return CheckpointError(
+        f"checkpoint weights do not fit {recipe.model.name} with {classes} classes: {detail}; "
+        "the checkpoint was edited or saved for another model or class count"
+    )
+
+
 def model_from_checkpoint(payload: dict[str, Any]) -> LoadedModel:
     """Rebuild the exact model (architecture, head, weights) a checkpoint was saved from."""
     recipe = recipe_from_dict(payload["recipe"], source="stored in checkpoint")
-    class_names = list(payload["class_names"])
+    class_names = [str(name) for name in payload["class_names"]]
     bundle = build_model(recipe.model, num_classes=len(class_names), load_pretrained=False)
     try:
         bundle.model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
-        raise CheckpointError(
-            f"checkpoint weights do not fit {recipe.model.name} with {len(class_names)} classes: {detail}; "
-            "the checkpoint was edited or saved for another model or class count"
-        ) from None
+        raise _fit_error(exc, recipe, len(class_names)) from None
     bundle.model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
-    return LoadedModel(bundle=bundle, class_names=class_names, image=ImageConfig.from_dict(payload["image"]), recipe=recipe, meta=meta)
+    image = ImageConfig.from_dict(payload["image"])
+    return LoadedModel(bundle=bundle, class_names=class_names, image=image, recipe=recipe, meta=meta)

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetune.freeze import stage_modules, stage_of_names
-from finetune.model import build_model
-from finetune.recipe import STAGES, Recipe, model_config
+from finetune.config.catalog import STAGES
+from finetune.config.loading import model_config_for
+from finetune.config.schema import Recipe
+from finetune.models.build import build_model
 
 # He et al. 2016, Table 1: multiply-adds at 224 px for the ImageNet ResNets.
 PAPER_GFLOPS = {"resnet18": 1.8, "resnet34": 3.6, "resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}
@@ -51,7 +52,7 @@ class Inspection:
 
 def inspect_model(*, name: str, recipe: Recipe | None = None, input_size: int | None = None, num_classes: int = 1000) -> Inspection:
     """Count per-stage parameters and multiply-accumulates (torch's FlopCounterMode / 2) of one forward pass."""
-    model_cfg = model_config(name, base=recipe.model if recipe else None)
+    model_cfg = model_config_for(name, base=recipe.model if recipe else None)
     with torch.device("meta"):  # shapes only: no memory, no arithmetic
         bundle = build_model(model_cfg, num_classes=num_classes, load_pretrained=False)
     size = input_size or (recipe.transforms.input_size if recipe and recipe.transforms.input_size else int(bundle.data_config["input_size"][-1]))
@@ -61,18 +62,16 @@ def inspect_model(*, name: str, recipe: Recipe | None = None, input_size: int | 
         model(torch.empty(1, 3, size, size, device="meta"))
     counts = counter.get_flop_counts()
     prefix = type(model).__name__
-    groups = stage_modules(model, bundle.classifier)
-    mapping = stage_of_names(model, bundle.classifier)
     phases = recipe.train.resolved_phases() if recipe else []
     stages = []
     for stage in STAGES:
-        names = [n for n, _ in groups[stage]]
+        names = [n for n, _ in bundle.stages.modules[stage]]
         flops = sum(sum(counts.get(f"{prefix}.{n}", {}).values()) for n in names)
-        params = sum(p.numel() for n, p in model.named_parameters() if mapping[n] == stage)
+        params = sum(p.numel() for _, p in bundle.stages.parameters(model, stage))
         stages.append(
             StageInfo(stage=stage, modules=names, params=params, gmacs=flops / 2e9,
-                      trainable=[stage in phase.trainable() for phase in phases],
-                      bn=[("train" if stage in phase.trainable() else phase.bn) for phase in phases])
+                      trainable=[stage in phase.trainable_stages() for phase in phases],
+                      bn=[("train" if stage in phase.trainable_stages() else phase.bn) for phase in phases])
         )
     return Inspection(
         model=name, input_size=size, num_classes=num_classes, stages=stages,

@@ -23,11 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from finetune.data import load_image
+from finetune.config.schema import PhaseConfig, Recipe
+from finetune.data.decode import load_image
 from finetune.files import atomic_write
-from finetune.freeze import stage_of_names
-from finetune.model import ModelBundle
-from finetune.recipe import PhaseConfig, Recipe
+from finetune.models.build import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,8 @@ def why_not_cached(recipe: Recipe, phase: PhaseConfig, *, distributed: bool) -> 
     """None when `phase` can train on cached features, else the reason (logged for the user)."""
     if recipe.train.feature_cache == "off":
         return "train.feature_cache is off"
-    if phase.trainable() != ("head",):
-        return f"the phase trains {', '.join(phase.trainable())}"
+    if phase.trainable_stages() != ("head",):
+        return f"the phase trains {', '.join(phase.trainable_stages())}"
     if phase.bn != "frozen":
         return "bn: train lets BatchNorm statistics move, so features change every step"
     if distributed:
@@ -65,7 +64,7 @@ def _digest(*parts: bytes | str) -> str:
 
 def backbone_key(bundle: ModelBundle, dtype: torch.dtype | None) -> str:
     """Hash of the architecture and every backbone tensor (the head is excluded: it is what trains)."""
-    stages = stage_of_names(bundle.model, bundle.classifier)
+    stages = bundle.stages.of_tensor
     parts: list[bytes | str] = [type(bundle.model).__name__, str(dtype)]
     for name, tensor in sorted(bundle.model.state_dict().items()):
         if stages.get(name) != "head":
@@ -160,8 +159,7 @@ class FeatureCache:
     def _compute(self, bundle: ModelBundle, jobs: list[tuple[str, int]], files: list[Path], pipeline: A.Compose, *,
                  device: torch.device, dtype: torch.dtype | None, batch_size: int, num_workers: int, progress: bool) -> None:
         captured: list[torch.Tensor] = []
-        head = bundle.model.get_submodule(bundle.classifier)
-        hook = head.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+        hook = bundle.head.register_forward_hook(lambda module, args, output: captured.append(args[0]))
         loader = torch.utils.data.DataLoader(_Views(jobs, pipeline), batch_size=batch_size, num_workers=num_workers)
         was_training = bundle.model.training
         bundle.model.eval()
@@ -209,5 +207,5 @@ def cached_phase(bundle: ModelBundle, recipe: Recipe, *, train_paths: Sequence[s
     else:
         train_features, shape = eval_cache.features(bundle, train_paths, eval_pipeline, **options)
     val_features, _ = eval_cache.features(bundle, val_paths, eval_pipeline, **options)
-    head = HeadOnFeatures(bundle.model.get_submodule(bundle.classifier), shape)
+    head = HeadOnFeatures(bundle.head, shape)
     return CachedPhase(train=FeatureSet(train_features, train_targets), val=FeatureSet(val_features, val_targets), head=head)

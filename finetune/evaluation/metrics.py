@@ -14,7 +14,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from finetune.inference import Predictions
+from finetune.evaluation.inference import Predictions
 
 
 def headline_metrics(preds: Predictions, class_names: list[str], *, top_k: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_digits_folder(folder: Path, *, size: int = 32) -> Path:

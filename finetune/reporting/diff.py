@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.errors import CheckpointError
-from finetune.plots import plot_confusion_difference
+from finetune.errors import DataError, RunDirError
+from finetune.reporting.plots import plot_confusion_difference
 
 METRICS = ("precision", "recall", "f1")
 
@@ -25,7 +25,7 @@ def _report_folder(path: Path) -> Path:
     for candidate in (path / "report", path):
         if (candidate / "per_class.csv").exists() and (candidate / "confusion_matrix.csv").exists():
             return candidate
-    raise CheckpointError(f"{path} holds no report (per_class.csv, confusion_matrix.csv); run 'finetune eval' or pass a run folder")
+    raise RunDirError(f"{path} holds no report (per_class.csv, confusion_matrix.csv); run 'finetune eval' or pass a run folder")
 
 
 def _normalized(counts: pd.DataFrame) -> pd.DataFrame:
@@ -39,7 +39,7 @@ def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> Re
     b = pd.read_csv(folder_b / "per_class.csv", dtype={"class": str})
     if set(a["class"]) != set(b["class"]):
         only = sorted(set(a["class"]) ^ set(b["class"]))
-        raise CheckpointError(f"the two reports have different classes (only in one: {only}); compare runs of the same dataset")
+        raise DataError(f"the two reports have different classes (only in one: {only}); compare runs of the same dataset")
     merged = a.merge(b, on="class", suffixes=("_a", "_b"))
     for metric in METRICS:
         merged[f"{metric}_delta"] = merged[f"{metric}_b"] - merged[f"{metric}_a"]

@@ -1,0 +1,55 @@
+"""The names a recipe may use: stages, presets, policies, models and albumentations transforms.
+
+Declared once here; the schema, the models and the data pipeline read them from this module. It
+imports nothing else from finetune, and the heavy libraries (timm, torchvision, albumentations)
+only when a list is first asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Literal, get_args
+
+Stage = Literal["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+STAGES: tuple[Stage, ...] = get_args(Stage)
+BnPolicy = Literal["frozen", "train"]
+TrainPreset = Literal["none", "light", "standard", "strong"]
+TRAIN_PRESETS: tuple[str, ...] = get_args(TrainPreset)
+TV_PREFIX = "tv:"
+_TV_FAMILY = ("resnet", "wide_resnet", "resnext")
+
+
+@functools.cache
+def known_model_names() -> tuple[str, ...]:
+    """ResNet-family names accepted in `model.name` (timm names, and torchvision ones with `tv:`)."""
+    import timm
+    import torchvision
+
+    timm_names = timm.list_models(module=["resnet", "resnetv2"])
+    tv_names = [TV_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(_TV_FAMILY)]
+    return tuple(sorted(timm_names) + sorted(tv_names))
+
+
+@functools.cache
+def transform_classes() -> dict[str, type]:
+    """Every public albumentations transform class by name."""
+    import albumentations as A
+
+    return {
+        name: obj
+        for name, obj in vars(A).items()
+        if isinstance(obj, type) and issubclass(obj, A.BasicTransform) and not name.startswith("_")
+    }
+
+
+def transform_arguments(cls: type) -> tuple[list[str], bool]:
+    """(named arguments of the transform's constructor, whether it also takes **kwargs)."""
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return [p for p in params if p not in ("self", "args", "kwargs")], accepts_any
+
+
+def make_transform(name: str, kwargs: dict[str, Any]) -> Any:
+    """Instantiate an albumentations transform by class name (names and arguments were validated by the schema)."""
+    return transform_classes()[name](**kwargs)

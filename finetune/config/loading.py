@@ -1,0 +1,137 @@
+"""Recipes from YAML files and `--set a.b=value` overrides, with pydantic's errors flattened to one line."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.config.schema import ModelConfig, Recipe
+from finetune.errors import RecipeError, did_you_mean
+from finetune.files import atomic_write
+
+
+def _schema_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema class that owns the field at `loc` (for suggesting names of unknown keys)."""
+    current: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        for cand in [annotation, *getattr(annotation, "__args__", ())]:
+            inner = [cand, *getattr(cand, "__args__", ())]
+            found = next((c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if found:
+                current = found
+                break
+        else:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _is_internal(part: Any) -> bool:
+    """pydantic's union-branch and validator labels inside an error location (not recipe keys)."""
+    return isinstance(part, str) and ("[" in part or part.startswith("function-"))
+
+
+def format_validation_error(error: ValidationError, source: str, *, prefix: tuple[str, ...] = ()) -> str:
+    """Flatten pydantic's errors to `recipe.train.lr: Input should be greater than 0 (in FILE)`."""
+    lines = []
+    for item in error.errors():
+        loc = prefix + tuple(part for part in item["loc"] if not _is_internal(part))
+        where = ".".join(str(p) for p in ("recipe", *loc))
+        if item["type"] == "extra_forbidden":
+            owner = _schema_at(loc)
+            hint = did_you_mean(str(loc[-1]), owner.model_fields) if owner else ""
+            lines.append(f"{where}: unknown key{hint}")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            got = item.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) and item["type"] != "missing" else ""
+            lines.append(f"{where}: {msg}{shown}")
+    return f"invalid recipe {source}: " + "; ".join(dict.fromkeys(lines))
+
+
+def model_config_for(name: str, *, base: ModelConfig | None = None) -> ModelConfig:
+    """A validated ModelConfig for `name` (unknown names raise RecipeError with a suggestion), without weights."""
+    data = {**(base.model_dump() if base else {}), "name": name, "pretrained": False}
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, f"model '{name}'", prefix=("model",))) from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    """Set `a.b.0.c` in a nested dict/list tree (list items by index, e.g. train.phases.0.epochs)."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        index: str | int = key
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"--set {dotted}={raw}: '{key}' is not an index of a list of {len(node)}")
+            index = int(key)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}={raw}: '{keys[depth - 1]}' is a value, not a section")
+        if depth == len(keys) - 1:
+            node[index] = yaml.safe_load(raw) if raw != "" else None
+        else:
+            if isinstance(node, dict) and node.get(index) is None:
+                node[index] = {}
+            node = node[index]
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """Split `a.b=value` strings; values are parsed as YAML (so `3`, `1e-3`, `[head]` work)."""
+    pairs = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set '{item}' is not KEY=VALUE; write e.g. --set train.epochs=3")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def recipe_from_dict(tree: dict[str, Any], *, overrides: Sequence[str] = (), source: str = "<dict>") -> Recipe:
+    """Validate a recipe tree after applying dotted overrides."""
+    tree = copy.deepcopy(tree)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+
+
+def load_recipe(path: str | Path, *, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe file, apply `--set` style overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} not found; pass a YAML file such as recipes/quickstart.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping of sections (data, model, train, ...)")
+    return recipe_from_dict(tree, overrides=overrides, source=str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (every default filled in) as YAML text."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe atomically: a kill leaves the old file or the new one."""
+    text = recipe_to_yaml(recipe).encode("utf-8")
+    atomic_write(Path(path), lambda handle: handle.write(text))

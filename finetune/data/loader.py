@@ -1,0 +1,89 @@
+"""Serve decoded, transformed images as a torch Dataset and DataLoader whose randomness depends only on a seed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.data.decode import load_image
+from finetune.errors import DataError
+
+RANK_SEED_STRIDE = 7919  # a prime: rank r draws augmentation with seed + r * stride, so ranks never share a stream
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(tensor, class index) pairs; the transform is an albumentations Compose returning a tensor."""
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform: Callable[..., Any]) -> None:
+        self.paths = list(paths)
+        self.targets = list(targets)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = load_image(self.paths[index])
+        return self.transform(image=image)["image"], self.targets[index]
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each worker seeds numpy and the pipeline from torch's per-worker seed (itself drawn from the loader's generator)."""
+    info = torch.utils.data.get_worker_info()
+    seed = torch.initial_seed() % 2**31
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def shard_indices(total: int, *, rank: int, world: int) -> range:
+    """One rank's share of `total` items for evaluation (strided, no padding, so nothing is counted twice)."""
+    return range(rank, total, world)
+
+
+def _sampler(dataset: Any, *, shuffle: bool, balanced: bool, seed: int, rank: int, world: int,
+             generator: torch.Generator) -> Any:
+    """The sampler for one loader, or None for the DataLoader's own (shuffled or sequential) order."""
+    if world > 1:
+        if balanced:
+            raise DataError("data.sampler: weighted is not supported under torchrun; use sampler: shuffle with loss.class_weights")
+        if shuffle:
+            return torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        return shard_indices(len(dataset), rank=rank, world=world)
+    if balanced:
+        counts = np.bincount(dataset.targets)
+        weights = torch.as_tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
+        return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
+    return None
+
+
+def make_loader(
+    dataset: Any, *, batch_size: int, num_workers: int, shuffle: bool, seed: int, pin_memory: bool = False,
+    balanced: bool = False, rank: int = 0, world: int = 1,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order and augmentation depend only on `seed` (so resume is exact).
+
+    `balanced` draws with replacement, each class equally likely (a WeightedRandomSampler).
+    Under torchrun (`world` > 1) each rank reads its share: a DistributedSampler seeded with
+    `seed` when shuffling (the same permutation on every rank), a strided slice otherwise.
+    """
+    stream = seed + RANK_SEED_STRIDE * rank  # augmentation differs per rank
+    generator = torch.Generator().manual_seed(stream)
+    sampler = _sampler(dataset, shuffle=shuffle, balanced=balanced, seed=seed, rank=rank, world=world, generator=generator)
+    if num_workers == 0 and hasattr(dataset.transform, "set_random_seed"):
+        dataset.transform.set_random_seed(stream)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        worker_init_fn=_seed_worker if num_workers else None,
+        pin_memory=pin_memory,
+        drop_last=False,
+    )

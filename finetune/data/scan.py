@@ -1,0 +1,108 @@
+"""Find the images: a folder of class folders (flat or split into train/val/test) or a CSV manifest."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from finetune.config.schema import DataConfig
+from finetune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
+# Folders that operating systems and NAS boxes drop into shared folders: never classes.
+OS_METADATA_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin", "system volume information", "lost+found", ".trashes"})
+SAMPLE_COLUMNS = ["path", "label", "split"]
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    """Sub-folders that can hold images: not hidden, not OS metadata."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in OS_METADATA_DIRS)
+
+
+def split_folders(root: Path) -> dict[Path, str] | None:
+    """{folder: split} when `root` is split into train/val/test folders (any capitalisation), None when flat.
+
+    A folder that mixes split folders with other folders is ambiguous and refused.
+    """
+    subdirs = _visible_dirs(root)
+    named = {p: SPLIT_NAMES[p.name.lower()] for p in subdirs if p.name.lower() in SPLIT_NAMES}
+    if not named:
+        return None
+    others = [p.name for p in subdirs if p not in named]
+    if others:
+        raise DataError(
+            f"{root} mixes split folders ({', '.join(sorted(p.name for p in named))}) with other folders "
+            f"({', '.join(others[:3])}); put every class folder inside train/ val/ [test/], or use a flat folder of classes"
+        )
+    return named
+
+
+def list_images(folder: Path, extensions: Sequence[str]) -> list[Path]:
+    """Image files below `folder` (recursive; hidden files and folders skipped), in sorted order."""
+    found = []
+    for path in folder.rglob("*"):
+        parts = path.relative_to(folder).parts
+        if path.suffix.lower() in extensions and not any(part.startswith(".") for part in parts) and path.is_file():
+            found.append(path)
+    return sorted(found)
+
+
+def _scan_classes(folder: Path, extensions: Sequence[str]) -> pd.DataFrame:
+    rows = [(str(path), class_dir.name) for class_dir in _visible_dirs(folder) for path in list_images(class_dir, extensions)]
+    return pd.DataFrame(rows, columns=["path", "label"])
+
+
+def scan_image_folder(root: Path, *, extensions: Sequence[str]) -> pd.DataFrame:
+    """Rows of (path, label, split); split is empty for a flat folder of class folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; pass --data with a folder of class sub-folders")
+    splits = split_folders(root)
+    if splits is None:
+        samples = _scan_classes(root, extensions).assign(split="")
+    else:
+        frames = [_scan_classes(folder, extensions).assign(split=split) for folder, split in splits.items()]
+        samples = pd.concat(frames, ignore_index=True)
+    if samples.empty:
+        raise DataError(
+            f"no images found in {root}; expected class sub-folders (or train/ val/ holding them) "
+            f"with files ending in {', '.join(extensions)}"
+        )
+    return samples[SAMPLE_COLUMNS]
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """A CSV with columns path,label (optional split); relative paths are relative to the CSV."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"manifest {path} is not a readable CSV: {exc}") from None
+    missing = {"path", "label"} - set(frame.columns)
+    if missing:
+        raise DataError(f"manifest {path} lacks column(s) {sorted(missing)}; it needs a header line 'path,label'")
+    base = Path(path).parent
+    frame["path"] = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"]]
+    if "split" not in frame.columns:
+        frame["split"] = ""
+    frame["split"] = [SPLIT_NAMES.get(s.strip().lower(), "") if s else "" for s in frame["split"]]
+    absent = [p for p in frame["path"] if not Path(p).is_file()]
+    if absent:
+        raise DataError(f"manifest {path} names {len(absent)} missing file(s), first: {absent[0]}")
+    return frame[SAMPLE_COLUMNS]
+
+
+def read_samples(cfg: DataConfig) -> pd.DataFrame:
+    """Every (path, label, split) row of the folder or manifest named by `cfg.path`."""
+    if cfg.path is None:
+        raise DataError("no data given; pass --data PATH (a folder of class folders or a CSV manifest) or set data.path")
+    path = Path(cfg.path)
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise DataError(f"manifest {path} does not exist; check --data")
+        return read_manifest(path)
+    return scan_image_folder(path, extensions=cfg.extensions)

@@ -1,0 +1,91 @@
+"""`RunDir`: the one place that spells the paths of a run folder (what `finetune train` writes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every file of a run folder, by name; nothing is created until a writer asks for it."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def recipe(self) -> Path:
+        """The resolved recipe; written last when a run starts, so its presence marks a resumable folder."""
+        return self.root / "recipe.yaml"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.csv"
+
+    @property
+    def classes(self) -> Path:
+        return self.root / "classes.json"
+
+    @property
+    def skipped(self) -> Path:
+        return self.root / "skipped.csv"
+
+    @property
+    def leakage(self) -> Path:
+        return self.root / "leakage.csv"
+
+    @property
+    def class_weights(self) -> Path:
+        return self.root / "class_weights.json"
+
+    @property
+    def train_transforms(self) -> Path:
+        return self.root / "train_transforms.yaml"
+
+    @property
+    def eval_transforms(self) -> Path:
+        return self.root / "eval_transforms.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def phase_best(self) -> Path:
+        """The current phase's best weights (same format as best.pt), kept for `early_stopping.restore_best`."""
+        return self.checkpoints / "phase_best.pt"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def is_run(self) -> bool:
+        """True when the folder was started by `finetune train` (its recipe.yaml exists)."""
+        return self.recipe.is_file()
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> RunDir | None:
+        """The run folder a `RUN/checkpoints/*.pt` file belongs to, or None for a checkpoint copied elsewhere."""
+        checkpoint = Path(checkpoint)
+        if checkpoint.parent.name != "checkpoints":
+            return None
+        run = cls(checkpoint.parent.parent)
+        return run if run.is_run() else None

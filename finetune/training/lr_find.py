@@ -1,0 +1,75 @@
+"""The exponential learning-rate range test (Smith 2017; fastai, Lightning Tuner) and its suggestion."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def _cycle(batches: Iterable[Any]) -> Any:
+    while True:
+        yielded = False
+        for batch in batches:
+            yielded = True
+            yield batch
+        if not yielded:
+            return
+
+
+def lr_range_test(
+    model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
+    device: torch.device, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, beta: float = 0.98,
+    diverge: float = 4.0, progress: bool = True,
+) -> pd.DataFrame:
+    """Raise the LR exponentially each step and record the loss; model and optimizer are restored afterwards.
+
+    Stops early when the smoothed loss exceeds `diverge` times its minimum. Per-group LR ratios
+    (timm's `lr_scale`: layer decay, lr_mult) are kept.
+    """
+    model_state = copy.deepcopy(model.state_dict())
+    optim_state = copy.deepcopy(optimizer.state_dict())
+    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+    top = max(scales)
+    rows, avg, best = [], 0.0, math.inf
+    stream = _cycle(batches)
+    try:
+        for step in tqdm(range(steps), desc="lr-find", disable=not progress, leave=False):
+            lr = start_lr * (end_lr / start_lr) ** (step / max(steps - 1, 1))
+            for group, scale in zip(optimizer.param_groups, scales):
+                group["lr"] = lr * scale / top
+            images, targets = next(stream)
+            loss = criterion(model(images.to(device)), targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            avg = beta * avg + (1 - beta) * value
+            smoothed = avg / (1 - beta ** (step + 1))
+            rows.append({"lr": lr, "loss": value, "smoothed": smoothed})
+            best = min(best, smoothed)
+            if not math.isfinite(smoothed) or smoothed > diverge * best:
+                break
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+    return pd.DataFrame(rows, columns=["lr", "loss", "smoothed"])
+
+
+def suggest_lr(curve: pd.DataFrame) -> float:
+    """The LR of steepest descent of the smoothed loss, before its minimum (skipping the noisy start)."""
+    upto = int(curve["smoothed"].idxmin()) + 1
+    part = curve.iloc[: max(upto, 3)]
+    skip = min(len(part) // 10, 5)
+    part = part.iloc[skip:]
+    if len(part) < 3:
+        return float(curve["lr"].iloc[max(upto - 1, 0)] / 10)
+    slope = np.gradient(part["smoothed"].to_numpy(), np.log10(part["lr"].to_numpy()))
+    return float(part["lr"].iloc[int(np.argmin(slope))])

@@ -1,0 +1,85 @@
+"""Optimizer and learning-rate schedule for one phase, built with timm's factories over finetune's stage groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm.optim
+import timm.scheduler
+import torch
+from torch import nn
+
+from finetune.config.catalog import STAGES, Stage
+from finetune.config.schema import PhaseConfig, TrainConfig
+from finetune.errors import ModelError
+from finetune.models.stages import StageMap
+
+
+def stage_lr_multipliers(phase: PhaseConfig) -> dict[Stage, float]:
+    """Per-stage LR factor: layer-wise decay (head 1, layer4 d, layer3 d^2, ...) times explicit lr_mult."""
+    depth = {stage: len(STAGES) - 1 - i for i, stage in enumerate(STAGES)}
+    decay = phase.layer_decay or 1.0
+    return {stage: decay ** depth[stage] * phase.lr_mult.get(stage, 1.0) for stage in STAGES}
+
+
+def stage_param_groups(model: nn.Module, phase: PhaseConfig, cfg: TrainConfig, stages: StageMap) -> list[dict[str, Any]]:
+    """One group per (trainable stage, decay / no-decay); biases and norm weights get no weight decay.
+
+    A group's LR factor is timm's `lr_scale`, which timm's schedulers multiply into every rate they set.
+    (timm's own layer-decay groups decay per residual block; a recipe's `layer_decay` is per stage.)
+    """
+    mults = stage_lr_multipliers(phase)
+    groups = []
+    for stage in phase.trainable_stages():
+        params = [(n, p) for n, p in stages.parameters(model, stage) if p.requires_grad]
+        for decay, chosen in ((True, [p for _, p in params if p.ndim > 1]), (False, [p for _, p in params if p.ndim <= 1])):
+            if chosen:
+                groups.append({"params": chosen, "lr_scale": mults[stage], "weight_decay": cfg.weight_decay if decay else 0.0, "stage": stage})
+    return groups
+
+
+def build_optimizer(model: nn.Module, phase: PhaseConfig, cfg: TrainConfig, stages: StageMap) -> torch.optim.Optimizer:
+    """timm's `create_optimizer_v2` over the stage groups (sgd is Nesterov SGD, as in timm and torchvision's references)."""
+    groups = stage_param_groups(model, phase, cfg, stages)
+    if not groups:
+        raise ModelError(f"phase trains {list(phase.trainable_stages())} but they hold no parameters; train at least 'head'")
+    name = "momentum" if cfg.optimizer == "sgd" and cfg.momentum == 0 else cfg.optimizer  # Nesterov needs momentum
+    return timm.optim.create_optimizer_v2(groups, opt=name, lr=phase.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+
+class Schedule:
+    """Per-step rates from a timm scheduler, stepped like torch's: the rate for the next step is set after each step.
+
+    timm counts updates from 1 with a linear warmup from `warmup_lr_init`; warming up over w + 1 updates from 0
+    and asking for update s + 1 before step s gives step s the factor (s + 1) / (w + 1), then a cosine from 1.
+    """
+
+    def __init__(self, scheduler: timm.scheduler.scheduler.Scheduler) -> None:
+        self.scheduler = scheduler
+        self.updates = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        self.scheduler.step_update(self.updates + 1)
+
+    def step(self) -> None:
+        self.updates += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self._apply()
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total_steps: int, steps_per_epoch: int) -> Schedule:
+    """Linear warmup then cosine decay to 0 (or constant), stepped every batch."""
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    common: dict[str, Any] = {"warmup_t": warmup + 1, "warmup_lr_init": 0.0, "warmup_prefix": True, "t_in_epochs": False}
+    if cfg.scheduler == "constant":
+        scheduler: timm.scheduler.scheduler.Scheduler = timm.scheduler.StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, **common)
+    else:
+        scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=0.0, **common)
+    return Schedule(scheduler)
