@@ -17,19 +17,26 @@ import time
 from pathlib import Path
 
 from finetune import train
-from finetune.recipe import recipe_from_dict
+from finetune.config.loading import recipe_from_dict
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
 
 def probe(cache: str, out: Path, *, epochs: int, model: str) -> tuple[list[float], float, float]:
-    recipe = recipe_from_dict({
-        "seed": 0,
-        "data": {"path": str(DATA), "batch_size": 32, "num_workers": 0},
-        "model": {"name": model, "pretrained": False},
-        "transforms": {"train": "none"},
-        "train": {"epochs": epochs, "lr": 0.003, "freeze": ["stem", "layer1", "layer2", "layer3", "layer4"], "feature_cache": cache},
-    })
+    recipe = recipe_from_dict(
+        {
+            "seed": 0,
+            "data": {"path": str(DATA), "batch_size": 32, "num_workers": 0},
+            "model": {"name": model, "pretrained": False},
+            "transforms": {"train": "none"},
+            "train": {
+                "epochs": epochs,
+                "lr": 0.003,
+                "freeze": ["stem", "layer1", "layer2", "layer3", "layer4"],
+                "feature_cache": cache,
+            },
+        }
+    )
     started = time.perf_counter()
     result = train(recipe=recipe, out=out, progress=False)
     return list(result.history["seconds"]), float(result.history["val_accuracy"].iloc[-1]), time.perf_counter() - started
@@ -44,16 +51,35 @@ def run(*, epochs: int = 4, model: str = "resnet18") -> list[dict]:
     uncached, cached = statistics.median(plain[1:]), statistics.median(first[1:])
     print(f"{model} linear probe on hymenoptera, {epochs} epochs, 224 px")
     print(f"  uncached: epochs {', '.join(f'{s:.2f}' for s in plain)} s; val acc {plain_acc:.4f}; run {plain_wall:.0f} s")
-    print(f"  cached, empty cache: epochs {', '.join(f'{s:.3f}' for s in first)} s (the first computes the features); "
-          f"val acc {first_acc:.4f}; run {first_wall:.0f} s")
-    print(f"  cached, second run: epochs {', '.join(f'{s:.3f}' for s in again)} s; val acc {again_acc:.4f}; run {again_wall:.0f} s")
+    print(
+        f"  cached, empty cache: epochs {', '.join(f'{s:.3f}' for s in first)} s (the first computes the features); "
+        f"val acc {first_acc:.4f}; run {first_wall:.0f} s"
+    )
+    print(
+        f"  cached, second run: epochs {', '.join(f'{s:.3f}' for s in again)} s; val acc {again_acc:.4f}; run {again_wall:.0f} s"
+    )
     return [
-        {"figure": f"probe epoch after the first, uncached / cached ({model}, 224 px)", "measured": f"{uncached:.2f} s / {cached:.3f} s",
-         "ratio": uncached / cached, "target": ">= 10", "met": uncached / cached >= 10},
-        {"figure": "probe val accuracy, cached - uncached (points)", "measured": f"{first_acc:.4f} vs {plain_acc:.4f}",
-         "ratio": 100 * (first_acc - plain_acc), "target": "within +-1", "met": abs(first_acc - plain_acc) <= 0.01},
-        {"figure": "probe first epoch, second run (cache reused) / first run", "measured": f"{again[0]:.2f} s / {first[0]:.2f} s",
-         "ratio": again[0] / first[0], "target": "(reuse)", "met": None},
+        {
+            "figure": f"probe epoch after the first, uncached / cached ({model}, 224 px)",
+            "measured": f"{uncached:.2f} s / {cached:.3f} s",
+            "ratio": uncached / cached,
+            "target": ">= 10",
+            "met": uncached / cached >= 10,
+        },
+        {
+            "figure": "probe val accuracy, cached - uncached (points)",
+            "measured": f"{first_acc:.4f} vs {plain_acc:.4f}",
+            "ratio": 100 * (first_acc - plain_acc),
+            "target": "within +-1",
+            "met": abs(first_acc - plain_acc) <= 0.01,
+        },
+        {
+            "figure": "probe first epoch, second run (cache reused) / first run",
+            "measured": f"{again[0]:.2f} s / {first[0]:.2f} s",
+            "ratio": again[0] / first[0],
+            "target": "(reuse)",
+            "met": None,
+        },
     ]
 
 

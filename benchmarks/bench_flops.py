@@ -11,14 +11,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-VARIANTS = {"fp32": (False, None), "channels_last": (True, None), "bf16 autocast": (False, torch.bfloat16),
-            "channels_last + bf16": (True, torch.bfloat16)}
+VARIANTS = {
+    "fp32": (False, None),
+    "channels_last": (True, None),
+    "bf16 autocast": (False, torch.bfloat16),
+    "channels_last + bf16": (True, torch.bfloat16),
+}
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -35,7 +40,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: without them PyTorch emulates bf16 on the CPU."""
     try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -79,22 +84,39 @@ def step_seconds(variant: str, batch: int, size: int, steps: int, repeats: int) 
 def run(*, batch: int = 16, size: int = 224, steps: int = 2, repeats: int = 3) -> list[dict]:
     peak = matmul_peak()
     flops = step_flops(batch, size)
-    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads); "
-          f"ResNet-18 training step, batch {batch}, {size} px: {flops / 1e9:.1f} GFLOP")
+    print(
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads); "
+        f"ResNet-18 training step, batch {batch}, {size} px: {flops / 1e9:.1f} GFLOP"
+    )
     seconds = {}
     for variant in VARIANTS:
         slow = VARIANTS[variant][1] is not None and not cpu_has_native_bf16()  # emulated bf16: ~15x slower, one step says enough
         seconds[variant] = step_seconds(variant, batch, size, 1 if slow else steps, 1 if slow else repeats)
         rate = flops / seconds[variant]
-        print(f"  {variant:22s} {seconds[variant]:.3f} s/step  {rate / 1e9:6.1f} GFLOP/s  {rate / peak:.1%} of peak  "
-              f"speed vs fp32 {seconds['fp32'] / seconds[variant]:.2f}x")
+        print(
+            f"  {variant:22s} {seconds[variant]:.3f} s/step  {rate / 1e9:6.1f} GFLOP/s  {rate / peak:.1%} of peak  "
+            f"speed vs fp32 {seconds['fp32'] / seconds[variant]:.2f}x"
+        )
     best = min(seconds, key=seconds.get)
-    rows = [{"figure": "training step FLOP/s / fp32 matmul peak (ResNet-18, 224 px, fp32 NCHW)",
-             "measured": f"{flops / seconds['fp32'] / 1e9:.1f} / {peak / 1e9:.1f} GFLOP/s", "ratio": flops / seconds["fp32"] / peak,
-             "target": "(bare loop ~0.34)", "met": None}]
+    rows = [
+        {
+            "figure": "training step FLOP/s / fp32 matmul peak (ResNet-18, 224 px, fp32 NCHW)",
+            "measured": f"{flops / seconds['fp32'] / 1e9:.1f} / {peak / 1e9:.1f} GFLOP/s",
+            "ratio": flops / seconds["fp32"] / peak,
+            "target": "(bare loop ~0.34)",
+            "met": None,
+        }
+    ]
     for variant in list(VARIANTS)[1:]:
-        rows.append({"figure": f"{variant} step speed vs fp32 NCHW", "measured": f"{seconds[variant]:.2f} vs {seconds['fp32']:.2f} s/step",
-                     "ratio": seconds["fp32"] / seconds[variant], "target": "> 1 to adopt", "met": None})
+        rows.append(
+            {
+                "figure": f"{variant} step speed vs fp32 NCHW",
+                "measured": f"{seconds[variant]:.2f} vs {seconds['fp32']:.2f} s/step",
+                "ratio": seconds["fp32"] / seconds[variant],
+                "target": "> 1 to adopt",
+                "met": None,
+            }
+        )
     print(f"fastest: {best}")
     return rows
 

@@ -14,15 +14,19 @@ import timm
 import torch
 from torch import nn
 
-from finetune.fit import _train_epoch, build_optimizer, build_scheduler
-from finetune.freeze import FreezePlan, apply_freeze, set_train_mode
-from finetune.inference import run_inference
-from finetune.recipe import PhaseConfig, TrainConfig
+from finetune.config.schema import PhaseConfig, TrainConfig
+from finetune.evaluation.inference import run_inference
+from finetune.models.stages import FreezePlan, StageMap, apply_freeze, set_train_mode
+from finetune.training.epoch import Stepper, train_one_epoch
+from finetune.training.optim import build_optimizer, build_scheduler
 
 
 def _batches(size: int, batch: int, steps: int, classes: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, classes, (batch,), generator=generator)) for _ in range(steps)]
+    return [
+        (torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, classes, (batch,), generator=generator))
+        for _ in range(steps)
+    ]
 
 
 def bare_train(model: nn.Module, batches, lr: float = 1e-3) -> float:
@@ -41,15 +45,15 @@ def bare_train(model: nn.Module, batches, lr: float = 1e-3) -> float:
 def finetune_train(model: nn.Module, batches) -> float:
     phase = PhaseConfig(epochs=1, lr=1e-3)
     cfg = TrainConfig(weight_decay=0.0)
-    plan = FreezePlan(trainable=phase.trainable())
-    apply_freeze(model, plan, classifier="fc")
-    optimizer = build_optimizer(model, phase, cfg, classifier="fc")
-    scheduler = build_scheduler(optimizer, cfg, total_steps=len(batches), steps_per_epoch=len(batches))
-    set_train_mode(model, plan, classifier="fc")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stages = StageMap.of(model, "fc")
+    plan = FreezePlan(trainable=phase.trainable_stages())
+    apply_freeze(model, plan, stages)
+    optimizer = build_optimizer(model, phase, cfg, stages)
+    schedule = build_scheduler(optimizer, cfg, total_steps=len(batches), steps_per_epoch=len(batches))
+    set_train_mode(model, plan, stages)
+    stepper = Stepper(criterion=nn.CrossEntropyLoss(), optimizer=optimizer, schedule=schedule, device=torch.device("cpu"))
     start = time.perf_counter()
-    _train_epoch(model, batches, optimizer, scheduler, nn.CrossEntropyLoss(), device=torch.device("cpu"), dtype=None,
-                 scaler=scaler, grad_clip=None, progress=False, desc="bench", epoch=1)
+    train_one_epoch(model, batches, stepper, epoch=1, progress=False)
     return time.perf_counter() - start
 
 
@@ -84,9 +88,16 @@ def measure(size: int, batch: int, steps: int, repeats: int) -> dict:
             for name, loop in pair if repeat % 2 == 0 else pair[::-1]:
                 rows[f"{name}_{kind}"].append(images / loop(model, batches))
     medians = {k: statistics.median(v) for k, v in rows.items()}
-    paired = {kind: statistics.median(f / b for f, b in zip(rows[f"finetune_{kind}"], rows[f"bare_{kind}"])) for kind in ("train", "eval")}
+    paired = {
+        kind: statistics.median(f / b for f, b in zip(rows[f"finetune_{kind}"], rows[f"bare_{kind}"]))
+        for kind in ("train", "eval")
+    }
     return {
-        "size": size, "batch": batch, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
+        "size": size,
+        "batch": batch,
+        "steps": steps,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
         **{f"{k}_img_s": round(v, 1) for k, v in medians.items()},
         "train_ratio": round(paired["train"], 3),  # median of per-repeat ratios: slow drifts of the machine cancel
         "eval_ratio": round(paired["eval"], 3),
@@ -97,16 +108,26 @@ def run(*, repeats: int = 5) -> list[dict]:
     results = [measure(64, 32, 12, repeats), measure(224, 32, 4, repeats)]
     rows = []
     for r in results:
-        print(f"ResNet-18 {r['size']} px, batch {r['batch']}: train {r['finetune_train_img_s']} vs bare {r['bare_train_img_s']} img/s "
-              f"-> ratio {r['train_ratio']} (target >= 0.97); eval {r['finetune_eval_img_s']} vs bare {r['bare_eval_img_s']} img/s "
-              f"-> ratio {r['eval_ratio']} (target >= 0.95)")
+        print(
+            f"ResNet-18 {r['size']} px, batch {r['batch']}: train {r['finetune_train_img_s']} vs bare {r['bare_train_img_s']} img/s "
+            f"-> ratio {r['train_ratio']} (target >= 0.97); eval {r['finetune_eval_img_s']} vs bare {r['bare_eval_img_s']} img/s "
+            f"-> ratio {r['eval_ratio']} (target >= 0.95)"
+        )
         rows += [
-            {"figure": f"training throughput, finetune / bare loop (ResNet-18, {r['size']} px)",
-             "measured": f"{r['finetune_train_img_s']} vs {r['bare_train_img_s']} img/s", "ratio": r["train_ratio"], "target": ">= 0.97",
-             "met": r["train_ratio"] >= 0.97},
-            {"figure": f"eval throughput, finetune / bare inference_mode ({r['size']} px)",
-             "measured": f"{r['finetune_eval_img_s']} vs {r['bare_eval_img_s']} img/s", "ratio": r["eval_ratio"], "target": ">= 0.95",
-             "met": r["eval_ratio"] >= 0.95},
+            {
+                "figure": f"training throughput, finetune / bare loop (ResNet-18, {r['size']} px)",
+                "measured": f"{r['finetune_train_img_s']} vs {r['bare_train_img_s']} img/s",
+                "ratio": r["train_ratio"],
+                "target": ">= 0.97",
+                "met": r["train_ratio"] >= 0.97,
+            },
+            {
+                "figure": f"eval throughput, finetune / bare inference_mode ({r['size']} px)",
+                "measured": f"{r['finetune_eval_img_s']} vs {r['bare_eval_img_s']} img/s",
+                "ratio": r["eval_ratio"],
+                "target": ">= 0.95",
+                "met": r["eval_ratio"] >= 0.95,
+            },
         ]
     return rows
 

@@ -58,8 +58,10 @@ def main() -> None:
         begun = time.perf_counter()
         rows += bench()
         print(f"   ({time.perf_counter() - begun:.0f} s)", flush=True)
-    header = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-              f"total {time.perf_counter() - started:.0f} s")
+    header = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
     result = f"{header}\n\n{table(rows)}\n"
     print("\n" + result)
     if args.out:

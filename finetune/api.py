@@ -1,6 +1,6 @@
 """The Python API: keyword-only functions over the use cases in `finetune.runs`, each returning a small result object.
 
-    from finetune import load_recipe, train, evaluate, predict
+from finetune import load_recipe, train, evaluate, predict
 """
 
 from __future__ import annotations
@@ -21,13 +21,29 @@ from finetune.runs.lr_find import LRFindResult, find_lr
 from finetune.runs.train import TrainResult, train
 
 __all__ = [
-    "CheckResult", "CompareResult", "Inspection", "LRFindResult", "Recipe", "ReportDiff", "TrainResult", "check", "compare",
-    "demo", "diff_reports", "evaluate", "find_lr", "inspect", "load_recipe", "predict", "train",
+    "CheckResult",
+    "CompareResult",
+    "Inspection",
+    "LRFindResult",
+    "Recipe",
+    "ReportDiff",
+    "TrainResult",
+    "check",
+    "compare",
+    "demo",
+    "diff_reports",
+    "evaluate",
+    "find_lr",
+    "inspect",
+    "load_recipe",
+    "predict",
+    "train",
 ]
 
 
-def check(*, data: str | Path, extensions: Sequence[str] | None = None, json_out: str | Path | None = None,
-          progress: bool = True) -> CheckResult:
+def check(
+    *, data: str | Path, extensions: Sequence[str] | None = None, json_out: str | Path | None = None, progress: bool = True
+) -> CheckResult:
     """The dataset doctor over `data`; with `json_out`, every finding is also written there."""
     result = check_dataset(data, extensions=extensions or Recipe().data.extensions, progress=progress)
     if json_out is not None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,7 +24,7 @@ app = typer.Typer(
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
-Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set train.epochs=3 (repeatable).")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set train.epochs=3 (repeatable).")]
 
 
 def _version(value: bool) -> None:
@@ -36,7 +35,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Fine-tune ResNets on image folders from YAML recipes; evaluate and predict with the result."""
 
@@ -65,11 +66,13 @@ def _timestamped(prefix: str) -> Path:
 
 @app.command()
 def train(
-    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML, e.g. recipes/last_stage.yaml.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default runs/RECIPE-TIME).")] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML, e.g. recipes/last_stage.yaml.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder to create (default runs/RECIPE-TIME).")] = None,
     set_: Overrides = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder.")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -82,17 +85,23 @@ def train(
         from finetune import api
 
         run_dir = resume or out or _timestamped(recipe.stem if recipe else "run")
-        result = api.train(recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet)
+        result = api.train(
+            recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet
+        )
         if result.report is not None:  # None on torchrun ranks other than 0
-            typer.echo(f"accuracy {result.report.metrics['accuracy']:.4f} | report: {result.report.folder} | "
-                       f"best checkpoint: {result.best_checkpoint}")
+            typer.echo(
+                f"accuracy {result.report.metrics['accuracy']:.4f} | report: {result.report.folder} | "
+                f"best checkpoint: {result.best_checkpoint}"
+            )
 
 
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
-    data: Annotated[Path, typer.Option(help="Labelled image folder: class sub-folders, or train/val/test (test, else val, is used).")],
-    out: Annotated[Optional[Path], typer.Option(help="Report folder (default RUN/report).")] = None,
+    data: Annotated[
+        Path, typer.Option(help="Labelled image folder: class sub-folders, or train/val/test (test, else val, is used).")
+    ],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default RUN/report).")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -101,14 +110,16 @@ def eval_(
         from finetune import api
 
         report = api.evaluate(run=run, data=data, out=out, progress=not quiet)
-        typer.echo(f"accuracy {report.metrics['accuracy']:.4f} on {report.metrics['num_images']} images | report: {report.folder}")
+        typer.echo(
+            f"accuracy {report.metrics['accuracy']:.4f} on {report.metrics['num_images']} images | report: {report.folder}"
+        )
 
 
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
-    out: Annotated[Optional[Path], typer.Option(help="CSV to write (default: print to the terminal).")] = None,
+    out: Annotated[Path | None, typer.Option(help="CSV to write (default: print to the terminal).")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -117,12 +128,15 @@ def predict(
         from finetune import api
 
         table = api.predict(run=run, inputs=inputs, out=out, progress=not quiet)
-        typer.echo(table.to_csv(index=False, float_format="%.4f") if out is None else f"{len(table)} predictions written to {out}", nl=out is not None)
+        typer.echo(
+            table.to_csv(index=False, float_format="%.4f") if out is None else f"{len(table)} predictions written to {out}",
+            nl=out is not None,
+        )
 
 
 @app.command()
 def demo(
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/demo-TIME).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/demo-TIME).")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -133,14 +147,16 @@ def demo(
         result = api.demo(out=out, progress=not quiet)
         if result.report is not None:
             metrics = result.report.metrics
-            typer.echo(f"demo: test accuracy {metrics['accuracy']:.4f} on {metrics['num_images']} digits in {result.seconds:.0f}s\n"
-                       f"report: {result.report.folder}/summary.md (confusion_matrix.png, per_class.csv, ...)")
+            typer.echo(
+                f"demo: test accuracy {metrics['accuracy']:.4f} on {metrics['num_images']} digits in {result.seconds:.0f}s\n"
+                f"report: {result.report.folder}/summary.md (confusion_matrix.png, per_class.csv, ...)"
+            )
 
 
 @app.command()
 def check(
     data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders, or train/ val/ [test/]).")],
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every finding to this JSON file.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every finding to this JSON file.")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -160,8 +176,10 @@ def check(
 @app.command()
 def inspect(
     model: Annotated[str, typer.Argument(help="Model name, e.g. resnet50 or tv:resnet50.")],
-    recipe: Annotated[Optional[Path], typer.Option(help="Show trainable/frozen per phase of this recipe (and its input size).")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: recipe, else the model's).")] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Show trainable/frozen per phase of this recipe (and its input size).")
+    ] = None,
+    input_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: recipe, else the model's).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     debug: Debug = False,
 ) -> None:
@@ -180,8 +198,8 @@ def inspect(
 def compare(
     recipes: Annotated[list[Path], typer.Argument(help="Two or more recipe YAML files.")],
     data: Annotated[Path, typer.Option(help="Image folder or CSV manifest; every recipe gets the same split.")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the runs and leaderboard (default runs/compare-TIME).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override applied to every recipe (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the runs and leaderboard (default runs/compare-TIME).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every recipe (repeatable).")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -189,7 +207,9 @@ def compare(
     with _session(quiet, debug):
         from finetune import api
 
-        result = api.compare(recipes=recipes, data=data, out=out or _timestamped("compare"), overrides=set_ or [], progress=not quiet)
+        result = api.compare(
+            recipes=recipes, data=data, out=out or _timestamped("compare"), overrides=set_ or [], progress=not quiet
+        )
         typer.echo(result.leaderboard.drop(columns="report").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         typer.echo(f"leaderboard: {result.folder / 'leaderboard.md'}")
 
@@ -197,8 +217,8 @@ def compare(
 @app.command("lr-find")
 def lr_find(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML; the range test uses its first phase.")],
-    data: Annotated[Optional[Path], typer.Option(help="Image folder or CSV manifest.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for lr_find.csv and lr_find.png (default runs/lr-find-TIME).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Image folder or CSV manifest.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for lr_find.csv and lr_find.png (default runs/lr-find-TIME).")] = None,
     set_: Overrides = None,
     steps: Annotated[int, typer.Option(min=5, help="Number of LR steps.")] = 100,
     quiet: Quiet = False,
@@ -208,8 +228,9 @@ def lr_find(
     with _session(quiet, debug):
         from finetune import api
 
-        result = api.find_lr(recipe=recipe, data=data, out=out or _timestamped("lr-find"), overrides=set_ or [], steps=steps,
-                             progress=not quiet)
+        result = api.find_lr(
+            recipe=recipe, data=data, out=out or _timestamped("lr-find"), overrides=set_ or [], steps=steps, progress=not quiet
+        )
         typer.echo(f"suggested lr: {result.suggestion:.3g} | curve: {result.folder / 'lr_find.png'}")
 
 
@@ -239,4 +260,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

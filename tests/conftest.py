@@ -99,11 +99,11 @@ def _torch_threads():
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    yield
+    return
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _feature_cache_dir(tmp_path_factory):
     """Feature caches go to a temporary folder (subprocesses inherit it), never to the user's ~/.cache."""
     os.environ["FINETUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
-    yield
+    return

@@ -14,7 +14,9 @@ from conftest import tiny_recipe
 
 def run_cli(*args, cwd=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 @pytest.fixture
@@ -38,19 +40,31 @@ def test_help_for_every_command():
 
 def test_train_eval_predict(tmp_path, image_folder, presplit_folder, recipe_file):
     run = tmp_path / "run"
-    result = run_cli("train", recipe_file, "--data", image_folder, "--out", run, "--set", "train.epochs=2", "--set", "eval.top_k=2", "--quiet")
+    result = run_cli(
+        "train", recipe_file, "--data", image_folder, "--out", run, "--set", "train.epochs=2", "--set", "eval.top_k=2", "--quiet"
+    )
     assert result.returncode == 0, result.stderr
     assert "accuracy" in result.stdout and "report" in result.stdout
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["train"]["epochs"] == 2 and resolved["data"]["path"] == str(image_folder)
-    for name in ("metrics.json", "per_class.csv", "confusion_matrix.csv", "confusion_matrix_normalized.csv", "confusion_matrix.png", "predictions.csv", "summary.md"):
+    for name in (
+        "metrics.json",
+        "per_class.csv",
+        "confusion_matrix.csv",
+        "confusion_matrix_normalized.csv",
+        "confusion_matrix.png",
+        "predictions.csv",
+        "summary.md",
+    ):
         assert (run / "report" / name).exists(), name
 
     result = run_cli("eval", run, "--data", presplit_folder, "--out", tmp_path / "eval_report", "--quiet")
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(tmp_path / "eval_report" / "predictions.csv")) == 9  # the val/ images of the pre-split folder
 
-    result = run_cli("predict", run, image_folder / "cat", image_folder / "dog" / "img_00.jpg", "--out", tmp_path / "preds.csv", "--quiet")
+    result = run_cli(
+        "predict", run, image_folder / "cat", image_folder / "dog" / "img_00.jpg", "--out", tmp_path / "preds.csv", "--quiet"
+    )
     assert result.returncode == 0, result.stderr
     preds = pd.read_csv(tmp_path / "preds.csv")
     assert len(preds) == 9 and {"path", "predicted_label", "confidence", "top1_label", "top2_prob"} <= set(preds.columns)
@@ -71,7 +85,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("args,message", ERRORS, ids=[m for _, m in ERRORS])
+@pytest.mark.parametrize(("args", "message"), ERRORS, ids=[m for _, m in ERRORS])
 def test_errors_are_one_line_exit_2(tmp_path, recipe_file, args, message, monkeypatch):
     from typer.testing import CliRunner
 

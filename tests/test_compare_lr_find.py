@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from finetune.runs.compare import compare
 from finetune.config.schema import ModelConfig, PhaseConfig, TrainConfig
 from finetune.errors import UsageError
 from finetune.models.build import build_model
+from finetune.runs.compare import compare
 from finetune.runs.lr_find import find_lr
 from finetune.training.lr_find import lr_range_test, suggest_lr
 from finetune.training.optim import build_optimizer
@@ -27,7 +27,16 @@ def test_compare_writes_a_leaderboard_on_one_split(tmp_path, image_folder):
     result = compare(recipes=[probe, full], data=image_folder, out=tmp_path / "cmp", progress=False)
     board = pd.read_csv(tmp_path / "cmp" / "leaderboard.csv")
     assert sorted(board["recipe"]) == ["full", "probe"]
-    assert {"accuracy", "macro_f1", "worst_class", "worst_class_recall", "trainable_params", "epochs", "seconds", "report"} <= set(board.columns)
+    assert {
+        "accuracy",
+        "macro_f1",
+        "worst_class",
+        "worst_class_recall",
+        "trainable_params",
+        "epochs",
+        "seconds",
+        "report",
+    } <= set(board.columns)
     params = dict(zip(board["recipe"], board["trainable_params"]))
     assert params["probe"] == 512 * 3 + 3 and params["full"] > 11_000_000
     assert len(result.leaderboard) == 2 and result.leaderboard["macro_f1"].is_monotonic_decreasing
@@ -53,7 +62,9 @@ def test_range_test_leaves_model_and_optimizer_untouched():
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
     lrs_before = [g["lr"] for g in optimizer.param_groups]
     data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(3)]
-    curve = lr_range_test(bundle.model.train(), data, optimizer, torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), steps=12, progress=False)
+    curve = lr_range_test(
+        bundle.model.train(), data, optimizer, torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), steps=12, progress=False
+    )
     assert len(curve) >= 3 and (curve["lr"].diff().dropna() > 0).all()
     assert all(torch.equal(before[k], v) for k, v in bundle.model.state_dict().items())
     assert [g["lr"] for g in optimizer.param_groups] == lrs_before and not optimizer.state
@@ -72,3 +83,43 @@ def test_find_lr_writes_curve(tmp_path, image_folder):
     assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 5000
     assert len(pd.read_csv(tmp_path / "lr" / "lr_find.csv")) == len(result.curve) > 0
     assert 1e-7 <= result.suggestion <= 10
+
+
+class _Quadratic(torch.nn.Module):
+    """loss = (w - t)^2 with t alternating 2 and 4: SGD on it diverges for every lr above 1 (|1 - 2 lr| > 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.w * x
+
+
+def test_range_test_on_a_loss_with_a_known_divergence_point():
+    model = _Quadratic()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    batches = [(torch.ones(1), torch.full((1,), 2.0)), (torch.ones(1), torch.full((1,), 4.0))]
+    curve = lr_range_test(
+        model,
+        batches,
+        optimizer,
+        torch.nn.MSELoss(),
+        device=torch.device("cpu"),
+        start_lr=1e-4,
+        end_lr=100.0,
+        steps=200,
+        progress=False,
+    )
+    assert curve["lr"].iloc[-1] > 1.0  # it ran past the divergence point ...
+    assert curve["lr"].iloc[-1] < 100.0  # ... and stopped early once the loss blew up
+    suggestion = suggest_lr(curve)
+    assert 0.01 <= suggestion <= 1.0  # below divergence, where the loss falls fastest
+    assert model.w.item() == 0.0  # restored
+
+
+def test_find_lr_screens_images_like_train(tmp_path, image_folder):
+    (image_folder / "cat" / "empty.jpg").write_bytes(b"")  # train skips it; lr-find must too
+    recipe = _write(tmp_path / "r.yaml", tiny_recipe())
+    result = find_lr(recipe=recipe, data=image_folder, out=tmp_path / "lr", steps=6, progress=False)
+    assert len(result.curve) > 0

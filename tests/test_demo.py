@@ -1,11 +1,11 @@
 """The demo: real data (scikit-learn's digits) and the quickstart recipe must reach >= 0.97 test accuracy."""
 
+import json
+
 from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.data.demo import build_digits_folder
-
-import json
 
 
 def test_digits_folder_is_real_data(tmp_path):

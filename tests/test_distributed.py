@@ -21,13 +21,30 @@ from conftest import tiny_recipe
 RECIPE = tiny_recipe(
     data={"batch_size": 18},
     transforms={"train": "none"},
-    train={"epochs": 2, "lr": 0.05, "optimizer": "sgd", "freeze": ["stem", "layer1", "layer2", "layer3", "layer4"], "feature_cache": "off"},
+    train={
+        "epochs": 2,
+        "lr": 0.05,
+        "optimizer": "sgd",
+        "freeze": ["stem", "layer1", "layer2", "layer3", "layer4"],
+        "feature_cache": "off",
+    },
 )
 COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1"]
 
 
 def _torchrun(*args):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "finetune", "train", *map(str, args), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "finetune",
+        "train",
+        *map(str, args),
+        "--quiet",
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -84,13 +101,16 @@ def test_torchrun_resumes_a_run(single):
 
 def test_torchrun_needs_an_out_folder():
     done = CliRunner().invoke(app, ["train", "recipes/quickstart.yaml"], env={"WORLD_SIZE": "2", "RANK": "0"})
-    assert done.exit_code == 2 and "error: under torchrun every process must write to the same run folder: pass --out RUN" in done.output
+    assert (
+        done.exit_code == 2
+        and "error: under torchrun every process must write to the same run folder: pass --out RUN" in done.output
+    )
 
 
 def test_unsupported_torchrun_settings_say_so(monkeypatch, image_folder):
     from finetune.data.loader import ImageDataset, make_loader
-    from finetune.training.distributed import setup
     from finetune.errors import DataError, RecipeError
+    from finetune.training.distributed import setup
 
     dataset = ImageDataset([str(p) for p in sorted(image_folder.rglob("*.*"))][:4], [0, 1, 0, 1], None)
     with pytest.raises(DataError, match="data.sampler: weighted is not supported under torchrun; use sampler: shuffle"):

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from finetune import train
 from finetune.cli import app
-from finetune.data.doctor import check_dataset
-from finetune.errors import DataError
 from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import DataConfig
+from finetune.data.doctor import check_dataset
+from finetune.errors import DataError
 
 from conftest import _pattern, make_folder, tiny_recipe, write_mode_image
 
@@ -41,7 +41,9 @@ def _dirty(root):
     (root / "train" / "_one").rmdir()
     # duplicates: an exact copy within train, an exact copy across splits, a near copy (re-encoded) across splits
     (cat / "copy_of_00.jpg").write_bytes(good)
-    (root / "val" / "cat" / "leak_exact.jpg").write_bytes((cat / "img_01.png").read_bytes() if (cat / "img_01.png").exists() else good)
+    (root / "val" / "cat" / "leak_exact.jpg").write_bytes(
+        (cat / "img_01.png").read_bytes() if (cat / "img_01.png").exists() else good
+    )
     Image.fromarray(_pattern(0, 3)).resize((31, 31)).resize((32, 32)).save(root / "val" / "cat" / "leak_near.png")
     return root
 
@@ -65,7 +67,13 @@ def test_check_names_every_problem(dirty):
     assert "tiny image" in _kinds(f, "tiny.png")
     assert "extreme aspect" in _kinds(f, "banner.png")
     assert "ignored hidden file" in _kinds(f, ".DS_Store") and "ignored non-image file" in _kinds(f, "readme.txt")
-    for mode_file, detail in (("img_01.png", "greyscale"), ("img_02.png", "palette"), ("img_03.png", "alpha"), ("img_04.png", "16-bit"), ("img_05.jpg", "CMYK")):
+    for mode_file, detail in (
+        ("img_01.png", "greyscale"),
+        ("img_02.png", "palette"),
+        ("img_03.png", "alpha"),
+        ("img_04.png", "16-bit"),
+        ("img_05.jpg", "CMYK"),
+    ):
         rows = f[f["path"].str.endswith(f"cat/{mode_file}") & (f["kind"] == "converted mode")]
         assert rows["detail"].str.contains(detail).any(), mode_file
     assert "EXIF rotation" in _kinds(f, "cat/img_06.jpg")
@@ -75,7 +83,9 @@ def test_check_names_every_problem(dirty):
     assert "exact duplicate" in kinds  # copy_of_00 within train
     assert "exact duplicate across splits (leakage)" in kinds and "near duplicate across splits (leakage)" in kinds
     assert result.summary["leaking_pairs"] >= 2 and result.summary["trainable"]
-    assert result.summary["imbalance_ratio"] == pytest.approx(result.class_counts["total"].max() / result.class_counts["total"].min())
+    assert result.summary["imbalance_ratio"] == pytest.approx(
+        result.class_counts["total"].max() / result.class_counts["total"].min()
+    )
 
 
 def test_check_cli_json_and_exit_codes(dirty, tmp_path):
@@ -108,7 +118,9 @@ def test_train_skips_exactly_the_unreadable_files(dirty, tmp_path):
 def test_fail_policy_and_strict_split(dirty, tmp_path):
     with pytest.raises(DataError, match=r"3 unreadable image\(s\) and data.bad_images is 'fail': .*empty.jpg \(empty"):
         train(recipe=recipe_from_dict(tiny_recipe(data={"bad_images": "fail"})), data=dirty, out=tmp_path / "a", progress=False)
-    with pytest.raises(DataError, match=r"duplicate pair\(s\) across splits .*set data.group_pattern, or data.strict_split: false"):
+    with pytest.raises(
+        DataError, match=r"duplicate pair\(s\) across splits .*set data.group_pattern, or data.strict_split: false"
+    ):
         train(recipe=recipe_from_dict(tiny_recipe(data={"strict_split": True})), data=dirty, out=tmp_path / "b", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -136,4 +148,9 @@ def test_group_pattern_keeps_groups_in_one_split(tmp_path):
     splits["group"] = splits["path"].str.extract(r"/(p\d+)_")[0]
     assert (splits.groupby("group")["split"].nunique() == 1).all()
     with pytest.raises(DataError, match=r"group_pattern '\^\(x\\d\+\)_' does not match file name"):
-        train(recipe=recipe_from_dict(tiny_recipe(data={"group_pattern": r"^(x\d+)_"})), data=root, out=tmp_path / "r2", progress=False)
+        train(
+            recipe=recipe_from_dict(tiny_recipe(data={"group_pattern": r"^(x\d+)_"})),
+            data=root,
+            out=tmp_path / "r2",
+            progress=False,
+        )

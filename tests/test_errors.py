@@ -4,16 +4,19 @@ import pytest
 import torch
 
 from finetune import evaluate, predict, train
+from finetune.config.loading import recipe_from_dict
+from finetune.config.schema import DataConfig
 from finetune.data.split import load_dataset_index
 from finetune.errors import CheckpointError, DataError, RecipeError
 from finetune.training.checkpoint import load_checkpoint
-from finetune.config.loading import recipe_from_dict
-from finetune.config.schema import DataConfig
 
 from conftest import make_folder, tiny_recipe
 
 RECIPE_ERRORS = [
-    ({"train": {"phases": [{"epochs": 1, "lr": 0.1, "train": []}]}}, r"phases\.0\.trainable: at least one stage must be trainable"),
+    (
+        {"train": {"phases": [{"epochs": 1, "lr": 0.1, "train": []}]}},
+        r"phases\.0\.trainable: at least one stage must be trainable",
+    ),
     ({"transforms": {"train": [{"HorizontalFlip": {}, "VerticalFlip": {}}]}}, r"each transform is a one-key mapping like"),
     ({"transforms": {"std": [0.2, 0.0, 0.2]}}, r"recipe\.transforms\.std: every std value must be above 0"),
     ({"loss": {"class_weights": {"cat": -1.0}}}, r"recipe\.loss\.class_weights: class weights must be above 0"),
@@ -23,7 +26,7 @@ RECIPE_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("section,pattern", RECIPE_ERRORS, ids=[p for _, p in RECIPE_ERRORS])
+@pytest.mark.parametrize(("section", "pattern"), RECIPE_ERRORS, ids=[p for _, p in RECIPE_ERRORS])
 def test_more_bad_recipes(section, pattern):
     with pytest.raises(RecipeError, match=pattern):
         recipe_from_dict(tiny_recipe(**section))

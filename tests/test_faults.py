@@ -13,7 +13,9 @@ import yaml
 
 from conftest import tiny_recipe
 
-RECIPE = tiny_recipe(train={"phases": [{"epochs": 2, "train": ["head"], "lr": 0.01}, {"epochs": 2, "train": ["layer4", "head"], "lr": 0.003}]})
+RECIPE = tiny_recipe(
+    train={"phases": [{"epochs": 2, "train": ["head"], "lr": 0.01}, {"epochs": 2, "train": ["layer4", "head"], "lr": 0.003}]}
+)
 
 
 def _cli(*args):
@@ -56,11 +58,13 @@ def setup(tmp_path_factory):
     return root, data, recipe, reference
 
 
-@pytest.mark.parametrize("rows,delay", [(1, 0.0), (3, 0.4)], ids=["after-epoch-1", "inside-phase-2"])
+@pytest.mark.parametrize(("rows", "delay"), [(1, 0.0), (3, 0.4)], ids=["after-epoch-1", "inside-phase-2"])
 def test_sigkill_then_resume_matches_uninterrupted(setup, rows, delay):
     root, data, recipe, reference = setup
     run = root / f"killed-{rows}"
-    process = subprocess.Popen(_cli("train", recipe, "--data", data, "--out", run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _cli("train", recipe, "--data", data, "--out", run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _kill_when(run, process, rows, delay)
     assert process.returncode == -signal.SIGKILL
     resumed = subprocess.run(_cli("train", "--resume", run), capture_output=True, text=True, timeout=300)
@@ -77,7 +81,9 @@ def test_sigkill_then_resume_matches_uninterrupted(setup, rows, delay):
 def test_kill_inside_the_first_epoch_resumes_from_the_start(setup):
     root, data, recipe, reference = setup
     run = root / "killed-early"
-    process = subprocess.Popen(_cli("train", recipe, "--data", data, "--out", run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _cli("train", recipe, "--data", data, "--out", run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (run / "recipe.yaml").exists() and time.time() < deadline:  # killed inside epoch 1
         time.sleep(0.02)

@@ -45,10 +45,23 @@ def test_cached_probe_matches_uncached_and_second_run_reuses(tmp_path, image_fol
 
 
 def _features(tmp_path, bundle, image: ImageConfig, *, paths, views=0, train_tf=None):
-    recipe = recipe_from_dict(tiny_recipe(transforms={"train": "none" if not views else "strong"}, train={**PROBE, "cache_views": views}))
+    recipe = recipe_from_dict(
+        tiny_recipe(transforms={"train": "none" if not views else "strong"}, train={**PROBE, "cache_views": views})
+    )
     eval_tf = build_eval_pipeline(image)
-    return cached_phase(bundle, recipe, train_paths=paths, train_targets=[0] * len(paths), val_paths=paths[:1], val_targets=[0],
-                        train_pipeline=train_tf or eval_tf, eval_pipeline=eval_tf, device=torch.device("cpu"), dtype=None, progress=False)
+    return cached_phase(
+        bundle,
+        recipe,
+        train_paths=paths,
+        train_targets=[0] * len(paths),
+        val_paths=paths[:1],
+        val_targets=[0],
+        train_pipeline=train_tf or eval_tf,
+        eval_pipeline=eval_tf,
+        device=torch.device("cpu"),
+        dtype=None,
+        progress=False,
+    )
 
 
 def test_cache_is_invalidated_by_weights_pipeline_and_image_content(tmp_path, caplog):
@@ -105,7 +118,7 @@ def test_cache_views_are_distinct_stable_and_chosen_per_epoch(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(
-    "train_options,transforms,distributed,reason",
+    ("train_options", "transforms", "distributed", "reason"),
     [
         ({"freeze": ["stem", "layer1", "layer2", "layer3"]}, "none", False, "the phase trains layer4, head"),
         ({"bn": "train"}, "none", False, "bn: train"),

@@ -18,17 +18,30 @@ from finetune.training.optim import build_optimizer, build_scheduler, stage_lr_m
 
 from conftest import tiny_recipe
 
-TWO_PHASES = {"phases": [{"epochs": 1, "train": ["head"], "lr": 0.01}, {"epochs": 2, "train": ["layer4", "head"], "lr": 0.003}], "warmup_epochs": 0.5}
+TWO_PHASES = {
+    "phases": [{"epochs": 1, "train": ["head"], "lr": 0.01}, {"epochs": 2, "train": ["layer4", "head"], "lr": 0.003}],
+    "warmup_epochs": 0.5,
+}
 
 
 def test_layer_decay_gives_expected_stage_lrs():
     phase = PhaseConfig(epochs=1, lr=1.0, layer_decay=0.5, lr_mult={"layer1": 10.0})
-    assert stage_lr_multipliers(phase) == {"head": 1.0, "layer4": 0.5, "layer3": 0.25, "layer2": 0.125, "layer1": 0.0625 * 10, "stem": 0.03125}
+    assert stage_lr_multipliers(phase) == {
+        "head": 1.0,
+        "layer4": 0.5,
+        "layer3": 0.25,
+        "layer2": 0.125,
+        "layer1": 0.0625 * 10,
+        "stem": 0.03125,
+    }
 
 
 def test_phase_changes_exactly_the_requires_grad_set_and_param_groups():
     bundle = build_model(ModelConfig(name="resnet18"), num_classes=3)
-    for phase in (PhaseConfig(epochs=1, train=["head"], lr=0.1), PhaseConfig(epochs=1, train=["layer4", "head"], lr=0.1, layer_decay=0.5)):
+    for phase in (
+        PhaseConfig(epochs=1, train=["head"], lr=0.1),
+        PhaseConfig(epochs=1, train=["layer4", "head"], lr=0.1, layer_decay=0.5),
+    ):
         apply_freeze(bundle.model, FreezePlan(trainable=phase.trainable_stages()), bundle.stages)
         grads = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
         prefixes = tuple("fc" if s == "head" else s for s in phase.trainable_stages())
@@ -56,16 +69,29 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_run_folder_contents_and_checkpoint_is_plain_torch(tmp_path, image_folder):
-    result = train(recipe=recipe_from_dict(tiny_recipe(train={"epochs": 2})), data=image_folder, out=tmp_path / "run", progress=False)
+    result = train(
+        recipe=recipe_from_dict(tiny_recipe(train={"epochs": 2})), data=image_folder, out=tmp_path / "run", progress=False
+    )
     run = result.run_dir
-    for name in ("recipe.yaml", "splits.csv", "classes.json", "metrics.csv", "train_transforms.yaml", "eval_transforms.yaml", "checkpoints/best.pt", "checkpoints/last.pt"):
+    for name in (
+        "recipe.yaml",
+        "splits.csv",
+        "classes.json",
+        "metrics.csv",
+        "train_transforms.yaml",
+        "eval_transforms.yaml",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    ):
         assert (run / name).exists(), name
     history = pd.read_csv(run / "metrics.csv")
     assert list(history["epoch"]) == [1, 2] and history["val_accuracy"].between(0, 1).all()
     payload = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     assert payload["class_names"] == ["cat", "dog", "eel"] and payload["model_name"] == "resnet18"
     assert payload["image"]["input_size"] == 32 and len(payload["image"]["mean"]) == 3
-    assert payload["versions"]["torch"] == torch.__version__.split("+")[0] or payload["versions"]["torch"].startswith(torch.__version__[:4])
+    assert payload["versions"]["torch"] == torch.__version__.split("+")[0] or payload["versions"]["torch"].startswith(
+        torch.__version__[:4]
+    )
     assert payload["recipe"]["model"]["name"] == "resnet18"
     import timm
 
@@ -108,7 +134,9 @@ def test_resume_mid_phase_two_matches_uninterrupted_run(tmp_path, image_folder):
 
 
 def test_early_stopping_stops_and_keeps_best(tmp_path, image_folder):
-    recipe = recipe_from_dict(tiny_recipe(train={"epochs": 6, "lr": 1e-9, "early_stopping": {"metric": "val_loss", "patience": 1, "min_delta": 10.0}}))
+    recipe = recipe_from_dict(
+        tiny_recipe(train={"epochs": 6, "lr": 1e-9, "early_stopping": {"metric": "val_loss", "patience": 1, "min_delta": 10.0}})
+    )
     result = train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
     assert len(result.history) == 2  # epoch 1 sets the best, epoch 2 fails to improve by 10
     assert load_checkpoint(result.best_checkpoint)["epoch"] == 1
@@ -120,7 +148,9 @@ def test_non_finite_loss_stops_with_a_hint(tmp_path, image_folder, monkeypatch):
             return logits.sum() * math.nan
 
     monkeypatch.setattr(loop_module, "build_criterion", lambda cfg, weights=None: NanLoss())
-    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step 1 \(lr .*\); HINT: lower train.lr or set train.grad_clip"):
+    with pytest.raises(
+        TrainingError, match=r"loss became nan at epoch 1, step 1 \(lr .*\); HINT: lower train.lr or set train.grad_clip"
+    ):
         train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False)
 
 
@@ -136,7 +166,12 @@ def test_run_folder_mistakes(tmp_path, image_folder):
     with pytest.raises(RunDirError, match=r"output folder .*other is not empty; choose a new --out"):
         train(recipe=recipe, data=image_folder, out=tmp_path / "other", progress=False)
     with pytest.raises(FinetuneError, match=r"no validation images"):
-        train(recipe=recipe_from_dict(tiny_recipe(data={"val_fraction": 0.0})), data=image_folder, out=tmp_path / "r2", progress=False)
+        train(
+            recipe=recipe_from_dict(tiny_recipe(data={"val_fraction": 0.0})),
+            data=image_folder,
+            out=tmp_path / "r2",
+            progress=False,
+        )
 
 
 def test_class_weights():
@@ -202,7 +237,9 @@ def test_resume_refuses_a_changed_recipe_and_bad_checkpoints(tmp_path, image_fol
     with pytest.raises(CheckpointError, match=r"checkpoint weights do not fit resnet34 with 4 classes: .*Missing key"):
         predict(run=tmp_path / "other_arch.pt", inputs=[image_folder / "cat"], progress=False)
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "plain.pt")
-    with pytest.raises(CheckpointError, match=r"plain.pt is not a finetune checkpoint; to start from plain weights use model.pretrained"):
+    with pytest.raises(
+        CheckpointError, match=r"plain.pt is not a finetune checkpoint; to start from plain weights use model.pretrained"
+    ):
         predict(run=tmp_path / "plain.pt", inputs=[image_folder / "cat"], progress=False)
 
 
@@ -217,7 +254,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint_module.save_checkpoint({"format": "finetune-checkpoint", "format_version": 1, "epoch": 2}, tmp_path / "last.pt")
+        checkpoint_module.save_checkpoint(
+            {"format": "finetune-checkpoint", "format_version": 1, "epoch": 2}, tmp_path / "last.pt"
+        )
     monkeypatch.undo()
     assert checkpoint_module.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
@@ -225,8 +264,10 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
 
 def test_restore_best_goes_back_to_the_phase_best_weights(tmp_path, image_folder, monkeypatch):
     """A phase whose last epoch is worse than its best ends on the best weights; resume agrees."""
-    phases = {"phases": [{"epochs": 3, "train": ["head"], "lr": 0.05}, {"epochs": 1, "train": ["head"], "lr": 1e-9}],
-              "early_stopping": {"metric": "val_loss", "restore_best": True}}
+    phases = {
+        "phases": [{"epochs": 3, "train": ["head"], "lr": 0.05}, {"epochs": 1, "train": ["head"], "lr": 1e-9}],
+        "early_stopping": {"metric": "val_loss", "restore_best": True},
+    }
     scores = iter([0.5, 0.1, 0.9, 0.2])  # epoch 2 is phase 1's best; epoch 3 is worse
 
     real = loop_module.validate
@@ -240,6 +281,12 @@ def test_restore_best_goes_back_to_the_phase_best_weights(tmp_path, image_folder
     def remember(state):
         seen[state.epoch] = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state_dict"]["fc.weight"].clone()
 
-    train(recipe=recipe_from_dict(tiny_recipe(train=phases)), data=image_folder, out=tmp_path / "run", progress=False, on_epoch_end=remember)
+    train(
+        recipe=recipe_from_dict(tiny_recipe(train=phases)),
+        data=image_folder,
+        out=tmp_path / "run",
+        progress=False,
+        on_epoch_end=remember,
+    )
     assert not torch.equal(seen[2], seen[1])  # the head does train in phase 1
     assert torch.equal(seen[3], seen[2])  # last.pt after phase 1 holds epoch 2's weights, not epoch 3's

@@ -16,7 +16,9 @@ from conftest import tiny_recipe
 FROZEN = ["stem", "layer1", "layer2", "layer3"]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50d", "resnext50_32x4d", "wide_resnet50_2", "resnetv2_50", "tv:resnet18", "tv:resnext50_32x4d"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet50d", "resnext50_32x4d", "wide_resnet50_2", "resnetv2_50", "tv:resnet18", "tv:resnext50_32x4d"]
+)
 def test_every_tensor_belongs_to_exactly_one_named_stage(name):
     bundle = build_model(ModelConfig(name=name), num_classes=5)
     mapping = bundle.stages.of_tensor
@@ -58,7 +60,11 @@ def _weights_file(tmp_path, name):
 @pytest.mark.parametrize("name", ["resnet18", "tv:resnet18"])
 def test_frozen_stages_are_bit_identical_after_training(tmp_path, image_folder, name):
     path, loaded = _weights_file(tmp_path, name)
-    recipe = recipe_from_dict(tiny_recipe(model={"name": name, "pretrained": str(path)}, train={"freeze": FROZEN, "bn": "frozen", "epochs": 2, "lr": 0.01}))
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            model={"name": name, "pretrained": str(path)}, train={"freeze": FROZEN, "bn": "frozen", "epochs": 2, "lr": 0.01}
+        )
+    )
     result = train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
     trained = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["state_dict"]
     mapping = build_model(recipe.model, num_classes=3, load_pretrained=False).stages.of_tensor

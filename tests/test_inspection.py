@@ -4,8 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.errors import RecipeError
 from finetune.config.loading import load_recipe
+from finetune.errors import RecipeError
 from finetune.models.inspect import format_inspection, inspect_model
 
 from conftest import REPO

@@ -42,7 +42,18 @@ def test_head_options():
 
 def test_known_names_cover_the_family():
     names = known_model_names()
-    for name in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d", "resnetv2_50", "tv:resnet50", "tv:resnext50_32x4d"]:
+    for name in [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "wide_resnet50_2",
+        "resnext50_32x4d",
+        "resnetv2_50",
+        "tv:resnet50",
+        "tv:resnext50_32x4d",
+    ]:
         assert name in names
 
 
@@ -75,7 +86,9 @@ def test_timm_weights_into_torchvision_model(tmp_path):
 
 def test_finetune_checkpoint_as_pretrained_weights(tmp_path):
     source = build_model(ModelConfig(name="resnet18"), num_classes=3)
-    payload = make_payload(bundle=source, class_names=["a", "b", "c"], image=ImageConfig(32, (0.5,) * 3, (0.5,) * 3), recipe=Recipe())
+    payload = make_payload(
+        bundle=source, class_names=["a", "b", "c"], image=ImageConfig(32, (0.5,) * 3, (0.5,) * 3), recipe=Recipe()
+    )
     save_checkpoint(payload, tmp_path / "best.pt")
     bundle = build_model(ModelConfig(name="resnet18", pretrained=tmp_path / "best.pt"), num_classes=N)
     assert _backbone_equal(bundle.model, source.model.state_dict())
@@ -114,14 +127,19 @@ def test_missing_and_garbage_weight_files(tmp_path):
         build_model(ModelConfig(name="resnet18", pretrained=tmp_path / "list.pth"), num_classes=N)
 
 
-@pytest.mark.parametrize("name,host,filename", [
-    ("resnet50", "huggingface.co", "model.safetensors"),
-    ("tv:resnet50", "download.pytorch.org", "resnet50-11ad3fa6.pth"),
-])
+@pytest.mark.parametrize(
+    ("name", "host", "filename"),
+    [
+        ("resnet50", "huggingface.co", "model.safetensors"),
+        ("tv:resnet50", "download.pytorch.org", "resnet50-11ad3fa6.pth"),
+    ],
+)
 def test_unreachable_hub_fails_fast_naming_the_file(monkeypatch, name, host, filename):
     monkeypatch.setattr(weights_module, "_cached_hub_file", lambda name: None)
     monkeypatch.setattr(weights_module, "_host_reachable", lambda url, timeout=3.0: False)
-    with pytest.raises(WeightsError, match=rf"cannot reach {host} .* download https://\S+{filename} .*model.pretrained: /path/to/{filename}"):
+    with pytest.raises(
+        WeightsError, match=rf"cannot reach {host} .* download https://\S+{filename} .*model.pretrained: /path/to/{filename}"
+    ):
         build_model(ModelConfig(name=name, pretrained=True), num_classes=N)
 
 

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.errors import RecipeError
 from finetune.config.loading import load_recipe, recipe_from_dict, save_recipe
 from finetune.config.schema import Recipe
+from finetune.errors import RecipeError
 
 from conftest import REPO, tiny_recipe
 
@@ -25,7 +25,9 @@ def test_every_recipe_validates(path):
 
 
 def test_overrides_apply_and_parse_yaml_values():
-    recipe = recipe_from_dict(tiny_recipe(), overrides=["train.epochs=3", "model.name=resnet50", "train.freeze=[stem, layer1]", "train.lr=1e-4"])
+    recipe = recipe_from_dict(
+        tiny_recipe(), overrides=["train.epochs=3", "model.name=resnet50", "train.freeze=[stem, layer1]", "train.lr=1e-4"]
+    )
     assert recipe.train.epochs == 3 and recipe.model.name == "resnet50"
     assert recipe.train.freeze == ["stem", "layer1"] and recipe.train.lr == pytest.approx(1e-4)
 
@@ -62,12 +64,18 @@ BAD = [
     ({"data": {"val_fraction": 0.5, "test_fraction": 0.45}}, r"must be below 0.9"),
     ({"data": {"batch_size": 0}}, r"recipe\.data\.batch_size: Input should be greater than or equal to 1"),
     ({"transforms": {"train": "heavy"}}, r"unknown preset 'heavy'"),
-    ({"transforms": {"train": [{"HorizontalFlp": {}}]}}, r"unknown albumentations transform 'HorizontalFlp' \(did you mean 'HorizontalFlip'\?\)"),
+    (
+        {"transforms": {"train": [{"HorizontalFlp": {}}]}},
+        r"unknown albumentations transform 'HorizontalFlp' \(did you mean 'HorizontalFlip'\?\)",
+    ),
     ({"transforms": {"train": [{"HorizontalFlip": {"prob": 0.5}}]}}, r"HorizontalFlip has no argument 'prob'"),
     ({"transforms": {"train": [{"RandomResizedCrop": {"size": 5}}]}}, r"RandomResizedCrop\(.*\) is invalid"),
     ({"transforms": {"input_size": 8}}, r"recipe\.transforms\.input_size: Input should be greater than or equal to 16"),
     ({"train": {"phases": [{"epochs": 1, "train": ["head", "layer9"], "lr": 0.1}]}}, r"recipe\.train\.phases\.0\.train"),
-    ({"train": {"phases": [{"epochs": 1, "lr": 0.1, "lr_multiplier": {}}]}}, r"phases\.0\.lr_multiplier: unknown key \(did you mean 'lr_mult'\?\)"),
+    (
+        {"train": {"phases": [{"epochs": 1, "lr": 0.1, "lr_multiplier": {}}]}},
+        r"phases\.0\.lr_multiplier: unknown key \(did you mean 'lr_mult'\?\)",
+    ),
     ({"train": {"phases": [{"epochs": 1, "lr": 0.1}], "freeze": ["stem"]}}, r"\['freeze'\] conflict with phases"),
     ({"train": {"phases": []}}, r"phases is an empty list"),
     ({"model": {"head": {"dropout": 1.0}}}, r"recipe\.model\.head\.dropout: Input should be less than 1"),
@@ -75,7 +83,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("section,pattern", BAD, ids=[p for _, p in BAD])
+@pytest.mark.parametrize(("section", "pattern"), BAD, ids=[p for _, p in BAD])
 def test_bad_recipes_give_one_clear_line(section, pattern):
     with pytest.raises(RecipeError, match=pattern) as info:
         recipe_from_dict(tiny_recipe(**section))
@@ -102,5 +110,32 @@ def test_missing_and_malformed_recipe_files(tmp_path):
         load_recipe(listy)
 
 
-def test_defaults_are_a_valid_recipe():
-    assert Recipe().model.name == "resnet18"
+def test_defaults_are_validated_and_round_trip():
+    from pydantic import Field, ValidationError
+
+    from finetune.config.schema import DataConfig
+
+    recipe = Recipe()
+    assert recipe.model.name == "resnet18" and recipe.train.resolved_phases()[0].trainable_stages()[-1] == "head"
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+
+    class BrokenDefault(DataConfig):  # the schema validates defaults too: a bad one cannot hide
+        batch_size: int = Field(0, ge=1)
+
+    with pytest.raises(ValidationError, match="batch_size"):
+        BrokenDefault()
+
+
+def test_trainable_and_its_aliases():
+    """One-phase recipes say trainable: like phases; freeze: (the stages that do not train) and a phase's train: still work."""
+    by_trainable = recipe_from_dict(tiny_recipe(train={"trainable": ["layer4", "head"]}))
+    by_freeze = recipe_from_dict(tiny_recipe(train={"freeze": ["stem", "layer1", "layer2", "layer3"]}))
+    assert by_trainable.train.resolved_phases() == by_freeze.train.resolved_phases()
+    assert by_trainable.train.resolved_phases()[0].trainable_stages() == ("layer4", "head")
+    assert "freeze" not in by_trainable.to_dict()["train"] and "trainable" not in by_freeze.to_dict()["train"]
+    old = recipe_from_dict(tiny_recipe(train={"phases": [{"epochs": 1, "lr": 0.1, "train": ["head"]}]}))
+    assert old.train.phases[0].trainable == ["head"] and "train" not in old.to_dict()["train"]["phases"][0]
+    with pytest.raises(RecipeError, match="give 'trainable' or 'freeze'"):
+        recipe_from_dict(tiny_recipe(train={"trainable": ["head"], "freeze": ["stem"]}))
+    with pytest.raises(RecipeError, match=r"give 'trainable' \(or its older name 'train'\), not both"):
+        recipe_from_dict(tiny_recipe(train={"phases": [{"epochs": 1, "lr": 0.1, "train": ["head"], "trainable": ["head"]}]}))

@@ -27,7 +27,13 @@ def _local_weights(folder, name):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_one_tiny_epoch(tmp_path, image_folder, weights_dir, path):
     recipe = load_recipe(path)
-    overrides = ["data.batch_size=8", "data.num_workers=0", "data.val_fraction=0.25", "data.test_fraction=0.0", "transforms.input_size=32"]
+    overrides = [
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.0",
+        "transforms.input_size=32",
+    ]
     if recipe.train.phases:
         overrides += [f"train.phases.{i}.epochs=1" for i in range(len(recipe.train.phases))]
     else:

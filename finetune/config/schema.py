@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -95,7 +95,7 @@ def _check_transform(item: Any) -> dict[str, dict[str, Any]]:
 class TransformsConfig(_Strict):
     """Albumentations pipelines; size and normalisation default to the model's pretrained config."""
 
-    train: Union[TrainPreset, TransformList] = "standard"
+    train: TrainPreset | TransformList = "standard"
     input_size: int | None = Field(None, ge=16, le=2048)
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)
     mean: tuple[float, float, float] | None = None
@@ -128,7 +128,7 @@ class HeadConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = "resnet18"
-    pretrained: Union[bool, Path] = False
+    pretrained: bool | Path = False
     head: HeadConfig = Field(default_factory=HeadConfig)
     small_input: bool = Field(False, description="3x3/stride-1 stem, no max-pool (CIFAR-style) for 32-64 px images.")
 
@@ -138,8 +138,7 @@ class ModelConfig(_Strict):
         names = known_model_names()
         if value not in names:
             raise ValueError(
-                f"unknown model '{value}'{did_you_mean(value, names)}; "
-                "ResNet-family timm names or 'tv:' + a torchvision ResNet"
+                f"unknown model '{value}'{did_you_mean(value, names)}; ResNet-family timm names or 'tv:' + a torchvision ResNet"
             )
         return value
 
@@ -151,7 +150,7 @@ class ModelConfig(_Strict):
         return value
 
 
-Trainable = Union[Literal["all"], list[Stage]]
+Trainable = Literal["all"] | list[Stage]
 
 
 def _nonempty(value: Any) -> Any:
@@ -257,7 +256,7 @@ class LossConfig(_Strict):
     """Cross-entropy options."""
 
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    class_weights: Union[Literal["none", "balanced", "effective_number"], dict[str, float]] = "none"
+    class_weights: Literal["none", "balanced", "effective_number"] | dict[str, float] = "none"
     beta: float = Field(0.999, gt=0.0, lt=1.0, description="effective_number's beta (Cui et al. 2019).")
 
     @field_validator("class_weights")

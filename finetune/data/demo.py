@@ -29,7 +29,9 @@ def build_digits_folder(folder: Path, *, size: int = 32) -> Path:
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
     for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         grey = np.round(pixels / 16.0 * 255.0).astype(np.uint8)
-        Image.fromarray(grey, mode="L").resize((size, size), Image.BICUBIC).save(folder / str(label) / f"digit_{i:04d}.png")
+        Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.BICUBIC).save(
+            folder / str(label) / f"digit_{i:04d}.png"
+        )
     log.info("wrote %d digit images to %s", len(digits.target), folder)
     return folder
 
@@ -38,7 +40,9 @@ def default_paths() -> tuple[Path, Path]:
     """(quickstart recipe, digits folder) of this checkout; the demo needs the repository's recipes/."""
     recipe = REPO_ROOT / "recipes" / "quickstart.yaml"
     if not recipe.is_file():
-        raise DataError(f"{recipe} not found; run the demo from a clone of the finetune repository installed with 'pip install -e .'")
+        raise DataError(
+            f"{recipe} not found; run the demo from a clone of the finetune repository installed with 'pip install -e .'"
+        )
     return recipe, REPO_ROOT / "data_examples" / "digits"
 
 

@@ -20,9 +20,30 @@ from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-UNUSUAL_MODES = {"CMYK": "CMYK", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer",
-                 "F": "float", "P": "palette", "PA": "palette+alpha", "RGBA": "alpha", "LA": "grey+alpha", "L": "greyscale", "1": "1-bit"}
-EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+UNUSUAL_MODES = {
+    "CMYK": "CMYK",
+    "I;16": "16-bit",
+    "I;16B": "16-bit",
+    "I;16L": "16-bit",
+    "I": "32-bit integer",
+    "F": "float",
+    "P": "palette",
+    "PA": "palette+alpha",
+    "RGBA": "alpha",
+    "LA": "grey+alpha",
+    "L": "greyscale",
+    "1": "1-bit",
+}
+EXTENSION_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+}
 FINDING_COLUMNS = ["path", "label", "split", "severity", "kind", "detail"]
 
 
@@ -56,7 +77,9 @@ def examine_image(path: str | Path) -> ImageFacts:
                 return ImageFacts(problem="truncated", detail=str(exc), format=fmt, mode=mode, size=size, sha256=digest)
             phash = int(str(imagehash.phash(ImageOps.exif_transpose(img).convert("L"))), 16)
     except UnidentifiedImageError:
-        return ImageFacts(problem="not an image", detail=f"content is not a known image format (starts with {data[:8]!r})", sha256=digest)
+        return ImageFacts(
+            problem="not an image", detail=f"content is not a known image format (starts with {data[:8]!r})", sha256=digest
+        )
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         return ImageFacts(problem="unsupported", detail=str(exc), sha256=digest)
     return ImageFacts(problem=None, format=fmt, mode=mode, size=size, exif_rotation=rotation, sha256=digest, phash=phash)
@@ -75,14 +98,23 @@ def duplicate_pairs(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, max_d
         hashes = np.array([f.phash for _, f in usable], dtype=np.uint64)
         digests = [f.sha256 for _, f in usable]
         for a in range(len(usable) - 1):
-            distance = np.bitwise_count(hashes[a] ^ hashes[a + 1:])
+            distance = np.bitwise_count(hashes[a] ^ hashes[a + 1 :])
             for offset in np.nonzero(distance <= max_distance)[0]:
                 b = a + 1 + int(offset)
                 i, j = index[a], index[b]
                 kind = "exact duplicate" if digests[a] == digests[b] else "near duplicate"
-                rows.append({"path_a": samples.at[i, "path"], "path_b": samples.at[j, "path"], "kind": kind, "distance": int(distance[offset]),
-                             "split_a": samples.at[i, "split"], "split_b": samples.at[j, "split"],
-                             "label_a": samples.at[i, "label"], "label_b": samples.at[j, "label"]})
+                rows.append(
+                    {
+                        "path_a": samples.at[i, "path"],
+                        "path_b": samples.at[j, "path"],
+                        "kind": kind,
+                        "distance": int(distance[offset]),
+                        "split_a": samples.at[i, "split"],
+                        "split_b": samples.at[j, "split"],
+                        "label_a": samples.at[i, "label"],
+                        "label_b": samples.at[j, "label"],
+                    }
+                )
     frame = pd.DataFrame(rows, columns=["path_a", "path_b", "kind", "distance", "split_a", "split_b", "label_a", "label_b"])
     frame["crosses_split"] = (frame["split_a"] != frame["split_b"]) & (frame["split_a"] != "") & (frame["split_b"] != "")
     return frame
@@ -98,7 +130,9 @@ def _ignored_files(root: Path, extensions: Sequence[str]) -> list[dict[str, Any]
         if hidden:
             rows.append({"path": str(path), "severity": "info", "kind": "ignored hidden file", "detail": ""})
         elif path.suffix.lower() not in extensions:
-            rows.append({"path": str(path), "severity": "info", "kind": "ignored non-image file", "detail": f"extension '{path.suffix}'"})
+            rows.append(
+                {"path": str(path), "severity": "info", "kind": "ignored non-image file", "detail": f"extension '{path.suffix}'"}
+            )
     return rows
 
 
@@ -106,10 +140,14 @@ def _empty_class_folders(root: Path, samples: pd.DataFrame) -> list[str]:
     splits = split_folders(root)
     bases = list(splits) if splits is not None else [root]
     found = set(samples["label"])
-    return sorted({d.name for base in bases for d in base.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in found})
+    return sorted(
+        {d.name for base in bases for d in base.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in found}
+    )
 
 
-def file_findings(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, tiny: int = 32, max_aspect: float = 5.0) -> list[dict[str, Any]]:
+def file_findings(
+    samples: pd.DataFrame, facts: Sequence[ImageFacts], *, tiny: int = 32, max_aspect: float = 5.0
+) -> list[dict[str, Any]]:
     """One row per thing worth saying about a file."""
     rows = []
     for (_, row), fact in zip(samples.iterrows(), facts):
@@ -119,11 +157,27 @@ def file_findings(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, tiny: i
             continue
         expected = EXTENSION_FORMATS.get(Path(row["path"]).suffix.lower())
         if expected and fact.format and fact.format != expected and not (expected == "TIFF" and fact.format == "TIFF"):
-            rows.append({**base, "severity": "warning", "kind": "extension mismatch", "detail": f"named {Path(row['path']).suffix} but holds {fact.format}"})
+            rows.append(
+                {
+                    **base,
+                    "severity": "warning",
+                    "kind": "extension mismatch",
+                    "detail": f"named {Path(row['path']).suffix} but holds {fact.format}",
+                }
+            )
         if fact.mode in UNUSUAL_MODES:
-            rows.append({**base, "severity": "info", "kind": "converted mode", "detail": f"{UNUSUAL_MODES[fact.mode]} ({fact.mode}) will be converted to RGB"})
+            rows.append(
+                {
+                    **base,
+                    "severity": "info",
+                    "kind": "converted mode",
+                    "detail": f"{UNUSUAL_MODES[fact.mode]} ({fact.mode}) will be converted to RGB",
+                }
+            )
         if fact.exif_rotation != 1:
-            rows.append({**base, "severity": "info", "kind": "EXIF rotation", "detail": f"orientation {fact.exif_rotation} is applied"})
+            rows.append(
+                {**base, "severity": "info", "kind": "EXIF rotation", "detail": f"orientation {fact.exif_rotation} is applied"}
+            )
         width, height = fact.size
         if min(width, height) < tiny:
             rows.append({**base, "severity": "warning", "kind": "tiny image", "detail": f"{width}x{height} px"})
@@ -145,8 +199,46 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything, as plain types (what `finetune check --json` writes)."""
-        return {"summary": self.summary, "class_counts": self.class_counts.to_dict(orient="records"),
-                "findings": self.findings.to_dict(orient="records"), "duplicates": self.duplicates.to_dict(orient="records")}
+        return {
+            "summary": self.summary,
+            "class_counts": self.class_counts.to_dict(orient="records"),
+            "findings": self.findings.to_dict(orient="records"),
+            "duplicates": self.duplicates.to_dict(orient="records"),
+        }
+
+
+def _finding(path: str, label: str, split: str, severity: str, kind: str, detail: str) -> dict[str, Any]:
+    return {"path": path, "label": label, "split": split, "severity": severity, "kind": kind, "detail": detail}
+
+
+def _class_findings(
+    root: Path, samples: pd.DataFrame, counts: pd.DataFrame, unreadable_classes: list[str]
+) -> list[dict[str, Any]]:
+    """Empty class folders, classes of one image, and classes whose every image is unreadable."""
+    rows = [
+        _finding(name, name, "", "warning", "empty class", "no readable images; ignored")
+        for name in _empty_class_folders(root, samples)
+    ]
+    rows += [
+        _finding(label, label, "", "warning", "single-image class", "too few to split or learn")
+        for label, total in counts["total"].items()
+        if total == 1
+    ]
+    rows += [
+        _finding(label, label, "", "error", "class without readable images", "training would fail")
+        for label in unreadable_classes
+    ]
+    return rows
+
+
+def _duplicate_findings(duplicates: pd.DataFrame) -> list[dict[str, Any]]:
+    rows = []
+    for dup in duplicates.itertuples():
+        leak = bool(dup.crosses_split)
+        kind = f"{dup.kind}{' across splits (leakage)' if leak else ''}"
+        detail = f"{dup.path_b} ({dup.split_b or 'unsplit'}, distance {dup.distance})"
+        rows.append(_finding(dup.path_a, dup.label_a, dup.split_a, "warning" if leak else "info", kind, detail))
+    return rows
 
 
 def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool = True) -> CheckResult:
@@ -154,29 +246,22 @@ def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool
     root = Path(root)
     samples = scan_image_folder(root, extensions=extensions)
     facts = examine_all(list(samples["path"]), progress=progress)
-    rows = file_findings(samples, facts) + _ignored_files(root, extensions)
     readable = samples[[f.problem is None for f in facts]]
     counts = readable.groupby(["label", "split"]).size().unstack(fill_value=0)
     counts["total"] = counts.sum(axis=1)
-    for name in _empty_class_folders(root, samples):
-        rows.append({"path": name, "label": name, "split": "", "severity": "warning", "kind": "empty class", "detail": "no readable images; ignored"})
-    for label, total in counts["total"].items():
-        if total == 1:
-            rows.append({"path": label, "label": label, "split": "", "severity": "warning", "kind": "single-image class", "detail": "too few to split or learn"})
     unreadable_classes = sorted(set(samples["label"]) - set(readable["label"]))
-    for label in unreadable_classes:
-        rows.append({"path": label, "label": label, "split": "", "severity": "error", "kind": "class without readable images", "detail": "training would fail"})
     duplicates = duplicate_pairs(samples.reset_index(drop=True), facts)
-    for _, dup in duplicates.iterrows():
-        leak = bool(dup["crosses_split"])
-        rows.append({"path": dup["path_a"], "label": dup["label_a"], "split": dup["split_a"], "severity": "warning" if leak else "info",
-                     "kind": f"{dup['kind']}{' across splits (leakage)' if leak else ''}",
-                     "detail": f"{dup['path_b']} ({dup['split_b'] or 'unsplit'}, distance {dup['distance']})"})
+    rows = file_findings(samples, facts) + _ignored_files(root, extensions)
+    rows += _class_findings(root, samples, counts, unreadable_classes) + _duplicate_findings(duplicates)
     findings = pd.DataFrame(rows, columns=FINDING_COLUMNS).fillna("")
     totals = counts["total"] if len(counts) else pd.Series(dtype=int)
     summary = {
-        "root": str(root), "images": int(len(samples)), "readable": int(len(readable)), "classes": int(len(totals)),
-        "errors": int((findings["severity"] == "error").sum()), "warnings": int((findings["severity"] == "warning").sum()),
+        "root": str(root),
+        "images": int(len(samples)),
+        "readable": int(len(readable)),
+        "classes": int(len(totals)),
+        "errors": int((findings["severity"] == "error").sum()),
+        "warnings": int((findings["severity"] == "warning").sum()),
         "imbalance_ratio": float(totals.max() / totals.min()) if len(totals) else None,
         "leaking_pairs": int(duplicates["crosses_split"].sum()),
         "trainable": len(totals) >= 2 and not unreadable_classes,
@@ -187,9 +272,15 @@ def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool
 def format_check(result: CheckResult, *, limit: int = 40) -> str:
     """The terminal view: class counts, findings by kind, then the first `limit` findings."""
     s = result.summary
-    lines = [f"{s['root']}: {s['images']} images ({s['readable']} readable), {s['classes']} classes, imbalance ratio "
-             f"{s['imbalance_ratio']:.2f}" if s["imbalance_ratio"] else f"{s['root']}: no readable images", "",
-             result.class_counts.to_string(index=False), ""]
+    lines = [
+        f"{s['root']}: {s['images']} images ({s['readable']} readable), {s['classes']} classes, imbalance ratio "
+        f"{s['imbalance_ratio']:.2f}"
+        if s["imbalance_ratio"]
+        else f"{s['root']}: no readable images",
+        "",
+        result.class_counts.to_string(index=False),
+        "",
+    ]
     if len(result.findings):
         by_kind = result.findings.groupby(["severity", "kind"]).size().rename("files").reset_index()
         lines += [by_kind.to_string(index=False), ""]
@@ -198,7 +289,10 @@ def format_check(result: CheckResult, *, limit: int = 40) -> str:
         if len(result.findings) > limit:
             lines.append(f"... {len(result.findings) - limit} more (use --json for all)")
     verdict = "trainable" if s["trainable"] else "NOT trainable: fix the errors above"
-    lines += ["", f"{s['errors']} error(s), {s['warnings']} warning(s), {s['leaking_pairs']} duplicate pair(s) across splits: {verdict}"]
+    lines += [
+        "",
+        f"{s['errors']} error(s), {s['warnings']} warning(s), {s['leaking_pairs']} duplicate pair(s) across splits: {verdict}",
+    ]
     return "\n".join(lines)
 
 
@@ -223,10 +317,14 @@ def screen_samples(samples: pd.DataFrame, *, policy: str, progress: bool = True)
     kept = samples[~bad]
     lost = sorted(set(samples["label"]) - set(kept["label"]) - {""})
     if lost:
-        raise DataError(f"class '{lost[0]}' has no readable images ({int((samples['label'] == lost[0]).sum())} skipped); "
-                        "replace the files or remove the class folder")
+        raise DataError(
+            f"class '{lost[0]}' has no readable images ({int((samples['label'] == lost[0]).sum())} skipped); "
+            "replace the files or remove the class folder"
+        )
     if len(skipped):
-        log.warning("skipping %d unreadable image(s), e.g. %s (%s)", len(skipped), skipped["path"].iloc[0], skipped["reason"].iloc[0])
+        log.warning(
+            "skipping %d unreadable image(s), e.g. %s (%s)", len(skipped), skipped["path"].iloc[0], skipped["reason"].iloc[0]
+        )
     return Screened(samples=kept, skipped=skipped.reset_index(drop=True), facts=dict(zip(samples["path"], facts)))
 
 

@@ -36,7 +36,7 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**31
     np.random.seed(seed)
     transform = getattr(info.dataset, "transform", None) if info is not None else None
-    if hasattr(transform, "set_random_seed"):
+    if transform is not None and hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
 
 
@@ -45,25 +45,34 @@ def shard_indices(total: int, *, rank: int, world: int) -> range:
     return range(rank, total, world)
 
 
-def _sampler(dataset: Any, *, shuffle: bool, balanced: bool, seed: int, rank: int, world: int,
-             generator: torch.Generator) -> Any:
+def _sampler(dataset: Any, *, shuffle: bool, balanced: bool, seed: int, rank: int, world: int, generator: torch.Generator) -> Any:
     """The sampler for one loader, or None for the DataLoader's own (shuffled or sequential) order."""
     if world > 1:
         if balanced:
-            raise DataError("data.sampler: weighted is not supported under torchrun; use sampler: shuffle with loss.class_weights")
+            raise DataError(
+                "data.sampler: weighted is not supported under torchrun; use sampler: shuffle with loss.class_weights"
+            )
         if shuffle:
             return torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         return shard_indices(len(dataset), rank=rank, world=world)
     if balanced:
         counts = np.bincount(dataset.targets)
-        weights = torch.as_tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
+        weights = [1.0 / float(counts[t]) for t in dataset.targets]
         return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
     return None
 
 
 def make_loader(
-    dataset: Any, *, batch_size: int, num_workers: int, shuffle: bool, seed: int, pin_memory: bool = False,
-    balanced: bool = False, rank: int = 0, world: int = 1,
+    dataset: Any,
+    *,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool,
+    seed: int,
+    pin_memory: bool = False,
+    balanced: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose order and augmentation depend only on `seed` (so resume is exact).
 

@@ -13,7 +13,15 @@ from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 # Folders that operating systems and NAS boxes drop into shared folders: never classes.
 OS_METADATA_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin", "system volume information", "lost+found", ".trashes"})
 SAMPLE_COLUMNS = ["path", "label", "split"]
@@ -21,7 +29,9 @@ SAMPLE_COLUMNS = ["path", "label", "split"]
 
 def _visible_dirs(folder: Path) -> list[Path]:
     """Sub-folders that can hold images: not hidden, not OS metadata."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in OS_METADATA_DIRS)
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in OS_METADATA_DIRS
+    )
 
 
 def split_folders(root: Path) -> dict[Path, str] | None:

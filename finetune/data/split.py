@@ -48,7 +48,9 @@ def _groups(frame: pd.DataFrame, pattern: str | None) -> pd.Series | None:
     for path in frame["path"]:
         match = regex.search(Path(path).name)
         if match is None:
-            raise DataError(f"data.group_pattern '{pattern}' does not match file name {Path(path).name} ({path}); fix the pattern")
+            raise DataError(
+                f"data.group_pattern '{pattern}' does not match file name {Path(path).name} ({path}); fix the pattern"
+            )
         keys.append(match.group(1) if match.groups() else match.group(0))
     return pd.Series(keys, index=frame.index)
 
@@ -71,7 +73,9 @@ def _stratified(
         return keep, take
     folds = max(2, int(round(1.0 / fraction)))
     if groups.nunique() < folds:
-        raise DataError(f"data.group_pattern gives {groups.nunique()} group(s); a {what} fraction of {fraction:.2f} needs at least {folds}")
+        raise DataError(
+            f"data.group_pattern gives {groups.nunique()} group(s); a {what} fraction of {fraction:.2f} needs at least {folds}"
+        )
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     keep_idx, take_idx = next(splitter.split(frame, frame["label"], groups))
     return frame.iloc[keep_idx], frame.iloc[take_idx]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,21 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+from albumentations.core.transforms_interface import BaseTransformInitSchema, ImageOnlyTransform
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
+from pydantic import Field
 
 from finetune.config.catalog import make_transform
 from finetune.config.schema import TransformsConfig
 
 _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
+_PIL_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "area": Image.Resampling.BOX,
+}
 DEFAULT_CROP_PCT = 0.875
 
 
@@ -97,17 +107,48 @@ def build_train_pipeline(cfg: TransformsConfig, image: ImageConfig, *, seed: int
     return A.Compose([*steps, resize, *_normalize(image)], seed=seed)
 
 
-def build_eval_pipeline(image: ImageConfig) -> A.Compose:
-    """timm-style evaluation: resize the short side to size/crop_pct, centre crop, normalise."""
-    short_side = max(image.input_size, int(round(image.input_size / image.crop_pct)))
-    return A.Compose(
-        [
-            A.SmallestMaxSize(max_size=short_side, interpolation=image.cv2_interpolation),
-            A.CenterCrop(image.input_size, image.input_size),
-            *_normalize(image),
-        ],
-        seed=0,
+def resize_shorter_and_crop(image: np.ndarray, *, size: int, crop_pct: float, interpolation: str) -> np.ndarray:
+    """timm's evaluation geometry, pixel for pixel: the short side to floor(size / crop_pct) with Pillow, then a centre crop.
+
+    Sizes and crop offsets use torchvision's arithmetic (`Resize(int)` truncates the long side, `CenterCrop`
+    rounds the offset), and Pillow resamples with antialiasing, as timm's `create_transform(is_training=False)` does.
+    """
+    scale = math.floor(size / crop_pct)
+    height, width = image.shape[:2]
+    if width <= height:
+        new_w, new_h = scale, int(scale * height / width)
+    else:
+        new_w, new_h = int(scale * width / height), scale
+    resized = np.asarray(
+        Image.fromarray(image).resize((new_w, new_h), _PIL_RESAMPLE.get(interpolation, Image.Resampling.BILINEAR))
     )
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+class ResizeCenterCrop(ImageOnlyTransform):
+    """`resize_shorter_and_crop` as an albumentations transform (serialisable once finetune.data.transforms is imported)."""
+
+    class InitSchema(BaseTransformInitSchema):
+        size: int = Field(ge=1)
+        crop_pct: float = Field(gt=0.0, le=1.0)
+        interpolation: str
+
+    def __init__(self, size: int, crop_pct: float = DEFAULT_CROP_PCT, interpolation: str = "bilinear", p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return resize_shorter_and_crop(img, size=self.size, crop_pct=self.crop_pct, interpolation=self.interpolation)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size", "crop_pct", "interpolation")
+
+
+def build_eval_pipeline(image: ImageConfig) -> A.Compose:
+    """timm's evaluation transform: short side to size/crop_pct, centre crop, normalise (see `resize_shorter_and_crop`)."""
+    resize = ResizeCenterCrop(image.input_size, crop_pct=image.crop_pct, interpolation=image.interpolation)
+    return A.Compose([resize, *_normalize(image)], seed=0)
 
 
 def save_pipeline(pipeline: A.Compose, path: Path) -> None:

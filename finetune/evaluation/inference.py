@@ -32,7 +32,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def run_inference(
-    model: nn.Module, batches: Iterable[Any], *, device: torch.device, paths: Sequence[str], progress: bool = True, desc: str = "predict"
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    device: torch.device,
+    paths: Sequence[str],
+    progress: bool = True,
+    desc: str = "predict",
 ) -> Predictions:
     """Probabilities for every batch of (images, targets) in order."""
     logits, targets = collect_logits(model, batches, device=device, progress=progress, desc=desc)

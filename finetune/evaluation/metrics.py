@@ -84,8 +84,17 @@ def calibration_table(preds: Predictions, *, bins: int = 15) -> pd.DataFrame:
         count = int(mask.sum())
         acc = float(correct[mask].mean()) if count else float("nan")
         conf = float(confidence[mask].mean()) if count else float("nan")
-        rows.append({"bin": b, "lower": edges[b], "upper": edges[b + 1], "count": count, "accuracy": acc,
-                     "confidence": conf, "gap": abs(acc - conf) if count else float("nan")})
+        rows.append(
+            {
+                "bin": b,
+                "lower": edges[b],
+                "upper": edges[b + 1],
+                "count": count,
+                "accuracy": acc,
+                "confidence": conf,
+                "gap": abs(acc - conf) if count else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -100,7 +109,9 @@ def most_confused(counts: pd.DataFrame, *, limit: int = 20) -> pd.DataFrame:
     support = counts.sum(axis=1)
     rows = [
         {"true": t, "predicted": p, "count": int(counts.at[t, p]), "fraction_of_true": counts.at[t, p] / support[t]}
-        for t in counts.index for p in counts.columns if t != p and counts.at[t, p] > 0
+        for t in counts.index
+        for p in counts.columns
+        if t != p and counts.at[t, p] > 0
     ]
     frame = pd.DataFrame(rows, columns=["true", "predicted", "count", "fraction_of_true"])
     return frame.sort_values(["count", "fraction_of_true"], ascending=False).head(limit).reset_index(drop=True)

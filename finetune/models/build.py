@@ -18,8 +18,11 @@ from finetune.models.weights import hub_state_dict, load_weights, read_state_dic
 
 # torchvision's ResNet weights were trained with these (see torchvision.models.ResNet50_Weights.transforms).
 TV_DATA_CONFIG = {
-    "input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-    "interpolation": "bilinear", "crop_pct": 224 / 256,
+    "input_size": (3, 224, 224),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+    "crop_pct": 224 / 256,
 }
 
 
@@ -44,7 +47,8 @@ def _create(name: str) -> tuple[nn.Module, str, dict[str, Any]]:
         return model, "fc", dict(TV_DATA_CONFIG)
     model = timm.create_model(name, pretrained=False)
     config = timm.data.resolve_model_data_config(model)
-    return model, model.pretrained_cfg.get("classifier", "fc"), config
+    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
+    return model, str(pretrained_cfg.get("classifier", "fc")), config
 
 
 def build_head(in_features: int, num_classes: int, cfg: HeadConfig, *, conv: bool = False) -> nn.Module:
@@ -76,7 +80,9 @@ def _small_input_stem(model: nn.Module, name: str) -> None:
     """CIFAR-style stem: 3x3 stride-1 conv and no max-pool, so 32-64 px images keep their resolution."""
     conv = getattr(model, "conv1", None)
     if not isinstance(conv, nn.Conv2d):
-        raise ModelError(f"model.small_input needs a single-conv stem (resnet18..152, wide/resnext, tv:*); {name} has another stem")
+        raise ModelError(
+            f"model.small_input needs a single-conv stem (resnet18..152, wide/resnext, tv:*); {name} has another stem"
+        )
     model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
 
@@ -93,5 +99,6 @@ def build_model(cfg: ModelConfig, *, num_classes: int, load_pretrained: bool = T
         load_weights(model, read_state_dict(cfg.pretrained), classifier=classifier, source=str(cfg.pretrained))
     if cfg.small_input:  # after loading: the pretrained 7x7 stem conv is replaced, the rest is kept
         _small_input_stem(model, cfg.name)
-    return ModelBundle(model=model, name=cfg.name, classifier=classifier, data_config=data_config,
-                       stages=StageMap.of(model, classifier))
+    return ModelBundle(
+        model=model, name=cfg.name, classifier=classifier, data_config=data_config, stages=StageMap.of(model, classifier)
+    )

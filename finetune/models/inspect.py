@@ -19,6 +19,7 @@ PAPER_NOTE = (
     "Gap: today's ResNet-50/101/152 are 'v1.5' (stride 2 on the 3x3 conv of each downsampling bottleneck, "
     "the paper puts it on the first 1x1), so that 1x1 and the 3x3 run on 4x more positions: +0.2-0.3 G."
 )
+MODULE_DEPTH = 4  # FLOPs are kept per module down to e.g. "ResNetV2.stages.0": the stage modules
 BOTTLENECK_PAPER_MODELS = ("resnet50", "resnet101", "resnet152")
 
 
@@ -50,14 +51,18 @@ class Inspection:
         return PAPER_NOTE if self.model.removeprefix("tv:") in BOTTLENECK_PAPER_MODELS else None
 
 
-def inspect_model(*, name: str, recipe: Recipe | None = None, input_size: int | None = None, num_classes: int = 1000) -> Inspection:
+def inspect_model(
+    *, name: str, recipe: Recipe | None = None, input_size: int | None = None, num_classes: int = 1000
+) -> Inspection:
     """Count per-stage parameters and multiply-accumulates (torch's FlopCounterMode / 2) of one forward pass."""
     model_cfg = model_config_for(name, base=recipe.model if recipe else None)
     with torch.device("meta"):  # shapes only: no memory, no arithmetic
         bundle = build_model(model_cfg, num_classes=num_classes, load_pretrained=False)
-    size = input_size or (recipe.transforms.input_size if recipe and recipe.transforms.input_size else int(bundle.data_config["input_size"][-1]))
+    size = input_size or (
+        recipe.transforms.input_size if recipe and recipe.transforms.input_size else int(bundle.data_config["input_size"][-1])
+    )
     model = bundle.model.eval()
-    counter = FlopCounterMode(display=False, depth=None)
+    counter = FlopCounterMode(display=False, depth=MODULE_DEPTH)
     with counter:
         model(torch.empty(1, 3, size, size, device="meta"))
     counts = counter.get_flop_counts()
@@ -69,21 +74,34 @@ def inspect_model(*, name: str, recipe: Recipe | None = None, input_size: int | 
         flops = sum(sum(counts.get(f"{prefix}.{n}", {}).values()) for n in names)
         params = sum(p.numel() for _, p in bundle.stages.parameters(model, stage))
         stages.append(
-            StageInfo(stage=stage, modules=names, params=params, gmacs=flops / 2e9,
-                      trainable=[stage in phase.trainable_stages() for phase in phases],
-                      bn=[("train" if stage in phase.trainable_stages() else phase.bn) for phase in phases])
+            StageInfo(
+                stage=stage,
+                modules=names,
+                params=params,
+                gmacs=flops / 2e9,
+                trainable=[stage in phase.trainable_stages() for phase in phases],
+                bn=[("train" if stage in phase.trainable_stages() else phase.bn) for phase in phases],
+            )
         )
     return Inspection(
-        model=name, input_size=size, num_classes=num_classes, stages=stages,
+        model=name,
+        input_size=size,
+        num_classes=num_classes,
+        stages=stages,
         total_params=sum(p.numel() for p in model.parameters()),
-        total_gmacs=counter.get_total_flops() / 2e9, paper_gflops=PAPER_GFLOPS.get(name.removeprefix("tv:")),
+        total_gmacs=counter.get_total_flops() / 2e9,
+        paper_gflops=PAPER_GFLOPS.get(name.removeprefix("tv:")),
     )
 
 
 def format_inspection(info: Inspection) -> str:
     """A plain-text table for the terminal."""
     phases = len(info.stages[0].trainable)
-    header = f"{'stage':<8} {'params':>12} {'GMACs':>8}" + "".join(f"  {'phase ' + str(i + 1):>14}" for i in range(phases)) + "  modules"
+    header = (
+        f"{'stage':<8} {'params':>12} {'GMACs':>8}"
+        + "".join(f"  {'phase ' + str(i + 1):>14}" for i in range(phases))
+        + "  modules"
+    )
     lines = [f"{info.model} at {info.input_size}x{info.input_size}, {info.num_classes} classes", header, "-" * len(header)]
     for s in info.stages:
         cells = "".join(f"  {('train' if t else 'frozen') + ('' if t else ' bn:' + b):>14}" for t, b in zip(s.trainable, s.bn))

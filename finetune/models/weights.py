@@ -42,7 +42,8 @@ def hub_source(name: str) -> tuple[str, str]:
         return f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors", "model.safetensors"
     if not cfg.url:
         raise WeightsError(f"timm names no download for '{name}'; set model.pretrained: false or a local file")
-    return cfg.url, Path(urlparse(cfg.url).path).name
+    url = str(cfg.url)
+    return url, Path(urlparse(url).path).name
 
 
 def _cached_hub_file(name: str) -> Path | None:
@@ -91,7 +92,9 @@ def hub_state_dict(name: str) -> dict[str, torch.Tensor]:
             return weights.get_state_dict(progress=True)
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as exc:  # network and hub errors come in many types
-        raise WeightsError(f"downloading {url} failed ({exc}); fetch it by hand and set model.pretrained: /path/to/{filename}") from None
+        raise WeightsError(
+            f"downloading {url} failed ({exc}); fetch it by hand and set model.pretrained: /path/to/{filename}"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -32,11 +32,9 @@ def _normalized(counts: pd.DataFrame) -> pd.DataFrame:
     return counts.div(counts.sum(axis=1).replace(0, 1), axis=0)
 
 
-def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> ReportDiff:
-    """Per-class metric deltas (B - A), confusion difference and headline deltas, as CSV, PNG and Markdown."""
-    folder_a, folder_b = _report_folder(Path(run_a)), _report_folder(Path(run_b))
-    a = pd.read_csv(folder_a / "per_class.csv", dtype={"class": str})
-    b = pd.read_csv(folder_b / "per_class.csv", dtype={"class": str})
+def _per_class_diff(folder_a: Path, folder_b: Path) -> pd.DataFrame:
+    a = pd.read_csv(folder_a / "per_class.csv", dtype={"class": str}, keep_default_na=False)
+    b = pd.read_csv(folder_b / "per_class.csv", dtype={"class": str}, keep_default_na=False)
     if set(a["class"]) != set(b["class"]):
         only = sorted(set(a["class"]) ^ set(b["class"]))
         raise DataError(f"the two reports have different classes (only in one: {only}); compare runs of the same dataset")
@@ -44,41 +42,91 @@ def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> Re
     for metric in METRICS:
         merged[f"{metric}_delta"] = merged[f"{metric}_b"] - merged[f"{metric}_a"]
     columns = ["class"] + [f"{m}_{s}" for m in METRICS for s in ("a", "b", "delta")] + ["support_a", "support_b"]
-    per_class = merged[columns].sort_values("f1_delta").reset_index(drop=True)
+    return merged[columns].sort_values("f1_delta").reset_index(drop=True)
 
-    counts_a = pd.read_csv(folder_a / "confusion_matrix.csv", index_col=0, dtype={0: str})
-    counts_b = pd.read_csv(folder_b / "confusion_matrix.csv", index_col=0, dtype={0: str})
-    counts_a.index, counts_b.index = counts_a.index.astype(str), counts_b.index.astype(str)
+
+def _read_counts(folder: Path) -> pd.DataFrame:
+    counts = pd.read_csv(folder / "confusion_matrix.csv", index_col=0, dtype={0: str}, keep_default_na=False)
+    counts.index = counts.index.astype(str)
+    return counts
+
+
+def _confusion_diff(folder_a: Path, folder_b: Path) -> pd.DataFrame:
+    """B - A of the row-normalised confusion matrices, in A's class order."""
+    counts_a, counts_b = _read_counts(folder_a), _read_counts(folder_b)
     order = list(counts_a.index)
-    confusion = _normalized(counts_b.loc[order, order]) - _normalized(counts_a.loc[order, order])
+    return _normalized(counts_b.loc[order, order]) - _normalized(counts_a.loc[order, order])
 
-    metrics_a = json.loads((folder_a / "metrics.json").read_text())
-    metrics_b = json.loads((folder_b / "metrics.json").read_text())
+
+def _headline_diff(folder_a: Path, folder_b: Path) -> pd.DataFrame:
+    metrics_a = json.loads((folder_a / "metrics.json").read_text(encoding="utf-8"))
+    metrics_b = json.loads((folder_b / "metrics.json").read_text(encoding="utf-8"))
     keys = [k for k, v in metrics_a.items() if isinstance(v, float) and isinstance(metrics_b.get(k), float)]
     headline = pd.DataFrame({"metric": keys, "a": [metrics_a[k] for k in keys], "b": [metrics_b[k] for k in keys]})
     headline["delta"] = headline["b"] - headline["a"]
+    return headline
 
+
+def _changes(per_class: pd.DataFrame, positive: bool) -> str:
+    chosen = per_class[per_class["f1_delta"] > 0] if positive else per_class[per_class["f1_delta"] < 0]
+    chosen = chosen.sort_values("f1_delta", ascending=not positive)
+    return ", ".join(f"{c} ({d:+.3f})" for c, d in zip(chosen["class"], chosen["f1_delta"])) or "none"
+
+
+def _confusion_cells(confusion: pd.DataFrame, *, grew: bool, limit: int = 5) -> str:
+    """Off-diagonal cells whose share of the true class rose (grew) or fell (shrank), largest change first."""
+    cells = confusion.stack().rename("change").reset_index()
+    cells.columns = ["true", "predicted", "change"]
+    off = cells[cells["true"] != cells["predicted"]]
+    chosen = off[off["change"] > 0] if grew else off[off["change"] < 0]
+    chosen = chosen.sort_values("change", ascending=not grew).head(limit)
+    return chosen.to_markdown(index=False, floatfmt="+.3f") if len(chosen) else "none"
+
+
+def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class: pd.DataFrame, confusion: pd.DataFrame) -> str:
+    shown = headline.assign(
+        a=headline["a"].map("{:.4f}".format), b=headline["b"].map("{:.4f}".format), delta=headline["delta"].map("{:+.4f}".format)
+    )
+    return "\n".join(
+        [
+            "# Report diff",
+            "",
+            f"A: `{folder_a}`  ",
+            f"B: `{folder_b}`",
+            "",
+            shown.to_markdown(index=False),
+            "",
+            f"## Fixed (F1 up): {_changes(per_class, positive=True)}",
+            "",
+            f"## Broke (F1 down): {_changes(per_class, positive=False)}",
+            "",
+            "## Confusions that grew most (B sends more of the true class there)",
+            "",
+            _confusion_cells(confusion, grew=True),
+            "",
+            "## Confusions that shrank most",
+            "",
+            _confusion_cells(confusion, grew=False),
+            "",
+            "## Per class",
+            "",
+            per_class.to_markdown(index=False, floatfmt=".3f"),
+            "",
+        ]
+    )
+
+
+def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> ReportDiff:
+    """Per-class metric deltas (B - A), confusion difference and headline deltas, as CSV, PNG and Markdown."""
+    folder_a, folder_b = _report_folder(Path(run_a)), _report_folder(Path(run_b))
+    per_class = _per_class_diff(folder_a, folder_b)
+    confusion = _confusion_diff(folder_a, folder_b)
+    headline = _headline_diff(folder_a, folder_b)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     per_class.to_csv(out / "per_class_diff.csv", index=False, float_format="%.6f")
     confusion.to_csv(out / "confusion_diff.csv", float_format="%.6f")
     headline.to_csv(out / "metrics_diff.csv", index=False, float_format="%.6f")
     plot_confusion_difference(confusion, out / "confusion_diff.png", title="confusion change (B - A, row-normalised)")
-    cells = confusion.stack().rename("change").reset_index()
-    cells.columns = ["true", "predicted", "change"]
-    off = cells[cells["true"] != cells["predicted"]]
-    fixed = per_class[per_class["f1_delta"] > 0].sort_values("f1_delta", ascending=False)
-    broke = per_class[per_class["f1_delta"] < 0]
-    lines = [
-        "# Report diff", "", f"A: `{folder_a}`  ", f"B: `{folder_b}`", "",
-        headline.to_markdown(index=False, floatfmt="+.4f"), "",
-        f"## Fixed (F1 up): {', '.join(f'{c} ({d:+.3f})' for c, d in zip(fixed['class'], fixed['f1_delta'])) or 'none'}", "",
-        f"## Broke (F1 down): {', '.join(f'{c} ({d:+.3f})' for c, d in zip(broke['class'], broke['f1_delta'])) or 'none'}", "",
-        "## Confusions that grew most", "",
-        off.sort_values("change", ascending=False).head(5).to_markdown(index=False, floatfmt="+.3f"), "",
-        "## Confusions that shrank most", "",
-        off.sort_values("change").head(5).to_markdown(index=False, floatfmt="+.3f"), "",
-        "## Per class", "", per_class.to_markdown(index=False, floatfmt=".3f"), "",
-    ]
-    (out / "diff.md").write_text("\n".join(lines), encoding="utf-8")
+    (out / "diff.md").write_text(_markdown(folder_a, folder_b, headline, per_class, confusion), encoding="utf-8")
     return ReportDiff(folder=out, per_class=per_class, headline=headline)

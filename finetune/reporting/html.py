@@ -22,9 +22,16 @@ from finetune.evaluation.metrics import per_image_loss
 from finetune.run_dir import RunDir
 
 SECTIONS = [
-    ("summary", "Run summary"), ("metrics", "Metrics"), ("per-class", "Per class"), ("confusion", "Confusion matrix"),
-    ("confused", "Most confused"), ("curves", "Training curves"), ("errors", "Top losses"), ("unsure", "Least confident"),
-    ("calibration", "Calibration"), ("augmentation", "Augmentation"),
+    ("summary", "Run summary"),
+    ("metrics", "Metrics"),
+    ("per-class", "Per class"),
+    ("confusion", "Confusion matrix"),
+    ("confused", "Most confused"),
+    ("curves", "Training curves"),
+    ("errors", "Top losses"),
+    ("unsure", "Least confident"),
+    ("calibration", "Calibration"),
+    ("augmentation", "Augmentation"),
 ]
 
 
@@ -56,8 +63,14 @@ def _thumbnail(path: str, size: int = 128) -> str:
 def _gallery(preds: Predictions, class_names: list[str], mask: np.ndarray, order: np.ndarray, limit: int) -> list[dict[str, str]]:
     chosen = [i for i in order if mask[i]][:limit]
     return [
-        {"path": preds.paths[i], "name": Path(preds.paths[i]).name, "image": _thumbnail(preds.paths[i]),
-         "true": class_names[preds.targets[i]], "pred": class_names[preds.predicted[i]], "conf": f"{preds.probs[i].max():.0%}"}
+        {
+            "path": preds.paths[i],
+            "name": Path(preds.paths[i]).name,
+            "image": _thumbnail(preds.paths[i]),
+            "true": class_names[preds.targets[i]],
+            "pred": class_names[preds.predicted[i]],
+            "conf": f"{preds.probs[i].max():.0%}",
+        }
         for i in chosen
     ]
 
@@ -76,11 +89,19 @@ def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list
     if ctx is None:
         return [("images evaluated", str(metrics["num_images"]))], None
     recipe = ctx.meta.get("recipe", {})
-    phases = (recipe.get("train", {}).get("phases") or
-              [{"epochs": recipe.get("train", {}).get("epochs"), "freeze": recipe.get("train", {}).get("freeze"), "lr": recipe.get("train", {}).get("lr")}])
+    phases = recipe.get("train", {}).get("phases") or [
+        {
+            "epochs": recipe.get("train", {}).get("epochs"),
+            "freeze": recipe.get("train", {}).get("freeze"),
+            "lr": recipe.get("train", {}).get("lr"),
+        }
+    ]
     rows = [
         ("model", f"{ctx.meta.get('model_name')} (pretrained: {recipe.get('model', {}).get('pretrained')})"),
-        ("input", f"{ctx.meta.get('image', {}).get('input_size')} px, mean {ctx.meta.get('image', {}).get('mean')}, std {ctx.meta.get('image', {}).get('std')}"),
+        (
+            "input",
+            f"{ctx.meta.get('image', {}).get('input_size')} px, mean {ctx.meta.get('image', {}).get('mean')}, std {ctx.meta.get('image', {}).get('std')}",
+        ),
         ("phases", "; ".join(", ".join(f"{k}={v}" for k, v in phase.items() if v not in (None, {}, [])) for phase in phases)),
         ("data", str(recipe.get("data", {}).get("path"))),
         ("evaluated on", f"{ctx.split} split, {metrics['num_images']} images, {metrics['num_classes']} classes"),
@@ -101,8 +122,18 @@ def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list
 
 
 def render_html(
-    *, path: Path, title: str, preds: Predictions, class_names: list[str], metrics: dict[str, Any], per_class: pd.DataFrame,
-    counts: pd.DataFrame, confused: pd.DataFrame, bins: int, figures: dict[str, Path | None], ctx: RunContext | None,
+    *,
+    path: Path,
+    title: str,
+    preds: Predictions,
+    class_names: list[str],
+    metrics: dict[str, Any],
+    per_class: pd.DataFrame,
+    counts: pd.DataFrame,
+    confused: pd.DataFrame,
+    bins: int,
+    figures: dict[str, Path | None],
+    ctx: RunContext | None,
     gallery_size: int = 12,
 ) -> None:
     """Fill the Jinja2 template and write one HTML file with everything embedded."""
@@ -110,20 +141,33 @@ def render_html(
     correct = preds.predicted == preds.targets
     confidence = preds.probs.max(axis=1)
     summary, split_counts = _summary_rows(ctx, metrics)
-    headline = [(k.replace("_", " "), f"{v:.2%}" if k != "ece" and isinstance(v, float) else (f"{v:.3f}" if isinstance(v, float) else str(v)))
-                for k, v in metrics.items() if not isinstance(v, dict)]
+    headline = [
+        (
+            k.replace("_", " "),
+            f"{v:.2%}" if k != "ece" and isinstance(v, float) else (f"{v:.3f}" if isinstance(v, float) else str(v)),
+        )
+        for k, v in metrics.items()
+        if not isinstance(v, dict)
+    ]
     meta = ctx.meta if ctx else {}
     env = Environment(loader=PackageLoader("finetune.reporting", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        title=title, written=time.strftime("%Y-%m-%d %H:%M"), sections=SECTIONS, summary=summary, split_counts=split_counts,
-        recipe_yaml=yaml.safe_dump(meta.get("recipe", {}), sort_keys=False), versions=meta.get("versions", {}),
-        versions_text="\n".join(f"{k}: {v}" for k, v in meta.get("versions", {}).items()), headline=headline,
+        title=title,
+        written=time.strftime("%Y-%m-%d %H:%M"),
+        sections=SECTIONS,
+        summary=summary,
+        split_counts=split_counts,
+        recipe_yaml=yaml.safe_dump(meta.get("recipe", {}), sort_keys=False),
+        versions=meta.get("versions", {}),
+        versions_text="\n".join(f"{k}: {v}" for k, v in meta.get("versions", {}).items()),
+        headline=headline,
         per_class=_per_class_html(per_class),
         counts_table=counts.style.background_gradient(cmap="Blues", axis=1).to_html() if len(counts) <= 30 else None,
         confused=confused.style.format({"fraction_of_true": "{:.1%}"}).hide(axis="index").to_html() if len(confused) else None,
         top_losses=_gallery(preds, class_names, ~correct, np.argsort(-loss), gallery_size),
         unsure=_gallery(preds, class_names, correct, np.argsort(confidence), gallery_size),
-        ece=f"{metrics['ece']:.4f}", bins=bins,
+        ece=f"{metrics['ece']:.4f}",
+        bins=bins,
         images={name: png_b64(p) if p is not None and p.exists() else None for name, p in figures.items()},
     )
     path.write_text(html, encoding="utf-8")

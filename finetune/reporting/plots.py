@@ -39,8 +39,15 @@ def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: 
             for j in range(n):
                 count, value = counts.iat[i, j], normalized.iat[i, j]
                 if count:
-                    ax.text(j, i, f"{count}\n{value:.0%}" if n <= PERCENT_LIMIT else f"{count}", ha="center", va="center",
-                            fontsize=9 if n <= PERCENT_LIMIT else 7, color="white" if value > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{count}\n{value:.0%}" if n <= PERCENT_LIMIT else f"{count}",
+                        ha="center",
+                        va="center",
+                        fontsize=9 if n <= PERCENT_LIMIT else 7,
+                        color="white" if value > 0.5 else "black",
+                    )
     _label_matrix(ax, title)
     _save(fig, path)
 
@@ -104,10 +111,25 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
     top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     width = table["upper"] - table["lower"]
     filled = table["count"] > 0
-    top.bar(table.loc[filled, "lower"], table.loc[filled, "accuracy"], width=width[filled], align="edge", edgecolor="k", alpha=0.8,
-            label="accuracy")
-    top.bar(table.loc[filled, "lower"], table.loc[filled, "confidence"] - table.loc[filled, "accuracy"],
-            bottom=table.loc[filled, "accuracy"], width=width[filled], align="edge", color="C3", alpha=0.3, label="gap")
+    top.bar(
+        table.loc[filled, "lower"],
+        table.loc[filled, "accuracy"],
+        width=width[filled],
+        align="edge",
+        edgecolor="k",
+        alpha=0.8,
+        label="accuracy",
+    )
+    top.bar(
+        table.loc[filled, "lower"],
+        table.loc[filled, "confidence"] - table.loc[filled, "accuracy"],
+        bottom=table.loc[filled, "accuracy"],
+        width=width[filled],
+        align="edge",
+        color="C3",
+        alpha=0.3,
+        label="gap",
+    )
     top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     top.set_ylabel("accuracy")
     top.set_title(f"reliability diagram (ECE {ece:.3f})")

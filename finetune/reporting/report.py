@@ -78,9 +78,19 @@ def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views
     return path
 
 
-def _write_tables(folder: Path, preds: Predictions, class_names: list[str], *, top_k: int, metrics: dict[str, Any],
-                  per_class: pd.DataFrame, counts: pd.DataFrame, normalized: pd.DataFrame, calibration: pd.DataFrame,
-                  confused: pd.DataFrame) -> None:
+def _write_tables(
+    folder: Path,
+    preds: Predictions,
+    class_names: list[str],
+    *,
+    top_k: int,
+    metrics: dict[str, Any],
+    per_class: pd.DataFrame,
+    counts: pd.DataFrame,
+    normalized: pd.DataFrame,
+    calibration: pd.DataFrame,
+    confused: pd.DataFrame,
+) -> None:
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     per_class.to_csv(folder / "per_class.csv", index=False)
     counts.to_csv(folder / "confusion_matrix.csv")
@@ -90,12 +100,24 @@ def _write_tables(folder: Path, preds: Predictions, class_names: list[str], *, t
     predictions_table(preds, class_names, top_k=top_k).to_csv(folder / "predictions.csv", index=False, float_format="%.6f")
 
 
-def _write_figures(folder: Path, *, title: str, metrics: dict[str, Any], counts: pd.DataFrame, normalized: pd.DataFrame,
-                   calibration: pd.DataFrame, context: RunContext | None) -> dict[str, Path | None]:
+def _write_figures(
+    folder: Path,
+    *,
+    title: str,
+    metrics: dict[str, Any],
+    counts: pd.DataFrame,
+    normalized: pd.DataFrame,
+    calibration: pd.DataFrame,
+    context: RunContext | None,
+) -> dict[str, Path | None]:
     plot_confusion_matrix(normalized, counts, folder / "confusion_matrix.png", title=title)
     plot_reliability(calibration, metrics["ece"], folder / "reliability.png")
-    figures: dict[str, Path | None] = {"confusion": folder / "confusion_matrix.png", "reliability": folder / "reliability.png",
-                                       "curves": None, "augmentation": None}
+    figures: dict[str, Path | None] = {
+        "confusion": folder / "confusion_matrix.png",
+        "reliability": folder / "reliability.png",
+        "curves": None,
+        "augmentation": None,
+    }
     if context is not None and context.run is not None and context.run.metrics.exists():
         plot_training_curves(pd.read_csv(context.run.metrics), folder / "training_curves.png")
         figures["curves"] = folder / "training_curves.png"
@@ -104,8 +126,9 @@ def _write_figures(folder: Path, *, title: str, metrics: dict[str, Any], counts:
     return figures
 
 
-def write_report(preds: Predictions, class_names: list[str], folder: Path, *, top_k: int, title: str,
-                 context: RunContext | None = None) -> Report:
+def write_report(
+    preds: Predictions, class_names: list[str], folder: Path, *, top_k: int, title: str, context: RunContext | None = None
+) -> Report:
     """Compute metrics from `preds` and write every report file into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     metrics = headline_metrics(preds, class_names, top_k=top_k)
@@ -113,12 +136,34 @@ def write_report(preds: Predictions, class_names: list[str], folder: Path, *, to
     counts, normalized = confusion_tables(preds, class_names)
     calibration = calibration_table(preds, bins=CALIBRATION_BINS)
     confused = most_confused(counts)
-    _write_tables(folder, preds, class_names, top_k=top_k, metrics=metrics, per_class=per_class, counts=counts,
-                  normalized=normalized, calibration=calibration, confused=confused)
-    figures = _write_figures(folder, title=title, metrics=metrics, counts=counts, normalized=normalized, calibration=calibration,
-                             context=context)
+    _write_tables(
+        folder,
+        preds,
+        class_names,
+        top_k=top_k,
+        metrics=metrics,
+        per_class=per_class,
+        counts=counts,
+        normalized=normalized,
+        calibration=calibration,
+        confused=confused,
+    )
+    figures = _write_figures(
+        folder, title=title, metrics=metrics, counts=counts, normalized=normalized, calibration=calibration, context=context
+    )
     (folder / "summary.md").write_text(_summary(metrics, per_class, title, context.extra if context else {}), encoding="utf-8")
-    render_html(path=folder / "report.html", title=title, preds=preds, class_names=class_names, metrics=metrics, per_class=per_class,
-                counts=counts, confused=confused, bins=CALIBRATION_BINS, figures=figures, ctx=context)
+    render_html(
+        path=folder / "report.html",
+        title=title,
+        preds=preds,
+        class_names=class_names,
+        metrics=metrics,
+        per_class=per_class,
+        counts=counts,
+        confused=confused,
+        bins=CALIBRATION_BINS,
+        figures=figures,
+        ctx=context,
+    )
     log.info("report written to %s (accuracy %.4f, open report.html)", folder, metrics["accuracy"])
     return Report(folder=folder, metrics=metrics, per_class=per_class)

@@ -89,7 +89,9 @@ class CheckpointSaver:
         extra: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
         if training_state is not None:
             extra["training_state"] = training_state
-        payload = make_payload(bundle=self.bundle, class_names=self.class_names, image=self.image, recipe=self.recipe, extra=extra)
+        payload = make_payload(
+            bundle=self.bundle, class_names=self.class_names, image=self.image, recipe=self.recipe, extra=extra
+        )
         save_checkpoint(payload, path)
 
 

@@ -13,9 +13,10 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import albumentations as A
 import numpy as np
@@ -128,6 +129,21 @@ class _Views(torch.utils.data.Dataset):
         return self.pipeline(image=load_image(path))["image"], index
 
 
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How missing features are computed: device, autocast dtype, batching and progress bars."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    batch_size: int
+    num_workers: int
+    progress: bool
+
+
+def _save_row(row: np.ndarray) -> Callable[[BinaryIO], None]:
+    return lambda handle: np.save(handle, row)
+
+
 @dataclass
 class FeatureCache:
     """One cache folder: features of one backbone under one pipeline, a file per (image content, view)."""
@@ -139,39 +155,43 @@ class FeatureCache:
     def _file(self, image_key: str, view: int) -> Path:
         return self.folder / image_key[:2] / f"{image_key}.v{view}.npy"
 
-    def features(self, bundle: ModelBundle, paths: Sequence[str], pipeline: A.Compose, *, device: torch.device,
-                 dtype: torch.dtype | None, batch_size: int, num_workers: int, progress: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def features(
+        self, bundle: ModelBundle, paths: Sequence[str], pipeline: A.Compose, options: ComputeOptions
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
         """(images x views x dim) features for `paths`, computing only what the cache lacks."""
-        keys = [file_key(p) for p in tqdm(paths, desc="hash images", disable=not progress, leave=False)]
+        keys = [file_key(p) for p in tqdm(paths, desc="hash images", disable=not options.progress, leave=False)]
         views = max(self.views, 1)
         wanted = [(i, v) for i in range(len(paths)) for v in range(views)]
         missing = [(i, v) for i, v in wanted if not self._file(keys[i], v).exists()]
         if missing:
             seeds = [int(_digest(str(self.seed), keys[i], str(v))[:8], 16) if self.views else -1 for i, v in missing]
-            self._compute(bundle, [(paths[i], s) for (i, _), s in zip(missing, seeds)], [self._file(keys[i], v) for i, v in missing],
-                          pipeline, device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, progress=progress)
+            jobs = [(paths[i], s) for (i, _), s in zip(missing, seeds)]
+            self._compute(bundle, jobs, [self._file(keys[i], v) for i, v in missing], pipeline, options)
         log.info("feature cache %s: %d view(s) computed, %d reused", self.folder, len(missing), len(wanted) - len(missing))
         stacked = np.stack([np.load(self._file(keys[i], v)) for i, v in wanted])
         meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
         return torch.from_numpy(stacked).view(len(paths), views, -1), tuple(meta["shape"])
 
     @torch.inference_mode()
-    def _compute(self, bundle: ModelBundle, jobs: list[tuple[str, int]], files: list[Path], pipeline: A.Compose, *,
-                 device: torch.device, dtype: torch.dtype | None, batch_size: int, num_workers: int, progress: bool) -> None:
+    def _compute(
+        self, bundle: ModelBundle, jobs: list[tuple[str, int]], files: list[Path], pipeline: A.Compose, options: ComputeOptions
+    ) -> None:
         captured: list[torch.Tensor] = []
         hook = bundle.head.register_forward_hook(lambda module, args, output: captured.append(args[0]))
-        loader = torch.utils.data.DataLoader(_Views(jobs, pipeline), batch_size=batch_size, num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(
+            _Views(jobs, pipeline), batch_size=options.batch_size, num_workers=options.num_workers
+        )
         was_training = bundle.model.training
         bundle.model.eval()
         try:
-            for images, indices in tqdm(loader, desc="cache features", disable=not progress, leave=False):
+            for images, indices in tqdm(loader, desc="cache features", disable=not options.progress, leave=False):
                 captured.clear()
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    bundle.model(images.to(device))
+                with torch.autocast(options.device.type, dtype=options.dtype, enabled=options.dtype is not None):
+                    bundle.model(images.to(options.device))
                 batch = captured[0].float().cpu()
                 self._write_meta(tuple(batch.shape[1:]))
                 for row, index in zip(batch.flatten(1).numpy(), indices.tolist()):
-                    atomic_write(files[index], lambda handle, row=row: np.save(handle, row))
+                    atomic_write(files[index], _save_row(row))
         finally:
             hook.remove()
             bundle.model.train(was_training)
@@ -192,20 +212,35 @@ class CachedPhase:
     head: HeadOnFeatures
 
 
-def cached_phase(bundle: ModelBundle, recipe: Recipe, *, train_paths: Sequence[str], train_targets: Sequence[int],
-                 val_paths: Sequence[str], val_targets: Sequence[int], train_pipeline: A.Compose, eval_pipeline: A.Compose,
-                 device: torch.device, dtype: torch.dtype | None, progress: bool) -> CachedPhase:
+def cached_phase(
+    bundle: ModelBundle,
+    recipe: Recipe,
+    *,
+    train_paths: Sequence[str],
+    train_targets: Sequence[int],
+    val_paths: Sequence[str],
+    val_targets: Sequence[int],
+    train_pipeline: A.Compose,
+    eval_pipeline: A.Compose,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: bool,
+) -> CachedPhase:
     """Features for the train split (K views, or the eval pipeline) and the val split (eval pipeline)."""
     root = cache_root()
     model_key = backbone_key(bundle, dtype)[:24]
     views = recipe.train.cache_views if recipe.transforms.train != "none" else 0  # the eval pipeline has one view
-    options = dict(device=device, dtype=dtype, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, progress=progress)
+    options = ComputeOptions(
+        device=device, dtype=dtype, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, progress=progress
+    )
     eval_cache = FeatureCache(root / f"{model_key}-{pipeline_key(eval_pipeline, seed=None)[:24]}", views=0)
     if views:
-        train_cache = FeatureCache(root / f"{model_key}-{pipeline_key(train_pipeline, seed=recipe.seed)[:24]}-k{views}", views=views, seed=recipe.seed)
-        train_features, shape = train_cache.features(bundle, train_paths, train_pipeline, **options)
+        train_cache = FeatureCache(
+            root / f"{model_key}-{pipeline_key(train_pipeline, seed=recipe.seed)[:24]}-k{views}", views=views, seed=recipe.seed
+        )
+        train_features, shape = train_cache.features(bundle, train_paths, train_pipeline, options)
     else:
-        train_features, shape = eval_cache.features(bundle, train_paths, eval_pipeline, **options)
-    val_features, _ = eval_cache.features(bundle, val_paths, eval_pipeline, **options)
+        train_features, shape = eval_cache.features(bundle, train_paths, eval_pipeline, options)
+    val_features, _ = eval_cache.features(bundle, val_paths, eval_pipeline, options)
     head = HeadOnFeatures(bundle.head, shape)
     return CachedPhase(train=FeatureSet(train_features, train_targets), val=FeatureSet(val_features, val_targets), head=head)

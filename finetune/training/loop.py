@@ -9,16 +9,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.loader import ImageDataset, make_loader
 from finetune.data.transforms import ImageConfig
-from finetune.errors import TrainingError
 from finetune.models.build import ModelBundle
 from finetune.models.stages import FreezePlan, apply_freeze, set_train_mode
 from finetune.run_dir import RunDir
@@ -26,14 +23,15 @@ from finetune.training.checkpoint import CheckpointSaver, load_checkpoint
 from finetune.training.device import autocast_dtype, resolve_device
 from finetune.training.distributed import Ranks, barrier, current, mean_across
 from finetune.training.early_stopping import EarlyStopping
+from finetune.training.epoch import Stepper, train_one_epoch
 from finetune.training.feature_cache import CachedPhase, cached_phase, why_not_cached
+from finetune.training.history import append_history_row
 from finetune.training.loss import build_criterion
 from finetune.training.optim import Schedule, build_optimizer, build_scheduler
 from finetune.training.validation import validate
 
 log = logging.getLogger(__name__)
 
-METRICS_COLUMNS = ["epoch", "phase", "phase_epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "seconds"]
 EPOCH_SEED_STRIDE = 100_003  # a prime: epoch e of a run with seed s shuffles and augments with s * stride + e
 
 
@@ -49,14 +47,22 @@ class FitState:
     scheduler: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "phase": self.phase, "phase_epoch": self.phase_epoch, "stopping": self.stopping,
-                "optimizer": self.optimizer, "scheduler": self.scheduler}
+        return {
+            "epoch": self.epoch,
+            "phase": self.phase,
+            "phase_epoch": self.phase_epoch,
+            "stopping": self.stopping,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+        }
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> FitState:
         """The state stored in a `last.pt` payload."""
         stored = payload["training_state"]
-        return cls(**{k: stored[k] for k in ("epoch", "phase", "phase_epoch", "stopping", "optimizer", "scheduler") if k in stored})
+        return cls(
+            **{k: stored[k] for k in ("epoch", "phase", "phase_epoch", "stopping", "optimizer", "scheduler") if k in stored}
+        )
 
 
 @dataclass
@@ -114,8 +120,12 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> _Env:
     if state.stopping:
         stopping.load_state_dict(state.stopping)
     return _Env(
-        device=device, dtype=dtype, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        criterion=build_criterion(ctx.recipe.loss, ctx.class_weights).to(device), ranks=ranks, stopping=stopping,
+        device=device,
+        dtype=dtype,
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        criterion=build_criterion(ctx.recipe.loss, ctx.class_weights).to(device),
+        ranks=ranks,
+        stopping=stopping,
         saver=CheckpointSaver(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, enabled=ranks.main),
         total_epochs=sum(p.epochs for p in cfg.resolved_phases()),
     )
@@ -152,31 +162,73 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: _Env, config: Phas
     else:
         state.phase, state.phase_epoch = index, 0
         env.stopping.start_phase()
-    log.info("phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, BN %s", index + 1,
-             len(ctx.recipe.train.resolved_phases()), ", ".join(plan.trainable), f"{trainable:,}", config.epochs, config.lr, config.bn)
+    log.info(
+        "phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, BN %s",
+        index + 1,
+        len(ctx.recipe.train.resolved_phases()),
+        ", ".join(plan.trainable),
+        f"{trainable:,}",
+        config.epochs,
+        config.lr,
+        config.bn,
+    )
     started = time.perf_counter()
     net, val_net, train_set, val_batches, cached = _phase_inputs(bundle, ctx, env, config)
-    return _Phase(index=index, config=config, plan=plan, optimizer=optimizer, schedule=schedule, net=net, val_net=val_net,
-                  train_set=train_set, val_batches=val_batches, cached=cached, setup_started=started)
+    return _Phase(
+        index=index,
+        config=config,
+        plan=plan,
+        optimizer=optimizer,
+        schedule=schedule,
+        net=net,
+        val_net=val_net,
+        train_set=train_set,
+        val_batches=val_batches,
+        cached=cached,
+        setup_started=started,
+    )
 
 
-def _phase_inputs(bundle: ModelBundle, ctx: FitContext, env: _Env, config: PhaseConfig) -> tuple[nn.Module, nn.Module, Any, Any, CachedPhase | None]:
+def _phase_inputs(
+    bundle: ModelBundle, ctx: FitContext, env: _Env, config: PhaseConfig
+) -> tuple[nn.Module, nn.Module, Any, Any, CachedPhase | None]:
     """(training net, validation net, training set, validation batches, feature cache or None) for one phase."""
     data = ctx.recipe.data
     reason = why_not_cached(ctx.recipe, config, distributed=env.ranks.enabled)
     if reason is None:  # the classifier trains on cached backbone outputs: same parameters, no image decoding
-        cached = cached_phase(bundle, ctx.recipe, train_paths=ctx.train_set.paths, train_targets=ctx.train_set.targets,
-                              val_paths=ctx.val_set.paths, val_targets=ctx.val_set.targets, train_pipeline=ctx.train_set.transform,
-                              eval_pipeline=ctx.val_set.transform, device=env.device, dtype=env.dtype, progress=ctx.progress)
+        cached = cached_phase(
+            bundle,
+            ctx.recipe,
+            train_paths=ctx.train_set.paths,
+            train_targets=ctx.train_set.targets,
+            val_paths=ctx.val_set.paths,
+            val_targets=ctx.val_set.targets,
+            train_pipeline=ctx.train_set.transform,
+            eval_pipeline=ctx.val_set.transform,
+            device=env.device,
+            dtype=env.dtype,
+            progress=ctx.progress,
+        )
         val_batches = make_loader(cached.val, batch_size=data.batch_size, num_workers=0, shuffle=False, seed=0)
         return cached.head, cached.head, cached.train, val_batches, cached
     if config.trainable_stages() == ("head",):
         log.info("feature cache not used: %s", reason)
-    val_loader = make_loader(ctx.val_set, batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False, seed=0,
-                             rank=env.ranks.rank, world=env.ranks.world)
+    val_loader = make_loader(
+        ctx.val_set,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        shuffle=False,
+        seed=0,
+        rank=env.ranks.rank,
+        world=env.ranks.world,
+    )
     net: nn.Module = bundle.model
     if env.ranks.enabled:
-        device_ids = [env.device.index if env.device.index is not None else torch.cuda.current_device()] if env.device.type == "cuda" else None
+        device_ids = (
+            [env.device.index if env.device.index is not None else torch.cuda.current_device()]
+            if env.device.type == "cuda"
+            else None
+        )
         net = DistributedDataParallel(bundle.model, device_ids=device_ids)
     return net, bundle.model, ctx.train_set, val_loader, None
 
@@ -189,22 +241,53 @@ def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: _Env, phase: _Phase, s
     lr = phase.optimizer.param_groups[-1]["lr"]
     train_loss, train_acc = _train_epoch(ctx, env, phase, epoch)
     train_loss, train_acc = mean_across([train_loss, train_acc], env.ranks, env.device)
-    val = validate(phase.val_net, phase.val_batches, device=env.device, ranks=env.ranks, total=len(ctx.val_set),
-                   num_classes=len(ctx.class_names), progress=ctx.progress)
-    row = {"epoch": epoch, "phase": phase.index + 1, "phase_epoch": state.phase_epoch + 1, "lr": lr, "train_loss": train_loss,
-           "train_accuracy": train_acc, **val, "seconds": time.perf_counter() - started}
+    val = validate(
+        phase.val_net,
+        phase.val_batches,
+        device=env.device,
+        ranks=env.ranks,
+        total=len(ctx.val_set),
+        num_classes=len(ctx.class_names),
+        progress=ctx.progress,
+    )
+    row = {
+        "epoch": epoch,
+        "phase": phase.index + 1,
+        "phase_epoch": state.phase_epoch + 1,
+        "lr": lr,
+        "train_loss": train_loss,
+        "train_accuracy": train_acc,
+        **val,
+        "seconds": time.perf_counter() - started,
+    }
     if env.ranks.main:
         append_history_row(ctx.run, row)
-    log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f (%.1fs)", epoch, train_loss, train_acc,
-             val["val_loss"], val["val_accuracy"], val["val_macro_f1"], row["seconds"])
+    log.info(
+        "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f (%.1fs)",
+        epoch,
+        train_loss,
+        train_acc,
+        val["val_loss"],
+        val["val_accuracy"],
+        val["val_macro_f1"],
+        row["seconds"],
+    )
     state.epoch, state.phase_epoch = epoch, state.phase_epoch + 1
     _after_epoch(bundle, ctx, env, phase, state, metrics={k: float(v) for k, v in row.items()}, last_phase=last_phase)
     if ctx.on_epoch_end is not None:
         ctx.on_epoch_end(state)
 
 
-def _after_epoch(bundle: ModelBundle, ctx: FitContext, env: _Env, phase: _Phase, state: FitState, *, metrics: dict[str, float],
-                 last_phase: bool) -> None:
+def _after_epoch(
+    bundle: ModelBundle,
+    ctx: FitContext,
+    env: _Env,
+    phase: _Phase,
+    state: FitState,
+    *,
+    metrics: dict[str, float],
+    last_phase: bool,
+) -> None:
     """Early stopping and restore-best decisions, then best.pt / phase_best.pt / last.pt."""
     stopping_cfg = ctx.recipe.train.early_stopping
     verdict = env.stopping.update(metrics, state.epoch)
@@ -235,64 +318,31 @@ def _restore_phase_best(bundle: ModelBundle, run: RunDir, device: torch.device) 
 
 
 def _train_epoch(ctx: FitContext, env: _Env, phase: _Phase, epoch: int) -> tuple[float, float]:
-    """One pass over the (shuffled, augmented) training set; returns mean loss and accuracy."""
+    """This epoch's loader (order and augmentation from the seed and the epoch number), then one pass over it."""
     data = ctx.recipe.data
     epoch_seed = ctx.recipe.seed * EPOCH_SEED_STRIDE + epoch
     if phase.cached is not None:
         phase.cached.train.choose_views(epoch_seed)
-    loader = make_loader(phase.train_set, batch_size=data.batch_size, num_workers=0 if phase.cached else data.num_workers,
-                         shuffle=True, seed=epoch_seed, pin_memory=env.device.type == "cuda" and phase.cached is None,
-                         balanced=data.sampler == "weighted", rank=env.ranks.rank, world=env.ranks.world)
-    loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{env.total_epochs}", disable=not ctx.progress, leave=False)
-    for step, (images, targets) in enumerate(bar):
-        logits, loss = _train_step(ctx, env, phase, images, targets, epoch=epoch, step=step)
-        loss_sum += loss * targets.size(0)
-        correct += int((logits.argmax(1).cpu() == targets).sum().item())
-        seen += targets.size(0)
-        if ctx.progress:
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
-
-
-def _train_step(ctx: FitContext, env: _Env, phase: _Phase, images: torch.Tensor, targets: torch.Tensor, *, epoch: int,
-                step: int) -> tuple[torch.Tensor, float]:
-    """Forward, loss check, backward (with gradient clipping), optimizer and schedule step."""
-    images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
-    with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype is not None):
-        logits = phase.net(images)
-        loss = env.criterion(logits.float(), targets)
-    if not torch.isfinite(loss):
-        raise TrainingError(
-            f"loss became {loss.item()} at epoch {epoch}, step {step + 1} (lr {phase.optimizer.param_groups[0]['lr']:.3g}); "
-            "HINT: lower train.lr or set train.grad_clip (the last good checkpoint is kept)"
-        )
-    phase.optimizer.zero_grad(set_to_none=True)
-    env.scaler.scale(loss).backward()
-    if ctx.recipe.train.grad_clip is not None:
-        env.scaler.unscale_(phase.optimizer)
-        nn.utils.clip_grad_norm_([p for g in phase.optimizer.param_groups for p in g["params"]], ctx.recipe.train.grad_clip)
-    env.scaler.step(phase.optimizer)
-    env.scaler.update()
-    phase.schedule.step()
-    return logits.detach(), float(loss.item())
-
-
-def append_history_row(run: RunDir, row: dict[str, Any]) -> None:
-    """One epoch's row of metrics.csv."""
-    pd.DataFrame([row], columns=METRICS_COLUMNS).to_csv(run.metrics, mode="a", header=not run.metrics.exists(), index=False,
-                                                         float_format="%.6g")
-
-
-def read_history(run: RunDir) -> pd.DataFrame:
-    """metrics.csv as a DataFrame (empty, with the columns, before the first epoch)."""
-    if not run.metrics.exists():
-        return pd.DataFrame(columns=METRICS_COLUMNS)
-    return pd.read_csv(run.metrics)
-
-
-def truncate_history(run: RunDir, *, after_epoch: int) -> None:
-    """Drop metrics.csv rows written after the last checkpoint (a kill between the row and last.pt), before a resume."""
-    history = read_history(run)
-    if len(history) and (history["epoch"] > after_epoch).any():
-        history[history["epoch"] <= after_epoch].to_csv(run.metrics, index=False, float_format="%.6g")
+    loader = make_loader(
+        phase.train_set,
+        batch_size=data.batch_size,
+        num_workers=0 if phase.cached else data.num_workers,
+        shuffle=True,
+        seed=epoch_seed,
+        pin_memory=env.device.type == "cuda" and phase.cached is None,
+        balanced=data.sampler == "weighted",
+        rank=env.ranks.rank,
+        world=env.ranks.world,
+    )
+    stepper = Stepper(
+        criterion=env.criterion,
+        optimizer=phase.optimizer,
+        schedule=phase.schedule,
+        device=env.device,
+        dtype=env.dtype,
+        scaler=env.scaler,
+        grad_clip=ctx.recipe.train.grad_clip,
+    )
+    return train_one_epoch(
+        phase.net, loader, stepper, epoch=epoch, progress=ctx.progress, desc=f"epoch {epoch}/{env.total_epochs}"
+    )

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+SKIP_START = 10  # as Lightning's Tuner: the steepest descent is looked for after the first 10 points
+
 
 def _cycle(batches: Iterable[Any]) -> Any:
     while True:
@@ -25,9 +27,18 @@ def _cycle(batches: Iterable[Any]) -> Any:
 
 
 def lr_range_test(
-    model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
-    device: torch.device, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, beta: float = 0.98,
-    diverge: float = 4.0, progress: bool = True,
+    model: nn.Module,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    *,
+    device: torch.device,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    beta: float = 0.98,
+    diverge: float = 4.0,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Raise the LR exponentially each step and record the loss; model and optimizer are restored afterwards.
 
@@ -67,9 +78,8 @@ def suggest_lr(curve: pd.DataFrame) -> float:
     """The LR of steepest descent of the smoothed loss, before its minimum (skipping the noisy start)."""
     upto = int(curve["smoothed"].idxmin()) + 1
     part = curve.iloc[: max(upto, 3)]
-    skip = min(len(part) // 10, 5)
-    part = part.iloc[skip:]
+    part = part.iloc[min(SKIP_START, len(part) // 3) :]  # the first points average few batches: noise, not slope
     if len(part) < 3:
-        return float(curve["lr"].iloc[max(upto - 1, 0)] / 10)
+        return float(max(curve["lr"].iloc[max(upto - 1, 0)] / 10, curve["lr"].iloc[0]))
     slope = np.gradient(part["smoothed"].to_numpy(), np.log10(part["lr"].to_numpy()))
     return float(part["lr"].iloc[int(np.argmin(slope))])

@@ -14,6 +14,8 @@ from finetune.config.schema import PhaseConfig, TrainConfig
 from finetune.errors import ModelError
 from finetune.models.stages import StageMap
 
+FUSED_OPTIMIZERS = ("adamw", "sgd", "momentum")  # timm names backed by torch optimizers that have fused kernels
+
 
 def stage_lr_multipliers(phase: PhaseConfig) -> dict[Stage, float]:
     """Per-stage LR factor: layer-wise decay (head 1, layer4 d, layer3 d^2, ...) times explicit lr_mult."""
@@ -34,7 +36,14 @@ def stage_param_groups(model: nn.Module, phase: PhaseConfig, cfg: TrainConfig, s
         params = [(n, p) for n, p in stages.parameters(model, stage) if p.requires_grad]
         for decay, chosen in ((True, [p for _, p in params if p.ndim > 1]), (False, [p for _, p in params if p.ndim <= 1])):
             if chosen:
-                groups.append({"params": chosen, "lr_scale": mults[stage], "weight_decay": cfg.weight_decay if decay else 0.0, "stage": stage})
+                groups.append(
+                    {
+                        "params": chosen,
+                        "lr_scale": mults[stage],
+                        "weight_decay": cfg.weight_decay if decay else 0.0,
+                        "stage": stage,
+                    }
+                )
     return groups
 
 
@@ -44,7 +53,11 @@ def build_optimizer(model: nn.Module, phase: PhaseConfig, cfg: TrainConfig, stag
     if not groups:
         raise ModelError(f"phase trains {list(phase.trainable_stages())} but they hold no parameters; train at least 'head'")
     name = "momentum" if cfg.optimizer == "sgd" and cfg.momentum == 0 else cfg.optimizer  # Nesterov needs momentum
-    return timm.optim.create_optimizer_v2(groups, opt=name, lr=phase.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    # torch's fused AdamW/SGD kernels: same update, one kernel for all tensors (6.8x faster steps on CPU, BENCHMARKS.md)
+    extra: dict[str, Any] = {"fused": True} if name in FUSED_OPTIMIZERS else {}
+    return timm.optim.create_optimizer_v2(
+        groups, opt=name, lr=phase.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra
+    )
 
 
 class Schedule:
@@ -79,7 +92,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
     common: dict[str, Any] = {"warmup_t": warmup + 1, "warmup_lr_init": 0.0, "warmup_prefix": True, "t_in_epochs": False}
     if cfg.scheduler == "constant":
-        scheduler: timm.scheduler.scheduler.Scheduler = timm.scheduler.StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, **common)
+        scheduler: timm.scheduler.scheduler.Scheduler = timm.scheduler.StepLRScheduler(
+            optimizer, decay_t=1, decay_rate=1.0, **common
+        )
     else:
-        scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=0.0, **common)
+        # cycle_decay acts only on cycles after the first, which cycle_limit=1 never reaches; != 1 it keeps timm from
+        # warning that a one-step cosine "has no effect" (it has none to have).
+        scheduler = timm.scheduler.CosineLRScheduler(
+            optimizer, t_initial=max(1, total_steps - warmup), lr_min=0.0, cycle_limit=1, cycle_decay=0.5, **common
+        )
     return Schedule(scheduler)

@@ -1,0 +1,43 @@
+"""metrics.csv: one row per epoch, appended as training goes, cut back to the last checkpoint before a resume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from finetune.run_dir import RunDir
+
+METRICS_COLUMNS = [
+    "epoch",
+    "phase",
+    "phase_epoch",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "seconds",
+]
+
+
+def append_history_row(run: RunDir, row: dict[str, Any]) -> None:
+    """One epoch's row of metrics.csv."""
+    pd.DataFrame([row], columns=METRICS_COLUMNS).to_csv(
+        run.metrics, mode="a", header=not run.metrics.exists(), index=False, float_format="%.6g"
+    )
+
+
+def read_history(run: RunDir) -> pd.DataFrame:
+    """metrics.csv as a DataFrame (empty, with the columns, before the first epoch)."""
+    if not run.metrics.exists():
+        return pd.DataFrame(columns=METRICS_COLUMNS)
+    return pd.read_csv(run.metrics)
+
+
+def truncate_history(run: RunDir, *, after_epoch: int) -> None:
+    """Drop metrics.csv rows written after the last checkpoint (a kill between the row and last.pt), before a resume."""
+    history = read_history(run)
+    if len(history) and (history["epoch"] > after_epoch).any():
+        history[history["epoch"] <= after_epoch].to_csv(run.metrics, index=False, float_format="%.6g")
