@@ -111,3 +111,42 @@ def test_val_only_class_is_an_error(tmp_path):
     make_folder(tmp_path / "d" / "val", classes=("a", "b", "c"), per_class=2)
     with pytest.raises(DataError, match=r"class\(es\) \['c'\] appear in val/test but have no training images"):
         load_dataset_index(DataConfig(path=tmp_path / "d"), seed=0)
+
+
+def test_split_folders_are_recognised_in_one_place(tmp_path):
+    """Data and doctor agree: split names in any case, OS metadata folders ignored, mixed layouts refused."""
+    from finetune.data.doctor import check_dataset
+
+    make_folder(tmp_path / "a" / "Train", per_class=4)
+    make_folder(tmp_path / "a" / "Valid", per_class=2)
+    (tmp_path / "a" / "__MACOSX").mkdir()
+    samples = scan_image_folder(tmp_path / "a", extensions=EXT)
+    assert set(samples["split"]) == {"train", "val"} and set(samples["label"]) == set(CLASSES)
+    assert check_dataset(tmp_path / "a", extensions=EXT, progress=False).summary["classes"] == len(CLASSES)
+    make_folder(tmp_path / "b" / "train", per_class=2)
+    make_folder(tmp_path / "b" / "val", per_class=2)
+    make_folder(tmp_path / "b", per_class=2, classes=("stray",))
+    message = r"mixes split folders \(train, val\) with other folders \(stray\); put every class folder inside train/"
+    with pytest.raises(DataError, match=message):
+        scan_image_folder(tmp_path / "b", extensions=EXT)
+    with pytest.raises(DataError, match=message):
+        check_dataset(tmp_path / "b", extensions=EXT, progress=False)
+
+
+def test_evaluate_and_predict_use_the_runs_extensions(tmp_path, image_folder):
+    from finetune import evaluate, predict, train
+    from finetune.config.loading import recipe_from_dict
+
+    from conftest import tiny_recipe
+
+    run = train(
+        recipe=recipe_from_dict(tiny_recipe(data={"extensions": [".png"]})),
+        data=image_folder,
+        out=tmp_path / "run",
+        progress=False,
+    ).run_dir
+    pngs = sorted(str(p) for p in (image_folder / "cat").glob("*.png"))
+    table = predict(run=run, inputs=[image_folder / "cat"], progress=False)
+    assert sorted(table["path"]) == pngs  # the .jpg files are not images of this run
+    report = evaluate(run=run, data=image_folder, out=tmp_path / "eval", progress=False)
+    assert report.metrics["num_images"] == sum(1 for _ in image_folder.rglob("*.png"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,13 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
+def batches_per_epoch(images: int, batch_size: int, *, world: int = 1, drop_lone_last: bool = False) -> int:
+    """Batches one rank draws from `images` (sharded over `world` ranks), without a lone last image when asked."""
+    per_rank = math.ceil(images / world)
+    full, rest = divmod(per_rank, batch_size)
+    return max(1, full + (rest > 0 and not (drop_lone_last and rest == 1)))
+
+
 def shard_indices(total: int, *, rank: int, world: int) -> range:
     """One rank's share of `total` items for evaluation (strided, no padding, so nothing is counted twice)."""
     return range(rank, total, world)
@@ -73,12 +81,15 @@ def make_loader(
     balanced: bool = False,
     rank: int = 0,
     world: int = 1,
+    drop_lone_last: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose order and augmentation depend only on `seed` (so resume is exact).
 
     `balanced` draws with replacement, each class equally likely (a WeightedRandomSampler).
     Under torchrun (`world` > 1) each rank reads its share: a DistributedSampler seeded with
     `seed` when shuffling (the same permutation on every rank), a strided slice otherwise.
+    `drop_lone_last` leaves out a last batch of one image, which BatchNorm cannot normalise in train mode
+    (that image is in another place of the next epoch's order).
     """
     stream = seed + RANK_SEED_STRIDE * rank  # augmentation differs per rank
     generator = torch.Generator().manual_seed(stream)
@@ -94,5 +105,5 @@ def make_loader(
         generator=generator,
         worker_init_fn=_seed_worker if num_workers else None,
         pin_memory=pin_memory,
-        drop_last=False,
+        drop_last=drop_lone_last and math.ceil(len(dataset) / world) % batch_size == 1,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from finetune.config.schema import PhaseConfig, Recipe
-from finetune.data.loader import ImageDataset, make_loader
+from finetune.data.loader import ImageDataset, batches_per_epoch, make_loader
 from finetune.data.transforms import ImageConfig
 from finetune.models.build import ModelBundle
 from finetune.models.stages import FreezePlan, apply_freeze, set_train_mode
@@ -145,16 +144,12 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
     return state
 
 
-def _steps_per_epoch(images: int, batch_size: int, world: int) -> int:
-    return max(1, math.ceil(math.ceil(images / world) / batch_size))
-
-
 def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: _Env, config: PhaseConfig, index: int, state: FitState) -> _Phase:
     """Freeze, build the optimizer and schedule (restored when resuming inside this phase), pick what trains on what."""
     plan = FreezePlan(trainable=config.trainable_stages(), bn=config.bn)
     trainable = apply_freeze(bundle.model, plan, bundle.stages)
     optimizer = build_optimizer(bundle.model, config, ctx.recipe.train, bundle.stages)
-    steps = _steps_per_epoch(len(ctx.train_set), ctx.recipe.data.batch_size, env.ranks.world)
+    steps = batches_per_epoch(len(ctx.train_set), ctx.recipe.data.batch_size, world=env.ranks.world, drop_lone_last=True)
     schedule = build_scheduler(optimizer, ctx.recipe.train, total_steps=config.epochs * steps, steps_per_epoch=steps)
     if state.phase == index and state.phase_epoch > 0 and state.optimizer:
         optimizer.load_state_dict(state.optimizer)
@@ -333,6 +328,7 @@ def _train_epoch(ctx: FitContext, env: _Env, phase: _Phase, epoch: int) -> tuple
         balanced=data.sampler == "weighted",
         rank=env.ranks.rank,
         world=env.ranks.world,
+        drop_lone_last=True,  # BatchNorm in train mode cannot normalise a batch of one
     )
     stepper = Stepper(
         criterion=env.criterion,
