@@ -1,0 +1,58 @@
+"""`finetune lr-find`: the range test for a recipe's first phase, on the same screened data `train` would use."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from finetune.config.loading import load_recipe
+from finetune.data.loader import ImageDataset, make_loader
+from finetune.models.stages import FreezePlan, apply_freeze, set_train_mode
+from finetune.reporting.plots import plot_lr_curve
+from finetune.runs.prepare import prepare_run
+from finetune.training.device import resolve_device
+from finetune.training.loss import build_criterion
+from finetune.training.lr_find import lr_range_test, suggest_lr
+from finetune.training.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LRFindResult:
+    curve: pd.DataFrame  # lr, loss (raw), smoothed
+    suggestion: float
+    folder: Path
+
+
+def find_lr(*, recipe: str | Path, data: str | Path | None, out: str | Path, overrides: Sequence[str] = (), steps: int = 100,
+            start_lr: float = 1e-7, end_lr: float = 10.0, progress: bool = True) -> LRFindResult:
+    """Range test for the recipe's first phase on its training split; writes lr_find.csv and lr_find.png into `out`."""
+    loaded = load_recipe(recipe, overrides=overrides)
+    if data is not None:
+        loaded = loaded.with_data(data)
+    prepared = prepare_run(loaded, progress=progress)
+    bundle, index = prepared.model.bundle, prepared.data.index
+    rows = index.split("train")
+    dataset = ImageDataset(rows["path"], index.targets(rows), prepared.model.train_pipeline)
+    loader = make_loader(dataset, batch_size=loaded.data.batch_size, num_workers=loaded.data.num_workers, shuffle=True, seed=loaded.seed)
+    phase = loaded.train.resolved_phases()[0]
+    plan = FreezePlan(trainable=phase.trainable_stages(), bn=phase.bn)
+    apply_freeze(bundle.model, plan, bundle.stages)
+    device = resolve_device(loaded.train.device)
+    model = bundle.model.to(device)
+    set_train_mode(model, plan, bundle.stages)
+    optimizer = build_optimizer(model, phase, loaded.train, bundle.stages)
+    criterion = build_criterion(loaded.loss, prepared.class_weights).to(device)
+    curve = lr_range_test(model, loader, optimizer, criterion, device=device, start_lr=start_lr, end_lr=end_lr, steps=steps, progress=progress)
+    suggestion = suggest_lr(curve)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    curve.to_csv(out / "lr_find.csv", index=False, float_format="%.6g")
+    plot_lr_curve(curve, suggestion, out / "lr_find.png")
+    log.info("lr-find: %d steps, suggested lr %.3g (the recipe's first phase has %.3g)", len(curve), suggestion, phase.lr)
+    return LRFindResult(curve=curve, suggestion=suggestion, folder=out)

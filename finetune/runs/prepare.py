@@ -1,0 +1,109 @@
+"""Everything a training-like command does before its first step, shared by `train` and `lr-find`.
+
+Cheap checks come first (weights reachable, device present), so a mistake costs seconds, not a pass
+over every image; then the images are screened, split and checked for leakage; then the model is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+
+from finetune.config.schema import ModelConfig, Recipe
+from finetune.data.doctor import screen_samples, split_leakage
+from finetune.data.scan import read_samples
+from finetune.data.split import DatasetIndex, make_index
+from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, resolve_image_config
+from finetune.errors import DataError, RecipeError, WeightsError
+from finetune.models.build import ModelBundle, build_model
+from finetune.models.weights import check_hub_reachable
+from finetune.training.loss import class_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """The screened, split dataset of a run, with what screening skipped and the duplicates across splits."""
+
+    index: DatasetIndex
+    skipped: pd.DataFrame
+    leaks: pd.DataFrame
+
+
+@dataclass
+class PreparedModel:
+    """The model with its weights, and the pipelines sized and normalised for it."""
+
+    bundle: ModelBundle
+    image: ImageConfig
+    train_pipeline: A.Compose
+    eval_pipeline: A.Compose
+
+
+@dataclass
+class PreparedRun:
+    data: PreparedData
+    model: PreparedModel
+    class_weights: list[float] | None
+
+
+def check_cheap_things(recipe: Recipe) -> None:
+    """Fail in seconds on what needs no image: weights that cannot be had, a device that is not there."""
+    check_weights_available(recipe.model)
+    if recipe.train.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is cuda but no GPU is visible; use train.device: auto or cpu")
+
+
+def check_weights_available(cfg: ModelConfig) -> None:
+    if cfg.pretrained is True:
+        check_hub_reachable(cfg.name)
+    elif isinstance(cfg.pretrained, Path) and not cfg.pretrained.is_file():
+        raise WeightsError(f"weights file {cfg.pretrained} does not exist; fix model.pretrained")
+
+
+def prepare_data(recipe: Recipe, *, progress: bool) -> PreparedData:
+    """Scan, screen (decode every image once), split, and look for duplicates across the splits."""
+    screened = screen_samples(read_samples(recipe.data), policy=recipe.data.bad_images, progress=progress)
+    index = make_index(screened.samples, recipe.data, seed=recipe.seed)
+    if not (index.samples["split"] == "val").any():
+        raise DataError("no validation images: set data.val_fraction above 0 or add a val/ folder")
+    leaks = split_leakage(index.samples, screened.facts)
+    if len(leaks):
+        first = leaks.iloc[0]
+        message = (f"{len(leaks)} duplicate pair(s) across splits (e.g. {first['path_a']} [{first['split_a']}] ~ "
+                   f"{first['path_b']} [{first['split_b']}]); val/test scores may be inflated")
+        if recipe.data.strict_split:
+            raise DataError(message + "; remove the copies, or set data.group_pattern, or data.strict_split: false")
+        log.warning("%s; listed in leakage.csv. HINT: run 'finetune check' and remove the copies", message)
+    return PreparedData(index=index, skipped=screened.skipped, leaks=leaks)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy (model init and anything outside the loaders)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def prepare_model(recipe: Recipe, *, num_classes: int, load_pretrained: bool = True) -> PreparedModel:
+    """Build the model (seeded, so a new head starts the same every time) and its train/eval pipelines."""
+    seed_everything(recipe.seed)
+    bundle = build_model(recipe.model, num_classes=num_classes, load_pretrained=load_pretrained)
+    image = resolve_image_config(recipe.transforms, bundle.data_config)
+    return PreparedModel(bundle=bundle, image=image, train_pipeline=build_train_pipeline(recipe.transforms, image, seed=recipe.seed),
+                         eval_pipeline=build_eval_pipeline(image))
+
+
+def prepare_run(recipe: Recipe, *, progress: bool) -> PreparedRun:
+    """Cheap checks, then data, then model and loss weights: what `train` and `lr-find` start from."""
+    check_cheap_things(recipe)
+    data = prepare_data(recipe, progress=progress)
+    model = prepare_model(recipe, num_classes=len(data.index.class_names))
+    weights = class_weights(recipe.loss, class_names=data.index.class_names, targets=data.index.targets(data.index.split("train")))
+    return PreparedRun(data=data, model=model, class_weights=weights)
