@@ -3,16 +3,86 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import re
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from yaml.constructor import ConstructorError
 
 from finetune.config.schema import ModelConfig, Recipe
 from finetune.errors import RecipeError, did_you_mean
 from finetune.files import atomic_write
+
+BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+def _yaml12_resolvers() -> dict[Any, list[tuple[str, Any]]]:
+    """PyYAML's implicit resolvers with YAML 1.2's booleans: only true/false (so `amp: off` stays the word 'off')."""
+    resolvers = {
+        first: [(tag, rx) for tag, rx in entries if tag != BOOL_TAG]
+        for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    booleans = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+    for first in "tTfF":
+        resolvers.setdefault(first, []).insert(0, (BOOL_TAG, booleans))
+    return resolvers
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2 booleans, refusing duplicate keys (PyYAML would keep the last one silently)."""
+
+    yaml_implicit_resolvers = _yaml12_resolvers()
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConstructorError(
+                    "while reading a mapping", node.start_mark, f"key '{key}' appears twice", key_node.start_mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> tuple[str, str]:
+    """(' line N' or '', what the parser objects to)."""
+    mark = getattr(exc, "problem_mark", None)
+    return (f" line {mark.line + 1}" if mark else ""), str(getattr(exc, "problem", None) or exc)
+
+
+def read_yaml(path: Path, *, what: str = "recipe") -> Any:
+    """A YAML file as plain data (RecipeLoader), or a one-line RecipeError for unreadable, non-UTF-8 or malformed text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start : exc.start + 1]!r}); save it as UTF-8 YAML"
+        ) from None
+    except OSError as exc:
+        raise RecipeError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        where, problem = _yaml_error(exc)
+        raise RecipeError(f"{what} {path}{where} is not valid YAML: {problem}") from None
+
+
+def parse_value(dotted: str, raw: str) -> Any:
+    """A `--set` value as YAML (so `3`, `1e-3`, `[head]`, `off` work); tags and malformed YAML are refused."""
+    if raw == "":
+        return None
+    if raw.lstrip().startswith("!"):
+        raise RecipeError(f"--set {dotted}={raw}: YAML tags are not accepted; write the plain value, e.g. --set {dotted}=3")
+    try:
+        return yaml.load(raw, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise RecipeError(
+            f"--set {dotted}={raw}: not a YAML value ({_yaml_error(exc)}); quote text, e.g. --set {dotted}='a: b'"
+        ) from None
 
 
 def _schema_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -81,7 +151,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
         elif not isinstance(node, dict):
             raise RecipeError(f"--set {dotted}={raw}: '{keys[depth - 1]}' is a value, not a section")
         if depth == len(keys) - 1:
-            node[index] = yaml.safe_load(raw) if raw != "" else None
+            node[index] = parse_value(dotted, raw)
         else:
             if isinstance(node, dict) and node.get(index) is None:
                 node[index] = {}
@@ -113,14 +183,11 @@ def recipe_from_dict(tree: dict[str, Any], *, overrides: Sequence[str] = (), sou
 def load_recipe(path: str | Path, *, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe file, apply `--set` style overrides and validate it."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; pass a YAML file such as recipes/quickstart.yaml")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} not found; pass a YAML file such as recipes/quickstart.yaml")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"recipe {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    tree = read_yaml(path) or {}
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping of sections (data, model, train, ...)")
     return recipe_from_dict(tree, overrides=overrides, source=str(path))

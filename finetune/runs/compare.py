@@ -35,7 +35,9 @@ def _run_names(recipes: Sequence[Path]) -> list[str]:
     return names
 
 
-def compare(*, recipes: Sequence[str | Path], data: str | Path, out: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> CompareResult:
+def compare(
+    *, recipes: Sequence[str | Path], data: str | Path, out: str | Path, overrides: Sequence[str] = (), progress: bool = True
+) -> CompareResult:
     """Train each recipe into `out/<recipe>/` on the split made by the first; write leaderboard.csv/.md."""
     paths = [Path(r) for r in recipes]
     if len(paths) < 2:
@@ -59,12 +61,20 @@ def compare(*, recipes: Sequence[str | Path], data: str | Path, out: str | Path,
         info = inspect_model(name=recipe.model.name, recipe=recipe, num_classes=len(classes))
         trainable = max(sum(s.params for s in info.stages if s.trainable[i]) for i in range(len(info.stages[0].trainable)))
         metrics = result.report.metrics
-        rows.append({
-            "recipe": name, "model": recipe.model.name, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-            "worst_class": worst["class"], "worst_class_recall": float(worst["recall"]), "trainable_params": trainable,
-            "epochs": len(result.history), "seconds": round(time.perf_counter() - started, 1),
-            "report": f"{name}/report/summary.md",
-        })
+        rows.append(
+            {
+                "recipe": name,
+                "model": recipe.model.name,
+                "accuracy": metrics["accuracy"],
+                "macro_f1": metrics["macro_f1"],
+                "worst_class": worst["class"],
+                "worst_class_recall": float(worst["recall"]),
+                "trainable_params": trainable,
+                "epochs": len(result.history),
+                "seconds": round(time.perf_counter() - started, 1),
+                "report": f"{name}/report/summary.md",
+            }
+        )
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, metrics["accuracy"], metrics["macro_f1"])
     board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
     board.to_csv(out / "leaderboard.csv", index=False, float_format="%.4f")
@@ -72,5 +82,8 @@ def compare(*, recipes: Sequence[str | Path], data: str | Path, out: str | Path,
     evaluated_on = evaluation_split(pd.read_csv(manifest, dtype=str, keep_default_na=False))
     (out / "leaderboard.md").write_text(
         f"# Leaderboard\n\n{len(board)} recipes on {data}, same {evaluated_on} split; best macro-F1 first.\n\n"
-        + shown.to_markdown(index=False, floatfmt=".4f") + "\n", encoding="utf-8")
+        + shown.to_markdown(index=False, floatfmt=".4f")
+        + "\n",
+        encoding="utf-8",
+    )
     return CompareResult(folder=out, leaderboard=board)

@@ -40,8 +40,9 @@ def checkpoint_path(run: Path) -> Path:
 def predict_paths(loaded: LoadedModel, paths: list[str], targets: list[int], *, progress: bool, desc: str) -> Predictions:
     """Probabilities of `loaded` for image files, through the run's own eval pipeline."""
     dataset = ImageDataset(paths, targets, build_eval_pipeline(loaded.image))
-    loader = make_loader(dataset, batch_size=loaded.recipe.data.batch_size, num_workers=loaded.recipe.data.num_workers,
-                         shuffle=False, seed=0)
+    loader = make_loader(
+        dataset, batch_size=loaded.recipe.data.batch_size, num_workers=loaded.recipe.data.num_workers, shuffle=False, seed=0
+    )
     device = resolve_device(loaded.recipe.train.device)
     return run_inference(loaded.bundle.model.to(device), loader, device=device, paths=paths, progress=progress, desc=desc)
 
@@ -55,14 +56,20 @@ def _report_notes(run: RunDir | None, skipped_here: int) -> dict[str, str]:
     return notes
 
 
-def report_for(loaded: LoadedModel, screened: Screened, folder: Path, *, split: str, progress: bool, run: RunDir | None) -> Report:
+def report_for(
+    loaded: LoadedModel, screened: Screened, folder: Path, *, split: str, progress: bool, run: RunDir | None
+) -> Report:
     """Predict the screened, labelled rows and write the report into `folder`."""
     rows = screened.samples
     lookup = {name: i for i, name in enumerate(loaded.class_names)}
     unknown = sorted(set(rows["label"]) - set(lookup))
     if unknown:
-        raise DataError(f"class folder(s) {unknown} are not classes of this model {loaded.class_names}; evaluate only on known classes")
-    preds = predict_paths(loaded, list(rows["path"]), [lookup[label] for label in rows["label"]], progress=progress, desc="evaluate")
+        raise DataError(
+            f"class folder(s) {unknown} are not classes of this model {loaded.class_names}; evaluate only on known classes"
+        )
+    preds = predict_paths(
+        loaded, list(rows["path"]), [lookup[label] for label in rows["label"]], progress=progress, desc="evaluate"
+    )
     title = f"{loaded.recipe.model.name} on {split} ({len(rows)} images)"
     context = RunContext(meta=loaded.meta, run=run, split=split, extra=_report_notes(run, len(screened.skipped)))
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,7 +120,9 @@ def _input_paths(inputs: Sequence[str | Path], extensions: Sequence[str]) -> lis
     return paths
 
 
-def predict(*, run: str | Path, inputs: Sequence[str | Path], out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+def predict(
+    *, run: str | Path, inputs: Sequence[str | Path], out: str | Path | None = None, progress: bool = True
+) -> pd.DataFrame:
     """Classify image files and folders (searched recursively); returns and optionally writes a CSV."""
     _check_inputs_exist(inputs)
     loaded = model_from_checkpoint(load_checkpoint(checkpoint_path(Path(run))))
@@ -122,7 +131,9 @@ def predict(*, run: str | Path, inputs: Sequence[str | Path], out: str | Path | 
     screened = screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress)
     paths = list(screened.samples["path"])
     if not paths:
-        raise DataError(f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}")
+        raise DataError(
+            f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}"
+        )
     preds = predict_paths(loaded, paths, [-1] * len(paths), progress=progress, desc="predict")
     table = predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k)
     if out is not None:

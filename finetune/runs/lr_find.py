@@ -29,8 +29,17 @@ class LRFindResult:
     folder: Path
 
 
-def find_lr(*, recipe: str | Path, data: str | Path | None, out: str | Path, overrides: Sequence[str] = (), steps: int = 100,
-            start_lr: float = 1e-7, end_lr: float = 10.0, progress: bool = True) -> LRFindResult:
+def find_lr(
+    *,
+    recipe: str | Path,
+    data: str | Path | None,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    steps: int = 100,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    progress: bool = True,
+) -> LRFindResult:
     """Range test for the recipe's first phase on its training split; writes lr_find.csv and lr_find.png into `out`."""
     loaded = load_recipe(recipe, overrides=overrides)
     if data is not None:
@@ -39,7 +48,9 @@ def find_lr(*, recipe: str | Path, data: str | Path | None, out: str | Path, ove
     bundle, index = prepared.model.bundle, prepared.data.index
     rows = index.split("train")
     dataset = ImageDataset(rows["path"], index.targets(rows), prepared.model.train_pipeline)
-    loader = make_loader(dataset, batch_size=loaded.data.batch_size, num_workers=loaded.data.num_workers, shuffle=True, seed=loaded.seed)
+    loader = make_loader(
+        dataset, batch_size=loaded.data.batch_size, num_workers=loaded.data.num_workers, shuffle=True, seed=loaded.seed
+    )
     phase = loaded.train.resolved_phases()[0]
     plan = FreezePlan(trainable=phase.trainable_stages(), bn=phase.bn)
     apply_freeze(bundle.model, plan, bundle.stages)
@@ -48,7 +59,9 @@ def find_lr(*, recipe: str | Path, data: str | Path | None, out: str | Path, ove
     set_train_mode(model, plan, bundle.stages)
     optimizer = build_optimizer(model, phase, loaded.train, bundle.stages)
     criterion = build_criterion(loaded.loss, prepared.class_weights).to(device)
-    curve = lr_range_test(model, loader, optimizer, criterion, device=device, start_lr=start_lr, end_lr=end_lr, steps=steps, progress=progress)
+    curve = lr_range_test(
+        model, loader, optimizer, criterion, device=device, start_lr=start_lr, end_lr=end_lr, steps=steps, progress=progress
+    )
     suggestion = suggest_lr(curve)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -77,8 +77,10 @@ def prepare_data(recipe: Recipe, *, progress: bool) -> PreparedData:
     leaks = split_leakage(index.samples, screened.facts)
     if len(leaks):
         first = leaks.iloc[0]
-        message = (f"{len(leaks)} duplicate pair(s) across splits (e.g. {first['path_a']} [{first['split_a']}] ~ "
-                   f"{first['path_b']} [{first['split_b']}]); val/test scores may be inflated")
+        message = (
+            f"{len(leaks)} duplicate pair(s) across splits (e.g. {first['path_a']} [{first['split_a']}] ~ "
+            f"{first['path_b']} [{first['split_b']}]); val/test scores may be inflated"
+        )
         if recipe.data.strict_split:
             raise DataError(message + "; remove the copies, or set data.group_pattern, or data.strict_split: false")
         log.warning("%s; listed in leakage.csv. HINT: run 'finetune check' and remove the copies", message)
@@ -96,8 +98,12 @@ def prepare_model(recipe: Recipe, *, num_classes: int, load_pretrained: bool = T
     seed_everything(recipe.seed)
     bundle = build_model(recipe.model, num_classes=num_classes, load_pretrained=load_pretrained)
     image = resolve_image_config(recipe.transforms, bundle.data_config)
-    return PreparedModel(bundle=bundle, image=image, train_pipeline=build_train_pipeline(recipe.transforms, image, seed=recipe.seed),
-                         eval_pipeline=build_eval_pipeline(image))
+    return PreparedModel(
+        bundle=bundle,
+        image=image,
+        train_pipeline=build_train_pipeline(recipe.transforms, image, seed=recipe.seed),
+        eval_pipeline=build_eval_pipeline(image),
+    )
 
 
 def prepare_run(recipe: Recipe, *, progress: bool) -> PreparedRun:
@@ -105,5 +111,7 @@ def prepare_run(recipe: Recipe, *, progress: bool) -> PreparedRun:
     check_cheap_things(recipe)
     data = prepare_data(recipe, progress=progress)
     model = prepare_model(recipe, num_classes=len(data.index.class_names))
-    weights = class_weights(recipe.loss, class_names=data.index.class_names, targets=data.index.targets(data.index.split("train")))
+    weights = class_weights(
+        recipe.loss, class_names=data.index.class_names, targets=data.index.targets(data.index.split("train"))
+    )
     return PreparedRun(data=data, model=model, class_weights=weights)

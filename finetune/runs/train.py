@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from finetune.config.loading import load_recipe, recipe_from_dict, save_recipe
+from finetune.config.loading import load_recipe, read_yaml, recipe_from_dict, save_recipe
 from finetune.config.schema import Recipe
 from finetune.data.loader import ImageDataset
 from finetune.data.split import DatasetIndex
@@ -53,7 +52,9 @@ class _Start:
     ranks: Ranks
 
 
-def resolve_recipe(recipe: Recipe | str | Path | None, *, overrides: Sequence[str] = (), data: str | Path | None = None) -> Recipe:
+def resolve_recipe(
+    recipe: Recipe | str | Path | None, *, overrides: Sequence[str] = (), data: str | Path | None = None
+) -> Recipe:
     """A validated recipe from a file or a Recipe, with `--set` overrides and `--data` applied."""
     if recipe is None:
         raise UsageError("train needs a recipe (e.g. recipes/quickstart.yaml), or resume=True with an existing run")
@@ -101,8 +102,10 @@ def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
     """The run's recipe, split and last checkpoint (None when it was stopped inside its first epoch)."""
     for path in (run.recipe, run.splits, run.classes):
         if not path.exists():
-            raise RunDirError(f"cannot resume {run.root}: {path.name} is missing, so it is no finetune run folder; start a new run instead")
-    recipe = recipe_from_dict(yaml.safe_load(run.recipe.read_text(encoding="utf-8")), source=str(run.recipe))
+            raise RunDirError(
+                f"cannot resume {run.root}: {path.name} is missing, so it is no finetune run folder; start a new run instead"
+            )
+    recipe = recipe_from_dict(read_yaml(run.recipe), source=str(run.recipe))
     samples = pd.read_csv(run.splits, dtype=str, keep_default_na=False)
     index = DatasetIndex(samples=samples, class_names=[str(c) for c in json.loads(run.classes.read_text(encoding="utf-8"))])
     return recipe, index, load_checkpoint(run.last) if run.last.exists() else None
@@ -126,7 +129,9 @@ def refuse_changed_recipe(stored: Recipe, recipe: Recipe | str | Path | None, ov
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE)
     if changed:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
-        raise RunDirError(f"--resume {run.root}: the recipe differs from the run's ({shown}); resume without a recipe, or start a new run")
+        raise RunDirError(
+            f"--resume {run.root}: the recipe differs from the run's ({shown}); resume without a recipe, or start a new run"
+        )
 
 
 def _start_resume(run: RunDir, recipe: Recipe | str | Path | None, overrides: Sequence[str]) -> _Start:
@@ -154,11 +159,23 @@ def _fit_context(run: RunDir, start: _Start, *, progress: bool, on_epoch_end: Ca
         save_pipeline(model.eval_pipeline, run.eval_transforms)
         if weights is not None:
             run.class_weights.write_text(json.dumps(dict(zip(index.class_names, weights)), indent=1), encoding="utf-8")
-    log.info("training %s on %d images (%d val) of %d classes -> %s", recipe.model.name, len(train_rows), len(val_rows),
-             len(index.class_names), run.root)
+    log.info(
+        "training %s on %d images (%d val) of %d classes -> %s",
+        recipe.model.name,
+        len(train_rows),
+        len(val_rows),
+        len(index.class_names),
+        run.root,
+    )
     return FitContext(
-        recipe=recipe, class_names=index.class_names, image=model.image, run=run, class_weights=weights, progress=progress,
-        on_epoch_end=on_epoch_end, train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline),
+        recipe=recipe,
+        class_names=index.class_names,
+        image=model.image,
+        run=run,
+        class_weights=weights,
+        progress=progress,
+        on_epoch_end=on_epoch_end,
+        train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline),
         val_set=ImageDataset(val_rows["path"], index.targets(val_rows), model.eval_pipeline),
     )
 
@@ -190,4 +207,6 @@ def train(
         teardown()
     report = report_for_run(run, start.index, progress=progress) if start.ranks.main else None
     history = read_history(run) if start.ranks.main else pd.DataFrame()
-    return TrainResult(run_dir=run.root, best_checkpoint=run.best, history=history, report=report, seconds=time.perf_counter() - started)
+    return TrainResult(
+        run_dir=run.root, best_checkpoint=run.best, history=history, report=report, seconds=time.perf_counter() - started
+    )
