@@ -9,10 +9,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from finetune.config.catalog import IMAGE_EXTENSIONS
 from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.demo import build_digits_folder, default_paths, demo_out_dir
 from finetune.data.doctor import CheckResult, check_dataset
+from finetune.files import write_text
 from finetune.models.inspect import Inspection, inspect_model
 from finetune.reporting.diff import ReportDiff, diff_reports
 from finetune.runs.compare import CompareResult, compare
@@ -45,9 +47,9 @@ def check(
     *, data: str | Path, extensions: Sequence[str] | None = None, json_out: str | Path | None = None, progress: bool = True
 ) -> CheckResult:
     """The dataset doctor over `data`; with `json_out`, every finding is also written there."""
-    result = check_dataset(data, extensions=extensions or Recipe().data.extensions, progress=progress)
+    result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress)
     if json_out is not None:
-        Path(json_out).write_text(json.dumps(result.to_dict(), indent=1, default=str), encoding="utf-8")
+        write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))
     return result
 
 

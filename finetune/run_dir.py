@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from finetune.errors import RunDirError
 
 
 @dataclass(frozen=True)
@@ -89,3 +95,30 @@ class RunDir:
             return None
         run = cls(checkpoint.parent.parent)
         return run if run.is_run() else None
+
+
+@contextlib.contextmanager
+def locked(run: RunDir, *, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder: a second process writing the same run is refused, not interleaved.
+
+    An OS file lock (flock) on RUN/.lock, which holds the owner's PID for the message. The kernel drops the lock
+    when its process dies, even by kill -9, so a lock left by a dead process is stale and taken over.
+    """
+    if not enabled:  # torchrun ranks other than 0 write nothing
+        yield
+        return
+    run.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RunDirError(
+                f"{run.root} is in use by another finetune process (PID {holder}); wait for it to end, or write to another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -117,5 +117,5 @@ def test_unsupported_torchrun_settings_say_so(monkeypatch, image_folder):
         make_loader(dataset, batch_size=2, num_workers=0, shuffle=True, seed=0, balanced=True, rank=0, world=2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RecipeError, match="train.device is cuda but no GPU is visible; use train.device: cpu"):
+    with pytest.raises(RecipeError, match="train.device is cuda but no GPU is visible; use train.device: auto"):
         setup("cuda")

@@ -13,18 +13,18 @@ PACKAGE = REPO / "finetune"
 # Lower floors may be imported by higher ones, never the other way; one floor holds siblings that do not import each other.
 FLOORS = {
     "finetune.errors": 0,
-    "finetune.files": 0,
-    "finetune.run_dir": 0,
-    "finetune.config": 1,
-    "finetune.data": 2,
-    "finetune.models": 2,
-    "finetune.training": 3,
-    "finetune.evaluation": 4,
-    "finetune.reporting": 5,
-    "finetune.runs": 6,
-    "finetune.api": 7,
-    "finetune.cli": 8,
-    "finetune.__main__": 9,
+    "finetune.files": 1,
+    "finetune.run_dir": 1,
+    "finetune.config": 2,
+    "finetune.data": 3,
+    "finetune.models": 3,
+    "finetune.training": 4,
+    "finetune.evaluation": 5,
+    "finetune.reporting": 6,
+    "finetune.runs": 7,
+    "finetune.api": 8,
+    "finetune.cli": 9,
+    "finetune.__main__": 10,
 }
 
 

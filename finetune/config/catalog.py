@@ -17,6 +17,18 @@ BnPolicy = Literal["frozen", "train"]
 TrainPreset = Literal["none", "light", "standard", "strong"]
 TRAIN_PRESETS: tuple[str, ...] = get_args(TrainPreset)
 TV_PREFIX = "tv:"
+# Image files finetune reads, and the format each extension promises (the doctor flags files that lie).
+EXTENSION_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+}
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(EXTENSION_FORMATS)
 _TV_FAMILY = ("resnet", "wide_resnet", "resnext")
 
 

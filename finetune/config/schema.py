@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from finetune.config.catalog import (
+    IMAGE_EXTENSIONS,
     STAGES,
     TRAIN_PRESETS,
     BnPolicy,
@@ -21,7 +22,6 @@ from finetune.config.catalog import (
 from finetune.errors import did_you_mean
 
 SINGLE_PHASE_FIELDS = ("epochs", "lr", "trainable", "freeze", "bn")  # the one-phase shorthand; phases replace them
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class _Strict(BaseModel):
@@ -44,7 +44,7 @@ class DataConfig(_Strict):
     group_pattern: str | None = Field(
         None, description="Regex on the file name; its first group (or match) keeps a group in one split."
     )
-    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS), min_length=1)
 
     @field_validator("group_pattern")
     @classmethod

@@ -15,7 +15,8 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from finetune.data.scan import scan_image_folder, split_folders
+from finetune.config.catalog import EXTENSION_FORMATS
+from finetune.data.scan import class_folders, scan_image_folder, split_folders
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,6 @@ UNUSUAL_MODES = {
     "LA": "grey+alpha",
     "L": "greyscale",
     "1": "1-bit",
-}
-EXTENSION_FORMATS = {
-    ".jpg": "JPEG",
-    ".jpeg": "JPEG",
-    ".png": "PNG",
-    ".bmp": "BMP",
-    ".gif": "GIF",
-    ".tif": "TIFF",
-    ".tiff": "TIFF",
-    ".webp": "WEBP",
 }
 FINDING_COLUMNS = ["path", "label", "split", "severity", "kind", "detail"]
 
@@ -140,9 +131,7 @@ def _empty_class_folders(root: Path, samples: pd.DataFrame) -> list[str]:
     splits = split_folders(root)
     bases = list(splits) if splits is not None else [root]
     found = set(samples["label"])
-    return sorted(
-        {d.name for base in bases for d in base.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in found}
-    )
+    return sorted({d.name for base in bases for d in class_folders(base) if d.name not in found})
 
 
 def file_findings(

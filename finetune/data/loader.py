@@ -41,11 +41,15 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
+def _lone_last(images: int, batch_size: int, world: int) -> bool:
+    """True when one rank's last batch would hold a single image."""
+    return batch_size > 1 and math.ceil(images / world) % batch_size == 1
+
+
 def batches_per_epoch(images: int, batch_size: int, *, world: int = 1, drop_lone_last: bool = False) -> int:
     """Batches one rank draws from `images` (sharded over `world` ranks), without a lone last image when asked."""
-    per_rank = math.ceil(images / world)
-    full, rest = divmod(per_rank, batch_size)
-    return max(1, full + (rest > 0 and not (drop_lone_last and rest == 1)))
+    batches = math.ceil(math.ceil(images / world) / batch_size)
+    return batches - int(drop_lone_last and _lone_last(images, batch_size, world))
 
 
 def shard_indices(total: int, *, rank: int, world: int) -> range:
@@ -105,5 +109,5 @@ def make_loader(
         generator=generator,
         worker_init_fn=_seed_worker if num_workers else None,
         pin_memory=pin_memory,
-        drop_last=drop_lone_last and math.ceil(len(dataset) / world) % batch_size == 1,
+        drop_last=drop_lone_last and _lone_last(len(dataset), batch_size, world),
     )

@@ -10,6 +10,7 @@ import pandas as pd
 
 from finetune.config.schema import DataConfig
 from finetune.errors import DataError
+from finetune.files import read_text_table
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ OS_METADATA_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin", "system volu
 SAMPLE_COLUMNS = ["path", "label", "split"]
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    """Sub-folders that can hold images: not hidden, not OS metadata."""
+def class_folders(folder: Path) -> list[Path]:
+    """Sub-folders that can hold images (classes or splits): not hidden, not OS metadata."""
     return sorted(
         p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in OS_METADATA_DIRS
     )
@@ -39,7 +40,7 @@ def split_folders(root: Path) -> dict[Path, str] | None:
 
     A folder that mixes split folders with other folders is ambiguous and refused.
     """
-    subdirs = _visible_dirs(root)
+    subdirs = class_folders(root)
     named = {p: SPLIT_NAMES[p.name.lower()] for p in subdirs if p.name.lower() in SPLIT_NAMES}
     if not named:
         return None
@@ -63,7 +64,7 @@ def list_images(folder: Path, extensions: Sequence[str]) -> list[Path]:
 
 
 def _scan_classes(folder: Path, extensions: Sequence[str]) -> pd.DataFrame:
-    rows = [(str(path), class_dir.name) for class_dir in _visible_dirs(folder) for path in list_images(class_dir, extensions)]
+    rows = [(str(path), class_dir.name) for class_dir in class_folders(folder) for path in list_images(class_dir, extensions)]
     return pd.DataFrame(rows, columns=["path", "label"])
 
 
@@ -88,8 +89,11 @@ def scan_image_folder(root: Path, *, extensions: Sequence[str]) -> pd.DataFrame:
 
 def read_manifest(path: Path) -> pd.DataFrame:
     """A CSV with columns path,label (optional split); relative paths are relative to the CSV."""
+    with open(path, "rb") as handle:
+        if b"\x00" in handle.read(8192):
+            raise DataError(f"manifest {path} is not a readable CSV: it holds binary data; pass a text file with a 'path,label' header")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = read_text_table(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"manifest {path} is not a readable CSV: {exc}") from None
     missing = {"path", "label"} - set(frame.columns)

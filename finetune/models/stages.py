@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from finetune.config.catalog import STAGES, Stage
+from finetune.config.catalog import STAGES, BnPolicy, Stage
 from finetune.errors import ModelError
 
 # Module-name patterns per stage, in the spirit of timm's `group_matcher`. timm's ResNet and torchvision's
@@ -75,7 +75,7 @@ class FreezePlan:
     """Which stages train, and whether BatchNorm in frozen stages keeps its statistics fixed."""
 
     trainable: tuple[Stage, ...]
-    bn: str = "frozen"
+    bn: BnPolicy = "frozen"
 
     @property
     def frozen(self) -> tuple[Stage, ...]:
@@ -87,6 +87,12 @@ def _batchnorms(modules: Iterable[nn.Module]) -> Iterator[nn.modules.batchnorm._
         for sub in module.modules():
             if isinstance(sub, nn.modules.batchnorm._NormBase):
                 yield sub
+
+
+def batchnorm_trains(plan: FreezePlan, stages: StageMap) -> bool:
+    """Whether a BatchNorm layer normalises with batch statistics in this plan (then a batch of one cannot train)."""
+    moving = plan.trainable if plan.bn == "frozen" else STAGES
+    return any(True for stage in moving for _ in _batchnorms(module for _, module in stages.modules[stage]))
 
 
 def apply_freeze(model: nn.Module, plan: FreezePlan, stages: StageMap) -> int:

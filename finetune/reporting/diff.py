@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from finetune.errors import DataError, RunDirError
+from finetune.files import read_table, write_table, write_text
 from finetune.reporting.plots import plot_confusion_difference
+from finetune.run_dir import RunDir
 
 METRICS = ("precision", "recall", "f1")
 
@@ -22,7 +24,7 @@ class ReportDiff:
 
 
 def _report_folder(path: Path) -> Path:
-    for candidate in (path / "report", path):
+    for candidate in (RunDir(path).report, path):
         if (candidate / "per_class.csv").exists() and (candidate / "confusion_matrix.csv").exists():
             return candidate
     raise RunDirError(f"{path} holds no report (per_class.csv, confusion_matrix.csv); run 'finetune eval' or pass a run folder")
@@ -33,8 +35,8 @@ def _normalized(counts: pd.DataFrame) -> pd.DataFrame:
 
 
 def _per_class_diff(folder_a: Path, folder_b: Path) -> pd.DataFrame:
-    a = pd.read_csv(folder_a / "per_class.csv", dtype={"class": str}, keep_default_na=False)
-    b = pd.read_csv(folder_b / "per_class.csv", dtype={"class": str}, keep_default_na=False)
+    a = read_table(folder_a / "per_class.csv", dtype={"class": str}, keep_default_na=False)
+    b = read_table(folder_b / "per_class.csv", dtype={"class": str}, keep_default_na=False)
     if set(a["class"]) != set(b["class"]):
         only = sorted(set(a["class"]) ^ set(b["class"]))
         raise DataError(f"the two reports have different classes (only in one: {only}); compare runs of the same dataset")
@@ -46,7 +48,7 @@ def _per_class_diff(folder_a: Path, folder_b: Path) -> pd.DataFrame:
 
 
 def _read_counts(folder: Path) -> pd.DataFrame:
-    counts = pd.read_csv(folder / "confusion_matrix.csv", index_col=0, dtype={0: str}, keep_default_na=False)
+    counts = read_table(folder / "confusion_matrix.csv", index_col=0, dtype={0: str}, keep_default_na=False)
     counts.index = counts.index.astype(str)
     return counts
 
@@ -124,9 +126,9 @@ def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> Re
     headline = _headline_diff(folder_a, folder_b)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_class.to_csv(out / "per_class_diff.csv", index=False, float_format="%.6f")
-    confusion.to_csv(out / "confusion_diff.csv", float_format="%.6f")
-    headline.to_csv(out / "metrics_diff.csv", index=False, float_format="%.6f")
+    write_table(per_class, out / "per_class_diff.csv", float_format="%.6f")
+    write_table(confusion, out / "confusion_diff.csv", index=True, float_format="%.6f")
+    write_table(headline, out / "metrics_diff.csv", float_format="%.6f")
     plot_confusion_difference(confusion, out / "confusion_diff.png", title="confusion change (B - A, row-normalised)")
-    (out / "diff.md").write_text(_markdown(folder_a, folder_b, headline, per_class, confusion), encoding="utf-8")
+    write_text(out / "diff.md", _markdown(folder_a, folder_b, headline, per_class, confusion))
     return ReportDiff(folder=out, per_class=per_class, headline=headline)

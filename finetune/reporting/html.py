@@ -13,12 +13,14 @@ import numpy as np
 import pandas as pd
 import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
+from pandas.io.formats.style import Styler
 from PIL import Image
 
 from finetune.data.decode import load_image
 from finetune.errors import DataError
 from finetune.evaluation.inference import Predictions
 from finetune.evaluation.metrics import per_image_loss
+from finetune.files import read_table, read_text_table, write_text
 from finetune.run_dir import RunDir
 
 SECTIONS = [
@@ -75,12 +77,18 @@ def _gallery(preds: Predictions, class_names: list[str], mask: np.ndarray, order
     ]
 
 
+def _escaped(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> Styler:
+    """A Styler whose cells and labels are HTML-escaped (class and file names are data, never markup), with number formats."""
+    styler = frame.style.format(formats, escape="html")
+    return styler.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
+
+
 def _per_class_html(per_class: pd.DataFrame) -> str:
     table = per_class.sort_values("f1").reset_index(drop=True)
     worst = max(1, min(3, len(table) // 3))
     flagged = [i < worst and f1 < table["f1"].max() for i, f1 in enumerate(table["f1"])]  # nothing to flag when all are equal
     table.insert(0, "", ["\u26a0" if flag else "" for flag in flagged])
-    styler = table.style.format({"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).hide(axis="index")
+    styler = _escaped(table, {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).hide(axis="index")
     styler = styler.bar(subset=["f1"], vmin=0, vmax=1, color="#9ecae1")
     return styler.apply(lambda row: ["color:#b00;font-weight:600" if row.iloc[0] else "" for _ in row], axis=1).to_html()
 
@@ -110,13 +118,13 @@ def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list
     rows += [(key, str(value)) for key, value in ctx.extra.items()]
     split_counts = None
     if ctx.run is not None and ctx.run.splits.exists():
-        splits = pd.read_csv(ctx.run.splits, dtype=str, keep_default_na=False)
+        splits = read_text_table(ctx.run.splits)
         counts = splits.groupby(["label", "split"]).size().unstack(fill_value=0)
         counts.loc["total"] = counts.sum()
         rows.append(("split sizes", ", ".join(f"{k}: {v}" for k, v in counts.loc["total"].items())))
         split_counts = counts.to_html()
     if ctx.run is not None and ctx.run.metrics.exists():
-        history = pd.read_csv(ctx.run.metrics)
+        history = read_table(ctx.run.metrics)
         rows.append(("training time", f"{history['seconds'].sum():.0f} s over {len(history)} epochs"))
     return rows, split_counts
 
@@ -162,12 +170,12 @@ def render_html(
         versions_text="\n".join(f"{k}: {v}" for k, v in meta.get("versions", {}).items()),
         headline=headline,
         per_class=_per_class_html(per_class),
-        counts_table=counts.style.background_gradient(cmap="Blues", axis=1).to_html() if len(counts) <= 30 else None,
-        confused=confused.style.format({"fraction_of_true": "{:.1%}"}).hide(axis="index").to_html() if len(confused) else None,
+        counts_table=_escaped(counts).background_gradient(cmap="Blues", axis=1).to_html() if len(counts) <= 30 else None,
+        confused=_escaped(confused, {"fraction_of_true": "{:.1%}"}).hide(axis="index").to_html() if len(confused) else None,
         top_losses=_gallery(preds, class_names, ~correct, np.argsort(-loss), gallery_size),
         unsure=_gallery(preds, class_names, correct, np.argsort(confidence), gallery_size),
         ece=f"{metrics['ece']:.4f}",
         bins=bins,
         images={name: png_b64(p) if p is not None and p.exists() else None for name, p in figures.items()},
     )
-    path.write_text(html, encoding="utf-8")
+    write_text(path, html)

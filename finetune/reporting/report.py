@@ -21,6 +21,7 @@ from finetune.evaluation.metrics import (
     per_class_table,
     predictions_table,
 )
+from finetune.files import read_table, read_text_table, write_table, write_text
 from finetune.reporting.html import RunContext, render_html
 from finetune.reporting.plots import plot_confusion_matrix, plot_image_grid, plot_reliability, plot_training_curves
 
@@ -67,7 +68,7 @@ def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views
     run = ctx.run
     if run is None or not run.train_transforms.exists() or not run.splits.exists():
         return None
-    splits = pd.read_csv(run.splits, dtype=str, keep_default_na=False)
+    splits = read_text_table(run.splits)
     train = splits[splits["split"] == "train"].groupby("label").head(1).head(images)
     pipeline = load_pipeline(run.train_transforms)
     pipeline.set_random_seed(0)
@@ -91,13 +92,13 @@ def _write_tables(
     calibration: pd.DataFrame,
     confused: pd.DataFrame,
 ) -> None:
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    per_class.to_csv(folder / "per_class.csv", index=False)
-    counts.to_csv(folder / "confusion_matrix.csv")
-    normalized.to_csv(folder / "confusion_matrix_normalized.csv", float_format="%.6f")
-    confused.to_csv(folder / "most_confused.csv", index=False, float_format="%.6f")
-    calibration.to_csv(folder / "calibration.csv", index=False, float_format="%.6f")
-    predictions_table(preds, class_names, top_k=top_k).to_csv(folder / "predictions.csv", index=False, float_format="%.6f")
+    write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
+    write_table(per_class, folder / "per_class.csv")
+    write_table(counts, folder / "confusion_matrix.csv", index=True)
+    write_table(normalized, folder / "confusion_matrix_normalized.csv", index=True, float_format="%.6f")
+    write_table(confused, folder / "most_confused.csv", float_format="%.6f")
+    write_table(calibration, folder / "calibration.csv", float_format="%.6f")
+    write_table(predictions_table(preds, class_names, top_k=top_k), folder / "predictions.csv", float_format="%.6f")
 
 
 def _write_figures(
@@ -119,7 +120,7 @@ def _write_figures(
         "augmentation": None,
     }
     if context is not None and context.run is not None and context.run.metrics.exists():
-        plot_training_curves(pd.read_csv(context.run.metrics), folder / "training_curves.png")
+        plot_training_curves(read_table(context.run.metrics), folder / "training_curves.png")
         figures["curves"] = folder / "training_curves.png"
     if context is not None:
         figures["augmentation"] = _augmentation_preview(context, folder / "augmentation_preview.png")
@@ -151,7 +152,7 @@ def write_report(
     figures = _write_figures(
         folder, title=title, metrics=metrics, counts=counts, normalized=normalized, calibration=calibration, context=context
     )
-    (folder / "summary.md").write_text(_summary(metrics, per_class, title, context.extra if context else {}), encoding="utf-8")
+    write_text(folder / "summary.md", _summary(metrics, per_class, title, context.extra if context else {}))
     render_html(
         path=folder / "report.html",
         title=title,

@@ -13,7 +13,9 @@ import pandas as pd
 from finetune.config.loading import load_recipe
 from finetune.data.split import evaluation_split
 from finetune.errors import UsageError
+from finetune.files import read_text_table, write_table
 from finetune.models.inspect import inspect_model
+from finetune.run_dir import RunDir
 from finetune.runs.train import train
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,9 @@ def compare(
         source = manifest if manifest.exists() else data
         result = train(recipe=recipe, data=source, out=out / name, progress=progress)
         if not manifest.exists():  # every later recipe sees exactly this split
-            splits = pd.read_csv(result.run_dir / "splits.csv", dtype=str, keep_default_na=False)
+            splits = read_text_table(RunDir(result.run_dir).splits)
             splits["path"] = [str(Path(p).resolve()) for p in splits["path"]]
-            splits.to_csv(manifest, index=False)
+            write_table(splits, manifest)
         if result.report is None:
             raise UsageError("compare runs in one process; start it without torchrun")
         classes = result.report.per_class
@@ -77,9 +79,9 @@ def compare(
         )
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, metrics["accuracy"], metrics["macro_f1"])
     board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
-    board.to_csv(out / "leaderboard.csv", index=False, float_format="%.4f")
+    write_table(board, out / "leaderboard.csv", float_format="%.4f")
     shown = board.assign(report=[f"[report]({r})" for r in board["report"]])
-    evaluated_on = evaluation_split(pd.read_csv(manifest, dtype=str, keep_default_na=False))
+    evaluated_on = evaluation_split(read_text_table(manifest))
     (out / "leaderboard.md").write_text(
         f"# Leaderboard\n\n{len(board)} recipes on {data}, same {evaluated_on} split; best macro-F1 first.\n\n"
         + shown.to_markdown(index=False, floatfmt=".4f")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.config.schema import IMAGE_EXTENSIONS
 from finetune.data.doctor import Screened, screen_samples
 from finetune.data.loader import ImageDataset, make_loader
 from finetune.data.scan import list_images, scan_image_folder
@@ -18,6 +17,7 @@ from finetune.data.transforms import build_eval_pipeline
 from finetune.errors import DataError, RunDirError
 from finetune.evaluation.inference import Predictions, run_inference
 from finetune.evaluation.metrics import predictions_table
+from finetune.files import read_text_table, write_table
 from finetune.reporting.html import RunContext
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir
@@ -48,7 +48,7 @@ def predict_paths(loaded: LoadedModel, paths: list[str], targets: list[int], *, 
 
 
 def _report_notes(run: RunDir | None, skipped_here: int) -> dict[str, str]:
-    skipped_train = len(pd.read_csv(run.skipped)) if run is not None and run.skipped.exists() else 0
+    skipped_train = len(read_text_table(run.skipped)) if run is not None and run.skipped.exists() else 0
     notes = {"unreadable images skipped": f"{skipped_here} in this evaluation, {skipped_train} in the run's data (skipped.csv)"}
     if run is not None and run.class_weights.exists():
         weights = json.loads(run.class_weights.read_text(encoding="utf-8"))
@@ -73,7 +73,7 @@ def report_for(
     title = f"{loaded.recipe.model.name} on {split} ({len(rows)} images)"
     context = RunContext(meta=loaded.meta, run=run, split=split, extra=_report_notes(run, len(screened.skipped)))
     folder.mkdir(parents=True, exist_ok=True)
-    screened.skipped.to_csv(folder / "skipped.csv", index=False)
+    write_table(screened.skipped, folder / "skipped.csv")
     return write_report(preds, loaded.class_names, folder, top_k=loaded.recipe.eval.top_k, title=title, context=context)
 
 
@@ -126,7 +126,7 @@ def predict(
     """Classify image files and folders (searched recursively); returns and optionally writes a CSV."""
     _check_inputs_exist(inputs)
     loaded = model_from_checkpoint(load_checkpoint(checkpoint_path(Path(run))))
-    paths = _input_paths(inputs, loaded.recipe.data.extensions or IMAGE_EXTENSIONS)
+    paths = _input_paths(inputs, loaded.recipe.data.extensions)
     frame = pd.DataFrame({"path": paths, "label": "", "split": ""})
     screened = screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress)
     paths = list(screened.samples["path"])
@@ -138,6 +138,6 @@ def predict(
     table = predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out, index=False, float_format="%.6f")
+        write_table(table, Path(out), float_format="%.6f")
         log.info("wrote %d predictions to %s", len(table), out)
     return table

@@ -11,7 +11,8 @@ import pandas as pd
 
 from finetune.config.loading import load_recipe
 from finetune.data.loader import ImageDataset, make_loader
-from finetune.models.stages import FreezePlan, apply_freeze, set_train_mode
+from finetune.files import write_table
+from finetune.models.stages import FreezePlan, apply_freeze, batchnorm_trains, set_train_mode
 from finetune.reporting.plots import plot_lr_curve
 from finetune.runs.prepare import prepare_run
 from finetune.training.device import resolve_device
@@ -48,11 +49,13 @@ def find_lr(
     bundle, index = prepared.model.bundle, prepared.data.index
     rows = index.split("train")
     dataset = ImageDataset(rows["path"], index.targets(rows), prepared.model.train_pipeline)
-    loader = make_loader(
-        dataset, batch_size=loaded.data.batch_size, num_workers=loaded.data.num_workers, shuffle=True, seed=loaded.seed
-    )
     phase = loaded.train.resolved_phases()[0]
     plan = FreezePlan(trainable=phase.trainable_stages(), bn=phase.bn)
+    lone = batchnorm_trains(plan, bundle.stages)
+    cfg = loaded.data
+    loader = make_loader(
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=loaded.seed, drop_lone_last=lone
+    )
     apply_freeze(bundle.model, plan, bundle.stages)
     device = resolve_device(loaded.train.device)
     model = bundle.model.to(device)
@@ -65,7 +68,7 @@ def find_lr(
     suggestion = suggest_lr(curve)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    curve.to_csv(out / "lr_find.csv", index=False, float_format="%.6g")
+    write_table(curve, out / "lr_find.csv", float_format="%.6g")
     plot_lr_curve(curve, suggestion, out / "lr_find.png")
     log.info("lr-find: %d steps, suggested lr %.3g (the recipe's first phase has %.3g)", len(curve), suggestion, phase.lr)
     return LRFindResult(curve=curve, suggestion=suggestion, folder=out)

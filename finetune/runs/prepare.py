@@ -15,14 +15,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from finetune.config.schema import ModelConfig, Recipe
+from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.doctor import screen_samples, split_leakage
 from finetune.data.scan import read_samples
 from finetune.data.split import DatasetIndex, make_index
 from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, resolve_image_config
-from finetune.errors import DataError, RecipeError, WeightsError
+from finetune.errors import DataError, WeightsError
 from finetune.models.build import ModelBundle, build_model
 from finetune.models.weights import check_hub_reachable
+from finetune.training.device import check_device
 from finetune.training.loss import class_weights
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,7 @@ class PreparedRun:
 def check_cheap_things(recipe: Recipe) -> None:
     """Fail in seconds on what needs no image: weights that cannot be had, a device that is not there."""
     check_weights_available(recipe.model)
-    if recipe.train.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("train.device is cuda but no GPU is visible; use train.device: auto or cpu")
+    check_device(recipe.train.device)
 
 
 def check_weights_available(cfg: ModelConfig) -> None:
@@ -68,10 +68,10 @@ def check_weights_available(cfg: ModelConfig) -> None:
         raise WeightsError(f"weights file {cfg.pretrained} does not exist; fix model.pretrained")
 
 
-def prepare_data(recipe: Recipe, *, progress: bool) -> PreparedData:
+def prepare_data(cfg: DataConfig, *, seed: int, progress: bool) -> PreparedData:
     """Scan, screen (decode every image once), split, and look for duplicates across the splits."""
-    screened = screen_samples(read_samples(recipe.data), policy=recipe.data.bad_images, progress=progress)
-    index = make_index(screened.samples, recipe.data, seed=recipe.seed)
+    screened = screen_samples(read_samples(cfg), policy=cfg.bad_images, progress=progress)
+    index = make_index(screened.samples, cfg, seed=seed)
     if not (index.samples["split"] == "val").any():
         raise DataError("no validation images: set data.val_fraction above 0 or add a val/ folder")
     leaks = split_leakage(index.samples, screened.facts)
@@ -81,7 +81,7 @@ def prepare_data(recipe: Recipe, *, progress: bool) -> PreparedData:
             f"{len(leaks)} duplicate pair(s) across splits (e.g. {first['path_a']} [{first['split_a']}] ~ "
             f"{first['path_b']} [{first['split_b']}]); val/test scores may be inflated"
         )
-        if recipe.data.strict_split:
+        if cfg.strict_split:
             raise DataError(message + "; remove the copies, or set data.group_pattern, or data.strict_split: false")
         log.warning("%s; listed in leakage.csv. HINT: run 'finetune check' and remove the copies", message)
     return PreparedData(index=index, skipped=screened.skipped, leaks=leaks)
@@ -109,7 +109,7 @@ def prepare_model(recipe: Recipe, *, num_classes: int, load_pretrained: bool = T
 def prepare_run(recipe: Recipe, *, progress: bool) -> PreparedRun:
     """Cheap checks, then data, then model and loss weights: what `train` and `lr-find` start from."""
     check_cheap_things(recipe)
-    data = prepare_data(recipe, progress=progress)
+    data = prepare_data(recipe.data, seed=recipe.seed, progress=progress)
     model = prepare_model(recipe, num_classes=len(data.index.class_names))
     weights = class_weights(
         recipe.loss, class_names=data.index.class_names, targets=data.index.targets(data.index.split("train"))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,13 @@ from finetune.config.schema import Recipe
 from finetune.data.loader import ImageDataset
 from finetune.data.split import DatasetIndex
 from finetune.data.transforms import save_pipeline
-from finetune.errors import RunDirError, UsageError
+from finetune.errors import CheckpointError, RunDirError, UsageError
+from finetune.files import check_writable_folder, read_text_table, write_table, write_text
 from finetune.reporting.report import Report
-from finetune.run_dir import RunDir
+from finetune.run_dir import RunDir, locked
 from finetune.runs.evaluate import report_for_run
-from finetune.runs.prepare import PreparedData, PreparedModel, check_cheap_things, prepare_data, prepare_model
-from finetune.training.checkpoint import load_checkpoint
+from finetune.runs.prepare import PreparedData, PreparedModel, prepare_model, prepare_run
+from finetune.training.checkpoint import RESUMABLE_FROM, load_checkpoint
 from finetune.training.distributed import Ranks, barrier, setup, teardown
 from finetune.training.history import read_history, truncate_history
 from finetune.training.loop import FitContext, FitState, fit
@@ -48,6 +51,7 @@ class _Start:
     recipe: Recipe
     index: DatasetIndex
     model: PreparedModel
+    class_weights: list[float] | None
     state: FitState | None
     ranks: Ranks
 
@@ -67,7 +71,8 @@ def resolve_recipe(
 
 def refuse_used_folder(run: RunDir) -> None:
     """Never overwrite work: a finished or running run is resumed, anything else needs a new folder."""
-    if run.root.exists() and any(run.root.iterdir()):
+    check_writable_folder(run.root)
+    if run.root.exists() and any(p.name != run.lock.name for p in run.root.iterdir()):
         if run.last.exists():
             raise RunDirError(f"{run.root} already holds a run; continue it with --resume {run.root} or choose another --out")
         if not run.is_run():
@@ -75,40 +80,80 @@ def refuse_used_folder(run: RunDir) -> None:
         log.info("%s holds a run that never finished an epoch; starting it again", run.root)
 
 
+@contextlib.contextmanager
+def _removed_if_unstarted(run: RunDir) -> Iterator[None]:
+    """A start that fails before recipe.yaml is written leaves no folder behind, so the same command can be retried."""
+    existed = run.root.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and run.root.exists() and not run.is_run():
+            shutil.rmtree(run.root, ignore_errors=True)  # everything in it was written by this call
+        raise
+
+
 def write_run_files(run: RunDir, recipe: Recipe, data: PreparedData) -> None:
     """splits, classes, skipped and leaked files; recipe.yaml last, atomically: a folder with recipe.yaml can be resumed."""
     run.root.mkdir(parents=True, exist_ok=True)
-    data.skipped.to_csv(run.skipped, index=False)
+    write_table(data.skipped, run.skipped)
     if len(data.leaks):
-        data.leaks.to_csv(run.leakage, index=False)
-    data.index.samples.to_csv(run.splits, index=False)
-    run.classes.write_text(json.dumps(data.index.class_names, indent=1), encoding="utf-8")
+        write_table(data.leaks, run.leakage)
+    write_table(data.index.samples, run.splits)
+    write_text(run.classes, json.dumps(data.index.class_names, indent=1))
     save_recipe(recipe, run.recipe)
 
 
-def _start_new(run: RunDir, recipe: Recipe, *, progress: bool) -> _Start:
-    ranks = setup(recipe.train.device)
-    refuse_used_folder(run)
-    check_cheap_things(recipe)
-    data = prepare_data(recipe, progress=progress and ranks.main)
-    model = prepare_model(recipe, num_classes=len(data.index.class_names))
-    barrier()  # every rank has checked the folder and the data before rank 0 writes
+def _start_new(run: RunDir, recipe: Recipe, ranks: Ranks, *, progress: bool) -> _Start:
+    prepared = prepare_run(recipe, progress=progress and ranks.main)
+    barrier()  # every rank has checked the data before rank 0 writes
     if ranks.main:
-        write_run_files(run, recipe, data)
-    return _Start(recipe=recipe, index=data.index, model=model, state=None, ranks=ranks)
+        write_run_files(run, recipe, prepared.data)
+    return _Start(
+        recipe=recipe,
+        index=prepared.data.index,
+        model=prepared.model,
+        class_weights=prepared.class_weights,
+        state=None,
+        ranks=ranks,
+    )
+
+
+def _changed(old: Recipe, new: Recipe) -> str:
+    """'key: old -> new, ...' for up to three settings that differ (those in RESUME_FREE never count); '' if none."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_FREE)
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:3])
 
 
 def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
-    """The run's recipe, split and last checkpoint (None when it was stopped inside its first epoch)."""
+    """The run's recipe, split and last checkpoint (None when it was stopped inside its first epoch).
+
+    The recipe is the checkpoint's own; a recipe.yaml edited since then is refused rather than trusted.
+    """
     for path in (run.recipe, run.splits, run.classes):
         if not path.exists():
             raise RunDirError(
                 f"cannot resume {run.root}: {path.name} is missing, so it is no finetune run folder; start a new run instead"
             )
     recipe = recipe_from_dict(read_yaml(run.recipe), source=str(run.recipe))
-    samples = pd.read_csv(run.splits, dtype=str, keep_default_na=False)
+    payload = load_checkpoint(run.last) if run.last.exists() else None
+    if payload is not None:
+        if int(payload.get("format_version", 1)) < RESUMABLE_FROM:
+            raise CheckpointError(
+                f"cannot resume {run.root}: its last.pt was written by an older finetune (checkpoint format "
+                f"{payload.get('format_version', 1)}); evaluate or predict with it, or start a new run"
+            )
+        stored = recipe_from_dict(payload["recipe"], source=f"stored in {run.last}")
+        edits = _changed(stored, recipe)
+        if edits:
+            raise RunDirError(
+                f"cannot resume {run.root}: recipe.yaml was edited after the last checkpoint ({edits}); "
+                "put it back as it was, or start a new run with the edited recipe"
+            )
+        recipe = stored
+    samples = read_text_table(run.splits)
     index = DatasetIndex(samples=samples, class_names=[str(c) for c in json.loads(run.classes.read_text(encoding="utf-8"))])
-    return recipe, index, load_checkpoint(run.last) if run.last.exists() else None
+    return recipe, index, payload
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, object]:
@@ -119,46 +164,52 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def refuse_changed_recipe(stored: Recipe, recipe: Recipe | str | Path | None, overrides: Sequence[str], run: RunDir) -> None:
-    """--resume with a recipe: it must be the run's own (up to settings that do not change results)."""
+def refuse_changed_recipe(
+    stored: Recipe, recipe: Recipe | str | Path | None, overrides: Sequence[str], data: str | Path | None, run: RunDir
+) -> None:
+    """--resume with a recipe, overrides or --data: they must be the run's own (up to settings that do not change results)."""
+    if data is not None and Path(data).resolve() != Path(stored.data.path or "").resolve():
+        raise RunDirError(
+            f"--resume {run.root} --data {data}: the run trains on {stored.data.path}; resume without --data, "
+            f"or start a new run on {data}"
+        )
+    if recipe is None and not overrides:
+        return
     if recipe is None:
         candidate = recipe_from_dict(stored.to_dict(), overrides=overrides)
     else:
         candidate = resolve_recipe(recipe, overrides=overrides).with_data(stored.data.path)
-    old, new = _flatten(stored.to_dict()), _flatten(candidate.to_dict())
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE)
-    if changed:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+    edits = _changed(stored, candidate)
+    if edits:
         raise RunDirError(
-            f"--resume {run.root}: the recipe differs from the run's ({shown}); resume without a recipe, or start a new run"
+            f"--resume {run.root}: the recipe differs from the run's ({edits}); resume without a recipe, or start a new run"
         )
 
 
-def _start_resume(run: RunDir, recipe: Recipe | str | Path | None, overrides: Sequence[str]) -> _Start:
-    stored, index, payload = read_run(run)
-    if recipe is not None or overrides:
-        refuse_changed_recipe(stored, recipe, overrides, run)
-    ranks = setup(stored.train.device)
+def _start_resume(run: RunDir, stored: Recipe, index: DatasetIndex, payload: dict[str, Any] | None, ranks: Ranks) -> _Start:
     state = FitState.from_payload(payload) if payload is not None else None
     if ranks.main:
         truncate_history(run, after_epoch=state.epoch if state else 0)
     model = prepare_model(stored, num_classes=len(index.class_names), load_pretrained=payload is None)
     if payload is not None:
         model.bundle.model.load_state_dict(payload["state_dict"])
+    weights = class_weights(stored.loss, class_names=index.class_names, targets=index.targets(index.split("train")))
     log.info("resuming %s after epoch %d", run.root, state.epoch if state else 0)
-    return _Start(recipe=stored, index=index, model=model, state=state, ranks=ranks)
+    return _Start(recipe=stored, index=index, model=model, class_weights=weights, state=state, ranks=ranks)
+
+
+def write_training_files(run: RunDir, start: _Start) -> None:
+    """The pipelines as albumentations serialises them, and the loss's class weights."""
+    save_pipeline(start.model.train_pipeline, run.train_transforms)
+    save_pipeline(start.model.eval_pipeline, run.eval_transforms)
+    if start.class_weights is not None:
+        write_text(run.class_weights, json.dumps(dict(zip(start.index.class_names, start.class_weights)), indent=1))
 
 
 def _fit_context(run: RunDir, start: _Start, *, progress: bool, on_epoch_end: Callable[[FitState], None] | None) -> FitContext:
-    """Datasets, loss weights and the pipelines' files for `fit`."""
+    """The training and validation datasets, and everything else `fit` reads."""
     recipe, index, model = start.recipe, start.index, start.model
     train_rows, val_rows = index.split("train"), index.split("val")
-    weights = class_weights(recipe.loss, class_names=index.class_names, targets=index.targets(train_rows))
-    if start.ranks.main:
-        save_pipeline(model.train_pipeline, run.train_transforms)
-        save_pipeline(model.eval_pipeline, run.eval_transforms)
-        if weights is not None:
-            run.class_weights.write_text(json.dumps(dict(zip(index.class_names, weights)), indent=1), encoding="utf-8")
     log.info(
         "training %s on %d images (%d val) of %d classes -> %s",
         recipe.model.name,
@@ -172,7 +223,7 @@ def _fit_context(run: RunDir, start: _Start, *, progress: bool, on_epoch_end: Ca
         class_names=index.class_names,
         image=model.image,
         run=run,
-        class_weights=weights,
+        class_weights=start.class_weights,
         progress=progress,
         on_epoch_end=on_epoch_end,
         train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline),
@@ -197,16 +248,28 @@ def train(
     started = time.perf_counter()
     run = RunDir(Path(out))
     if resume:
-        start = _start_resume(run, recipe, overrides)
+        stored, index, payload = read_run(run)
+        refuse_changed_recipe(stored, recipe, overrides, data, run)
+        target = stored
     else:
-        start = _start_new(run, resolve_recipe(recipe, overrides=overrides, data=data), progress=progress)
-    progress = progress and start.ranks.main
+        target = resolve_recipe(recipe, overrides=overrides, data=data)
+        refuse_used_folder(run)
+    ranks = setup(target.train.device)
     try:
-        fit(start.model.bundle, _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end), state=start.state)
+        barrier()  # every rank has looked at the folder before rank 0 locks it
+        with _removed_if_unstarted(run), locked(run, enabled=ranks.main):
+            if resume:
+                start = _start_resume(run, stored, index, payload, ranks)
+            else:
+                start = _start_new(run, target, ranks, progress=progress)
+            progress = progress and ranks.main
+            if ranks.main:
+                write_training_files(run, start)
+            fit(start.model.bundle, _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end), state=start.state)
+            report = report_for_run(run, start.index, progress=progress) if ranks.main else None
     finally:
         teardown()
-    report = report_for_run(run, start.index, progress=progress) if start.ranks.main else None
-    history = read_history(run) if start.ranks.main else pd.DataFrame()
+    history = read_history(run) if ranks.main else pd.DataFrame()
     return TrainResult(
         run_dir=run.root, best_checkpoint=run.best, history=history, report=report, seconds=time.perf_counter() - started
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import shutil
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -14,11 +15,12 @@ from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import Recipe
 from finetune.data.transforms import ImageConfig
 from finetune.errors import CheckpointError
-from finetune.files import atomic_write
+from finetune.files import atomic_write, disk_error
 from finetune.models.build import ModelBundle, build_model
 
 FORMAT = "finetune-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: training_state holds EarlyStopping's state and timm schedule updates (finetune 0.2)
+RESUMABLE_FROM = 2  # older checkpoints still evaluate and predict; their training state is not resumed
 VERSIONED_LIBRARIES = ("finetune", "torch", "torchvision", "timm", "albumentations", "scikit-learn", "numpy", "pillow")
 
 
@@ -92,7 +94,20 @@ class CheckpointSaver:
         payload = make_payload(
             bundle=self.bundle, class_names=self.class_names, image=self.image, recipe=self.recipe, extra=extra
         )
-        save_checkpoint(payload, path)
+        try:
+            save_checkpoint(payload, path)
+        except OSError as exc:
+            raise disk_error(path, exc, resume=path.parent.parent) from None
+
+    def copy(self, source: Path, target: Path) -> None:
+        """`target` becomes a copy of the checkpoint just written to `source` (no second serialisation)."""
+        if not self.enabled:
+            return
+        try:
+            with open(source, "rb") as handle:
+                atomic_write(target, lambda out: shutil.copyfileobj(handle, out))
+        except OSError as exc:
+            raise disk_error(target, exc, resume=target.parent.parent) from None
 
 
 @dataclass

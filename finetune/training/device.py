@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from finetune.errors import RecipeError
+
+
+def check_device(name: str) -> None:
+    """A recipe that asks for CUDA on a machine without a visible GPU fails here, before any work or file."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is cuda but no GPU is visible; use train.device: auto (or cpu, gloo under torchrun)")
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA when present, else the CPU."""

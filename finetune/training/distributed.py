@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from finetune.data.loader import shard_indices
-from finetune.errors import RecipeError
+from finetune.training.device import check_device
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,8 @@ def setup(device: str) -> Ranks:
         return current()
     if not launched():
         return Ranks()
+    check_device(device)
     cuda = device != "cpu" and torch.cuda.is_available()
-    if device == "cuda" and not cuda:
-        raise RecipeError("train.device is cuda but no GPU is visible; use train.device: cpu (gloo) for CPU processes")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")

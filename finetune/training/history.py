@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 
+from finetune.files import disk_error, read_table, write_table
 from finetune.run_dir import RunDir
 
 METRICS_COLUMNS = [
@@ -24,20 +25,21 @@ METRICS_COLUMNS = [
 
 def append_history_row(run: RunDir, row: dict[str, Any]) -> None:
     """One epoch's row of metrics.csv."""
-    pd.DataFrame([row], columns=METRICS_COLUMNS).to_csv(
-        run.metrics, mode="a", header=not run.metrics.exists(), index=False, float_format="%.6g"
-    )
+    try:
+        write_table(pd.DataFrame([row], columns=METRICS_COLUMNS), run.metrics, float_format="%.6g", append=True)
+    except OSError as exc:
+        raise disk_error(run.metrics, exc, resume=run.root) from None
 
 
 def read_history(run: RunDir) -> pd.DataFrame:
     """metrics.csv as a DataFrame (empty, with the columns, before the first epoch)."""
     if not run.metrics.exists():
         return pd.DataFrame(columns=METRICS_COLUMNS)
-    return pd.read_csv(run.metrics)
+    return read_table(run.metrics)
 
 
 def truncate_history(run: RunDir, *, after_epoch: int) -> None:
     """Drop metrics.csv rows written after the last checkpoint (a kill between the row and last.pt), before a resume."""
     history = read_history(run)
     if len(history) and (history["epoch"] > after_epoch).any():
-        history[history["epoch"] <= after_epoch].to_csv(run.metrics, index=False, float_format="%.6g")
+        write_table(history[history["epoch"] <= after_epoch], run.metrics, float_format="%.6g")

@@ -16,7 +16,7 @@ from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.loader import ImageDataset, batches_per_epoch, make_loader
 from finetune.data.transforms import ImageConfig
 from finetune.models.build import ModelBundle
-from finetune.models.stages import FreezePlan, apply_freeze, set_train_mode
+from finetune.models.stages import FreezePlan, apply_freeze, batchnorm_trains, set_train_mode
 from finetune.run_dir import RunDir
 from finetune.training.checkpoint import CheckpointSaver, load_checkpoint
 from finetune.training.device import autocast_dtype, resolve_device
@@ -107,6 +107,7 @@ class _Phase:
     train_set: Any
     val_batches: Iterable[Any]
     cached: CachedPhase | None
+    drop_lone_last: bool  # BatchNorm trains: a last batch of one image is left out of each epoch
     setup_started: float | None  # the phase's first epoch is charged its preparation (feature caching)
 
 
@@ -149,7 +150,8 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: _Env, config: Phas
     plan = FreezePlan(trainable=config.trainable_stages(), bn=config.bn)
     trainable = apply_freeze(bundle.model, plan, bundle.stages)
     optimizer = build_optimizer(bundle.model, config, ctx.recipe.train, bundle.stages)
-    steps = batches_per_epoch(len(ctx.train_set), ctx.recipe.data.batch_size, world=env.ranks.world, drop_lone_last=True)
+    lone = batchnorm_trains(plan, bundle.stages)  # a batch of one cannot be normalised: left out of the epoch
+    steps = max(1, batches_per_epoch(len(ctx.train_set), ctx.recipe.data.batch_size, world=env.ranks.world, drop_lone_last=lone))
     schedule = build_scheduler(optimizer, ctx.recipe.train, total_steps=config.epochs * steps, steps_per_epoch=steps)
     if state.phase == index and state.phase_epoch > 0 and state.optimizer:
         optimizer.load_state_dict(state.optimizer)
@@ -180,6 +182,7 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: _Env, config: Phas
         train_set=train_set,
         val_batches=val_batches,
         cached=cached,
+        drop_lone_last=lone,
         setup_started=started,
     )
 
@@ -289,7 +292,10 @@ def _after_epoch(
     if verdict.best_of_run:
         env.saver.save(ctx.run.best, epoch=state.epoch, metrics=metrics)
     if verdict.best_of_phase and stopping_cfg.restore_best:
-        env.saver.save(ctx.run.phase_best, epoch=state.epoch, metrics=metrics)
+        if verdict.best_of_run:
+            env.saver.copy(ctx.run.best, ctx.run.phase_best)
+        else:
+            env.saver.save(ctx.run.phase_best, epoch=state.epoch, metrics=metrics)
     if verdict.stop_phase:
         log.info("early stopping: %s did not improve for %d epoch(s)", env.stopping.metric, env.stopping.bad_epochs)
         state.phase_epoch = phase.config.epochs
@@ -328,7 +334,7 @@ def _train_epoch(ctx: FitContext, env: _Env, phase: _Phase, epoch: int) -> tuple
         balanced=data.sampler == "weighted",
         rank=env.ranks.rank,
         world=env.ranks.world,
-        drop_lone_last=True,  # BatchNorm in train mode cannot normalise a batch of one
+        drop_lone_last=phase.drop_lone_last,
     )
     stepper = Stepper(
         criterion=env.criterion,

@@ -11,7 +11,7 @@ from torch import nn
 
 from finetune.config.catalog import STAGES, Stage
 from finetune.config.schema import PhaseConfig, TrainConfig
-from finetune.errors import ModelError
+from finetune.errors import RecipeError
 from finetune.models.stages import StageMap
 
 FUSED_OPTIMIZERS = ("adamw", "sgd", "momentum")  # timm names backed by torch optimizers that have fused kernels
@@ -51,7 +51,7 @@ def build_optimizer(model: nn.Module, phase: PhaseConfig, cfg: TrainConfig, stag
     """timm's `create_optimizer_v2` over the stage groups (sgd is Nesterov SGD, as in timm and torchvision's references)."""
     groups = stage_param_groups(model, phase, cfg, stages)
     if not groups:
-        raise ModelError(f"phase trains {list(phase.trainable_stages())} but they hold no parameters; train at least 'head'")
+        raise RecipeError(f"phase trains {list(phase.trainable_stages())} but they hold no parameters; train at least 'head'")
     name = "momentum" if cfg.optimizer == "sgd" and cfg.momentum == 0 else cfg.optimizer  # Nesterov needs momentum
     # torch's fused AdamW/SGD kernels: same update, one kernel for all tensors (6.8x faster steps on CPU, BENCHMARKS.md)
     extra: dict[str, Any] = {"fused": True} if name in FUSED_OPTIMIZERS else {}

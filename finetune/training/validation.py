@@ -1,4 +1,7 @@
-"""A model's outputs over a loader (the one forward loop of evaluation), and the per-epoch validation metrics."""
+"""A model's outputs over a loader, and the per-epoch validation metrics.
+
+`collect_logits` is the one forward loop of the package: validation here, and `evaluation.inference` on top of it.
+"""
 
 from __future__ import annotations
 
