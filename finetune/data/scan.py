@@ -91,7 +91,9 @@ def read_manifest(path: Path) -> pd.DataFrame:
     """A CSV with columns path,label (optional split); relative paths are relative to the CSV."""
     with open(path, "rb") as handle:
         if b"\x00" in handle.read(8192):
-            raise DataError(f"manifest {path} is not a readable CSV: it holds binary data; pass a text file with a 'path,label' header")
+            raise DataError(
+                f"manifest {path} is not a readable CSV: it holds binary data; pass a text file with a 'path,label' header"
+            )
     try:
         frame = read_text_table(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
