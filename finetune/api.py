@@ -14,7 +14,7 @@ from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.demo import build_digits_folder, default_paths, demo_out_dir
 from finetune.data.doctor import CheckResult, check_dataset
-from finetune.files import write_text
+from finetune.files import check_writable_file, write_text
 from finetune.models.inspect import Inspection, inspect_model
 from finetune.reporting.diff import ReportDiff, diff_reports
 from finetune.runs.compare import CompareResult, compare
@@ -47,6 +47,8 @@ def check(
     *, data: str | Path, extensions: Sequence[str] | None = None, json_out: str | Path | None = None, progress: bool = True
 ) -> CheckResult:
     """The dataset doctor over `data`; with `json_out`, every finding is also written there."""
+    if json_out is not None:
+        check_writable_file(Path(json_out), what="--json")  # before decoding every image, not after
     result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress)
     if json_out is not None:
         write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))

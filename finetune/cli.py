@@ -231,7 +231,8 @@ def lr_find(
         result = api.find_lr(
             recipe=recipe, data=data, out=out or _timestamped("lr-find"), overrides=set_ or [], steps=steps, progress=not quiet
         )
-        typer.echo(f"suggested lr: {result.suggestion:.3g} | curve: {result.folder / 'lr_find.png'}")
+        caution = f" (unreliable: {result.warning})" if result.warning else ""
+        typer.echo(f"suggested lr: {result.suggestion:.3g}{caution} | curve: {result.folder / 'lr_find.png'}")
 
 
 report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True)

@@ -123,3 +123,17 @@ def test_find_lr_screens_images_like_train(tmp_path, image_folder):
     recipe = _write(tmp_path / "r.yaml", tiny_recipe())
     result = find_lr(recipe=recipe, data=image_folder, out=tmp_path / "lr", steps=6, progress=False)
     assert len(result.curve) > 0
+
+
+def test_an_unreliable_curve_is_said_to_be_so():
+    from finetune.training.lr_find import unreliable
+
+    lrs = [10 ** (-6 + i * 0.1) for i in range(60)]
+    good = [2.0 - 1.5 / (1 + pow(10, -(i - 30) / 3)) for i in range(60)]
+    assert unreliable(pd.DataFrame({"lr": lrs, "loss": good, "smoothed": good})) is None
+    assert "only 8 steps were recorded" in unreliable(pd.DataFrame({"lr": lrs[:8], "loss": good[:8], "smoothed": good[:8]}))
+    flat = [1.0 + 0.001 * (i % 3) for i in range(60)]
+    assert "hardly falls" in unreliable(pd.DataFrame({"lr": lrs, "loss": flat, "smoothed": flat}))
+    dip = [2.0] * 60
+    dip[40] = 1.0
+    assert "single dip" in unreliable(pd.DataFrame({"lr": lrs, "loss": dip, "smoothed": dip}))

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -150,3 +152,49 @@ def test_evaluate_and_predict_use_the_runs_extensions(tmp_path, image_folder):
     assert sorted(table["path"]) == pngs  # the .jpg files are not images of this run
     report = evaluate(run=run, data=image_folder, out=tmp_path / "eval", progress=False)
     assert report.metrics["num_images"] == sum(1 for _ in image_folder.rglob("*.png"))
+
+
+def test_file_names_that_are_not_utf8_train_predict_and_round_trip(tmp_path, image_folder):
+    """OpenCV crashes on such paths; finetune decodes bytes and keeps the names losslessly in its CSVs."""
+    import os
+
+    from finetune import predict, train
+    from finetune.config.loading import recipe_from_dict
+    from finetune.files import read_text_table
+
+    from conftest import tiny_recipe
+
+    odd = os.fsdecode(os.fsencode(str(image_folder / "cat")) + b"/caf\xe9_\xff.jpg")
+    write_mode_image(Path(odd).with_suffix(""), "rgb_jpeg", np.full((32, 32, 3), 90, np.uint8))
+    assert os.path.exists(odd)
+    run = train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False).run_dir
+    assert odd in set(read_text_table(run / "splits.csv")["path"])  # the exact bytes come back
+    table = predict(run=run, inputs=[odd, image_folder / "dog"], out=tmp_path / "preds.csv", progress=False)
+    assert table["path"].iloc[0] == odd and odd in set(read_text_table(tmp_path / "preds.csv")["path"])
+
+
+@pytest.mark.parametrize(
+    ("rows", "pattern"),
+    [
+        ("path,label\n", r"m.csv has a header but no rows; add one line per image"),
+        (
+            "path,label,split\nA,cat,train\nB,dog,training-set\n",
+            r"m.csv: unknown split value\(s\) \['training-set'\]; use train, val or test",
+        ),
+        ("path,label\nA,cat\nB, \n", r"m.csv line 3: empty label for .*\.png; give every image a class"),
+        ("path,label\nA,cat\nA,dog\n", r"m.csv: .*\.png is listed under 2 labels \(cat, dog\); keep one line per image"),
+    ],
+)
+def test_manifest_mistakes_are_one_line_errors(tmp_path, image_folder, rows, pattern):
+    files = sorted(image_folder.rglob("*.png"))
+    (tmp_path / "m.csv").write_text(rows.replace("A", str(files[0])).replace("B", str(files[1])))
+    with pytest.raises(DataError, match=pattern) as info:
+        read_manifest(tmp_path / "m.csv")
+    assert "\n" not in str(info.value)
+
+
+def test_a_manifest_may_list_an_image_twice_under_one_label(tmp_path, image_folder):
+    files = sorted(image_folder.rglob("*.png"))
+    (tmp_path / "m.csv").write_text(f"path,label,split\n{files[0]},cat,Train\n{files[0]},cat,Train\n{files[1]},dog,VALID\n")
+    frame = read_manifest(tmp_path / "m.csv")
+    assert len(frame) == 2 and list(frame["split"]) == ["train", "val"]

@@ -154,3 +154,54 @@ def test_group_pattern_keeps_groups_in_one_split(tmp_path):
             out=tmp_path / "r2",
             progress=False,
         )
+
+
+def _placeholder_picture(path):
+    """What image hosts serve for a vanished photo: flat light grey, a few lines of dark grey text."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (300, 300), (242, 242, 242))
+    draw = ImageDraw.Draw(image)
+    for y, text in ((120, "WE'RE SORRY,"), (150, "THIS IMAGE COULD NOT"), (170, "BE FOUND.")):
+        draw.text((70, y), text, fill=(90, 90, 90))
+    image.save(path)
+
+
+def test_placeholders_dangling_links_and_conflicting_copies(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=6, classes=("ant", "bee"))
+    _placeholder_picture(root / "ant" / "photo_17.png")  # an innocent name: found by its look
+    (root / "bee" / "photo_18.png").write_bytes((root / "ant" / "photo_17.png").read_bytes())  # the same picture in both classes
+    (root / "bee" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    f = check_dataset(root, extensions=EXT, progress=False).findings
+    flagged = f[f["kind"] == "placeholder image"]
+    assert sorted(flagged["path"].map(lambda p: p.split("/")[-1])) == ["photo_17.png", "photo_18.png"]
+    assert flagged["detail"].str.contains("a flat light-grey picture: one colour fills").all()
+    conflict = f[f["kind"] == "exact duplicate in two classes"]
+    assert len(conflict) == 1 and "is labelled" in conflict["detail"].iloc[0] and conflict["severity"].iloc[0] == "warning"
+    link = f[f["kind"] == "dangling symlink"]
+    assert (
+        len(link) == 1
+        and link["path"].iloc[0].endswith("gone.jpg")
+        and "deleted.jpg, which does not exist" in link["detail"].iloc[0]
+    )
+    assert not f["path"].str.contains("img_0").any() or (f[f["path"].str.contains("img_0")]["kind"] != "placeholder image").all()
+
+
+def test_one_class_folder_verdict_says_why(tmp_path):
+    root = make_folder(tmp_path / "one", per_class=4, classes=("only",))
+    result = check_dataset(root, extensions=EXT, progress=False)
+    assert not result.trainable and result.summary["errors"] == 1
+    assert result.summary["blockers"] == ["1 class (only) with readable images; training needs at least 2"]
+    out = CliRunner().invoke(app, ["check", str(root), "--quiet"])
+    assert out.exit_code == 1
+    assert out.stdout.strip().splitlines()[-1] == (
+        "1 error(s), 0 warning(s), 0 duplicate pair(s) across splits: NOT trainable: 1 class (only) with readable images; "
+        "training needs at least 2"
+    )
+
+
+@pytest.mark.skipif(not (HYMENOPTERA := __import__("conftest").HYMENOPTERA).is_dir(), reason="../shared absent")
+def test_the_placeholder_in_hymenoptera_is_found_and_no_photo_is():
+    f = check_dataset(HYMENOPTERA, extensions=EXT, progress=False).findings
+    flagged = f[f["kind"] == "placeholder image"]
+    assert list(flagged["path"].map(lambda p: p.split("/")[-1])) == ["imageNotFound.gif"]

@@ -13,8 +13,12 @@ import yaml
 
 from conftest import tiny_recipe
 
+# Head dropout and augmentation draw random numbers inside every step: resume must reproduce them too.
 RECIPE = tiny_recipe(
-    train={"phases": [{"epochs": 2, "train": ["head"], "lr": 0.01}, {"epochs": 2, "train": ["layer4", "head"], "lr": 0.003}]}
+    model={"head": {"dropout": 0.2}},
+    train={
+        "phases": [{"epochs": 2, "trainable": ["head"], "lr": 0.01}, {"epochs": 2, "trainable": ["layer4", "head"], "lr": 0.003}]
+    },
 )
 
 

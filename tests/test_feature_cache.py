@@ -61,6 +61,7 @@ def _features(tmp_path, bundle, image: ImageConfig, *, paths, views=0, train_tf=
         device=torch.device("cpu"),
         dtype=None,
         progress=False,
+        root=tmp_path / "cache",
     )
 
 
@@ -132,3 +133,60 @@ def test_when_the_cache_applies(train_options, transforms, distributed, reason):
     recipe = recipe_from_dict(tiny_recipe(transforms={"train": transforms}, train={**PROBE, **train_options}))
     got = why_not_cached(recipe, recipe.train.resolved_phases()[0], distributed=distributed)
     assert got == reason if reason is None else reason in got
+
+
+def _probe_setup(tmp_path):
+    folder = make_folder(tmp_path / "data", per_class=3, classes=("a",))
+    paths = sorted(str(p) for p in folder.rglob("*.*"))
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="resnet18"), num_classes=2)
+    image = ImageConfig(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, interpolation="bilinear")
+    return paths, bundle, image
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shape", "not_finite", "meta"])
+def test_damaged_cache_entries_are_discarded_and_recomputed(tmp_path, caplog, damage):
+    import numpy as np
+
+    caplog.set_level(logging.INFO, logger="finetune")
+    paths, bundle, image = _probe_setup(tmp_path)
+    clean = _features(tmp_path, bundle, image, paths=paths).train.features
+    entries = sorted((tmp_path / "cache").rglob("*.v0.npy"))
+    victim = entries[0]
+    if damage == "garbage":
+        victim.write_bytes(b"not a numpy file")
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:60])
+    elif damage == "wrong_shape":
+        np.save(victim, np.zeros(7, np.float32))
+    elif damage == "not_finite":
+        np.save(victim, np.full(512, np.nan, np.float32))
+    else:
+        for meta in (tmp_path / "cache").rglob("meta.json"):
+            meta.write_text("{broken")
+    caplog.clear()
+    again = _features(tmp_path, bundle, image, paths=paths).train.features
+    assert torch.equal(again, clean)  # never poisoned
+    computed = _counts(caplog)[0][0]
+    assert computed == (3 if damage == "meta" else 1)
+    if damage != "meta":
+        assert any("damaged entr(ies) discarded and recomputed" in r.getMessage() for r in caplog.records)
+    assert _features(tmp_path, bundle, image, paths=paths).train.features.equal(clean)  # and repaired on disk
+    assert _counts(caplog)[-2] == (0, 3)
+
+
+def test_unwritable_cache_falls_back_to_memory(tmp_path, caplog, monkeypatch):
+    import os
+
+    caplog.set_level(logging.INFO, logger="finetune")
+    paths, bundle, image = _probe_setup(tmp_path)
+    clean = _features(tmp_path / "a", bundle, image, paths=paths).train.features
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "cache").write_text("a file where the cache folder should be")
+    caplog.clear()
+    features = _features(tmp_path / "b", bundle, image, paths=paths).train.features
+    assert torch.equal(features, clean)
+    assert any(
+        "is not writable" in r.getMessage() and "features stay in memory for this run" in r.getMessage() for r in caplog.records
+    )
+    assert os.path.isfile(tmp_path / "b" / "cache")

@@ -206,3 +206,13 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
         pixels = np.asarray(image.convert("L"), dtype=float)
     assert pixels.shape[0] >= 3000 and pixels.std() > 20  # text, tables and figures, not a blank page
     assert (pixels < 100).mean() > 0.01  # dark ink: text and plots are drawn
+
+
+def test_class_and_file_names_are_escaped_in_report_html(tmp_path):
+    names = ["<img src=x onerror=alert(1)>", "<script>alert(2)</script>", "plain"]
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.5, 0.3, 0.2]])
+    preds = Predictions(paths=["a<b>.png", "<i>b</i>.png", "c", "d"], probs=probs, targets=np.array([0, 1, 2, 1]))
+    write_report(preds, names, tmp_path, top_k=2, title="<h1>t</h1>")
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<img src=x" not in html and "<script>" not in html and "<i>b</i>" not in html and "<h1>t</h1>" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "&lt;script&gt;alert(2)&lt;/script&gt;" in html

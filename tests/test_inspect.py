@@ -57,3 +57,11 @@ def test_cli_json_and_unknown_model():
     assert result.exit_code == 2 and "did you mean 'resnet50'" in result.stderr
     with pytest.raises(RecipeError, match="unknown model"):
         inspect_model(name="resnet5")
+
+
+def test_input_size_must_be_a_size():
+    for size in ("0", "-3"):
+        result = CliRunner().invoke(app, ["inspect", "resnet18", "--input-size", size])
+        assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+            f"error: --input-size {size}: give the image size in pixels, from 16 to 4096"
+        ]

@@ -290,3 +290,28 @@ def test_restore_best_goes_back_to_the_phase_best_weights(tmp_path, image_folder
     )
     assert not torch.equal(seen[2], seen[1])  # the head does train in phase 1
     assert torch.equal(seen[3], seen[2])  # last.pt after phase 1 holds epoch 2's weights, not epoch 3's
+
+
+def test_a_last_batch_of_one_image_is_left_out_when_batchnorm_trains(tmp_path, image_folder):
+    # 3 classes x 8 images, val 6: 18 training images in batches of 17 leave one image alone in the last batch
+    recipe = recipe_from_dict(tiny_recipe(data={"batch_size": 17}, train={"epochs": 1}))
+    result = train(recipe=recipe, data=image_folder, out=tmp_path / "run", progress=False)
+    assert len(result.history) == 1 and result.history["train_loss"].notna().all()
+    probe = recipe_from_dict(tiny_recipe(data={"batch_size": 17}, transforms={"train": "none"}, train={"trainable": ["head"]}))
+    assert train(recipe=probe, data=image_folder, out=tmp_path / "probe", progress=False).best_checkpoint.exists()  # no BN: kept
+
+
+def test_impossible_settings_fail_before_the_run_folder_is_written(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FinetuneError, match=r"train.device is cuda but no GPU is visible; use train.device: auto"):
+        train(
+            recipe=recipe_from_dict(tiny_recipe(train={"device": "cuda"})),
+            data=image_folder,
+            out=tmp_path / "gpu",
+            progress=False,
+        )
+    assert not (tmp_path / "gpu").exists()
+    crop = tiny_recipe(transforms={"train": [{"RandomCrop": {"height": 500, "width": 500}}]})  # validates; cannot run on 32 px
+    with pytest.raises(FinetuneError, match=r"transforms.train: RandomCrop fails on training image .*: .*; change its arguments"):
+        train(recipe=recipe_from_dict(crop), data=image_folder, out=tmp_path / "crop", progress=False)
+    assert not (tmp_path / "crop").exists()

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,96 @@ def test_trainable_and_its_aliases():
         recipe_from_dict(tiny_recipe(train={"trainable": ["head"], "freeze": ["stem"]}))
     with pytest.raises(RecipeError, match=r"give 'trainable' \(or its older name 'train'\), not both"):
         recipe_from_dict(tiny_recipe(train={"phases": [{"epochs": 1, "lr": 0.1, "train": ["head"], "trainable": ["head"]}]}))
+
+
+def test_recipe_files_that_are_not_recipes(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
+    with pytest.raises(
+        RecipeError, match=r"recipe .*binary.yaml is not UTF-8 text \(byte 0 is b'\\x89'\); save it as UTF-8 YAML"
+    ):
+        load_recipe(tmp_path / "binary.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("seed: 0  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1.yaml is not UTF-8 text"):
+        load_recipe(tmp_path / "latin1.yaml")
+    (tmp_path / "nul.yaml").write_bytes(b"seed: 0\x00\n")
+    with pytest.raises(RecipeError, match=r"nul.yaml position 7 is not valid YAML: character '\\x00' is not allowed"):
+        load_recipe(tmp_path / "nul.yaml")
+    (tmp_path / "twice.yaml").write_text("train:\n  epochs: 3\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(RecipeError, match=r"twice.yaml line 3 is not valid YAML: key 'train' appears twice"):
+        load_recipe(tmp_path / "twice.yaml")
+    (tmp_path / "evil.yaml").write_text("seed: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(RecipeError, match=r"evil.yaml line 1 is not valid YAML"):
+        load_recipe(tmp_path / "evil.yaml")
+    with pytest.raises(RecipeError, match=r"recipe .* is a folder; pass a YAML file"):
+        load_recipe(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("train.lr=!!float 1e-3", r"--set train.lr=!!float 1e-3: YAML tags are not accepted; write the plain value"),
+        ("train.trainable=[head, layer4", r"--set train.trainable=\[head, layer4: not a YAML value \(.*\); quote text"),
+        ("seed={a: [1}", r"--set seed=\{a: \[1\}: not a YAML value"),
+    ],
+)
+def test_bad_set_values(override, pattern):
+    with pytest.raises(RecipeError, match=pattern) as info:
+        recipe_from_dict(tiny_recipe(), overrides=[override])
+    assert "\n" not in str(info.value)
+
+
+def _documented_choices():
+    """(key, text as a user types it, expected value) for every choice of every Literal field, and every boolean word."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from finetune.config.schema import PhaseConfig
+
+    words = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+    found = []
+
+    def values(annotation, in_list=False):
+        origin = typing.get_origin(annotation)
+        if origin is typing.Literal:
+            return [(f"[{v}]", [v]) if in_list else (str(v), v) for v in typing.get_args(annotation)]
+        if annotation is bool:
+            return list(words.items())
+        if origin is dict:  # Literal keys (e.g. lr_mult's stages) are not values of the field
+            return []
+        if origin is list:
+            return [item for arg in typing.get_args(annotation) for item in values(arg, in_list=True)]
+        return [item for arg in typing.get_args(annotation) for item in values(arg, in_list)]
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+            elif name != "phases":
+                found.extend((f"{prefix}{name}", text, value) for text, value in values(annotation))
+
+    walk(Recipe, "")
+    walk(PhaseConfig, "train.phases.0.")
+    return found
+
+
+@pytest.mark.parametrize(("key", "text", "expected"), _documented_choices(), ids=lambda v: str(v))
+def test_every_documented_value_works_as_typed_in_a_file_and_with_set(tmp_path, key, text, expected):
+    base = tiny_recipe(train={"phases": [{"epochs": 1, "lr": 0.1}]}) if key.startswith("train.phases.0.") else tiny_recipe()
+    if key == "train.freeze" and expected == ["head"]:
+        expected = ["head"]
+    by_set = recipe_from_dict(base, overrides=[f"{key}={text}"])
+    tree = copy.deepcopy(base)
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    node[parts[-1]] = "__VALUE__"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tree).replace("__VALUE__", text))  # unquoted, as a user types it
+    by_file = load_recipe(tmp_path / "r.yaml")
+    assert by_set == by_file
+    got = by_file.model_dump()
+    for part in parts:
+        got = got[int(part)] if isinstance(got, list) else got[part]
+    assert got == expected

@@ -49,9 +49,13 @@ class RecipeLoader(yaml.SafeLoader):
 
 
 def _yaml_error(exc: yaml.YAMLError) -> tuple[str, str]:
-    """(' line N' or '', what the parser objects to)."""
+    """(' line N' or ' position N' or '', what the parser objects to, on one line)."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow, such as NUL
+        character = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        return f" position {exc.position}", f"character {character!r} is not allowed in YAML text"
     mark = getattr(exc, "problem_mark", None)
-    return (f" line {mark.line + 1}" if mark else ""), str(getattr(exc, "problem", None) or exc)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    return (f" line {mark.line + 1}" if mark else ""), problem
 
 
 def read_yaml(path: Path, *, what: str = "recipe") -> Any:

@@ -15,7 +15,8 @@ from finetune.errors import DataError
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
-def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """RGB uint8 pixels of an opened image: first frame, EXIF orientation applied, 16-bit scaled, palettes expanded."""
     img.seek(0)  # first frame of GIF/TIFF stacks
     img = ImageOps.exif_transpose(img)
     if img.mode in _HIGH_BIT_MODES:
@@ -43,7 +44,7 @@ def load_image(path: str | Path) -> np.ndarray:
             return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return _pil_to_rgb(img)
+            return pil_to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {printable(path)}: {exc}") from None
 

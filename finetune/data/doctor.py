@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from finetune.config.catalog import EXTENSION_FORMATS
+from finetune.data.decode import pil_to_rgb
 from finetune.data.scan import class_folders, scan_image_folder, split_folders
 from finetune.errors import DataError
 
@@ -50,16 +54,45 @@ class ImageFacts:
     exif_rotation: int = 1
     sha256: str = ""
     phash: int | None = None
+    placeholder: str | None = None  # why it looks like an "image not found" picture, if it does
+
+
+FLAT_LOOK = "a flat light-grey picture"
+PLACEHOLDER_NAME = re.compile(r"not.?found|placeholder|unavailable|no.?image|removed|deleted|missing", re.IGNORECASE)
+
+
+def placeholder_reason(img: Image.Image, path: str | Path) -> str | None:
+    """Why an image looks like the "image not found" picture an image host serves instead of a photo, or None.
+
+    Such pictures are light grey with a line of text: one light colour fills most of the frame, there are few
+    colours and almost no saturation. (A photo of an object on a white table has colour somewhere; whole datasets
+    of grey scans are told apart in `check_dataset`, which keeps only rare look-alikes.)
+    """
+    small = Image.fromarray(pil_to_rgb(img))  # the pixels training sees (16-bit scaled, not clipped to white)
+    small.thumbnail((64, 64))
+    pixels = np.asarray(small, dtype=np.uint8).reshape(-1, 3) // 16
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    saturation = float(np.asarray(small.convert("HSV"))[..., 1].mean())
+    dominant = counts.max() / counts.sum()
+    light = int(colours[counts.argmax()].min()) >= 12  # the dominant colour is near white (>= 192 on every channel)
+    if dominant >= 0.6 and light and len(counts) <= 32 and saturation <= 20:
+        return f"{FLAT_LOOK}: one colour fills {dominant:.0%} of it, {len(counts)} colours in all"
+    if PLACEHOLDER_NAME.search(Path(path).stem):
+        return f"the file name '{Path(path).name}' says so"
+    return None
 
 
 def examine_image(path: str | Path) -> ImageFacts:
     """Decode the whole file (not just the header) and classify what is wrong, if anything."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return ImageFacts(problem="unreadable", detail=exc.strerror or str(exc))
     if not data:
         return ImageFacts(problem="empty", detail="file has 0 bytes")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             fmt, mode, size = img.format, img.mode, img.size
             rotation = int(img.getexif().get(0x0112, 1) or 1)
             try:
@@ -67,17 +100,37 @@ def examine_image(path: str | Path) -> ImageFacts:
             except OSError as exc:
                 return ImageFacts(problem="truncated", detail=str(exc), format=fmt, mode=mode, size=size, sha256=digest)
             phash = int(str(imagehash.phash(ImageOps.exif_transpose(img).convert("L"))), 16)
+            placeholder = placeholder_reason(img, path)
     except UnidentifiedImageError:
         return ImageFacts(
             problem="not an image", detail=f"content is not a known image format (starts with {data[:8]!r})", sha256=digest
         )
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         return ImageFacts(problem="unsupported", detail=str(exc), sha256=digest)
-    return ImageFacts(problem=None, format=fmt, mode=mode, size=size, exif_rotation=rotation, sha256=digest, phash=phash)
+    return ImageFacts(
+        problem=None,
+        format=fmt,
+        mode=mode,
+        size=size,
+        exif_rotation=rotation,
+        sha256=digest,
+        phash=phash,
+        placeholder=placeholder,
+    )
+
+
+def _rare_placeholders(facts: list[ImageFacts]) -> list[ImageFacts]:
+    """Keep look-alike placeholders only where they are rare: a dataset of light, flat pictures (document scans,
+    line drawings) looks like that by nature, and flagging all of it would bury the real findings."""
+    look = [i for i, f in enumerate(facts) if f.placeholder and f.placeholder.startswith(FLAT_LOOK)]
+    if len(look) <= max(3, len(facts) // 100):
+        return facts
+    return [replace(f, placeholder=None) if i in set(look) else f for i, f in enumerate(facts)]
 
 
 def examine_all(paths: Sequence[str], *, progress: bool = True) -> list[ImageFacts]:
-    return [examine_image(p) for p in tqdm(paths, desc="check images", disable=not progress, leave=False)]
+    """`examine_image` for every path, placeholders judged against the whole set."""
+    return _rare_placeholders([examine_image(p) for p in tqdm(paths, desc="check images", disable=not progress, leave=False)])
 
 
 def duplicate_pairs(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, max_distance: int = 4) -> pd.DataFrame:
@@ -112,18 +165,20 @@ def duplicate_pairs(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, max_d
 
 
 def _ignored_files(root: Path, extensions: Sequence[str]) -> list[dict[str, Any]]:
+    """Hidden and non-image files, which are skipped, and symlinks that point nowhere."""
     rows = []
     for path in sorted(root.rglob("*")):
-        if not path.is_file():
-            continue
-        relative = path.relative_to(root).parts
-        hidden = any(part.startswith(".") for part in relative)
-        if hidden:
-            rows.append({"path": str(path), "severity": "info", "kind": "ignored hidden file", "detail": ""})
-        elif path.suffix.lower() not in extensions:
+        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+        if path.is_symlink() and not path.exists():
             rows.append(
-                {"path": str(path), "severity": "info", "kind": "ignored non-image file", "detail": f"extension '{path.suffix}'"}
+                _finding(str(path), "", "", "warning", "dangling symlink", f"points to {os.readlink(path)}, which does not exist")
             )
+        elif not path.is_file():
+            continue
+        elif hidden:
+            rows.append(_finding(str(path), "", "", "info", "ignored hidden file", ""))
+        elif path.suffix.lower() not in extensions:
+            rows.append(_finding(str(path), "", "", "info", "ignored non-image file", f"extension '{path.suffix}'"))
     return rows
 
 
@@ -134,44 +189,36 @@ def _empty_class_folders(root: Path, samples: pd.DataFrame) -> list[str]:
     return sorted({d.name for base in bases for d in class_folders(base) if d.name not in found})
 
 
+def _facts_findings(path: str, fact: ImageFacts, *, tiny: int, max_aspect: float) -> list[tuple[str, str, str]]:
+    """(severity, kind, detail) for one readable file."""
+    found = []
+    expected = EXTENSION_FORMATS.get(Path(path).suffix.lower())
+    if expected and fact.format and fact.format != expected:
+        found.append(("warning", "extension mismatch", f"named {Path(path).suffix} but holds {fact.format}"))
+    if fact.mode in UNUSUAL_MODES:
+        found.append(("info", "converted mode", f"{UNUSUAL_MODES[fact.mode]} ({fact.mode}) will be converted to RGB"))
+    if fact.exif_rotation != 1:
+        found.append(("info", "EXIF rotation", f"orientation {fact.exif_rotation} is applied"))
+    width, height = fact.size
+    if min(width, height) < tiny:
+        found.append(("warning", "tiny image", f"{width}x{height} px"))
+    if max(width, height) > max_aspect * max(min(width, height), 1):
+        found.append(("warning", "extreme aspect", f"{width}x{height} px"))
+    if fact.placeholder:
+        found.append(("warning", "placeholder image", f"{fact.placeholder}; remove it or replace it with the real picture"))
+    return found
+
+
 def file_findings(
     samples: pd.DataFrame, facts: Sequence[ImageFacts], *, tiny: int = 32, max_aspect: float = 5.0
 ) -> list[dict[str, Any]]:
     """One row per thing worth saying about a file."""
     rows = []
-    for (_, row), fact in zip(samples.iterrows(), facts):
-        base = {"path": row["path"], "label": row["label"], "split": row["split"]}
+    for (path, label, split), fact in zip(samples[["path", "label", "split"]].itertuples(index=False), facts):
         if fact.problem is not None:
-            rows.append({**base, "severity": "error", "kind": fact.problem, "detail": fact.detail})
+            rows.append(_finding(path, label, split, "error", fact.problem, fact.detail))
             continue
-        expected = EXTENSION_FORMATS.get(Path(row["path"]).suffix.lower())
-        if expected and fact.format and fact.format != expected and not (expected == "TIFF" and fact.format == "TIFF"):
-            rows.append(
-                {
-                    **base,
-                    "severity": "warning",
-                    "kind": "extension mismatch",
-                    "detail": f"named {Path(row['path']).suffix} but holds {fact.format}",
-                }
-            )
-        if fact.mode in UNUSUAL_MODES:
-            rows.append(
-                {
-                    **base,
-                    "severity": "info",
-                    "kind": "converted mode",
-                    "detail": f"{UNUSUAL_MODES[fact.mode]} ({fact.mode}) will be converted to RGB",
-                }
-            )
-        if fact.exif_rotation != 1:
-            rows.append(
-                {**base, "severity": "info", "kind": "EXIF rotation", "detail": f"orientation {fact.exif_rotation} is applied"}
-            )
-        width, height = fact.size
-        if min(width, height) < tiny:
-            rows.append({**base, "severity": "warning", "kind": "tiny image", "detail": f"{width}x{height} px"})
-        if max(width, height) > max_aspect * max(min(width, height), 1):
-            rows.append({**base, "severity": "warning", "kind": "extreme aspect", "detail": f"{width}x{height} px"})
+        rows += [_finding(path, label, split, *found) for found in _facts_findings(path, fact, tiny=tiny, max_aspect=max_aspect)]
     return rows
 
 
@@ -221,13 +268,27 @@ def _class_findings(
 
 
 def _duplicate_findings(duplicates: pd.DataFrame) -> list[dict[str, Any]]:
+    """Duplicates within a split (info), across splits (leakage) and, worst, under two different classes."""
     rows = []
     for dup in duplicates.itertuples():
-        leak = bool(dup.crosses_split)
+        leak, conflict = bool(dup.crosses_split), dup.label_a != dup.label_b
         kind = f"{dup.kind}{' across splits (leakage)' if leak else ''}"
         detail = f"{dup.path_b} ({dup.split_b or 'unsplit'}, distance {dup.distance})"
-        rows.append(_finding(dup.path_a, dup.label_a, dup.split_a, "warning" if leak else "info", kind, detail))
+        if conflict:
+            kind = f"{dup.kind} in two classes"
+            detail = f"{dup.path_b} is labelled '{dup.label_b}': a placeholder picture, or one of the two labels is wrong"
+        rows.append(_finding(dup.path_a, dup.label_a, dup.split_a, "warning" if leak or conflict else "info", kind, detail))
     return rows
+
+
+def _blockers(counts: pd.DataFrame, unreadable_classes: list[str]) -> list[str]:
+    """Why training would fail on this folder (empty: it would not)."""
+    classes = list(counts.index)
+    blockers = [f"class '{label}' has no readable image" for label in unreadable_classes]
+    if len(classes) < 2:
+        shown = f" ({classes[0]})" if classes else ""
+        blockers.insert(0, f"{len(classes)} class{shown} with readable images; training needs at least 2")
+    return blockers
 
 
 def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool = True) -> CheckResult:
@@ -242,6 +303,9 @@ def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool
     duplicates = duplicate_pairs(samples.reset_index(drop=True), facts)
     rows = file_findings(samples, facts) + _ignored_files(root, extensions)
     rows += _class_findings(root, samples, counts, unreadable_classes) + _duplicate_findings(duplicates)
+    blockers = _blockers(counts, unreadable_classes)
+    if len(counts) < 2:
+        rows.append(_finding(str(root), "", "", "error", "too few classes", blockers[0]))
     findings = pd.DataFrame(rows, columns=FINDING_COLUMNS).fillna("")
     totals = counts["total"] if len(counts) else pd.Series(dtype=int)
     summary = {
@@ -253,7 +317,8 @@ def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool
         "warnings": int((findings["severity"] == "warning").sum()),
         "imbalance_ratio": float(totals.max() / totals.min()) if len(totals) else None,
         "leaking_pairs": int(duplicates["crosses_split"].sum()),
-        "trainable": len(totals) >= 2 and not unreadable_classes,
+        "trainable": not blockers,
+        "blockers": blockers,
     }
     return CheckResult(findings=findings, class_counts=counts.reset_index(), duplicates=duplicates, summary=summary)
 
@@ -277,7 +342,7 @@ def format_check(result: CheckResult, *, limit: int = 40) -> str:
         lines += [f"{r.severity:<7} {r.kind:<32} {r.path}  {r.detail}" for r in shown.itertuples()]
         if len(result.findings) > limit:
             lines.append(f"... {len(result.findings) - limit} more (use --json for all)")
-    verdict = "trainable" if s["trainable"] else "NOT trainable: fix the errors above"
+    verdict = "trainable" if s["trainable"] else "NOT trainable: " + "; ".join(s["blockers"])
     lines += [
         "",
         f"{s['errors']} error(s), {s['warnings']} warning(s), {s['leaking_pairs']} duplicate pair(s) across splits: {verdict}",

@@ -87,8 +87,7 @@ def scan_image_folder(root: Path, *, extensions: Sequence[str]) -> pd.DataFrame:
     return samples[SAMPLE_COLUMNS]
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    """A CSV with columns path,label (optional split); relative paths are relative to the CSV."""
+def _read_csv_rows(path: Path) -> pd.DataFrame:
     with open(path, "rb") as handle:
         if b"\x00" in handle.read(8192):
             raise DataError(
@@ -97,19 +96,45 @@ def read_manifest(path: Path) -> pd.DataFrame:
     try:
         frame = read_text_table(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"manifest {path} is not a readable CSV: {exc}") from None
+        raise DataError(f"manifest {path} is not a readable CSV: {' '.join(str(exc).split())}") from None
     missing = {"path", "label"} - set(frame.columns)
     if missing:
         raise DataError(f"manifest {path} lacks column(s) {sorted(missing)}; it needs a header line 'path,label'")
+    if frame.empty:
+        raise DataError(f"manifest {path} has a header but no rows; add one line per image: path,label")
+    return frame
+
+
+def _manifest_splits(path: Path, values: pd.Series) -> list[str]:
+    """Each row's split: train/val/test under any common spelling, or '' to let finetune split."""
+    unknown = sorted({v for v in values if v.strip() and v.strip().lower() not in SPLIT_NAMES})
+    if unknown:
+        raise DataError(f"manifest {path}: unknown split value(s) {unknown[:3]}; use train, val or test (or leave it empty)")
+    return [SPLIT_NAMES[v.strip().lower()] if v.strip() else "" for v in values]
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """A CSV with columns path,label (optional split); relative paths are relative to the CSV."""
+    frame = _read_csv_rows(path)
+    blank = frame.index[frame["label"].str.strip() == ""]
+    if len(blank):
+        raise DataError(
+            f"manifest {path} line {blank[0] + 2}: empty label for {frame.at[blank[0], 'path']}; give every image a class"
+        )
     base = Path(path).parent
     frame["path"] = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"]]
-    if "split" not in frame.columns:
-        frame["split"] = ""
-    frame["split"] = [SPLIT_NAMES.get(s.strip().lower(), "") if s else "" for s in frame["split"]]
+    twice = frame.groupby("path")["label"].nunique()
+    if (twice > 1).any():
+        first = twice[twice > 1].index[0]
+        labels = sorted(frame.loc[frame["path"] == first, "label"].unique())
+        raise DataError(
+            f"manifest {path}: {first} is listed under {len(labels)} labels ({', '.join(labels)}); keep one line per image"
+        )
+    frame["split"] = _manifest_splits(path, frame["split"]) if "split" in frame.columns else ""
     absent = [p for p in frame["path"] if not Path(p).is_file()]
     if absent:
         raise DataError(f"manifest {path} names {len(absent)} missing file(s), first: {absent[0]}")
-    return frame[SAMPLE_COLUMNS]
+    return frame.drop_duplicates("path")[SAMPLE_COLUMNS]
 
 
 def read_samples(cfg: DataConfig) -> pd.DataFrame:

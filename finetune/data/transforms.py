@@ -17,6 +17,7 @@ from pydantic import Field
 
 from finetune.config.catalog import make_transform
 from finetune.config.schema import TransformsConfig
+from finetune.errors import RecipeError
 
 _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
 _PIL_RESAMPLE = {
@@ -175,3 +176,17 @@ def preview_augmentations(pipeline: A.Compose, images: list[np.ndarray], image: 
             array = np.asarray(tensor, dtype=np.float32) * std + mean
             out.append(np.clip(array.transpose(1, 2, 0) * 255.0, 0, 255).astype(np.uint8))
     return out
+
+
+def check_pipeline(pipeline: A.Compose, image: np.ndarray, *, source: str) -> None:
+    """Run each step once (forced, whatever its p) on a real image, so a transform that validates but cannot run
+    fails now, with its own message, instead of at the first batch."""
+    data: dict[str, Any] = {"image": image}
+    for step in pipeline.transforms:
+        try:
+            data = step(force_apply=True, **data)
+        except Exception as exc:  # albumentations and OpenCV raise many types
+            detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise RecipeError(
+                f"transforms.train: {type(step).__name__} fails on {source}: {detail}; change its arguments in the recipe"
+            ) from None

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune.config.catalog import STAGES
 from finetune.config.loading import model_config_for
 from finetune.config.schema import Recipe
+from finetune.errors import UsageError
 from finetune.models.build import build_model
 
 # He et al. 2016, Table 1: multiply-adds at 224 px for the ImageNet ResNets.
@@ -19,6 +20,7 @@ PAPER_NOTE = (
     "Gap: today's ResNet-50/101/152 are 'v1.5' (stride 2 on the 3x3 conv of each downsampling bottleneck, "
     "the paper puts it on the first 1x1), so that 1x1 and the 3x3 run on 4x more positions: +0.2-0.3 G."
 )
+MIN_INPUT, MAX_INPUT = 16, 4096  # as transforms.input_size (up to 2048) allows, with room to inspect larger
 MODULE_DEPTH = 4  # FLOPs are kept per module down to e.g. "ResNetV2.stages.0": the stage modules
 BOTTLENECK_PAPER_MODELS = ("resnet50", "resnet101", "resnet152")
 
@@ -55,6 +57,8 @@ def inspect_model(
     *, name: str, recipe: Recipe | None = None, input_size: int | None = None, num_classes: int = 1000
 ) -> Inspection:
     """Count per-stage parameters and multiply-accumulates (torch's FlopCounterMode / 2) of one forward pass."""
+    if input_size is not None and not MIN_INPUT <= input_size <= MAX_INPUT:
+        raise UsageError(f"--input-size {input_size}: give the image size in pixels, from {MIN_INPUT} to {MAX_INPUT}")
     model_cfg = model_config_for(name, base=recipe.model if recipe else None)
     with torch.device("meta"):  # shapes only: no memory, no arithmetic
         bundle = build_model(model_cfg, num_classes=num_classes, load_pretrained=False)

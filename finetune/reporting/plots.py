@@ -164,8 +164,18 @@ def plot_lr_curve(curve: pd.DataFrame, suggestion: float, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (first phase, head group)")
     ax.set_ylabel("training loss")
-    low, high = curve["smoothed"].min(), curve["smoothed"].iloc[0]
-    ax.set_ylim(low - 0.1 * abs(high - low), high + 0.5 * abs(high - low) + 1e-6)
+    low, start, end = curve["smoothed"].min(), curve["smoothed"].iloc[0], curve["smoothed"].iloc[-1]
+    high = max(start, min(end, start + 3 * abs(start - low)))  # show where it diverges, without flattening the descent
+    ax.set_ylim(low - 0.1 * abs(high - low), high + 0.15 * abs(high - low) + 1e-6)
+    if end > start:
+        ax.annotate(
+            f"diverges (stopped at lr {curve['lr'].iloc[-1]:.2g})",
+            xy=(curve["lr"].iloc[-1], min(end, high)),
+            xytext=(0.55, 0.9),
+            textcoords="axes fraction",
+            arrowprops={"arrowstyle": "->", "color": "C3"},
+            color="C3",
+        )
     ax.legend()
     ax.grid(alpha=0.3, which="both")
     _save(fig, path)

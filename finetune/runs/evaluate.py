@@ -17,7 +17,7 @@ from finetune.data.transforms import build_eval_pipeline
 from finetune.errors import DataError, RunDirError
 from finetune.evaluation.inference import Predictions, run_inference
 from finetune.evaluation.metrics import predictions_table
-from finetune.files import read_text_table, write_table
+from finetune.files import check_writable_file, check_writable_folder, read_text_table, write_table
 from finetune.reporting.html import RunContext
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir
@@ -100,6 +100,7 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
         split = Path(data).name
     owner = RunDir.of_checkpoint(checkpoint)
     folder = Path(out) if out is not None else (owner.report if owner is not None else checkpoint.parent / "report")
+    check_writable_folder(folder, what="--out")
     screened = screen_samples(samples.reset_index(drop=True), policy=loaded.recipe.data.bad_images, progress=progress)
     return report_for(loaded, screened, folder, split=split, progress=progress, run=owner)
 
@@ -125,6 +126,8 @@ def predict(
 ) -> pd.DataFrame:
     """Classify image files and folders (searched recursively); returns and optionally writes a CSV."""
     _check_inputs_exist(inputs)
+    if out is not None:
+        check_writable_file(Path(out))  # before any image is read
     loaded = model_from_checkpoint(load_checkpoint(checkpoint_path(Path(run))))
     paths = _input_paths(inputs, loaded.recipe.data.extensions)
     frame = pd.DataFrame({"path": paths, "label": "", "split": ""})

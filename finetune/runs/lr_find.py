@@ -11,13 +11,13 @@ import pandas as pd
 
 from finetune.config.loading import load_recipe
 from finetune.data.loader import ImageDataset, make_loader
-from finetune.files import write_table
+from finetune.files import check_writable_folder, write_table
 from finetune.models.stages import FreezePlan, apply_freeze, batchnorm_trains, set_train_mode
 from finetune.reporting.plots import plot_lr_curve
 from finetune.runs.prepare import prepare_run
 from finetune.training.device import resolve_device
 from finetune.training.loss import build_criterion
-from finetune.training.lr_find import lr_range_test, suggest_lr
+from finetune.training.lr_find import lr_range_test, suggest_lr, unreliable
 from finetune.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class LRFindResult:
     curve: pd.DataFrame  # lr, loss (raw), smoothed
     suggestion: float
     folder: Path
+    warning: str | None = None  # why the suggestion may be unreliable
 
 
 def find_lr(
@@ -42,6 +43,7 @@ def find_lr(
     progress: bool = True,
 ) -> LRFindResult:
     """Range test for the recipe's first phase on its training split; writes lr_find.csv and lr_find.png into `out`."""
+    check_writable_folder(Path(out))
     loaded = load_recipe(recipe, overrides=overrides)
     if data is not None:
         loaded = loaded.with_data(data)
@@ -71,4 +73,7 @@ def find_lr(
     write_table(curve, out / "lr_find.csv", float_format="%.6g")
     plot_lr_curve(curve, suggestion, out / "lr_find.png")
     log.info("lr-find: %d steps, suggested lr %.3g (the recipe's first phase has %.3g)", len(curve), suggestion, phase.lr)
-    return LRFindResult(curve=curve, suggestion=suggestion, folder=out)
+    warning = unreliable(curve)
+    if warning:
+        log.warning("lr-find: %s", warning)
+    return LRFindResult(curve=curve, suggestion=suggestion, folder=out, warning=warning)

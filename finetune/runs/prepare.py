@@ -7,24 +7,25 @@ over every image; then the images are screened, split and checked for leakage; t
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
-import numpy as np
 import pandas as pd
-import torch
 
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
+from finetune.data.decode import load_image, printable
 from finetune.data.doctor import screen_samples, split_leakage
 from finetune.data.scan import read_samples
 from finetune.data.split import DatasetIndex, make_index
-from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, resolve_image_config
+from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, check_pipeline, resolve_image_config
 from finetune.errors import DataError, WeightsError
 from finetune.models.build import ModelBundle, build_model
 from finetune.models.weights import check_hub_reachable
 from finetune.training.device import check_device
 from finetune.training.loss import class_weights
+from finetune.training.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ class PreparedRun:
     data: PreparedData
     model: PreparedModel
     class_weights: list[float] | None
+
+
+def default_cache_dir() -> Path:
+    """Where feature caches live: $FINETUNE_CACHE_DIR, else $XDG_CACHE_HOME/finetune/features, else ~/.cache/finetune/features."""
+    if os.environ.get("FINETUNE_CACHE_DIR"):
+        return Path(os.environ["FINETUNE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "features"
 
 
 def check_cheap_things(recipe: Recipe) -> None:
@@ -87,12 +95,6 @@ def prepare_data(cfg: DataConfig, *, seed: int, progress: bool) -> PreparedData:
     return PreparedData(index=index, skipped=screened.skipped, leaks=leaks)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch and numpy (model init and anything outside the loaders)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def prepare_model(recipe: Recipe, *, num_classes: int, load_pretrained: bool = True) -> PreparedModel:
     """Build the model (seeded, so a new head starts the same every time) and its train/eval pipelines."""
     seed_everything(recipe.seed)
@@ -111,6 +113,8 @@ def prepare_run(recipe: Recipe, *, progress: bool) -> PreparedRun:
     check_cheap_things(recipe)
     data = prepare_data(recipe.data, seed=recipe.seed, progress=progress)
     model = prepare_model(recipe, num_classes=len(data.index.class_names))
+    first = data.index.split("train")["path"].iloc[0]
+    check_pipeline(model.train_pipeline, load_image(first), source=f"training image {printable(first)}")
     weights = class_weights(
         recipe.loss, class_names=data.index.class_names, targets=data.index.targets(data.index.split("train"))
     )

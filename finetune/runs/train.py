@@ -24,7 +24,7 @@ from finetune.files import check_writable_folder, read_text_table, write_table, 
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir, locked
 from finetune.runs.evaluate import report_for_run
-from finetune.runs.prepare import PreparedData, PreparedModel, prepare_model, prepare_run
+from finetune.runs.prepare import PreparedData, PreparedModel, default_cache_dir, prepare_model, prepare_run
 from finetune.training.checkpoint import RESUMABLE_FROM, load_checkpoint
 from finetune.training.distributed import Ranks, barrier, setup, teardown
 from finetune.training.history import read_history, truncate_history
@@ -206,7 +206,9 @@ def write_training_files(run: RunDir, start: _Start) -> None:
         write_text(run.class_weights, json.dumps(dict(zip(start.index.class_names, start.class_weights)), indent=1))
 
 
-def _fit_context(run: RunDir, start: _Start, *, progress: bool, on_epoch_end: Callable[[FitState], None] | None) -> FitContext:
+def _fit_context(
+    run: RunDir, start: _Start, *, progress: bool, on_epoch_end: Callable[[FitState], None] | None, cache_dir: Path
+) -> FitContext:
     """The training and validation datasets, and everything else `fit` reads."""
     recipe, index, model = start.recipe, start.index, start.model
     train_rows, val_rows = index.split("train"), index.split("val")
@@ -224,6 +226,7 @@ def _fit_context(run: RunDir, start: _Start, *, progress: bool, on_epoch_end: Ca
         image=model.image,
         run=run,
         class_weights=start.class_weights,
+        cache_dir=cache_dir,
         progress=progress,
         on_epoch_end=on_epoch_end,
         train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline),
@@ -240,10 +243,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[FitState], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> TrainResult:
     """Fine-tune per `recipe` on `data`, writing the run folder `out`; `resume=True` continues `out`.
 
     Under `torchrun --nproc_per_node=N` every process calls this; they train data-parallel and rank 0 writes.
+    `cache_dir` holds feature caches (default: `default_cache_dir()`, i.e. $FINETUNE_CACHE_DIR or ~/.cache).
     """
     started = time.perf_counter()
     run = RunDir(Path(out))
@@ -265,7 +270,9 @@ def train(
             progress = progress and ranks.main
             if ranks.main:
                 write_training_files(run, start)
-            fit(start.model.bundle, _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end), state=start.state)
+            folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            ctx = _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end, cache_dir=folder)
+            fit(start.model.bundle, ctx, state=start.state)
             report = report_for_run(run, start.index, progress=progress) if ranks.main else None
     finally:
         teardown()

@@ -9,10 +9,10 @@ with a seed from the image hash and v), and every epoch picks one view per image
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +30,6 @@ from finetune.files import atomic_write
 from finetune.models.build import ModelBundle
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    """$FINETUNE_CACHE_DIR, else $XDG_CACHE_HOME/finetune/features, else ~/.cache/finetune/features."""
-    if os.environ.get("FINETUNE_CACHE_DIR"):
-        return Path(os.environ["FINETUNE_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "finetune" / "features"
 
 
 def why_not_cached(recipe: Recipe, phase: PhaseConfig, *, distributed: bool) -> str | None:
@@ -141,19 +133,62 @@ class ComputeOptions:
 
 
 def _save_row(row: np.ndarray) -> Callable[[BinaryIO], None]:
-    return lambda handle: np.save(handle, row)
+    return lambda handle: np.save(handle, row, allow_pickle=False)
+
+
+def _read_row(path: Path, size: int) -> np.ndarray | None:
+    """A cached feature row, or None when the file is truncated, not a .npy, of another size or not finite."""
+    try:
+        row = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    good = isinstance(row, np.ndarray) and row.dtype == np.float32 and row.shape == (size,) and bool(np.isfinite(row).all())
+    return row if good else None
 
 
 @dataclass
 class FeatureCache:
-    """One cache folder: features of one backbone under one pipeline, a file per (image content, view)."""
+    """One cache folder: features of one backbone under one pipeline, a file per (image content, view).
+
+    Every entry is validated when read; a damaged one is discarded and recomputed. When the folder
+    cannot be written, features are computed in memory for this run and a warning says why.
+    """
 
     folder: Path
     views: int  # 0: the deterministic (eval) pipeline, one view
     seed: int = 0  # with the image hash and view index, seeds each augmented view
+    writable: bool = True
 
     def _file(self, image_key: str, view: int) -> Path:
         return self.folder / image_key[:2] / f"{image_key}.v{view}.npy"
+
+    def _shape(self) -> tuple[int, ...] | None:
+        try:
+            shape = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))["shape"]
+            return tuple(int(n) for n in shape) if shape else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _cached_rows(
+        self, files: dict[tuple[int, int], Path], shape: tuple[int, ...] | None
+    ) -> dict[tuple[int, int], np.ndarray]:
+        """The valid rows already on disk; damaged files are deleted (and then recomputed)."""
+        rows, damaged = {}, []
+        for key, path in files.items():
+            if not path.exists():
+                continue
+            row = _read_row(path, int(np.prod(shape))) if shape else None
+            if row is None:
+                damaged.append(path)
+            else:
+                rows[key] = row
+        if damaged:
+            log.warning(
+                "feature cache %s: %d damaged entr(ies) discarded and recomputed, e.g. %s", self.folder, len(damaged), damaged[0]
+            )
+            for path in damaged:
+                path.unlink(missing_ok=True)
+        return rows
 
     def features(
         self, bundle: ModelBundle, paths: Sequence[str], pipeline: A.Compose, options: ComputeOptions
@@ -161,21 +196,35 @@ class FeatureCache:
         """(images x views x dim) features for `paths`, computing only what the cache lacks."""
         keys = [file_key(p) for p in tqdm(paths, desc="hash images", disable=not options.progress, leave=False)]
         views = max(self.views, 1)
-        wanted = [(i, v) for i in range(len(paths)) for v in range(views)]
-        missing = [(i, v) for i, v in wanted if not self._file(keys[i], v).exists()]
+        files = {(i, v): self._file(keys[i], v) for i in range(len(paths)) for v in range(views)}
+        shape = self._shape()
+        rows = self._cached_rows(files, shape)
+        missing = [key for key in files if key not in rows]
         if missing:
             seeds = [int(_digest(str(self.seed), keys[i], str(v))[:8], 16) if self.views else -1 for i, v in missing]
             jobs = [(paths[i], s) for (i, _), s in zip(missing, seeds)]
-            self._compute(bundle, jobs, [self._file(keys[i], v) for i, v in missing], pipeline, options)
-        log.info("feature cache %s: %d view(s) computed, %d reused", self.folder, len(missing), len(wanted) - len(missing))
-        stacked = np.stack([np.load(self._file(keys[i], v)) for i, v in wanted])
-        meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
-        return torch.from_numpy(stacked).view(len(paths), views, -1), tuple(meta["shape"])
+            computed, shape = self._compute(bundle, jobs, [files[key] for key in missing], pipeline, options)
+            rows.update(zip(missing, computed))
+        log.info("feature cache %s: %d view(s) computed, %d reused", self.folder, len(missing), len(files) - len(missing))
+        if shape is None:
+            raise RuntimeError(f"feature cache {self.folder}: no shape for an empty set of images")
+        stacked = np.stack([rows[key] for key in files])
+        return torch.from_numpy(stacked).view(len(paths), views, -1), shape
+
+    def _store(self, path: Path, row: np.ndarray) -> None:
+        if not self.writable:
+            return
+        try:
+            atomic_write(path, _save_row(row))
+        except OSError as exc:
+            self.writable = False
+            log.warning("feature cache %s is not writable (%s); features stay in memory for this run", self.folder, exc.strerror)
 
     @torch.inference_mode()
     def _compute(
         self, bundle: ModelBundle, jobs: list[tuple[str, int]], files: list[Path], pipeline: A.Compose, options: ComputeOptions
-    ) -> None:
+    ) -> tuple[list[np.ndarray], tuple[int, ...]]:
+        """Rows for `jobs` (stored in `files` when the cache is writable) and the shape of one feature."""
         captured: list[torch.Tensor] = []
         hook = bundle.head.register_forward_hook(lambda module, args, output: captured.append(args[0]))
         loader = torch.utils.data.DataLoader(
@@ -183,24 +232,29 @@ class FeatureCache:
         )
         was_training = bundle.model.training
         bundle.model.eval()
+        rows: list[np.ndarray] = [np.empty(0, np.float32)] * len(jobs)
+        shape: tuple[int, ...] = ()
         try:
             for images, indices in tqdm(loader, desc="cache features", disable=not options.progress, leave=False):
                 captured.clear()
                 with torch.autocast(options.device.type, dtype=options.dtype, enabled=options.dtype is not None):
                     bundle.model(images.to(options.device))
                 batch = captured[0].float().cpu()
-                self._write_meta(tuple(batch.shape[1:]))
+                shape = tuple(batch.shape[1:])
                 for row, index in zip(batch.flatten(1).numpy(), indices.tolist()):
-                    atomic_write(files[index], _save_row(row))
+                    rows[index] = np.ascontiguousarray(row)
+                    self._store(files[index], rows[index])
         finally:
             hook.remove()
             bundle.model.train(was_training)
+        self._write_meta(shape)
+        return rows, shape
 
     def _write_meta(self, shape: tuple[int, ...]) -> None:
-        path = self.folder / "meta.json"
-        if not path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"shape": list(shape)}), encoding="utf-8")
+        if self.writable and self._shape() != shape:
+            text = json.dumps({"shape": list(shape)}).encode("utf-8")
+            with contextlib.suppress(OSError):  # without meta.json the entries are recomputed next time: slower, never wrong
+                atomic_write(self.folder / "meta.json", lambda handle: handle.write(text))
 
 
 @dataclass
@@ -225,9 +279,9 @@ def cached_phase(
     device: torch.device,
     dtype: torch.dtype | None,
     progress: bool,
+    root: Path,
 ) -> CachedPhase:
-    """Features for the train split (K views, or the eval pipeline) and the val split (eval pipeline)."""
-    root = cache_root()
+    """Features for the train split (K views, or the eval pipeline) and the val split (eval pipeline), cached under `root`."""
     model_key = backbone_key(bundle, dtype)[:24]
     views = recipe.train.cache_views if recipe.transforms.train != "none" else 0  # the eval pipeline has one view
     options = ComputeOptions(

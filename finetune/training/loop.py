@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,11 +28,10 @@ from finetune.training.feature_cache import CachedPhase, cached_phase, why_not_c
 from finetune.training.history import append_history_row
 from finetune.training.loss import build_criterion
 from finetune.training.optim import Schedule, build_optimizer, build_scheduler
+from finetune.training.seeding import epoch_seed, seed_epoch
 from finetune.training.validation import validate
 
 log = logging.getLogger(__name__)
-
-EPOCH_SEED_STRIDE = 100_003  # a prime: epoch e of a run with seed s shuffles and augments with s * stride + e
 
 
 @dataclass
@@ -75,6 +75,7 @@ class FitContext:
     val_set: ImageDataset
     run: RunDir
     class_weights: list[float] | None = None
+    cache_dir: Path = Path(".cache") / "finetune" / "features"  # where head-only phases keep backbone features
     progress: bool = True
     on_epoch_end: Callable[[FitState], None] | None = None
 
@@ -206,6 +207,7 @@ def _phase_inputs(
             device=env.device,
             dtype=env.dtype,
             progress=ctx.progress,
+            root=ctx.cache_dir,
         )
         val_batches = make_loader(cached.val, batch_size=data.batch_size, num_workers=0, shuffle=False, seed=0)
         return cached.head, cached.head, cached.train, val_batches, cached
@@ -236,6 +238,7 @@ def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: _Env, phase: _Phase, s
     epoch = state.epoch + 1
     started, phase.setup_started = phase.setup_started or time.perf_counter(), None
     set_train_mode(bundle.model, phase.plan, bundle.stages)
+    seed_epoch(ctx.recipe.seed, epoch, rank=env.ranks.rank)
     lr = phase.optimizer.param_groups[-1]["lr"]
     train_loss, train_acc = _train_epoch(ctx, env, phase, epoch)
     train_loss, train_acc = mean_across([train_loss, train_acc], env.ranks, env.device)
@@ -321,15 +324,15 @@ def _restore_phase_best(bundle: ModelBundle, run: RunDir, device: torch.device) 
 def _train_epoch(ctx: FitContext, env: _Env, phase: _Phase, epoch: int) -> tuple[float, float]:
     """This epoch's loader (order and augmentation from the seed and the epoch number), then one pass over it."""
     data = ctx.recipe.data
-    epoch_seed = ctx.recipe.seed * EPOCH_SEED_STRIDE + epoch
+    seed = epoch_seed(ctx.recipe.seed, epoch)
     if phase.cached is not None:
-        phase.cached.train.choose_views(epoch_seed)
+        phase.cached.train.choose_views(seed)
     loader = make_loader(
         phase.train_set,
         batch_size=data.batch_size,
         num_workers=0 if phase.cached else data.num_workers,
         shuffle=True,
-        seed=epoch_seed,
+        seed=seed,
         pin_memory=env.device.type == "cuda" and phase.cached is None,
         balanced=data.sampler == "weighted",
         rank=env.ranks.rank,

@@ -83,3 +83,21 @@ def suggest_lr(curve: pd.DataFrame) -> float:
         return float(max(curve["lr"].iloc[max(upto - 1, 0)] / 10, curve["lr"].iloc[0]))
     slope = np.gradient(part["smoothed"].to_numpy(), np.log10(part["lr"].to_numpy()))
     return float(part["lr"].iloc[int(np.argmin(slope))])
+
+
+MIN_POINTS = 20  # fewer points than this and the smoothed curve is mostly the smoothing's warm-up
+
+
+def unreliable(curve: pd.DataFrame) -> str | None:
+    """Why the suggestion should not be trusted (too short a curve, no real descent, one dip), or None."""
+    if len(curve) < MIN_POINTS:
+        return f"only {len(curve)} steps were recorded; run it with --steps 100 (or more) before trusting the suggestion"
+    smoothed = curve["smoothed"].to_numpy()
+    start, low = float(smoothed[0]), float(smoothed.min())
+    descent = start - low
+    if descent < 0.05 * abs(start):
+        return "the loss hardly falls anywhere on the curve; the suggestion is a guess (check the data, or widen the LR range)"
+    near_low = int((smoothed <= low + 0.1 * descent).sum())
+    if near_low <= 2:
+        return "the loss reaches its low in a single dip, likely noise; run with more --steps or a larger batch"
+    return None
