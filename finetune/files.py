@@ -84,6 +84,9 @@ def check_writable_file(path: Path, *, what: str = "--out") -> None:
     path = Path(path)
     if path.is_dir():
         raise RunDirError(f"{what} {path} is a folder; give a file name such as {path / 'predictions.csv'}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RunDirError(f"{what} {path}: its folder {blocking} is a file; choose another place")
     check_writable_folder(path.parent, what=what)
     if path.exists() and not os.access(path, os.W_OK):
         raise RunDirError(f"{what} {path} is read-only; choose another file")

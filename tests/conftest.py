@@ -19,7 +19,7 @@ def _pattern(label: int, i: int, size: int = 32) -> np.ndarray:
     """A class-dependent image (colour + stripes) so that a tiny model can learn something."""
     rng = np.random.default_rng(label * 1000 + i)
     img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
-    img[..., label] += 150
+    img[..., label % 3] += 150  # colour and stripe position tell up to 3 x 8 classes apart
     img[:, (label * 5) % size :: 8] = 255
     return img
 

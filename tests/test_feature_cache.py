@@ -166,12 +166,12 @@ def test_damaged_cache_entries_are_discarded_and_recomputed(tmp_path, caplog, da
             meta.write_text("{broken")
     caplog.clear()
     again = _features(tmp_path, bundle, image, paths=paths).train.features
-    assert torch.equal(again, clean)  # never poisoned
+    assert torch.allclose(again, clean, atol=1e-6)  # never poisoned (recomputed in a smaller batch: same up to rounding)
     computed = _counts(caplog)[0][0]
     assert computed == (3 if damage == "meta" else 1)
     if damage != "meta":
         assert any("damaged entr(ies) discarded and recomputed" in r.getMessage() for r in caplog.records)
-    assert _features(tmp_path, bundle, image, paths=paths).train.features.equal(clean)  # and repaired on disk
+    assert torch.allclose(_features(tmp_path, bundle, image, paths=paths).train.features, clean, atol=1e-6)  # repaired on disk
     assert _counts(caplog)[-2] == (0, 3)
 
 
