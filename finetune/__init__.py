@@ -22,6 +22,7 @@ _LAZY = {
     "check": "finetune.api",
     "inspect": "finetune.api",
     "demo": "finetune.api",
+    "explain": "finetune.api",
     "TrainResult": "finetune.api",
     "load_recipe": "finetune.config.loading",
     "Recipe": "finetune.config.schema",

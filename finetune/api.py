@@ -18,8 +18,10 @@ from finetune.files import check_writable_file, write_text
 from finetune.models.inspect import Inspection, inspect_model
 from finetune.reporting.diff import ReportDiff, diff_reports
 from finetune.runs.compare import CompareResult, compare
-from finetune.runs.evaluate import evaluate, predict
+from finetune.runs.evaluate import evaluate
+from finetune.runs.explain import ExplainResult, explain
 from finetune.runs.lr_find import LRFindResult, find_lr
+from finetune.runs.predict import predict
 from finetune.runs.train import TrainResult, train
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "demo",
     "diff_reports",
     "evaluate",
+    "explain",
+    "ExplainResult",
     "find_lr",
     "inspect",
     "load_recipe",

@@ -120,18 +120,33 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
     out: Annotated[Path | None, typer.Option(help="CSV to write (default: print to the terminal).")] = None,
+    min_confidence: Annotated[
+        float | None, typer.Option(help="Answer 'unknown' below this (calibrated) top probability.")
+    ] = None,
+    reject: Annotated[
+        str | None, typer.Option(help="'auto': choose the threshold on the validation split (--target-accuracy).")
+    ] = None,
+    target_accuracy: Annotated[
+        float | None, typer.Option(help="With --reject auto: the accuracy the answered images should reach.")
+    ] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Classify images; CSV with path, predicted label, confidence and top-k."""
+    """Classify images; CSV with path, predicted label, confidence and top-k (calibrated; optional reject option)."""
     with _session(quiet, debug):
         from finetune import api
 
-        table = api.predict(run=run, inputs=inputs, out=out, progress=not quiet)
-        typer.echo(
-            table.to_csv(index=False, float_format="%.4f") if out is None else f"{len(table)} predictions written to {out}",
-            nl=out is not None,
+        table = api.predict(
+            run=run,
+            inputs=inputs,
+            out=out,
+            progress=not quiet,
+            min_confidence=min_confidence,
+            reject=reject,
+            target_accuracy=target_accuracy,
         )
+        shown = table.to_csv(index=False, float_format="%.4f") if out is None else f"{len(table)} predictions written to {out}"
+        typer.echo(shown, nl=out is not None)
 
 
 @app.command()
@@ -235,6 +250,24 @@ def lr_find(
         typer.echo(f"suggested lr: {result.suggestion:.3g}{caution} | curve: {result.folder / 'lr_find.png'}")
 
 
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    out: Annotated[Path, typer.Option(help="Folder for the pictures and explanations.csv.")],
+    class_: Annotated[str | None, typer.Option("--class", help="Explain this class (default: the predicted one).")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Grad-CAM: where in each image the model found its evidence (picture beside heatmap, border share in a CSV)."""
+    with _session(quiet, debug):
+        from finetune import api
+
+        result = api.explain(run=run, inputs=inputs, out=out, target_class=class_, progress=not quiet)
+        flagged = int((result.table["note"] != "").sum())
+        typer.echo(f"{len(result.table)} explanation(s) in {result.folder} ({flagged} with most of the heat on the border)")
+
+
 report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
 
@@ -251,7 +284,9 @@ def report_diff(
         from finetune import api
 
         result = api.diff_reports(run_a=run_a, run_b=run_b, out=out)
-        typer.echo(result.headline.to_string(index=False, float_format=lambda v: f"{v:+.4f}"))
+        h = result.headline
+        shown = h.assign(a=h["a"].map("{:.4f}".format), b=h["b"].map("{:.4f}".format), delta=h["delta"].map("{:+.4f}".format))
+        typer.echo(shown[["metric", "a", "b", "delta", "verdict"]].to_string(index=False))
         typer.echo(f"diff: {result.folder / 'diff.md'}")
 
 

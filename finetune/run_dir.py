@@ -80,6 +80,11 @@ class RunDir:
         return self.root / "report"
 
     @property
+    def reject(self) -> Path:
+        """The last threshold `predict --reject auto` chose from this run's validation split."""
+        return self.root / "reject.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"
 

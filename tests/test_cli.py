@@ -67,8 +67,14 @@ def test_train_eval_predict(tmp_path, image_folder, presplit_folder, recipe_file
     )
     assert result.returncode == 0, result.stderr
     preds = pd.read_csv(tmp_path / "preds.csv")
-    assert len(preds) == 9 and {"path", "predicted_label", "confidence", "top1_label", "top2_prob"} <= set(preds.columns)
+    assert len(preds) == 9 and {"path", "predicted_label", "confidence", "top2_label", "top2_prob"} <= set(preds.columns)
     assert preds["predicted_label"].isin(["cat", "dog", "eel"]).all()
+    result = run_cli(
+        "predict", run, image_folder / "cat", "--min-confidence", "0.999", "--out", tmp_path / "unsure.csv", "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    unsure = pd.read_csv(tmp_path / "unsure.csv")
+    assert (unsure["predicted_label"] == "unknown").all() and unsure["top1_label"].isin(["cat", "dog", "eel"]).all()
 
 
 ERRORS = [

@@ -45,9 +45,12 @@ def test_compare_writes_a_leaderboard_on_one_split(tmp_path, image_folder):
     resolved = lambda frame: dict(zip(frame["path"].map(lambda p: str(Path(p).resolve())), frame["split"]))  # noqa: E731
     assert resolved(a) == resolved(b)
     markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
-    assert "[report](probe/report/summary.md)" in markdown
+    assert "[report.html](probe/report/report.html)" in markdown and "11.2M" in markdown and "1,539" in markdown
     for name in board["report"]:
         assert (tmp_path / "cmp" / name).exists()
+    assert board["vs_leader"].iloc[0] == "leader"
+    assert board["vs_leader"].iloc[1].endswith(("within noise", "worse"))  # a paired test on the same test images
+    assert (board["accuracy_lo"] <= board["accuracy"]).all() and (board["accuracy"] <= board["accuracy_hi"]).all()
 
 
 def test_compare_needs_two_recipes(tmp_path):

@@ -16,8 +16,9 @@ from finetune import evaluate, train
 from finetune.cli import app
 from finetune.config.loading import recipe_from_dict
 from finetune.errors import DataError, RunDirError
+from finetune.evaluation.calibration import calibration_table, expected_calibration_error
 from finetune.evaluation.inference import Predictions
-from finetune.evaluation.metrics import calibration_table, expected_calibration_error, most_confused
+from finetune.evaluation.metrics import most_confused
 from finetune.reporting.diff import diff_reports
 from finetune.reporting.report import write_report
 

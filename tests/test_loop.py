@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -273,7 +274,8 @@ def test_restore_best_goes_back_to_the_phase_best_weights(tmp_path, image_folder
     real = loop_module.validate
 
     def fake_validate(*args, **kwargs):
-        return {**real(*args, **kwargs), "val_loss": next(scores)}
+        val = real(*args, **kwargs)
+        return replace(val, metrics={**val.metrics, "val_loss": next(scores)})
 
     monkeypatch.setattr(loop_module, "validate", fake_validate)
     seen = {}

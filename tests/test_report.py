@@ -51,11 +51,23 @@ def test_confusion_matrices_are_labelled_and_sum_to_support(tmp_path, preds):
 def test_predictions_csv_and_summary(tmp_path, preds):
     write_report(preds, CLASSES, tmp_path, top_k=3, title="My run")
     table = pd.read_csv(tmp_path / "predictions.csv")
-    assert list(table.columns[:4]) == ["path", "true_label", "predicted_label", "confidence"]
-    assert (table["predicted_label"] == table["top1_label"]).all()
-    assert (table["top1_prob"] >= table["top2_prob"]).all() and (table["top2_prob"] >= table["top3_prob"]).all()
+    assert list(table.columns) == [
+        "path",
+        "true_label",
+        "predicted_label",
+        "confidence",
+        "top2_label",
+        "top2_prob",
+        "top3_label",
+        "top3_prob",
+    ]  # the first choice is said once, as predicted_label / confidence
+    assert (table["confidence"] >= table["top2_prob"]).all() and (table["top2_prob"] >= table["top3_prob"]).all()
+    assert (table["predicted_label"] != table["top2_label"]).all()
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# My run") and "| class" in summary and "Weakest class" in summary
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    lo, hi = metrics["ci95"]["accuracy"]
+    assert lo < metrics["accuracy"] < hi and f"accuracy **{metrics['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%})**" in summary
     png = (tmp_path / "confusion_matrix.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -70,3 +82,54 @@ def test_confusion_png_with_many_classes(tmp_path):
 
     with Image.open(tmp_path / "confusion_matrix.png") as image:
         assert image.width >= 2000  # grows with the class count so labels stay legible
+
+
+def test_report_names_its_split_and_never_infers_the_val_split_twice(tmp_path, image_folder, monkeypatch):
+    from finetune import train
+    from finetune.config.loading import recipe_from_dict
+    from finetune.runs import evaluate as evaluate_module
+    from finetune.training.checkpoint import load_checkpoint
+
+    from conftest import tiny_recipe
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the validation split was inferred again")
+
+    monkeypatch.setattr(evaluate_module, "predict_paths", no_second_pass)
+    val_only = train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "val", progress=False)
+    monkeypatch.undo()
+    summary = (val_only.report.folder / "summary.md").read_text()
+    assert (
+        summary.startswith("# resnet18 on the val split") and "> **Optimistic: the val split also chose the best epoch" in summary
+    )
+    assert "Optimistic: the val split also chose the best epoch" in (val_only.report.folder / "report.html").read_text()
+    assert val_only.report.metrics["evaluated_on"] == {"split": "val", "selection_split": True}
+    payload = load_checkpoint(val_only.best_checkpoint)
+    assert payload["temperature"] > 0 and set(payload["calibration"]) == {"fitted_on", "before", "after"}
+    assert payload["calibration"]["after"]["nll"] <= payload["calibration"]["before"]["nll"]
+
+    honest = train(
+        recipe=recipe_from_dict(tiny_recipe(data={"test_fraction": 0.25})),
+        data=image_folder,
+        out=tmp_path / "test",
+        progress=False,
+    )
+    text = (honest.report.folder / "summary.md").read_text()
+    assert text.startswith("# resnet18 on the test split") and "which nothing during training saw" in text
+    assert honest.report.metrics["evaluated_on"] == {"split": "test", "selection_split": False}
+
+
+def test_predictions_are_calibrated_with_the_runs_temperature(tmp_path, image_folder):
+    from finetune import predict, train
+    from finetune.config.loading import recipe_from_dict
+    from finetune.evaluation.inference import softmax
+    from finetune.training.checkpoint import load_checkpoint
+
+    from conftest import tiny_recipe
+
+    run = train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "run", progress=False)
+    payload = load_checkpoint(run.best_checkpoint)
+    val = pd.read_csv(run.run_dir / "splits.csv").query("split == 'val'")
+    table = predict(run=run.run_dir, inputs=list(val["path"]), progress=False)
+    expected = softmax(payload["val_logits"].numpy() / payload["temperature"]).max(axis=1)
+    assert np.allclose(table["confidence"].to_numpy(), expected, atol=1e-5)  # the same images, the same calibrated numbers

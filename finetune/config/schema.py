@@ -269,6 +269,10 @@ class LossConfig(_Strict):
 
 class EvalConfig(_Strict):
     top_k: int = Field(5, ge=1, le=100)
+    calibration: Literal["temperature", "off"] = Field(
+        "temperature", description="Fit a temperature on the validation split after training; applied in eval, predict, export."
+    )
+    gradcam: bool = Field(True, description="Grad-CAM heatmaps beside the report's gallery images.")
 
 
 class Recipe(_Strict):

@@ -14,7 +14,9 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from finetune.evaluation.calibration import calibration_table, expected_calibration_error
 from finetune.evaluation.inference import Predictions
+from finetune.evaluation.reject import UNKNOWN
 
 
 def headline_metrics(preds: Predictions, class_names: list[str], *, top_k: int) -> dict[str, Any]:
@@ -56,52 +58,31 @@ def confusion_tables(preds: Predictions, class_names: list[str]) -> tuple[pd.Dat
     return pd.DataFrame(counts, index=index, columns=columns), pd.DataFrame(normalized, index=index, columns=columns)
 
 
-def predictions_table(preds: Predictions, class_names: list[str], *, top_k: int) -> pd.DataFrame:
-    """One row per image: path, [true label], predicted label, confidence, then top-k labels and probabilities."""
+def predictions_table(
+    preds: Predictions, class_names: list[str], *, top_k: int, min_confidence: float | None = None
+) -> pd.DataFrame:
+    """One row per image: path, [true label], predicted label, confidence, then the runner-up labels and probabilities.
+
+    With `min_confidence`, images whose top probability is below it are predicted 'unknown' (the reject option);
+    the ranking columns then start at top1, the model's own first choice.
+    """
     k = min(top_k, len(class_names))
     order = np.argsort(-preds.probs, axis=1)[:, :k]
-    names = np.asarray(class_names)
+    names = np.asarray(class_names, dtype=object)
     frame = pd.DataFrame({"path": preds.paths})
     if (preds.targets >= 0).all():
         frame["true_label"] = names[preds.targets]
+    confidence = np.take_along_axis(preds.probs, order[:, :1], axis=1)[:, 0]
     frame["predicted_label"] = names[order[:, 0]]
-    frame["confidence"] = np.take_along_axis(preds.probs, order[:, :1], axis=1)[:, 0]
-    for rank in range(k):
+    frame["confidence"] = confidence
+    first = 2
+    if min_confidence is not None:
+        frame.loc[confidence < min_confidence, "predicted_label"] = UNKNOWN
+        first = 1
+    for rank in range(first - 1, k):
         frame[f"top{rank + 1}_label"] = names[order[:, rank]]
         frame[f"top{rank + 1}_prob"] = np.take_along_axis(preds.probs, order[:, rank : rank + 1], axis=1)[:, 0]
     return frame
-
-
-def calibration_table(preds: Predictions, *, bins: int = 15) -> pd.DataFrame:
-    """Equal-width confidence bins: count, accuracy, mean confidence and their gap (for ECE and the reliability diagram)."""
-    confidence = preds.probs.max(axis=1)
-    correct = preds.predicted == preds.targets
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        mask = index == b
-        count = int(mask.sum())
-        acc = float(correct[mask].mean()) if count else float("nan")
-        conf = float(confidence[mask].mean()) if count else float("nan")
-        rows.append(
-            {
-                "bin": b,
-                "lower": edges[b],
-                "upper": edges[b + 1],
-                "count": count,
-                "accuracy": acc,
-                "confidence": conf,
-                "gap": abs(acc - conf) if count else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(table: pd.DataFrame) -> float:
-    """ECE = sum over bins of (bin size / N) * |accuracy - confidence| (Guo et al. 2017)."""
-    filled = table[table["count"] > 0]
-    return float((filled["count"] * filled["gap"]).sum() / max(int(table["count"].sum()), 1))
 
 
 def most_confused(counts: pd.DataFrame, *, limit: int = 20) -> pd.DataFrame:

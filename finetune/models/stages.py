@@ -116,3 +116,11 @@ def set_train_mode(model: nn.Module, plan: FreezePlan, stages: StageMap) -> None
     for stage in plan.frozen:
         for bn in _batchnorms(module for _, module in stages.modules[stage]):
             bn.eval()
+
+
+def last_block(stages: StageMap, stage: Stage = "layer4") -> nn.Module:
+    """The last residual block of a stage (layer4's is Grad-CAM's usual target) for timm, torchvision and ResNetV2."""
+    _, module = stages.modules[stage][0]
+    blocks = getattr(module, "blocks", module)  # timm's ResNetV2 stage keeps its blocks in .blocks
+    children = list(blocks.children())
+    return children[-1] if children else module

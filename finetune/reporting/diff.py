@@ -6,10 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from finetune.errors import DataError, RunDirError
-from finetune.files import read_table, write_table, write_text
+from finetune.evaluation.intervals import Difference, paired_difference
+from finetune.files import read_table, read_text_table, write_table, write_text
 from finetune.reporting.plots import plot_confusion_difference
 from finetune.run_dir import RunDir
 
@@ -61,12 +63,32 @@ def _confusion_diff(folder_a: Path, folder_b: Path) -> pd.DataFrame:
 
 
 def _headline_diff(folder_a: Path, folder_b: Path) -> pd.DataFrame:
+    """Every float metric of both reports, B - A, and, for the metrics a paired test covers, its interval and verdict."""
     metrics_a = json.loads((folder_a / "metrics.json").read_text(encoding="utf-8"))
     metrics_b = json.loads((folder_b / "metrics.json").read_text(encoding="utf-8"))
     keys = [k for k, v in metrics_a.items() if isinstance(v, float) and isinstance(metrics_b.get(k), float)]
     headline = pd.DataFrame({"metric": keys, "a": [metrics_a[k] for k in keys], "b": [metrics_b[k] for k in keys]})
     headline["delta"] = headline["b"] - headline["a"]
+    tested = {d.metric: d for d in _paired(folder_a, folder_b)}
+    headline["delta_lo"] = [tested[k].low if k in tested else float("nan") for k in keys]
+    headline["delta_hi"] = [tested[k].high if k in tested else float("nan") for k in keys]
+    headline["verdict"] = [tested[k].verdict if k in tested else "" for k in keys]
     return headline
+
+
+def _paired(folder_a: Path, folder_b: Path) -> list[Difference]:
+    """Paired bootstrap of B - A when both reports scored the same images with the same labels; else nothing."""
+    a = read_text_table(folder_a / "predictions.csv")
+    b = read_text_table(folder_b / "predictions.csv")
+    if "true_label" not in a or "true_label" not in b or set(a["path"]) != set(b["path"]) or len(a) != len(b):
+        return []
+    b = b.set_index("path").loc[a["path"]]
+    if (b["true_label"].to_numpy() != a["true_label"].to_numpy()).any():
+        return []
+    classes = sorted(set(a["true_label"]) | set(a["predicted_label"]) | set(b["predicted_label"]))
+    code = {c: i for i, c in enumerate(classes)}
+    encode = lambda column: np.array([code[v] for v in column])  # noqa: E731
+    return paired_difference(encode(a["true_label"]), encode(a["predicted_label"]), encode(b["predicted_label"]), len(classes))
 
 
 def _changes(per_class: pd.DataFrame, positive: bool) -> str:
@@ -86,8 +108,21 @@ def _confusion_cells(confusion: pd.DataFrame, *, grew: bool, limit: int = 5) -> 
 
 
 def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class: pd.DataFrame, confusion: pd.DataFrame) -> str:
-    shown = headline.assign(
-        a=headline["a"].map("{:.4f}".format), b=headline["b"].map("{:.4f}".format), delta=headline["delta"].map("{:+.4f}".format)
+    tested = headline[headline["verdict"] != ""]
+    noise = (
+        "Paired bootstrap on the same images (B - A, 95% interval): "
+        + "; ".join(f"{r.metric} {r.delta:+.4f} [{r.delta_lo:+.4f}, {r.delta_hi:+.4f}]: {r.verdict}" for r in tested.itertuples())
+        if len(tested)
+        else "The two reports scored different images: no paired test; compare the intervals of each report."
+    )
+    shown = pd.DataFrame(
+        {
+            "metric": headline["metric"],
+            "a": headline["a"].map("{:.4f}".format),
+            "b": headline["b"].map("{:.4f}".format),
+            "B - A": headline["delta"].map("{:+.4f}".format),
+            "verdict": headline["verdict"],
+        }
     )
     return "\n".join(
         [
@@ -95,6 +130,8 @@ def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class:
             "",
             f"A: `{folder_a}`  ",
             f"B: `{folder_b}`",
+            "",
+            f"**{noise}**",
             "",
             shown.to_markdown(index=False),
             "",

@@ -1,10 +1,16 @@
-"""report.html: one self-contained file (figures and thumbnails embedded as data URIs), rendered with Jinja2."""
+"""report.html: one self-contained file (figures and thumbnails embedded as data URIs), rendered with Jinja2.
+
+Every class and file name reaches the page escaped: Jinja2 autoescapes the template, and the pandas tables are
+styled with escape="html".
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +22,15 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from pandas.io.formats.style import Styler
 from PIL import Image
 
-from finetune.data.decode import load_image
+from finetune.config.catalog import STAGES
+from finetune.data.decode import load_image, printable
 from finetune.errors import DataError
 from finetune.evaluation.inference import Predictions
+from finetune.evaluation.intervals import RESAMPLES
 from finetune.evaluation.metrics import per_image_loss
+from finetune.evaluation.scorecard import Scorecard
 from finetune.files import read_table, read_text_table, write_text
+from finetune.reporting.summary import calibration_sentence, coverage_sentence, split_sentence
 from finetune.run_dir import RunDir
 
 SECTIONS = [
@@ -33,17 +43,23 @@ SECTIONS = [
     ("errors", "Top losses"),
     ("unsure", "Least confident"),
     ("calibration", "Calibration"),
+    ("reject", "Reject option"),
     ("augmentation", "Augmentation"),
 ]
+GALLERY_SIZE = 12
+SCORE_NAMES = {"ece": "ECE (calibration error)", "nll": "NLL (log loss)", "brier": "Brier score"}  # not percentages
+# overlays for (image paths, class indices): Grad-CAM pictures, RGB uint8, one per image
+Explain = Callable[[Sequence[str], Sequence[int]], list[np.ndarray]]
 
 
 @dataclass
 class RunContext:
-    """What the report knows about the run beyond the predictions: the checkpoint's metadata and run folder."""
+    """What the report knows beyond the predictions: the checkpoint's metadata, the run folder, which split."""
 
-    meta: dict[str, Any]  # checkpoint payload without the state dict
+    meta: dict[str, Any]  # checkpoint payload without the weights
     run: RunDir | None = None
     split: str = "val"
+    selection: bool = False  # the split chose the best epoch / the temperature: its figures are optimistic
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,82 +67,140 @@ def png_b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _thumbnail(path: str, size: int = 128) -> str:
-    try:
-        image = Image.fromarray(load_image(path))
-    except DataError:
-        image = Image.new("RGB", (size, size), "lightgrey")
+def _b64(image: Image.Image, size: int = 128) -> str:
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _gallery(preds: Predictions, class_names: list[str], mask: np.ndarray, order: np.ndarray, limit: int) -> list[dict[str, str]]:
-    chosen = [i for i in order if mask[i]][:limit]
+def _thumbnail(path: str, size: int = 128) -> str:
+    try:
+        image = Image.fromarray(load_image(path))
+    except DataError:
+        image = Image.new("RGB", (size, size), "lightgrey")
+    return _b64(image, size)
+
+
+def _name_parts(path: str) -> list[str]:
+    """A file name cut after _ - . so a long name wraps there rather than mid-word."""
+    return [part for part in re.split(r"(?<=[_\-.])", Path(printable(path)).name) if part]
+
+
+def _gallery(preds: Predictions, class_names: list[str], chosen: list[int], explain: Explain | None) -> list[dict[str, Any]]:
+    cams = explain([preds.paths[i] for i in chosen], [int(preds.predicted[i]) for i in chosen]) if explain and chosen else []
     return [
         {
-            "path": preds.paths[i],
-            "name": Path(preds.paths[i]).name,
+            "path": printable(preds.paths[i]),
+            "name_parts": _name_parts(preds.paths[i]),
             "image": _thumbnail(preds.paths[i]),
+            "cam": _b64(Image.fromarray(cams[n])) if cams else None,
             "true": class_names[preds.targets[i]],
             "pred": class_names[preds.predicted[i]],
             "conf": f"{preds.probs[i].max():.0%}",
         }
-        for i in chosen
+        for n, i in enumerate(chosen)
     ]
 
 
-def _escaped(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> Styler:
-    """A Styler whose cells and labels are HTML-escaped (class and file names are data, never markup), with number formats."""
+def _escaped(frame: pd.DataFrame, formats: dict[str, Any] | str | None = None) -> Styler:
+    """A Styler whose cells and labels are HTML-escaped (class and file names are data, never markup), without the
+    empty header row pandas adds for index and column names."""
     styler = frame.style.format(formats, escape="html")
-    return styler.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
+    styler = styler.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
+    return styler.hide(names=True, axis="index").hide(names=True, axis="columns")
 
 
 def _per_class_html(per_class: pd.DataFrame) -> str:
     table = per_class.sort_values("f1").reset_index(drop=True)
     worst = max(1, min(3, len(table) // 3))
     flagged = [i < worst and f1 < table["f1"].max() for i, f1 in enumerate(table["f1"])]  # nothing to flag when all are equal
-    table.insert(0, "", ["\u26a0" if flag else "" for flag in flagged])
-    styler = _escaped(table, {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).hide(axis="index")
+    shown = pd.DataFrame({"": ["\u26a0" if flag else "" for flag in flagged], "class": table["class"]})
+    for name in ("precision", "recall", "f1"):
+        shown[name] = table[name]
+        shown[f"{name} 95% CI"] = [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(table[f"{name}_lo"], table[f"{name}_hi"])]
+    shown["support"] = table["support"]
+    styler = _escaped(shown, {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).hide(axis="index")
     styler = styler.bar(subset=["f1"], vmin=0, vmax=1, color="#9ecae1")
     return styler.apply(lambda row: ["color:#b00;font-weight:600" if row.iloc[0] else "" for _ in row], axis=1).to_html()
+
+
+def _counts_html(card: Scorecard) -> str | None:
+    """Counts, coloured by the share of their row (like the matrix figure), not by raw size."""
+    if len(card.counts) > 30:
+        return None
+    styler = _escaped(card.counts).background_gradient(cmap="Blues", axis=None, gmap=card.normalized.to_numpy(), vmin=0, vmax=1)
+    return styler.to_html()
+
+
+def _phases(recipe: dict[str, Any]) -> str:
+    train = recipe.get("train", {})
+    phases = train.get("phases") or [
+        {
+            "epochs": train.get("epochs"),
+            "lr": train.get("lr"),
+            "bn": train.get("bn"),
+            "trainable": train.get("trainable") or _complement(train.get("freeze")),
+        }
+    ]
+    described = []
+    for phase in phases:
+        trainable = phase.get("trainable", "all")
+        stages = "all stages" if trainable in ("all", None) else " + ".join(trainable)
+        described.append(
+            f"{phase.get('epochs')} epoch(s) training {stages} at lr {phase.get('lr'):g}, BN {phase.get('bn', 'frozen')}"
+        )
+    return "; then ".join(described)
+
+
+def _complement(frozen: list[str] | None) -> list[str] | str:
+    return "all" if not frozen else [s for s in STAGES if s not in frozen]
 
 
 def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
     if ctx is None:
         return [("images evaluated", str(metrics["num_images"]))], None
-    recipe = ctx.meta.get("recipe", {})
-    phases = recipe.get("train", {}).get("phases") or [
-        {
-            "epochs": recipe.get("train", {}).get("epochs"),
-            "freeze": recipe.get("train", {}).get("freeze"),
-            "lr": recipe.get("train", {}).get("lr"),
-        }
-    ]
+    recipe, image = ctx.meta.get("recipe", {}), ctx.meta.get("image", {})
     rows = [
         ("model", f"{ctx.meta.get('model_name')} (pretrained: {recipe.get('model', {}).get('pretrained')})"),
-        (
-            "input",
-            f"{ctx.meta.get('image', {}).get('input_size')} px, mean {ctx.meta.get('image', {}).get('mean')}, std {ctx.meta.get('image', {}).get('std')}",
-        ),
-        ("phases", "; ".join(", ".join(f"{k}={v}" for k, v in phase.items() if v not in (None, {}, [])) for phase in phases)),
+        ("input", f"{image.get('input_size')} px, mean {image.get('mean')}, std {image.get('std')}"),
+        ("training", _phases(recipe)),
         ("data", str(recipe.get("data", {}).get("path"))),
-        ("evaluated on", f"{ctx.split} split, {metrics['num_images']} images, {metrics['num_classes']} classes"),
+        ("evaluated on", f"the {ctx.split} split, {metrics['num_images']} images, {metrics['num_classes']} classes"),
         ("best epoch", str(ctx.meta.get("epoch", "?"))),
     ]
     rows += [(key, str(value)) for key, value in ctx.extra.items()]
     split_counts = None
     if ctx.run is not None and ctx.run.splits.exists():
-        splits = read_text_table(ctx.run.splits)
-        counts = splits.groupby(["label", "split"]).size().unstack(fill_value=0)
+        counts = read_text_table(ctx.run.splits).groupby(["label", "split"]).size().unstack(fill_value=0)
         counts.loc["total"] = counts.sum()
         rows.append(("split sizes", ", ".join(f"{k}: {v}" for k, v in counts.loc["total"].items())))
-        split_counts = counts.to_html()
+        split_counts = _escaped(counts).to_html()
     if ctx.run is not None and ctx.run.metrics.exists():
         history = read_table(ctx.run.metrics)
         rows.append(("training time", f"{history['seconds'].sum():.0f} s over {len(history)} epochs"))
     return rows, split_counts
+
+
+def _cards(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    cards = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            bounds = metrics.get("ci95", {}).get(key)
+            shown = f"{value:.3f}" if key in SCORE_NAMES else f"{value:.1%}"
+            ci = f"{bounds[0]:.1%}-{bounds[1]:.1%}" if bounds else ""
+            cards.append({"name": SCORE_NAMES.get(key, key.replace("_", " ")), "value": shown, "ci": ci})
+    return cards
+
+
+def _calibration_html(metrics: dict[str, Any]) -> str | None:
+    calibration = metrics.get("calibration", {})
+    columns = {name: calibration[name] for name in ("before", "after") if name in calibration}
+    if len(columns) < 2:
+        return None
+    names = {"before": "before (T = 1)", "after": f"after (T = {calibration['temperature']:.2f})"}
+    table = pd.DataFrame(columns).rename(columns=names, index={"ece": "ECE", "nll": "NLL", "brier": "Brier"})
+    return _escaped(table, "{:.4f}").to_html()
 
 
 def render_html(
@@ -135,28 +209,17 @@ def render_html(
     title: str,
     preds: Predictions,
     class_names: list[str],
-    metrics: dict[str, Any],
-    per_class: pd.DataFrame,
-    counts: pd.DataFrame,
-    confused: pd.DataFrame,
+    card: Scorecard,
     bins: int,
     figures: dict[str, Path | None],
     ctx: RunContext | None,
-    gallery_size: int = 12,
+    explain: Explain | None = None,
 ) -> None:
     """Fill the Jinja2 template and write one HTML file with everything embedded."""
-    loss = per_image_loss(preds)
     correct = preds.predicted == preds.targets
-    confidence = preds.probs.max(axis=1)
-    summary, split_counts = _summary_rows(ctx, metrics)
-    headline = [
-        (
-            k.replace("_", " "),
-            f"{v:.2%}" if k != "ece" and isinstance(v, float) else (f"{v:.3f}" if isinstance(v, float) else str(v)),
-        )
-        for k, v in metrics.items()
-        if not isinstance(v, dict)
-    ]
+    losses = [int(i) for i in np.argsort(-per_image_loss(preds)) if not correct[i]][:GALLERY_SIZE]
+    unsure = [int(i) for i in np.argsort(preds.probs.max(axis=1)) if correct[i]][:GALLERY_SIZE]
+    summary, split_counts = _summary_rows(ctx, card.metrics)
     meta = ctx.meta if ctx else {}
     env = Environment(loader=PackageLoader("finetune.reporting", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
@@ -165,16 +228,24 @@ def render_html(
         sections=SECTIONS,
         summary=summary,
         split_counts=split_counts,
+        split_note=split_sentence(ctx.split, ctx.selection) if ctx else None,
+        selection=bool(ctx and ctx.selection),
         recipe_yaml=yaml.safe_dump(meta.get("recipe", {}), sort_keys=False),
         versions=meta.get("versions", {}),
         versions_text="\n".join(f"{k}: {v}" for k, v in meta.get("versions", {}).items()),
-        headline=headline,
-        per_class=_per_class_html(per_class),
-        counts_table=_escaped(counts).background_gradient(cmap="Blues", axis=1).to_html() if len(counts) <= 30 else None,
-        confused=_escaped(confused, {"fraction_of_true": "{:.1%}"}).hide(axis="index").to_html() if len(confused) else None,
-        top_losses=_gallery(preds, class_names, ~correct, np.argsort(-loss), gallery_size),
-        unsure=_gallery(preds, class_names, correct, np.argsort(confidence), gallery_size),
-        ece=f"{metrics['ece']:.4f}",
+        cards=_cards(card.metrics),
+        resamples=RESAMPLES,
+        per_class=_per_class_html(card.per_class),
+        counts_table=_counts_html(card),
+        confused=_escaped(card.confused, {"fraction_of_true": "{:.1%}"}).hide(axis="index").to_html()
+        if len(card.confused)
+        else None,
+        top_losses=_gallery(preds, class_names, losses, explain),
+        unsure=_gallery(preds, class_names, unsure, explain),
+        explained=explain is not None,
+        calibration_note=calibration_sentence(card.metrics),
+        calibration_table=_calibration_html(card.metrics),
+        coverage_note=coverage_sentence(card.metrics),
         bins=bins,
         images={name: png_b64(p) if p is not None and p.exists() else None for name, p in figures.items()},
     )

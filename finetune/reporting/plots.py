@@ -59,20 +59,32 @@ def _label_matrix(ax: Axes, title: str) -> None:
 
 
 def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> None:
-    """B - A of row-normalised matrices: blue where B puts more images, red where fewer."""
+    """B - A of row-normalised matrices, coloured by what the change means: blue where B is better (more right
+    answers on the diagonal, fewer confusions off it), red where B is worse. Cells show the signed change."""
     n = len(diff)
     fig, ax = _square_figure(n)
-    limit = max(float(np.abs(diff.to_numpy()).max()), 0.01)
-    image = ax.imshow(diff.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
+    values = diff.to_numpy()
+    better = np.where(np.eye(n, dtype=bool), values, -values)  # fewer confusions are an improvement
+    limit = max(float(np.abs(values).max()), 0.01)
+    image = ax.imshow(better, cmap="RdBu", vmin=-limit, vmax=limit)
     ax.set_xticks(range(n), list(diff.columns), rotation=90 if n > 6 else 0)
     ax.set_yticks(range(n), list(diff.index))
     if n <= CELL_TEXT_LIMIT:
         for i in range(n):
             for j in range(n):
-                value = diff.iat[i, j]
-                if abs(value) >= 0.005:
-                    ax.text(j, i, f"{value:+.0%}", ha="center", va="center", fontsize=8 if n <= PERCENT_LIMIT else 6)
-    fig.colorbar(image, ax=ax, label="change in fraction of the true class")
+                if abs(values[i, j]) >= 0.005:
+                    dark = abs(better[i, j]) > 0.6 * limit  # white text on the deep colours, black on the pale
+                    ax.text(
+                        j,
+                        i,
+                        f"{values[i, j]:+.0%}",
+                        ha="center",
+                        va="center",
+                        fontsize=8 if n <= PERCENT_LIMIT else 6,
+                        color="white" if dark else "black",
+                    )
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label("red: B worse, blue: B better (change in fraction of the true class)")
     _label_matrix(ax, title)
     _save(fig, path)
 
@@ -105,10 +117,7 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
-    """Accuracy per confidence bin against the diagonal, with the confidence histogram below."""
-    fig = Figure(figsize=(5.5, 6.5), dpi=110)
-    top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+def _reliability_panel(top: Axes, bottom: Axes, table: pd.DataFrame, title: str) -> None:
     width = table["upper"] - table["lower"]
     filled = table["count"] > 0
     top.bar(
@@ -132,12 +141,40 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
     )
     top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     top.set_ylabel("accuracy")
-    top.set_title(f"reliability diagram (ECE {ece:.3f})")
+    top.set_title(title)
     top.legend(loc="upper left")
     bottom.bar(table["lower"], table["count"], width=width, align="edge", color="0.6", edgecolor="k")
     bottom.set_xlabel("confidence (top-1 probability)")
     bottom.set_ylabel("images")
     bottom.set_xlim(0, 1)
+
+
+def plot_reliability(
+    table: pd.DataFrame, ece: float, path: Path, *, before: pd.DataFrame | None = None, ece_before: float | None = None
+) -> None:
+    """Accuracy per confidence bin against the diagonal, with the confidence histogram below; with `before`,
+    the uncalibrated diagram on the left and the temperature-scaled one on the right."""
+    panels = [(before, f"before temperature (ECE {ece_before:.3f})")] if before is not None and ece_before is not None else []
+    panels.append((table, f"{'after temperature' if panels else 'reliability'} (ECE {ece:.3f})"))
+    fig = Figure(figsize=(5.5 * len(panels), 6.5), dpi=110)
+    axes = fig.subplots(2, len(panels), gridspec_kw={"height_ratios": [3, 1]}, sharex=True, squeeze=False)
+    for column, (data, title) in enumerate(panels):
+        _reliability_panel(axes[0, column], axes[1, column], data, title)
+    _save(fig, path)
+
+
+def plot_risk_coverage(risk: pd.DataFrame, path: Path) -> None:
+    """Accuracy of the answered images against the share answered, as the confidence threshold rises."""
+    fig = Figure(figsize=(6.5, 4.2), dpi=110)
+    ax = fig.subplots()
+    ax.plot(risk["coverage"], risk["accuracy"], "-", color="C0", lw=2)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("coverage (share of images answered)")
+    ax.set_ylabel("accuracy of the answered images")
+    ax.set_title("risk-coverage: answer only above a confidence threshold")
+    ax.grid(alpha=0.3)
+    low = float(risk["accuracy"].min())
+    ax.set_ylim(max(0.0, low - 0.05), 1.01)
     _save(fig, path)
 
 

@@ -12,21 +12,23 @@ import pandas as pd
 
 from finetune.data.decode import load_image
 from finetune.data.transforms import ImageConfig, load_pipeline, preview_augmentations
+from finetune.evaluation.calibration import BINS, expected_calibration_error
 from finetune.evaluation.inference import Predictions
-from finetune.evaluation.metrics import (
-    calibration_table,
-    confusion_tables,
-    headline_metrics,
-    most_confused,
-    per_class_table,
-    predictions_table,
-)
+from finetune.evaluation.metrics import predictions_table
+from finetune.evaluation.scorecard import Scorecard, score
 from finetune.files import read_table, read_text_table, write_table, write_text
-from finetune.reporting.html import RunContext, render_html
-from finetune.reporting.plots import plot_confusion_matrix, plot_image_grid, plot_reliability, plot_training_curves
+from finetune.reporting.html import Explain, RunContext, render_html
+from finetune.reporting.plots import (
+    plot_confusion_matrix,
+    plot_image_grid,
+    plot_reliability,
+    plot_risk_coverage,
+    plot_training_curves,
+)
+from finetune.reporting.summary import summary_markdown
 
 log = logging.getLogger(__name__)
-CALIBRATION_BINS = 15
+CALIBRATION_BINS = BINS
 
 
 @dataclass
@@ -36,31 +38,6 @@ class Report:
     folder: Path
     metrics: dict[str, Any]
     per_class: pd.DataFrame
-
-
-def _summary(metrics: dict[str, Any], per_class: pd.DataFrame, title: str, notes: dict[str, Any]) -> str:
-    headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    worst = per_class.sort_values("f1").iloc[0]
-    return "\n".join(
-        [
-            f"# {title}",
-            "",
-            f"{metrics['num_images']} images, {metrics['num_classes']} classes: accuracy **{metrics['accuracy']:.2%}**, "
-            f"balanced accuracy {metrics['balanced_accuracy']:.2%}, macro F1 {metrics['macro_f1']:.3f}, ECE {metrics['ece']:.3f}.",
-            "",
-            pd.Series(headline, name="value").to_frame().to_markdown(floatfmt=".4f"),
-            "",
-            "## Per class (worst F1 first)",
-            "",
-            per_class.sort_values("f1").to_markdown(index=False, floatfmt=".3f"),
-            "",
-            f"Weakest class: **{worst['class']}** (F1 {worst['f1']:.3f}). "
-            "See report.html, confusion_matrix.png and predictions.csv for where its images went.",
-            "",
-            *[f"- {key}: {value}" for key, value in notes.items()],
-            "",
-        ]
-    )
 
 
 def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views: int = 5) -> Path | None:
@@ -79,43 +56,27 @@ def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views
     return path
 
 
-def _write_tables(
-    folder: Path,
-    preds: Predictions,
-    class_names: list[str],
-    *,
-    top_k: int,
-    metrics: dict[str, Any],
-    per_class: pd.DataFrame,
-    counts: pd.DataFrame,
-    normalized: pd.DataFrame,
-    calibration: pd.DataFrame,
-    confused: pd.DataFrame,
-) -> None:
-    write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
-    write_table(per_class, folder / "per_class.csv")
-    write_table(counts, folder / "confusion_matrix.csv", index=True)
-    write_table(normalized, folder / "confusion_matrix_normalized.csv", index=True, float_format="%.6f")
-    write_table(confused, folder / "most_confused.csv", float_format="%.6f")
-    write_table(calibration, folder / "calibration.csv", float_format="%.6f")
+def _write_tables(folder: Path, preds: Predictions, class_names: list[str], card: Scorecard, *, top_k: int) -> None:
+    write_text(folder / "metrics.json", json.dumps(card.metrics, indent=2))
+    write_table(card.per_class, folder / "per_class.csv", float_format="%.6f")
+    write_table(card.counts, folder / "confusion_matrix.csv", index=True)
+    write_table(card.normalized, folder / "confusion_matrix_normalized.csv", index=True, float_format="%.6f")
+    write_table(card.confused, folder / "most_confused.csv", float_format="%.6f")
+    write_table(card.calibration, folder / "calibration.csv", float_format="%.6f")
+    write_table(card.risk, folder / "risk_coverage.csv", float_format="%.6f")
     write_table(predictions_table(preds, class_names, top_k=top_k), folder / "predictions.csv", float_format="%.6f")
 
 
-def _write_figures(
-    folder: Path,
-    *,
-    title: str,
-    metrics: dict[str, Any],
-    counts: pd.DataFrame,
-    normalized: pd.DataFrame,
-    calibration: pd.DataFrame,
-    context: RunContext | None,
-) -> dict[str, Path | None]:
-    plot_confusion_matrix(normalized, counts, folder / "confusion_matrix.png", title=title)
-    plot_reliability(calibration, metrics["ece"], folder / "reliability.png")
+def _write_figures(folder: Path, card: Scorecard, *, title: str, context: RunContext | None) -> dict[str, Path | None]:
+    plot_confusion_matrix(card.normalized, card.counts, folder / "confusion_matrix.png", title=title)
+    before = card.calibration_before
+    ece_before = expected_calibration_error(before) if before is not None else None
+    plot_reliability(card.calibration, card.metrics["ece"], folder / "reliability.png", before=before, ece_before=ece_before)
+    plot_risk_coverage(card.risk, folder / "risk_coverage.png")
     figures: dict[str, Path | None] = {
         "confusion": folder / "confusion_matrix.png",
         "reliability": folder / "reliability.png",
+        "risk": folder / "risk_coverage.png",
         "curves": None,
         "augmentation": None,
     }
@@ -128,43 +89,42 @@ def _write_figures(
 
 
 def write_report(
-    preds: Predictions, class_names: list[str], folder: Path, *, top_k: int, title: str, context: RunContext | None = None
+    preds: Predictions,
+    class_names: list[str],
+    folder: Path,
+    *,
+    top_k: int,
+    title: str,
+    context: RunContext | None = None,
+    explain: Explain | None = None,
 ) -> Report:
-    """Compute metrics from `preds` and write every report file into `folder`."""
+    """Compute every number from `preds` (labelled) and write every report file into `folder`.
+
+    `explain` draws Grad-CAM overlays for the galleries; `context` tells which split this is and whether it is the
+    split that chose the model (then the report says its figures are optimistic).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = headline_metrics(preds, class_names, top_k=top_k)
-    per_class = per_class_table(preds, class_names)
-    counts, normalized = confusion_tables(preds, class_names)
-    calibration = calibration_table(preds, bins=CALIBRATION_BINS)
-    confused = most_confused(counts)
-    _write_tables(
-        folder,
-        preds,
-        class_names,
-        top_k=top_k,
-        metrics=metrics,
-        per_class=per_class,
-        counts=counts,
-        normalized=normalized,
-        calibration=calibration,
-        confused=confused,
+    card = score(preds, class_names, top_k=top_k)
+    if context is not None:
+        card.metrics["evaluated_on"] = {"split": context.split, "selection_split": context.selection}
+    _write_tables(folder, preds, class_names, card, top_k=top_k)
+    figures = _write_figures(folder, card, title=title, context=context)
+    split = context.split if context else None
+    notes = context.extra if context else {}
+    write_text(
+        folder / "summary.md",
+        summary_markdown(card, title, split=split, selection=bool(context and context.selection), notes=notes),
     )
-    figures = _write_figures(
-        folder, title=title, metrics=metrics, counts=counts, normalized=normalized, calibration=calibration, context=context
-    )
-    write_text(folder / "summary.md", _summary(metrics, per_class, title, context.extra if context else {}))
     render_html(
         path=folder / "report.html",
         title=title,
         preds=preds,
         class_names=class_names,
-        metrics=metrics,
-        per_class=per_class,
-        counts=counts,
-        confused=confused,
+        card=card,
         bins=CALIBRATION_BINS,
         figures=figures,
         ctx=context,
+        explain=explain,
     )
-    log.info("report written to %s (accuracy %.4f, open report.html)", folder, metrics["accuracy"])
-    return Report(folder=folder, metrics=metrics, per_class=per_class)
+    log.debug("report written to %s (accuracy %.4f)", folder, card.metrics["accuracy"])
+    return Report(folder=folder, metrics=card.metrics, per_class=card.per_class)

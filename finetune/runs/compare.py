@@ -7,16 +7,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from finetune.config.loading import load_recipe
+from finetune.config.schema import Recipe
 from finetune.data.split import evaluation_split
 from finetune.errors import UsageError
-from finetune.files import read_text_table, write_table
+from finetune.evaluation.intervals import paired_difference
+from finetune.files import check_writable_folder, read_text_table, write_table, write_text
 from finetune.models.inspect import inspect_model
 from finetune.run_dir import RunDir
-from finetune.runs.train import train
+from finetune.runs.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,86 @@ def _run_names(recipes: Sequence[Path]) -> list[str]:
     return names
 
 
+def _trainable_params(recipe: Recipe, classes: int) -> int:
+    info = inspect_model(name=recipe.model.name, recipe=recipe, num_classes=classes)
+    return max(sum(s.params for s in info.stages if s.trainable[i]) for i in range(len(info.stages[0].trainable)))
+
+
+def _row(name: str, recipe: Recipe, result: TrainResult, seconds: float) -> dict[str, Any]:
+    if result.report is None:
+        raise UsageError("compare runs in one process; start it without torchrun")
+    classes, metrics = result.report.per_class, result.report.metrics
+    worst = classes.loc[classes["recall"].idxmin()]
+    low, high = metrics["ci95"]["accuracy"]
+    return {
+        "recipe": name,
+        "model": recipe.model.name,
+        "accuracy": metrics["accuracy"],
+        "accuracy_lo": low,
+        "accuracy_hi": high,
+        "macro_f1": metrics["macro_f1"],
+        "worst_class": worst["class"],
+        "worst_class_recall": float(worst["recall"]),
+        "trainable_params": _trainable_params(recipe, len(classes)),
+        "epochs": len(result.history),
+        "seconds": round(seconds, 1),
+        "report": f"{name}/report/report.html",
+    }
+
+
+def _versus_leader(out: Path, board: pd.DataFrame) -> list[str]:
+    """Each run against the leader on the same test images (paired bootstrap of macro-F1): 'within noise' or not."""
+    predictions = {name: read_text_table(RunDir(out / name).report / "predictions.csv") for name in board["recipe"]}
+    leader = predictions[board["recipe"].iloc[0]]
+    classes = sorted(set(leader["true_label"]))
+    index = {c: i for i, c in enumerate(classes)}
+    verdicts = ["leader"]
+    for name in board["recipe"].iloc[1:]:
+        other = predictions[name].set_index("path").loc[leader["path"]]
+        codes = [
+            np.array([index.get(v, -1) for v in column])
+            for column in (leader["true_label"], leader["predicted_label"], other["predicted_label"])
+        ]
+        if (codes[2] < 0).any():
+            verdicts.append("not comparable")
+            continue
+        diff = next(d for d in paired_difference(codes[0], codes[1], codes[2], len(classes)) if d.metric == "macro_f1")
+        verdicts.append(
+            f"{diff.observed:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]: {'within noise' if not diff.significant else 'worse'}"
+        )
+    return verdicts
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes}m {rest:02d}s" if minutes else f"{rest}s"
+
+
+def _markdown(board: pd.DataFrame, *, data: str | Path, split: str) -> str:
+    shown = pd.DataFrame(
+        {
+            "recipe": board["recipe"],
+            "model": board["model"],
+            "accuracy (95% CI)": [
+                f"{a:.1%} ({lo:.1%}-{hi:.1%})" for a, lo, hi in zip(board["accuracy"], board["accuracy_lo"], board["accuracy_hi"])
+            ],
+            "macro-F1": board["macro_f1"].map("{:.3f}".format),
+            "macro-F1 vs leader (paired 95% CI)": board["vs_leader"],
+            "worst class (recall)": [f"{c} ({r:.0%})" for c, r in zip(board["worst_class"], board["worst_class_recall"])],
+            "trainable params": board["trainable_params"].map(lambda n: f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"),
+            "epochs": board["epochs"],
+            "time": board["seconds"].map(_duration),
+            "report": [f"[report.html]({r})" for r in board["report"]],
+        }
+    )
+    return (
+        f"# Leaderboard\n\n{len(board)} recipes on {data}, every one on the same {split} split; best macro-F1 first. A "
+        "difference whose paired interval holds 0 is within the noise of this test set.\n\n"
+        + shown.to_markdown(index=False)
+        + "\n"
+    )
+
+
 def compare(
     *, recipes: Sequence[str | Path], data: str | Path, out: str | Path, overrides: Sequence[str] = (), progress: bool = True
 ) -> CompareResult:
@@ -46,46 +130,20 @@ def compare(
         raise UsageError("compare needs at least two recipes, e.g. recipes/linear_probe.yaml recipes/last_stage.yaml")
     loaded = [load_recipe(r, overrides=list(overrides)) for r in paths]  # validate all before training any
     out = Path(out)
+    check_writable_folder(out)
     manifest = out / "split_manifest.csv"
     rows = []
     for recipe, name in zip(loaded, _run_names(paths)):
         started = time.perf_counter()
-        source = manifest if manifest.exists() else data
-        result = train(recipe=recipe, data=source, out=out / name, progress=progress)
+        result = train(recipe=recipe, data=manifest if manifest.exists() else data, out=out / name, progress=progress)
         if not manifest.exists():  # every later recipe sees exactly this split
             splits = read_text_table(RunDir(result.run_dir).splits)
             splits["path"] = [str(Path(p).resolve()) for p in splits["path"]]
             write_table(splits, manifest)
-        if result.report is None:
-            raise UsageError("compare runs in one process; start it without torchrun")
-        classes = result.report.per_class
-        worst = classes.loc[classes["recall"].idxmin()]
-        info = inspect_model(name=recipe.model.name, recipe=recipe, num_classes=len(classes))
-        trainable = max(sum(s.params for s in info.stages if s.trainable[i]) for i in range(len(info.stages[0].trainable)))
-        metrics = result.report.metrics
-        rows.append(
-            {
-                "recipe": name,
-                "model": recipe.model.name,
-                "accuracy": metrics["accuracy"],
-                "macro_f1": metrics["macro_f1"],
-                "worst_class": worst["class"],
-                "worst_class_recall": float(worst["recall"]),
-                "trainable_params": trainable,
-                "epochs": len(result.history),
-                "seconds": round(time.perf_counter() - started, 1),
-                "report": f"{name}/report/summary.md",
-            }
-        )
-        log.info("%s: accuracy %.4f, macro-F1 %.4f", name, metrics["accuracy"], metrics["macro_f1"])
+        rows.append(_row(name, recipe, result, time.perf_counter() - started))
+        log.info("%s: accuracy %.4f, macro-F1 %.4f", name, rows[-1]["accuracy"], rows[-1]["macro_f1"])
     board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
+    board["vs_leader"] = _versus_leader(out, board)
     write_table(board, out / "leaderboard.csv", float_format="%.4f")
-    shown = board.assign(report=[f"[report]({r})" for r in board["report"]])
-    evaluated_on = evaluation_split(read_text_table(manifest))
-    (out / "leaderboard.md").write_text(
-        f"# Leaderboard\n\n{len(board)} recipes on {data}, same {evaluated_on} split; best macro-F1 first.\n\n"
-        + shown.to_markdown(index=False, floatfmt=".4f")
-        + "\n",
-        encoding="utf-8",
-    )
+    write_text(out / "leaderboard.md", _markdown(board, data=data, split=evaluation_split(read_text_table(manifest))))
     return CompareResult(folder=out, leaderboard=board)

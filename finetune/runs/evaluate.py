@@ -7,18 +7,19 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from finetune.data.doctor import Screened, screen_samples
+from finetune.data.doctor import screen_samples
 from finetune.data.loader import ImageDataset, make_loader
-from finetune.data.scan import list_images, scan_image_folder
+from finetune.data.scan import scan_image_folder
 from finetune.data.split import DatasetIndex, evaluation_split
 from finetune.data.transforms import build_eval_pipeline
 from finetune.errors import DataError, RunDirError
+from finetune.evaluation.explain import Explainer
 from finetune.evaluation.inference import Predictions, run_inference
-from finetune.evaluation.metrics import predictions_table
-from finetune.files import check_writable_file, check_writable_folder, read_text_table, write_table
-from finetune.reporting.html import RunContext
+from finetune.files import check_writable_folder, read_text_table, write_table
+from finetune.reporting.html import Explain, RunContext
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir
 from finetune.training.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
@@ -38,13 +39,25 @@ def checkpoint_path(run: Path) -> Path:
 
 
 def predict_paths(loaded: LoadedModel, paths: list[str], targets: list[int], *, progress: bool, desc: str) -> Predictions:
-    """Probabilities of `loaded` for image files, through the run's own eval pipeline."""
+    """Calibrated probabilities of `loaded` for image files, through the run's own eval pipeline."""
     dataset = ImageDataset(paths, targets, build_eval_pipeline(loaded.image))
-    loader = make_loader(
-        dataset, batch_size=loaded.recipe.data.batch_size, num_workers=loaded.recipe.data.num_workers, shuffle=False, seed=0
-    )
+    data = loaded.recipe.data
+    loader = make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False, seed=0)
     device = resolve_device(loaded.recipe.train.device)
-    return run_inference(loaded.bundle.model.to(device), loader, device=device, paths=paths, progress=progress, desc=desc)
+    model = loaded.bundle.model.to(device)
+    return run_inference(model, loader, device=device, paths=paths, progress=progress, desc=desc, temperature=loaded.temperature)
+
+
+def explainer_for(loaded: LoadedModel) -> tuple[Explain | None, str | None]:
+    """Grad-CAM overlays for the report's galleries and where they come from (None when the recipe turns them off)."""
+    if not loaded.recipe.eval.gradcam:
+        return None, None
+    explainer = Explainer(loaded.bundle, loaded.image)
+
+    def overlays(paths: Sequence[str], classes: Sequence[int]) -> list[np.ndarray]:
+        return [e.overlay for e in explainer.explain(paths, classes)]
+
+    return overlays, explainer.where
 
 
 def _report_notes(run: RunDir | None, skipped_here: int) -> dict[str, str]:
@@ -56,34 +69,51 @@ def _report_notes(run: RunDir | None, skipped_here: int) -> dict[str, str]:
     return notes
 
 
-def report_for(
-    loaded: LoadedModel, screened: Screened, folder: Path, *, split: str, progress: bool, run: RunDir | None
-) -> Report:
-    """Predict the screened, labelled rows and write the report into `folder`."""
-    rows = screened.samples
+def _targets(loaded: LoadedModel, rows: pd.DataFrame) -> list[int]:
     lookup = {name: i for i, name in enumerate(loaded.class_names)}
     unknown = sorted(set(rows["label"]) - set(lookup))
     if unknown:
         raise DataError(
             f"class folder(s) {unknown} are not classes of this model {loaded.class_names}; evaluate only on known classes"
         )
-    preds = predict_paths(
-        loaded, list(rows["path"]), [lookup[label] for label in rows["label"]], progress=progress, desc="evaluate"
-    )
-    title = f"{loaded.recipe.model.name} on {split} ({len(rows)} images)"
-    context = RunContext(meta=loaded.meta, run=run, split=split, extra=_report_notes(run, len(screened.skipped)))
+    return [lookup[label] for label in rows["label"]]
+
+
+def write_run_report(
+    loaded: LoadedModel,
+    preds: Predictions,
+    folder: Path,
+    *,
+    split: str,
+    selection: bool,
+    skipped: pd.DataFrame,
+    run: RunDir | None,
+) -> Report:
+    """The report of `preds` into `folder`, with the run's context (training curves, splits, Grad-CAM galleries)."""
+    title = f"{loaded.recipe.model.name} on the {split} split ({len(preds.paths)} images)"
+    explain, where = explainer_for(loaded)
+    notes = _report_notes(run, len(skipped)) | ({"Grad-CAM layer": where} if where else {})
+    context = RunContext(meta=loaded.meta, run=run, split=split, selection=selection, extra=notes)
     folder.mkdir(parents=True, exist_ok=True)
-    write_table(screened.skipped, folder / "skipped.csv")
-    return write_report(preds, loaded.class_names, folder, top_k=loaded.recipe.eval.top_k, title=title, context=context)
+    write_table(skipped, folder / "skipped.csv")
+    return write_report(
+        preds, loaded.class_names, folder, top_k=loaded.recipe.eval.top_k, title=title, context=context, explain=explain
+    )
 
 
 def report_for_run(run: RunDir, index: DatasetIndex, *, progress: bool) -> Report:
-    """The report of a finished run: its best checkpoint on its test split (else val); those images were screened already."""
+    """The report of a finished run: its best checkpoint on the test split; without one, on the validation split it
+    already predicted at its best epoch (not inferred twice, and said to be optimistic)."""
     split = index.evaluation_split
     rows = index.split(split)
-    screened = Screened(samples=rows, skipped=pd.DataFrame(columns=[*rows.columns, "reason"]), facts={})
     loaded = model_from_checkpoint(load_checkpoint(run.best))
-    return report_for(loaded, screened, run.report, split=split, progress=progress, run=run)
+    if split == "val" and loaded.validation is not None and len(loaded.validation[1]) == len(rows):
+        logits, targets = loaded.validation
+        preds = Predictions.from_logits(list(rows["path"]), logits, targets, temperature=loaded.temperature)
+    else:
+        preds = predict_paths(loaded, list(rows["path"]), _targets(loaded, rows), progress=progress, desc="evaluate")
+    skipped = pd.DataFrame(columns=[*rows.columns, "reason"])  # the run's images were screened before training
+    return write_run_report(loaded, preds, run.report, split=split, selection=split == "val", skipped=skipped, run=run)
 
 
 def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None, progress: bool = True) -> Report:
@@ -102,45 +132,6 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     folder = Path(out) if out is not None else (owner.report if owner is not None else checkpoint.parent / "report")
     check_writable_folder(folder, what="--out")
     screened = screen_samples(samples.reset_index(drop=True), policy=loaded.recipe.data.bad_images, progress=progress)
-    return report_for(loaded, screened, folder, split=split, progress=progress, run=owner)
-
-
-def _check_inputs_exist(inputs: Sequence[str | Path]) -> None:
-    missing = next((item for item in map(Path, inputs) if not item.exists()), None)
-    if missing is not None:
-        raise DataError(f"input {missing} does not exist; pass image files or folders")
-
-
-def _input_paths(inputs: Sequence[str | Path], extensions: Sequence[str]) -> list[str]:
-    """Files as given, and images in folders (recursive, with the run's extensions)."""
-    paths: list[str] = []
-    for item in map(Path, inputs):
-        paths += [str(p) for p in list_images(item, extensions)] if item.is_dir() else [str(item)]
-    if not paths:
-        raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(extensions)})")
-    return paths
-
-
-def predict(
-    *, run: str | Path, inputs: Sequence[str | Path], out: str | Path | None = None, progress: bool = True
-) -> pd.DataFrame:
-    """Classify image files and folders (searched recursively); returns and optionally writes a CSV."""
-    _check_inputs_exist(inputs)
-    if out is not None:
-        check_writable_file(Path(out))  # before any image is read
-    loaded = model_from_checkpoint(load_checkpoint(checkpoint_path(Path(run))))
-    paths = _input_paths(inputs, loaded.recipe.data.extensions)
-    frame = pd.DataFrame({"path": paths, "label": "", "split": ""})
-    screened = screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress)
-    paths = list(screened.samples["path"])
-    if not paths:
-        raise DataError(
-            f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}"
-        )
-    preds = predict_paths(loaded, paths, [-1] * len(paths), progress=progress, desc="predict")
-    table = predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_table(table, Path(out), float_format="%.6f")
-        log.info("wrote %d predictions to %s", len(table), out)
-    return table
+    rows = screened.samples
+    preds = predict_paths(loaded, list(rows["path"]), _targets(loaded, rows), progress=progress, desc="evaluate")
+    return write_run_report(loaded, preds, folder, split=split, selection=False, skipped=screened.skipped, run=owner)

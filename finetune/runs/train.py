@@ -15,17 +15,19 @@ from typing import Any
 import pandas as pd
 
 from finetune.config.loading import load_recipe, read_yaml, recipe_from_dict, save_recipe
-from finetune.config.schema import Recipe
+from finetune.config.schema import EvalConfig, Recipe
 from finetune.data.loader import ImageDataset
 from finetune.data.split import DatasetIndex
 from finetune.data.transforms import save_pipeline
 from finetune.errors import CheckpointError, RunDirError, UsageError
+from finetune.evaluation.calibration import calibration_summary, fit_temperature
+from finetune.evaluation.inference import Predictions
 from finetune.files import check_writable_folder, read_text_table, write_table, write_text
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir, locked
 from finetune.runs.evaluate import report_for_run
 from finetune.runs.prepare import PreparedData, PreparedModel, default_cache_dir, prepare_model, prepare_run
-from finetune.training.checkpoint import RESUMABLE_FROM, load_checkpoint
+from finetune.training.checkpoint import RESUMABLE_FROM, VALIDATION_KEYS, load_checkpoint, save_checkpoint
 from finetune.training.distributed import Ranks, barrier, setup, teardown
 from finetune.training.history import read_history, truncate_history
 from finetune.training.loop import FitContext, FitState, fit
@@ -198,6 +200,30 @@ def _start_resume(run: RunDir, stored: Recipe, index: DatasetIndex, payload: dic
     return _Start(recipe=stored, index=index, model=model, class_weights=weights, state=state, ranks=ranks)
 
 
+def calibrate_best(run: RunDir, cfg: EvalConfig) -> float:
+    """Fit the temperature on best.pt's own validation logits (no image is read again) and store it in best.pt."""
+    payload = load_checkpoint(run.best)
+    if cfg.calibration == "off" or not all(key in payload for key in VALIDATION_KEYS):
+        return float(payload.get("temperature", 1.0))
+    logits, targets = payload["val_logits"].numpy(), payload["val_targets"].numpy()
+    temperature = fit_temperature(logits, targets)
+    unscaled = Predictions.from_logits([""] * len(targets), logits, targets)
+    payload["temperature"] = temperature
+    payload["calibration"] = {
+        "fitted_on": "val",
+        "before": calibration_summary(unscaled),
+        "after": calibration_summary(unscaled.with_temperature(temperature)),
+    }
+    save_checkpoint(payload, run.best)
+    log.info(
+        "temperature %.3f fitted on the validation split (NLL %.4f -> %.4f)",
+        temperature,
+        payload["calibration"]["before"]["nll"],
+        payload["calibration"]["after"]["nll"],
+    )
+    return temperature
+
+
 def write_training_files(run: RunDir, start: _Start) -> None:
     """The pipelines as albumentations serialises them, and the loss's class weights."""
     save_pipeline(start.model.train_pipeline, run.train_transforms)
@@ -273,7 +299,10 @@ def train(
             folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             ctx = _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end, cache_dir=folder)
             fit(start.model.bundle, ctx, state=start.state)
-            report = report_for_run(run, start.index, progress=progress) if ranks.main else None
+            report = None
+            if ranks.main:
+                calibrate_best(run, start.recipe.eval)
+                report = report_for_run(run, start.index, progress=progress)
     finally:
         teardown()
     history = read_history(run) if ranks.main else pd.DataFrame()

@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from finetune.config.loading import recipe_from_dict
@@ -20,7 +21,11 @@ from finetune.models.build import ModelBundle, build_model
 
 FORMAT = "finetune-checkpoint"
 FORMAT_VERSION = 2  # 2: training_state holds EarlyStopping's state and timm schedule updates (finetune 0.2)
-RESUMABLE_FROM = 2  # older checkpoints still evaluate and predict; their training state is not resumed
+RESUMABLE_FROM = 2
+VALIDATION_KEYS = (
+    "val_logits",
+    "val_targets",
+)  # best.pt's own validation outputs (calibration, the val report)  # older checkpoints still evaluate and predict; their training state is not resumed
 VERSIONED_LIBRARIES = ("finetune", "torch", "torchvision", "timm", "albumentations", "scikit-learn", "numpy", "pillow")
 
 
@@ -85,10 +90,18 @@ class CheckpointSaver:
     recipe: Recipe
     enabled: bool = True  # False on torchrun ranks other than 0
 
-    def save(self, path: Path, *, epoch: int, metrics: dict[str, float], training_state: dict[str, Any] | None = None) -> None:
+    def save(
+        self,
+        path: Path,
+        *,
+        epoch: int,
+        metrics: dict[str, float],
+        training_state: dict[str, Any] | None = None,
+        outputs: dict[str, Any] | None = None,
+    ) -> None:
         if not self.enabled:
             return
-        extra: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
+        extra: dict[str, Any] = {"epoch": epoch, "metrics": metrics, **(outputs or {})}
         if training_state is not None:
             extra["training_state"] = training_state
         payload = make_payload(
@@ -116,7 +129,9 @@ class LoadedModel:
     class_names: list[str]
     image: ImageConfig
     recipe: Recipe
-    meta: dict[str, Any]  # everything in the checkpoint but the weights
+    meta: dict[str, Any]  # everything in the checkpoint but the weights and the validation outputs
+    temperature: float = 1.0  # fitted on the validation split after training (1: none)
+    validation: tuple[np.ndarray, np.ndarray] | None = None  # (logits, targets) of the best epoch on the val split
 
 
 def _fit_error(exc: RuntimeError, recipe: Recipe, classes: int) -> CheckpointError:
@@ -138,6 +153,17 @@ def model_from_checkpoint(payload: dict[str, Any]) -> LoadedModel:
     except RuntimeError as exc:
         raise _fit_error(exc, recipe, len(class_names)) from None
     bundle.model.eval()
-    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state", *VALIDATION_KEYS)}
     image = ImageConfig.from_dict(payload["image"])
-    return LoadedModel(bundle=bundle, class_names=class_names, image=image, recipe=recipe, meta=meta)
+    validation = None
+    if all(key in payload for key in VALIDATION_KEYS):
+        validation = (payload["val_logits"].numpy(), payload["val_targets"].numpy())
+    return LoadedModel(
+        bundle=bundle,
+        class_names=class_names,
+        image=image,
+        recipe=recipe,
+        meta=meta,
+        temperature=float(payload.get("temperature", 1.0)),
+        validation=validation,
+    )

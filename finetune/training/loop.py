@@ -258,7 +258,7 @@ def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: _Env, phase: _Phase, s
         "lr": lr,
         "train_loss": train_loss,
         "train_accuracy": train_acc,
-        **val,
+        **val.metrics,
         "seconds": time.perf_counter() - started,
     }
     if env.ranks.main:
@@ -268,13 +268,15 @@ def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: _Env, phase: _Phase, s
         epoch,
         train_loss,
         train_acc,
-        val["val_loss"],
-        val["val_accuracy"],
-        val["val_macro_f1"],
+        row["val_loss"],
+        row["val_accuracy"],
+        row["val_macro_f1"],
         row["seconds"],
     )
     state.epoch, state.phase_epoch = epoch, state.phase_epoch + 1
-    _after_epoch(bundle, ctx, env, phase, state, metrics={k: float(v) for k, v in row.items()}, last_phase=last_phase)
+    outputs = {"val_logits": torch.from_numpy(val.logits), "val_targets": torch.from_numpy(val.targets)}
+    metrics = {k: float(v) for k, v in row.items()}
+    _after_epoch(bundle, ctx, env, phase, state, metrics=metrics, outputs=outputs, last_phase=last_phase)
     if ctx.on_epoch_end is not None:
         ctx.on_epoch_end(state)
 
@@ -287,13 +289,14 @@ def _after_epoch(
     state: FitState,
     *,
     metrics: dict[str, float],
+    outputs: dict[str, torch.Tensor],
     last_phase: bool,
 ) -> None:
     """Early stopping and restore-best decisions, then best.pt / phase_best.pt / last.pt."""
     stopping_cfg = ctx.recipe.train.early_stopping
     verdict = env.stopping.update(metrics, state.epoch)
-    if verdict.best_of_run:
-        env.saver.save(ctx.run.best, epoch=state.epoch, metrics=metrics)
+    if verdict.best_of_run:  # best.pt keeps its validation logits: calibration and the val report reuse them
+        env.saver.save(ctx.run.best, epoch=state.epoch, metrics=metrics, outputs=outputs)
     if verdict.best_of_phase and stopping_cfg.restore_best:
         if verdict.best_of_run:
             env.saver.copy(ctx.run.best, ctx.run.phase_best)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,23 @@ def collect_logits(
     return np.concatenate(logits), np.concatenate(targets)
 
 
+@dataclass(frozen=True)
+class Validation:
+    """One epoch's validation: the metrics of metrics.csv, and the logits they came from (kept with best.pt)."""
+
+    metrics: dict[str, float]
+    logits: np.ndarray
+    targets: np.ndarray
+
+
 def validate(
     model: nn.Module, batches: Iterable[Any], *, device: torch.device, ranks: Ranks, total: int, num_classes: int, progress: bool
-) -> dict[str, float]:
+) -> Validation:
     """val_loss (mean cross-entropy), val_accuracy and val_macro_f1 over the whole validation split (all ranks)."""
     logits, targets = collect_logits(model, batches, device=device, progress=progress, desc="validate")
     logits, targets = gather_logits(logits, targets, ranks, total=total)
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)).item()
     predicted = logits.argmax(axis=1)
     f1 = f1_score(targets, predicted, average="macro", labels=list(range(num_classes)), zero_division=0)
-    return {"val_loss": float(loss), "val_accuracy": float((predicted == targets).mean()), "val_macro_f1": float(f1)}
+    metrics = {"val_loss": float(loss), "val_accuracy": float((predicted == targets).mean()), "val_macro_f1": float(f1)}
+    return Validation(metrics=metrics, logits=logits, targets=targets)

@@ -1,0 +1,94 @@
+"""summary.md, and the sentences the HTML shares with it: which split, how sure, how calibrated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from finetune.evaluation.scorecard import Scorecard
+
+
+def interval(metrics: dict[str, Any], name: str) -> str:
+    """'64.2% (95% CI 55.6-72.3%)' for a metric with an interval in metrics['ci95'], else just the value."""
+    value = metrics[name]
+    bounds = metrics.get("ci95", {}).get(name)
+    if bounds is None:
+        return f"{value:.1%}"
+    return f"{value:.1%} (95% CI {bounds[0]:.1%}-{bounds[1]:.1%})"
+
+
+def split_sentence(split: str, selection: bool) -> str:
+    """What the numbers can be trusted for, given the split they were computed on."""
+    if selection:
+        return (
+            f"Optimistic: the {split} split also chose the best epoch (and fitted the temperature), so these figures "
+            "flatter the model. Keep a test split (data.test_fraction, or a test/ folder) for numbers to quote."
+        )
+    if split == "test":
+        return "Computed on the test split, which nothing during training saw: not early stopping, not the best epoch, not the temperature."
+    return f"Computed on the '{split}' images, which this run did not train on."
+
+
+def calibration_sentence(metrics: dict[str, Any]) -> str:
+    calibration = metrics.get("calibration", {})
+    after = calibration.get("after", {})
+    if "before" not in calibration:
+        return f"Confidence as the model gives it: ECE {after.get('ece', metrics['ece']):.3f} (no temperature fitted)."
+    before = calibration["before"]
+    return (
+        f"Temperature {calibration['temperature']:.2f} (fitted on the validation split): ECE {before['ece']:.3f} -> {after['ece']:.3f}, "
+        f"NLL {before['nll']:.3f} -> {after['nll']:.3f}, Brier {before['brier']:.3f} -> {after['brier']:.3f}."
+    )
+
+
+def coverage_sentence(metrics: dict[str, Any]) -> str:
+    parts = []
+    for target, coverage in metrics.get("coverage_at_accuracy", {}).items():
+        answered = f"{coverage:.0%} of images" if coverage is not None else "no threshold reaches it"
+        parts.append(f"{float(target):.0%} accuracy: {answered}")
+    return "Answering only above a confidence threshold: " + "; ".join(parts) + "." if parts else ""
+
+
+def per_class_with_intervals(per_class: pd.DataFrame) -> pd.DataFrame:
+    """class, precision, recall, f1 as 'value [lo, hi]' strings, and support; worst F1 first."""
+    table = per_class.sort_values("f1")
+    shown = pd.DataFrame({"class": table["class"]})
+    for name in ("precision", "recall", "f1"):
+        shown[name] = [
+            f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(table[name], table[f"{name}_lo"], table[f"{name}_hi"])
+        ]
+    shown["support"] = table["support"]
+    return shown
+
+
+def summary_markdown(card: Scorecard, title: str, *, split: str | None, selection: bool, notes: dict[str, Any]) -> str:
+    """The short human summary with the tables."""
+    m = card.metrics
+    worst = card.per_class.sort_values("f1").iloc[0]
+    headline = {k: v for k, v in m.items() if isinstance(v, float)}
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            *([f"> **{split_sentence(split, selection)}**", ""] if split else []),
+            f"{m['num_images']} images, {m['num_classes']} classes: accuracy **{interval(m, 'accuracy')}**, balanced accuracy "
+            f"{interval(m, 'balanced_accuracy')}, macro-F1 {interval(m, 'macro_f1')}.",
+            "",
+            calibration_sentence(m),
+            "",
+            coverage_sentence(m),
+            "",
+            pd.Series(headline, name="value").to_frame().to_markdown(floatfmt=".4f"),
+            "",
+            "## Per class (worst F1 first; 95% intervals from a stratified bootstrap)",
+            "",
+            per_class_with_intervals(card.per_class).to_markdown(index=False),
+            "",
+            f"Weakest class: **{worst['class']}** (F1 {worst['f1']:.3f}). "
+            "See report.html, confusion_matrix.png and predictions.csv for where its images went.",
+            "",
+            *[f"- {key}: {value}" for key, value in notes.items()],
+            "",
+        ]
+    )

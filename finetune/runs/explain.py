@@ -1,0 +1,88 @@
+"""`finetune explain`: Grad-CAM heatmaps for any images, beside the picture the model saw, with a table of where the heat is."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from finetune.data.decode import printable
+from finetune.data.doctor import screen_samples
+from finetune.errors import DataError, UsageError, did_you_mean
+from finetune.evaluation.explain import Explainer
+from finetune.files import check_writable_folder, write_table
+from finetune.runs.evaluate import checkpoint_path, predict_paths
+from finetune.runs.predict import check_inputs_exist, input_paths
+from finetune.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+BORDER_WARNING = 0.5  # more than half of the heat in the outer tenth of the frame (a third of the area)
+SHOWN = 256  # pixels per side of each half of a saved picture
+
+
+@dataclass
+class ExplainResult:
+    folder: Path
+    table: pd.DataFrame  # path, class, confidence, picture, border_share, note
+
+
+def _side_by_side(seen: np.ndarray, overlay: np.ndarray) -> Image.Image:
+    scale = max(1, SHOWN // max(seen.shape[:2]))
+    halves = [
+        Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.Resampling.NEAREST) for a in (seen, overlay)
+    ]
+    picture = Image.new("RGB", (halves[0].width * 2 + 8, halves[0].height), "white")
+    picture.paste(halves[0], (0, 0))
+    picture.paste(halves[1], (halves[0].width + 8, 0))
+    return picture
+
+
+def _class_index(class_names: list[str], name: str | None) -> int | None:
+    if name is None:
+        return None
+    if name not in class_names:
+        raise UsageError(f"--class {name} is not a class of this model{did_you_mean(name, class_names)}; classes: {class_names}")
+    return class_names.index(name)
+
+
+def explain(
+    *, run: str | Path, inputs: Sequence[str | Path], out: str | Path, target_class: str | None = None, progress: bool = True
+) -> ExplainResult:
+    """Grad-CAM of the predicted class (or `target_class`) for each image; pictures and explanations.csv into `out`."""
+    check_inputs_exist(inputs)
+    folder = Path(out)
+    check_writable_folder(folder)
+    loaded = model_from_checkpoint(load_checkpoint(checkpoint_path(Path(run))))
+    wanted = _class_index(loaded.class_names, target_class)
+    frame = pd.DataFrame({"path": input_paths(inputs, loaded.recipe.data.extensions), "label": "", "split": ""})
+    paths = list(screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress).samples["path"])
+    if not paths:
+        raise DataError("none of the input images could be decoded")
+    preds = predict_paths(loaded, paths, [-1] * len(paths), progress=progress, desc="predict")
+    classes = [wanted if wanted is not None else int(c) for c in preds.predicted]
+    explainer = Explainer(loaded.bundle, loaded.image)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, found in enumerate(explainer.explain(paths, classes)):
+        picture = f"{n:04d}_{Path(printable(found.path)).stem[:60]}.png"
+        _side_by_side(found.seen, found.overlay).save(folder / picture)
+        border = found.border_share
+        rows.append(
+            {
+                "path": found.path,
+                "class": loaded.class_names[found.class_index],
+                "confidence": float(preds.probs[n, found.class_index]),
+                "picture": picture,
+                "border_share": border,
+                "note": "most of the heat is on the border: frame, watermark or background?" if border > BORDER_WARNING else "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    write_table(table, folder / "explanations.csv", float_format="%.4f")
+    log.info("Grad-CAM at %s: %d picture(s) in %s", explainer.where, len(rows), folder)
+    return ExplainResult(folder=folder, table=table)
