@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cache  # noqa: E402
 import bench_data  # noqa: E402
+import bench_export  # noqa: E402
 import bench_flops  # noqa: E402
 import bench_loops  # noqa: E402
 import bench_memory  # noqa: E402
@@ -30,6 +31,7 @@ SUITE = [  # (name, callable) with settings chosen so that the whole run stays u
     ("flops", lambda: bench_flops.run(batch=16, repeats=3)),
     ("memory", lambda: bench_memory.run(repeats=2)),
     ("cache", lambda: bench_cache.run(epochs=4)),
+    ("export", lambda: bench_export.run(repeats=3)),
 ]
 
 

@@ -23,6 +23,7 @@ _LAZY = {
     "inspect": "finetune.api",
     "demo": "finetune.api",
     "explain": "finetune.api",
+    "export": "finetune.api",
     "TrainResult": "finetune.api",
     "load_recipe": "finetune.config.loading",
     "Recipe": "finetune.config.schema",

@@ -20,6 +20,7 @@ from finetune.reporting.diff import ReportDiff, diff_reports
 from finetune.runs.compare import CompareResult, compare
 from finetune.runs.evaluate import evaluate
 from finetune.runs.explain import ExplainResult, explain
+from finetune.runs.export import ExportResult, export
 from finetune.runs.lr_find import LRFindResult, find_lr
 from finetune.runs.predict import predict
 from finetune.runs.train import TrainResult, train
@@ -38,6 +39,8 @@ __all__ = [
     "diff_reports",
     "evaluate",
     "explain",
+    "export",
+    "ExportResult",
     "ExplainResult",
     "find_lr",
     "inspect",

@@ -54,7 +54,7 @@ def _session(quiet: bool, debug: bool) -> Iterator[None]:
         if debug:
             raise
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted; completed epochs are checkpointed: continue with 'finetune train --resume RUN'", err=True)
         raise typer.Exit(130) from None
@@ -266,6 +266,46 @@ def explain(
         result = api.explain(run=run, inputs=inputs, out=out, target_class=class_, progress=not quiet)
         flagged = int((result.table["note"] != "").sum())
         typer.echo(f"{len(result.table)} explanation(s) in {result.folder} ({flagged} with most of the heat on the border)")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by 'finetune train'.")],
+    format_: Annotated[str, typer.Option("--format", help="onnx, torchscript or both.")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Folder for the files and parity.json (default RUN/export).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: onnxruntime static quantization, calibrated on training images.")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="int8: largest accuracy loss (0.01 = 1 point) before it is refused.")
+    ] = 0.01,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Export to ONNX / TorchScript with the preprocessing contract inside; parity with PyTorch on real images (exit 1 if not equal)."""
+    with _session(quiet, debug):
+        from finetune import api
+
+        result = api.export(
+            run=run,
+            formats=format_,
+            out=out,
+            checkpoint=checkpoint,
+            quantize=quantize,
+            opset=opset,
+            overwrite=overwrite,
+            max_accuracy_drop=max_accuracy_drop,
+            progress=not quiet,
+        )
+        for kind, figures in result.parity.items():
+            typer.echo(
+                f"{kind}: top-1 agreement {figures['top1_agreement']:.2%}, max |p - p_torch| {figures['max_abs_prob_diff']:.2g}, "
+                f"accuracy {figures['accuracy_exported']:.4f} ({figures['accuracy_delta']:+.4f}) on {figures['images']} images"
+            )
+        typer.echo(f"files: {', '.join(str(p) for p in result.files.values())} | parity: {result.folder / 'parity.json'}")
 
 
 report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True)

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 class FinetuneError(Exception):
     """Base class: the message says what is wrong, where, and how to fix it."""
 
+    exit_code = 2  # what the CLI exits with
+
 
 class UsageError(FinetuneError):
     """The arguments of a command or API call do not go together (no recipe, no --out under torchrun, ...)."""
@@ -40,6 +42,12 @@ class CheckpointError(FinetuneError):
 
 class TrainingError(FinetuneError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class ParityError(FinetuneError):
+    """An exported model disagrees with PyTorch beyond the tolerance (its files are kept for inspection)."""
+
+    exit_code = 1
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

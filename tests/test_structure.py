@@ -21,6 +21,7 @@ FLOORS = {
     "finetune.training": 4,
     "finetune.evaluation": 5,
     "finetune.reporting": 6,
+    "finetune.deploy": 6,
     "finetune.runs": 7,
     "finetune.api": 8,
     "finetune.cli": 9,

@@ -31,19 +31,20 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
 def load_image(path: str | Path) -> np.ndarray:
     """Decode to an RGB uint8 array: EXIF orientation applied; grey, palette, alpha, 16-bit, CMYK converted.
 
-    JPEGs go through OpenCV (1.5x faster than PIL here, same pixels: benchmarks/bench_data.py); anything
-    OpenCV cannot read, and every other format, through PIL. Callers screen out truncated files first.
+    RGB and greyscale JPEGs go through OpenCV (1.5x faster than PIL here, the same pixels: benchmarks/bench_data.py);
+    every other file through PIL, whose conversions (CMYK above all) a consumer of an exported model reproduces with
+    Pillow alone. Callers screen out truncated files first.
     """
     try:
         data = Path(path).read_bytes()  # bytes, not a path, go to the decoders: any file name works (OpenCV crashes on some)
     except OSError as exc:
         raise DataError(f"cannot read image {printable(path)}: {exc.strerror}") from None
-    if Path(path).suffix.lower() in (".jpg", ".jpeg") and data:
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # IMREAD_COLOR applies the EXIF orientation
-        if bgr is not None:
-            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG" and img.mode in ("RGB", "L"):  # the header alone: cheap
+                bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # IMREAD_COLOR applies the EXIF orientation
+                if bgr is not None:
+                    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             return pil_to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {printable(path)}: {exc}") from None

@@ -7,10 +7,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from finetune.config.catalog import IMAGE_EXTENSIONS
 from finetune.data.doctor import screen_samples
 from finetune.data.scan import list_images
+from finetune.deploy.package import image_batches
+from finetune.deploy.runtime import Exported, is_exported, load_exported
 from finetune.errors import CheckpointError, DataError, UsageError
 from finetune.evaluation.inference import Predictions
 from finetune.evaluation.metrics import predictions_table
@@ -82,32 +86,68 @@ def predict(
 ) -> pd.DataFrame:
     """Classify image files and folders (searched recursively); returns and optionally writes a CSV.
 
-    Probabilities are calibrated with the run's temperature. `min_confidence` (or `reject="auto"` with a
-    `target_accuracy`, threshold chosen on the validation split) answers 'unknown' below the threshold.
+    `run` is a run folder, a checkpoint, or a file written by `finetune export` (.onnx, TorchScript .pt): the same
+    CSV either way. Probabilities are calibrated with the run's temperature. `min_confidence` (or `reject="auto"`
+    with a `target_accuracy`, threshold chosen on the validation split) answers 'unknown' below the threshold.
     """
     check_inputs_exist(inputs)
     _check_reject_options(min_confidence, reject, target_accuracy)
     if out is not None:
         check_writable_file(Path(out))  # before any image is read
-    checkpoint = checkpoint_path(Path(run))
+    if is_exported(Path(run)):
+        if reject is not None:
+            raise UsageError(
+                "--reject auto needs the run's validation predictions; with an exported model use --min-confidence P"
+            )
+        table = _predict_exported(load_exported(Path(run)), inputs, progress=progress, min_confidence=min_confidence)
+    else:
+        table = _predict_run(
+            Path(run), inputs, progress=progress, min_confidence=min_confidence, reject=reject, target_accuracy=target_accuracy
+        )
+    if out is not None:
+        write_table(table, Path(out), float_format="%.6f")
+        log.info("wrote %d predictions to %s", len(table), out)
+    return table
+
+
+def _readable(inputs: Sequence[str | Path], extensions: Sequence[str], policy: str, progress: bool) -> list[str]:
+    frame = pd.DataFrame({"path": input_paths(inputs, extensions), "label": "", "split": ""})
+    screened = screen_samples(frame, policy=policy, progress=progress)
+    if screened.samples.empty:
+        raise DataError(
+            f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}"
+        )
+    return list(screened.samples["path"])
+
+
+def _predict_run(
+    run: Path,
+    inputs: Sequence[str | Path],
+    *,
+    progress: bool,
+    min_confidence: float | None,
+    reject: str | None,
+    target_accuracy: float | None,
+) -> pd.DataFrame:
+    checkpoint = checkpoint_path(run)
     loaded = model_from_checkpoint(load_checkpoint(checkpoint))
     if reject == "auto" and target_accuracy is not None:
         rule = auto_threshold(loaded, target_accuracy)
         min_confidence = rule.threshold
         _remember(RunDir.of_checkpoint(checkpoint), rule)
-    frame = pd.DataFrame({"path": input_paths(inputs, loaded.recipe.data.extensions), "label": "", "split": ""})
-    screened = screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress)
-    paths = list(screened.samples["path"])
-    if not paths:
-        raise DataError(
-            f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}"
-        )
+    paths = _readable(inputs, loaded.recipe.data.extensions, loaded.recipe.data.bad_images, progress)
     preds = predict_paths(loaded, paths, [-1] * len(paths), progress=progress, desc="predict")
-    table = predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k, min_confidence=min_confidence)
-    if out is not None:
-        write_table(table, Path(out), float_format="%.6f")
-        log.info("wrote %d predictions to %s", len(table), out)
-    return table
+    return predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k, min_confidence=min_confidence)
+
+
+def _predict_exported(
+    model: Exported, inputs: Sequence[str | Path], *, progress: bool, min_confidence: float | None
+) -> pd.DataFrame:
+    """The same CSV from an exported file: finetune's decode and resize, then the file's own graph."""
+    paths = _readable(inputs, IMAGE_EXTENSIONS, "skip", progress)
+    probs = np.concatenate([model.run(batch)[1] for batch in image_batches(paths, model.image)])
+    preds = Predictions(paths=paths, probs=probs, targets=np.full(len(paths), -1))
+    return predictions_table(preds, model.class_names, top_k=int(model.meta.get("top_k", 5)), min_confidence=min_confidence)
 
 
 def _remember(run: RunDir | None, rule: RejectRule) -> None:

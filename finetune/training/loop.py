@@ -41,6 +41,7 @@ class FitState:
     epoch: int = 0  # epochs completed over all phases
     phase: int = 0
     phase_epoch: int = 0  # epochs completed within `phase`
+    finished: bool = False  # every phase has run (or stopped early): the run can be exported
     stopping: dict[str, Any] = field(default_factory=dict)  # EarlyStopping.state_dict()
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
@@ -50,6 +51,7 @@ class FitState:
             "epoch": self.epoch,
             "phase": self.phase,
             "phase_epoch": self.phase_epoch,
+            "finished": self.finished,
             "stopping": self.stopping,
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
@@ -60,7 +62,11 @@ class FitState:
         """The state stored in a `last.pt` payload."""
         stored = payload["training_state"]
         return cls(
-            **{k: stored[k] for k in ("epoch", "phase", "phase_epoch", "stopping", "optimizer", "scheduler") if k in stored}
+            **{
+                k: stored[k]
+                for k in ("epoch", "phase", "phase_epoch", "finished", "stopping", "optimizer", "scheduler")
+                if k in stored
+            }
         )
 
 
@@ -309,6 +315,7 @@ def _after_epoch(
     if phase_done and stopping_cfg.restore_best and env.stopping.bad_epochs > 0:
         _restore_phase_best(bundle, ctx.run, env.device)  # before last.pt, so a resume sees the same weights
     state.stopping = env.stopping.state_dict()
+    state.finished = phase_done and last_phase
     saved = state.to_dict()
     if phase_done and not last_phase:  # a resume starts the next phase afresh
         saved.update(phase=phase.index + 1, phase_epoch=0)

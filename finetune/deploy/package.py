@@ -1,0 +1,49 @@
+"""The exported graph: uint8 RGB images (N, H, W, 3), already resized and cropped, in; logits and probabilities out.
+
+Scaling, mean/std normalisation and the NHWC -> NCHW layout change happen inside, so a consumer only decodes and
+resizes (the `resize` rule in the metadata), exactly as `finetune predict` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.data.decode import load_image
+from finetune.data.transforms import ImageConfig, resize_shorter_and_crop
+
+
+class PackagedClassifier(nn.Module):
+    """A trained model with its input normalisation and temperature built in."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    temperature: torch.Tensor
+
+    def __init__(self, model: nn.Module, image: ImageConfig, temperature: float) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.register_buffer("mean", torch.tensor(image.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(image.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (image.permute(0, 3, 1, 2).to(torch.float32) - self.mean) / self.std
+        logits = self.model(x)
+        return logits, torch.softmax(logits / self.temperature, dim=1)
+
+
+def prepare_image(path: str, image: ImageConfig) -> np.ndarray:
+    """What every consumer of the exported model feeds it: finetune's decode, then timm's resize and centre crop."""
+    return resize_shorter_and_crop(
+        load_image(path), size=image.input_size, crop_pct=image.crop_pct, interpolation=image.interpolation
+    )
+
+
+def image_batches(paths: Sequence[str], image: ImageConfig, *, batch_size: int = 32) -> Iterator[np.ndarray]:
+    """(N, H, W, 3) uint8 batches of prepared images, in order."""
+    for start in range(0, len(paths), batch_size):
+        yield np.stack([prepare_image(p, image) for p in paths[start : start + batch_size]])

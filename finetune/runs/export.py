@@ -1,0 +1,211 @@
+"""`finetune export`: the run's model as ONNX and/or TorchScript, with its preprocessing contract inside, and parity
+with PyTorch measured on the run's own held-out images every time (export/parity.json)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.deploy import onnx_format, torchscript_format
+from finetune.deploy.metadata import contract
+from finetune.deploy.package import PackagedClassifier, image_batches
+from finetune.deploy.parity import FP32_TOLERANCE, Parity, measure
+from finetune.errors import CheckpointError, ParityError, RunDirError, UsageError
+from finetune.files import check_writable_folder, read_text_table, write_text
+from finetune.run_dir import RunDir
+from finetune.training.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+FORMATS = ("onnx", "torchscript", "both")
+CALIBRATION_IMAGES = 256  # training images that calibrate int8 activations
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    files: dict[str, Path] = field(default_factory=dict)  # onnx / onnx-int8 / torchscript -> file
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _checkpoint(run: RunDir, which: str) -> Path:
+    if not run.is_run():
+        raise RunDirError(f"{run.root} is no finetune run folder (no recipe.yaml); pass the folder 'finetune train' wrote")
+    path = {"best": run.best, "last": run.last}.get(which)
+    if path is None:
+        raise UsageError(f"--checkpoint {which}: choose best or last")
+    if not path.exists():
+        raise CheckpointError(f"{run.root} has no checkpoints/{path.name}: it never finished an epoch; train it first")
+    if run.last.exists():
+        state = load_checkpoint(run.last).get("training_state", {})
+        if state.get("finished") is False:
+            raise RunDirError(
+                f"{run.root} has not finished training (epoch {state.get('epoch')}); "
+                f"finish it with 'finetune train --resume {run.root}', then export"
+            )
+    return path
+
+
+def _out_folder(run: RunDir, out: str | Path | None, overwrite: bool) -> Path:
+    folder = Path(out) if out is not None else run.root / "export"
+    check_writable_folder(folder)
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{folder} exists and is not empty; pass --overwrite to replace it, or --out another folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _held_out(run: RunDir, loaded: LoadedModel) -> tuple[list[str], np.ndarray, str]:
+    """The run's test images (else val) and their class indices: the real images parity is proven on."""
+    splits = read_text_table(run.splits)
+    split = "test" if (splits["split"] == "test").any() else "val"
+    rows = splits[splits["split"] == split]
+    index = {name: i for i, name in enumerate(loaded.class_names)}
+    return list(rows["path"]), np.array([index[label] for label in rows["label"]]), split
+
+
+def _reference(package: PackagedClassifier) -> Any:
+    @torch.inference_mode()
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, probs = package(torch.from_numpy(images))
+        return logits.numpy(), probs.numpy()
+
+    return run
+
+
+def _check_options(formats: str, quantize: str | None) -> list[str]:
+    if formats not in FORMATS:
+        raise UsageError(f"--format {formats}: choose onnx, torchscript or both")
+    if quantize not in (None, "int8"):
+        raise UsageError(f"--quantize {quantize}: the only choice is int8")
+    wanted = ["onnx", "torchscript"] if formats == "both" else [formats]
+    if quantize and "onnx" not in wanted:
+        raise UsageError("--quantize int8 quantizes the ONNX file: use --format onnx or both")
+    if "onnx" in wanted:
+        onnx_format.require_onnx()
+    return wanted
+
+
+def export(
+    *,
+    run: str | Path,
+    formats: str = "onnx",
+    out: str | Path | None = None,
+    checkpoint: str = "best",
+    quantize: str | None = None,
+    opset: int = onnx_format.DEFAULT_OPSET,
+    overwrite: bool = False,
+    max_accuracy_drop: float = 0.01,
+    progress: bool = True,
+) -> ExportResult:
+    """Export the run's checkpoint; parity on the run's test (else val) images is written to parity.json and enforced:
+    fp32 files must agree on every top-1 and within 1e-4 in probability; int8 must lose at most `max_accuracy_drop`."""
+    started = time.perf_counter()
+    wanted = _check_options(formats, quantize)
+    folder_run = RunDir(Path(run))
+    path = _checkpoint(folder_run, checkpoint)
+    folder = _out_folder(folder_run, out, overwrite)
+    loaded = model_from_checkpoint(load_checkpoint(path))
+    package = PackagedClassifier(loaded.bundle.model, loaded.image, loaded.temperature)
+    paths, targets, split = _held_out(folder_run, loaded)
+    result = ExportResult(folder=folder)
+    exporter = f"torch.onnx.export (TorchScript-based, opset {opset})"
+    for kind in wanted:
+        meta = contract(loaded, exporter=exporter if kind == "onnx" else "torch.jit.trace", weights="float32")
+        file = folder / ("model.onnx" if kind == "onnx" else "model.torchscript.pt")
+        _write(kind, package, file, loaded, meta, opset)
+        runner = onnx_format.OnnxRunner(file) if kind == "onnx" else torchscript_format.TorchScriptRunner(file)
+        parity = _parity(package, runner, paths, targets, loaded)
+        _stamp(kind, file, meta, parity, split)
+        result.files[kind], result.parity[kind] = file, parity.to_dict()
+    if quantize:
+        _int8(result, package, loaded, folder_run, paths, targets, split, opset, max_accuracy_drop)
+    result.seconds = time.perf_counter() - started
+    _finish(result, split, max_accuracy_drop)
+    return result
+
+
+def _write(kind: str, package: PackagedClassifier, file: Path, loaded: LoadedModel, meta: dict[str, Any], opset: int) -> None:
+    if kind == "onnx":
+        onnx_format.export_onnx(package, file, size=loaded.image.input_size, opset=opset)
+    else:
+        torchscript_format.export_torchscript(package, file, size=loaded.image.input_size, meta=meta)
+
+
+def _parity(package: PackagedClassifier, runner: Any, paths: list[str], targets: np.ndarray, loaded: LoadedModel) -> Parity:
+    return measure(_reference(package), runner, image_batches(paths, loaded.image), targets, len(loaded.class_names))
+
+
+def _stamp(kind: str, file: Path, meta: dict[str, Any], parity: Parity, split: str) -> None:
+    """Write the parity figures into the file's own metadata."""
+    meta = {**meta, "parity": {**parity.to_dict(), "split": split}}
+    if kind.startswith("onnx"):
+        onnx_format.write_metadata(file, meta)
+    else:
+        torchscript_format.write_metadata(file, meta)
+
+
+def _int8(
+    result: ExportResult,
+    package: PackagedClassifier,
+    loaded: LoadedModel,
+    run: RunDir,
+    paths: list[str],
+    targets: np.ndarray,
+    split: str,
+    opset: int,
+    max_accuracy_drop: float,
+) -> None:
+    """Static int8 quantization of the ONNX file, calibrated on training images; kept only within the accuracy budget."""
+    source = result.files.get("onnx")
+    if source is None:
+        return
+    splits = read_text_table(run.splits)
+    train = list(splits.loc[splits["split"] == "train", "path"])[:CALIBRATION_IMAGES]
+    target = result.folder / "model.int8.onnx"
+    onnx_format.quantize_int8(source, target, image_batches(train, loaded.image))
+    parity = _parity(package, onnx_format.OnnxRunner(target), paths, targets, loaded)
+    result.parity["onnx-int8"] = parity.to_dict()
+    if -parity.accuracy_delta > max_accuracy_drop:
+        target.unlink()
+        return
+    meta = contract(loaded, exporter=f"onnxruntime quantize_static (QDQ, per-channel int8) of opset {opset}", weights="int8")
+    _stamp("onnx-int8", target, meta, parity, split)
+    result.files["onnx-int8"] = target
+
+
+def _finish(result: ExportResult, split: str, max_accuracy_drop: float) -> None:
+    """parity.json, then the verdict: exit 1 (files kept) when an export is not equal enough."""
+    report = {"split": split, "fp32_tolerance": FP32_TOLERANCE, "max_accuracy_drop": max_accuracy_drop, **result.parity}
+    write_text(result.folder / "parity.json", json.dumps(report, indent=2))
+    for kind, figures in result.parity.items():
+        if kind == "onnx-int8":
+            if "onnx-int8" not in result.files:
+                raise ParityError(
+                    f"int8 model not written: accuracy fell {-figures['accuracy_delta']:.1%} on the {split} split "
+                    f"(allowed {max_accuracy_drop:.1%}; --max-accuracy-drop to allow more); see {result.folder / 'parity.json'}"
+                )
+            continue
+        if figures["top1_agreement"] < 1.0 or figures["max_abs_prob_diff"] > FP32_TOLERANCE:
+            raise ParityError(
+                f"{kind} export disagrees with PyTorch on the {split} split: top-1 agreement {figures['top1_agreement']:.2%}, "
+                f"max probability difference {figures['max_abs_prob_diff']:.2g}; files kept in {result.folder} for inspection"
+            )
+    log.info(
+        "exported %s to %s in %.1fs; parity on %d %s images in parity.json",
+        ", ".join(result.files),
+        result.folder,
+        result.seconds,
+        next(iter(result.parity.values()))["images"],
+        split,
+    )
