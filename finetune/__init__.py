@@ -24,6 +24,8 @@ _LAZY = {
     "demo": "finetune.api",
     "explain": "finetune.api",
     "export": "finetune.api",
+    "load": "finetune.api",
+    "Predictor": "finetune.api",
     "TrainResult": "finetune.api",
     "load_recipe": "finetune.config.loading",
     "Recipe": "finetune.config.schema",

@@ -22,7 +22,7 @@ from finetune.runs.evaluate import evaluate
 from finetune.runs.explain import ExplainResult, explain
 from finetune.runs.export import ExportResult, export
 from finetune.runs.lr_find import LRFindResult, find_lr
-from finetune.runs.predict import predict
+from finetune.runs.predict import Predictor, predict
 from finetune.runs.train import TrainResult, train
 
 __all__ = [
@@ -45,7 +45,9 @@ __all__ = [
     "find_lr",
     "inspect",
     "load_recipe",
+    "load",
     "predict",
+    "Predictor",
     "train",
 ]
 
@@ -73,3 +75,9 @@ def demo(*, out: str | Path | None = None, progress: bool = True) -> TrainResult
     recipe, folder = default_paths()
     build_digits_folder(folder)
     return train(recipe=recipe, data=folder, out=out or demo_out_dir(), progress=progress)
+
+
+def load(run: str | Path) -> Predictor:
+    """A run folder, checkpoint or exported file loaded once; `.predict(images)` takes paths, folders, PIL images
+    and uint8 arrays and returns a DataFrame."""
+    return Predictor(run)

@@ -47,6 +47,8 @@ def _session(quiet: bool, debug: bool) -> Iterator[None]:
     """Logging for the command, and every FinetuneError as a single line with exit code 2."""
     follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
     level = logging.ERROR if follower else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     logging.basicConfig(level=level, format="%(message)s", force=True)
     try:
         yield
@@ -58,6 +60,12 @@ def _session(quiet: bool, debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted; completed epochs are checkpointed: continue with 'finetune train --resume RUN'", err=True)
         raise typer.Exit(130) from None
+    finally:  # called in-process (tests, notebooks), the command leaves logging as it found it
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
 
 
 def _timestamped(prefix: str) -> Path:
@@ -209,12 +217,18 @@ def inspect(
         typer.echo(json.dumps(info.to_dict(), indent=2) if json_ else format_inspection(info))
 
 
-@app.command()
 def compare(
     recipes: Annotated[list[Path], typer.Argument(help="Two or more recipe YAML files.")],
     data: Annotated[Path, typer.Option(help="Image folder or CSV manifest; every recipe gets the same split.")],
     out: Annotated[Path | None, typer.Option(help="Folder for the runs and leaderboard (default runs/compare-TIME).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every recipe (repeatable).")] = None,
+    epochs_scale: Annotated[
+        float | None, typer.Option(help="Multiply every phase's epochs (e.g. 0.2), each keeping >= 1.")
+    ] = None,
+    max_epochs: Annotated[
+        int | None, typer.Option(help="At most this many epochs per recipe (phases shrink in proportion).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Train each recipe with seeds 0..N-1; adds mean ± sd per recipe.")] = 1,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -223,7 +237,14 @@ def compare(
         from finetune import api
 
         result = api.compare(
-            recipes=recipes, data=data, out=out or _timestamped("compare"), overrides=set_ or [], progress=not quiet
+            recipes=recipes,
+            data=data,
+            out=out or _timestamped("compare"),
+            overrides=set_ or [],
+            progress=not quiet,
+            epochs_scale=epochs_scale,
+            max_epochs=max_epochs,
+            seeds=seeds,
         )
         typer.echo(result.leaderboard.drop(columns="report").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         typer.echo(f"leaderboard: {result.folder / 'leaderboard.md'}")

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from finetune.config.schema import ModelConfig, PhaseConfig, TrainConfig
-from finetune.errors import UsageError
+from finetune.errors import RecipeError, UsageError
 from finetune.models.build import build_model
 from finetune.runs.compare import compare
 from finetune.runs.lr_find import find_lr
@@ -140,3 +140,33 @@ def test_an_unreliable_curve_is_said_to_be_so():
     dip = [2.0] * 60
     dip[40] = 1.0
     assert "single dip" in unreliable(pd.DataFrame({"lr": lrs, "loss": dip, "smoothed": dip}))
+
+
+def test_compare_shortens_phase_based_and_plain_recipes_together_over_seeds(tmp_path, image_folder):
+    phases = [{"epochs": 2, "lr": 0.01, "trainable": ["head"]}, {"epochs": 4, "lr": 0.001}]
+    staged = _write(tmp_path / "staged.yaml", tiny_recipe(train={"phases": phases, "feature_cache": "off"}))
+    plain = _write(tmp_path / "plain.yaml", tiny_recipe(train={"epochs": 5}))
+    with pytest.raises(RecipeError, match=r"conflict with phases"):  # what one --set cannot do
+        compare(recipes=[staged, plain], data=image_folder, out=tmp_path / "x", overrides=["train.epochs=1"], progress=False)
+    result = compare(recipes=[staged, plain], data=image_folder, out=tmp_path / "cmp", progress=False, max_epochs=2, seeds=2)
+    epochs = dict(zip(result.leaderboard["recipe"], result.leaderboard["epochs"]))
+    assert epochs == {"staged-seed0": 2, "staged-seed1": 2, "plain-seed0": 2, "plain-seed1": 2}
+    seeds = pd.read_csv(tmp_path / "cmp" / "leaderboard_seeds.csv")
+    assert sorted(seeds["recipe"]) == ["plain", "staged"] and set(seeds["runs"]) == {2}
+    board = result.leaderboard.assign(recipe=result.leaderboard["recipe"].str.replace(r"-seed\d$", "", regex=True))
+    means = board.groupby("recipe")["accuracy"].mean()
+    assert dict(zip(seeds["recipe"], seeds["accuracy_mean"])) == pytest.approx(means.to_dict(), abs=1e-4)
+    assert "## Over seeds" in (tmp_path / "cmp" / "leaderboard.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("scale", "cap", "expected"),
+    [(0.2, None, [1, 1]), (0.5, None, [1, 2]), (None, 3, [1, 2]), (None, 4, [1, 3]), (2.0, 5, [2, 3])],
+)
+def test_epochs_scale_and_cap_keep_every_phase(scale, cap, expected):
+    from finetune.config.loading import recipe_from_dict
+
+    recipe = recipe_from_dict(tiny_recipe(train={"phases": [{"epochs": 2, "lr": 0.1}, {"epochs": 4, "lr": 0.01}]}))
+    assert [p.epochs for p in recipe.with_epochs(scale=scale, cap=cap).train.phases] == expected
+    with pytest.raises(ValueError, match="the recipe has 2 phases; at most 1 epochs cannot give each one epoch"):
+        recipe.with_epochs(cap=1)

@@ -51,6 +51,10 @@ def test_last_stage_recipe_on_real_photos(tmp_path):
     train_files = [p for p in HYMENOPTERA.glob("train/*/*") if p.is_file()]
     assert (splits["split"] == "train").sum() == len(train_files) == 245  # the placeholder GIF decodes too
     again = evaluate(run=result.run_dir, data=HYMENOPTERA, out=tmp_path / "again", progress=False)
-    assert metrics["evaluated_on"] == {"split": "val", "selection_split": True}  # no test/ folder: said to be optimistic
+    assert metrics["evaluated_on"] == {
+        "split": "val",
+        "selection_split": True,
+        "tta": [],
+    }  # no test/ folder: said to be optimistic
     assert again.metrics["accuracy"] == metrics["accuracy"]  # the checkpoint reproduces the run's own report
     assert again.metrics["ece"] == pytest.approx(metrics["ece"], abs=1e-6)

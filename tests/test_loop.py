@@ -12,6 +12,7 @@ from finetune.config.schema import ModelConfig, PhaseConfig, TrainConfig
 from finetune.errors import CheckpointError, FinetuneError, RunDirError, TrainingError
 from finetune.models.build import build_model
 from finetune.models.stages import FreezePlan, apply_freeze
+from finetune.training import epoch_end as epoch_end_module
 from finetune.training import loop as loop_module
 from finetune.training.checkpoint import load_checkpoint
 from finetune.training.loop import FitState
@@ -271,13 +272,13 @@ def test_restore_best_goes_back_to_the_phase_best_weights(tmp_path, image_folder
     }
     scores = iter([0.5, 0.1, 0.9, 0.2])  # epoch 2 is phase 1's best; epoch 3 is worse
 
-    real = loop_module.validate
+    real = epoch_end_module.validate
 
     def fake_validate(*args, **kwargs):
         val = real(*args, **kwargs)
         return replace(val, metrics={**val.metrics, "val_loss": next(scores)})
 
-    monkeypatch.setattr(loop_module, "validate", fake_validate)
+    monkeypatch.setattr(epoch_end_module, "validate", fake_validate)
     seen = {}
 
     def remember(state):

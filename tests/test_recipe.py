@@ -59,7 +59,7 @@ BAD = [
     ({"model": {"name": "tv:resnet18x"}}, r"did you mean 'tv:resnet18'"),
     ({"train": {"freeze": ["layer5"]}}, r"recipe\.train\.freeze\.0: Input should be 'stem', 'layer1'"),
     ({"train": {"freeze": ["stem", "layer1", "layer2", "layer3", "layer4", "head"]}}, r"nothing would train"),
-    ({"train": {"optimizer": "adam"}}, r"recipe\.train\.optimizer: Input should be 'adamw' or 'sgd'"),
+    ({"train": {"optimizer": "adam"}}, r"recipe\.train\.optimizer: Input should be 'adamw', 'sgd', 'lamb' or 'lion'"),
     ({"train": {"bn": "fixed"}}, r"recipe\.train\.bn: Input should be 'frozen' or 'train'"),
     ({"data": {"val_fraction": 1.5}}, r"recipe\.data\.val_fraction: Input should be less than 1"),
     ({"data": {"val_fraction": 0.5, "test_fraction": 0.45}}, r"must be below 0.9"),

@@ -103,7 +103,7 @@ def test_report_names_its_split_and_never_infers_the_val_split_twice(tmp_path, i
         summary.startswith("# resnet18 on the val split") and "> **Optimistic: the val split also chose the best epoch" in summary
     )
     assert "Optimistic: the val split also chose the best epoch" in (val_only.report.folder / "report.html").read_text()
-    assert val_only.report.metrics["evaluated_on"] == {"split": "val", "selection_split": True}
+    assert val_only.report.metrics["evaluated_on"] == {"split": "val", "selection_split": True, "tta": []}
     payload = load_checkpoint(val_only.best_checkpoint)
     assert payload["temperature"] > 0 and set(payload["calibration"]) == {"fitted_on", "before", "after"}
     assert payload["calibration"]["after"]["nll"] <= payload["calibration"]["before"]["nll"]
@@ -116,7 +116,7 @@ def test_report_names_its_split_and_never_infers_the_val_split_twice(tmp_path, i
     )
     text = (honest.report.folder / "summary.md").read_text()
     assert text.startswith("# resnet18 on the test split") and "which nothing during training saw" in text
-    assert honest.report.metrics["evaluated_on"] == {"split": "test", "selection_split": False}
+    assert honest.report.metrics["evaluated_on"] == {"split": "test", "selection_split": False, "tta": []}
 
 
 def test_predictions_are_calibrated_with_the_runs_temperature(tmp_path, image_folder):

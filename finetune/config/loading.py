@@ -173,6 +173,15 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe dict as dotted keys (`train.early_stopping.patience`) with their leaf values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
 def recipe_from_dict(tree: dict[str, Any], *, overrides: Sequence[str] = (), source: str = "<dict>") -> Recipe:
     """Validate a recipe tree after applying dotted overrides."""
     tree = copy.deepcopy(tree)

@@ -6,29 +6,52 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from finetune.config.catalog import (
     IMAGE_EXTENSIONS,
-    STAGES,
     TRAIN_PRESETS,
-    BnPolicy,
-    Stage,
     TrainPreset,
     known_model_names,
     transform_arguments,
     transform_classes,
 )
+from finetune.config.strict import Strict
+from finetune.config.train_schema import (
+    SCHEDULER_FIELDS,
+    SINGLE_PHASE_FIELDS,
+    EarlyStoppingConfig,
+    EmaConfig,
+    MixupConfig,
+    PhaseConfig,
+    Trainable,
+    TrainConfig,
+    stages_of,
+)
 from finetune.errors import did_you_mean
 
-SINGLE_PHASE_FIELDS = ("epochs", "lr", "trainable", "freeze", "bn")  # the one-phase shorthand; phases replace them
+__all__ = [
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "EmaConfig",
+    "EvalConfig",
+    "HeadConfig",
+    "LossConfig",
+    "MixupConfig",
+    "ModelConfig",
+    "PhaseConfig",
+    "Recipe",
+    "TrainConfig",
+    "Trainable",
+    "TransformsConfig",
+    "stages_of",
+]
+
+TtaView = Literal["hflip", "vflip", "five_crop"]
+LogSink = Literal["csv", "tensorboard", "mlflow"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the images are and how they are split and batched."""
 
     path: Path | None = Field(None, description="Image folder (flat or train/val/test) or a CSV manifest.")
@@ -92,7 +115,7 @@ def _check_transform(item: Any) -> dict[str, dict[str, Any]]:
     return {name: kwargs}
 
 
-class TransformsConfig(_Strict):
+class TransformsConfig(Strict):
     """Albumentations pipelines; size and normalisation default to the model's pretrained config."""
 
     train: TrainPreset | TransformList = "standard"
@@ -121,12 +144,12 @@ class TransformsConfig(_Strict):
         return value
 
 
-class HeadConfig(_Strict):
+class HeadConfig(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     hidden: int | None = Field(None, ge=1)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name: str = "resnet18"
     pretrained: bool | Path = False
     head: HeadConfig = Field(default_factory=HeadConfig)
@@ -150,109 +173,7 @@ class ModelConfig(_Strict):
         return value
 
 
-Trainable = Literal["all"] | list[Stage]
-
-
-def _nonempty(value: Any) -> Any:
-    if isinstance(value, list) and not value:
-        raise ValueError("at least one stage must be trainable")
-    return value
-
-
-def stages_of(trainable: Trainable) -> tuple[Stage, ...]:
-    """The trainable stages in forward order ('all' is every stage)."""
-    return STAGES if trainable == "all" else tuple(s for s in STAGES if s in trainable)
-
-
-class PhaseConfig(_Strict):
-    """One block of epochs with a fixed set of trainable stages (`train:` is accepted for `trainable:`)."""
-
-    epochs: int = Field(ge=1)
-    trainable: Trainable = "all"
-    lr: float = Field(gt=0.0, le=10.0)
-    lr_mult: dict[Stage, float] = Field(default_factory=dict)
-    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
-    bn: BnPolicy = "frozen"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _train_alias(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "train" in data:
-            if "trainable" in data:
-                raise ValueError("give 'trainable' (or its older name 'train'), not both")
-            data = {("trainable" if k == "train" else k): v for k, v in data.items()}
-        return data
-
-    _trainable_nonempty = field_validator("trainable")(_nonempty)
-
-    def trainable_stages(self) -> tuple[Stage, ...]:
-        return stages_of(self.trainable)
-
-
-class EarlyStoppingConfig(_Strict):
-    metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = "val_accuracy"
-    patience: int | None = Field(None, ge=1, description="Epochs without improvement before stopping; null = off.")
-    min_delta: float = Field(0.0, ge=0.0)
-    restore_best: bool = Field(False, description="At the end of each phase, go back to that phase's best weights.")
-
-
-class TrainConfig(_Strict):
-    """Optimisation: `epochs`/`lr`/`trainable`/`bn` (one phase) or a list of `phases`.
-
-    `freeze: [stem, layer1]` is the one-phase alias of `trainable:`: every stage it does not list trains.
-    """
-
-    epochs: int = Field(5, ge=1, le=10000)
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
-    trainable: Trainable | None = Field(None, description="Stages that train (default: all).")
-    freeze: list[Stage] | None = Field(None, description="Alias: the stages that do not train.")
-    bn: BnPolicy = "frozen"
-    phases: list[PhaseConfig] | None = None
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(0.01, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    scheduler: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    grad_clip: float | None = Field(None, gt=0.0)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    feature_cache: Literal["auto", "off"] = Field(
-        "auto", description="Head-only phases with frozen BN train on pooled features cached on disk (FINETUNE_CACHE_DIR)."
-    )
-    cache_views: int = Field(0, ge=0, le=64, description="Cache this many augmented views per image (0: the eval pipeline only).")
-
-    _trainable_nonempty = field_validator("trainable")(_nonempty)
-
-    @model_validator(mode="after")
-    def _phases_or_single(self) -> TrainConfig:
-        if self.phases is not None:
-            if not self.phases:
-                raise ValueError("phases is an empty list; remove it or give at least one phase")
-            set_here = self.model_fields_set & set(SINGLE_PHASE_FIELDS)
-            if set_here:
-                raise ValueError(f"{sorted(set_here)} conflict with phases; set epochs/lr/trainable/bn per phase instead")
-        if self.trainable is not None and self.freeze is not None:
-            raise ValueError("give 'trainable' or 'freeze' (the stages that do not train), not both")
-        if self.freeze is not None and set(self.freeze) == set(STAGES):
-            raise ValueError("freeze lists every stage, so nothing would train; leave at least 'head' out")
-        return self
-
-    def single_phase_stages(self) -> tuple[Stage, ...]:
-        """The trainable stages of the one-phase form (`trainable`, else every stage not in `freeze`)."""
-        if self.freeze is not None:
-            return tuple(s for s in STAGES if s not in self.freeze)
-        return stages_of(self.trainable or "all")
-
-    def resolved_phases(self) -> list[PhaseConfig]:
-        """The phases to run; a recipe without phases is one phase."""
-        if self.phases is not None:
-            return list(self.phases)
-        stages = self.single_phase_stages()
-        return [PhaseConfig(epochs=self.epochs, lr=self.lr, trainable="all" if stages == STAGES else list(stages), bn=self.bn)]
-
-
-class LossConfig(_Strict):
+class LossConfig(Strict):
     """Cross-entropy options."""
 
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -267,15 +188,29 @@ class LossConfig(_Strict):
         return value
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     top_k: int = Field(5, ge=1, le=100)
     calibration: Literal["temperature", "off"] = Field(
         "temperature", description="Fit a temperature on the validation split after training; applied in eval, predict, export."
     )
     gradcam: bool = Field(True, description="Grad-CAM heatmaps beside the report's gallery images.")
+    tta: list[TtaView] = Field(
+        default_factory=list, description="Test-time views whose probabilities are averaged in eval, predict and the report."
+    )
+
+    @field_validator("tta")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each view once: {value}")
+        return value
 
 
-class Recipe(_Strict):
+def _csv_only() -> list[LogSink]:
+    return ["csv"]
+
+
+class Recipe(Strict):
     """A complete, validated training recipe."""
 
     seed: int = Field(0, ge=0)
@@ -285,6 +220,37 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: list[LogSink] = Field(
+        default_factory=_csv_only, description="Where epochs are logged besides metrics.csv (always written)."
+    )
+
+    @model_validator(mode="after")
+    def _mixup_sees_images(self) -> Recipe:
+        mixup = self.train.mixup
+        if mixup is None:
+            return self
+        if self.data.batch_size < 2:
+            raise ValueError("train.mixup mixes pairs of images of a batch; set data.batch_size to 2 or more")
+        for number, (phase, epochs) in enumerate(zip(self.train.resolved_phases(), self.train.phase_epochs(), strict=True)):
+            if self.cache_blocker(phase) is None and mixup.active(epochs[0]):
+                raise ValueError(
+                    f"train.mixup mixes images, but phase {number + 1} (epochs {epochs[0]}-{epochs[-1]}) trains the head on "
+                    "cached features, which are not images; set train.feature_cache: off to train it on images"
+                    + (f", or train.mixup.off_epoch: {epochs[0] - 1} to stop mixing before it" if epochs[0] > 1 else "")
+                )
+        return self
+
+    def cache_blocker(self, phase: PhaseConfig) -> str | None:
+        """Why `phase` cannot train on cached backbone features (None: it can, in a single process)."""
+        if self.train.feature_cache == "off":
+            return "train.feature_cache is off"
+        if phase.trainable_stages() != ("head",):
+            return f"the phase trains {', '.join(phase.trainable_stages())}"
+        if phase.bn != "frozen":
+            return "bn: train lets BatchNorm statistics move, so features change every step"
+        if self.transforms.train != "none" and self.train.cache_views == 0:
+            return "the train pipeline augments; set train.cache_views: K to cache K augmented views, or transforms.train: none"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (paths as strings), suitable for YAML and checkpoints; reloads to an equal recipe."""
@@ -292,8 +258,35 @@ class Recipe(_Strict):
             unused = set(SINGLE_PHASE_FIELDS)
         else:
             unused = {name for name in ("trainable", "freeze") if getattr(self.train, name) is None}
+        unused |= {name for name, schedulers in SCHEDULER_FIELDS.items() if self.train.scheduler not in schedulers}
         return self.model_dump(mode="json", exclude={"train": unused})
 
     def with_data(self, path: Path | str | None) -> Recipe:
         """The same recipe reading its images from `path` (the `--data` option)."""
         return self.model_copy(update={"data": self.data.model_copy(update={"path": Path(path) if path is not None else None})})
+
+    def with_epochs(self, *, scale: float | None = None, cap: int | None = None) -> Recipe:
+        """The same recipe trained shorter: every phase's epochs times `scale`, then at most `cap` epochs in all
+        (phases shrink in proportion, each keeping at least one epoch)."""
+        epochs = [p.epochs for p in self.train.resolved_phases()]
+        if scale is not None:
+            epochs = [max(1, round(e * scale)) for e in epochs]
+        if cap is not None and sum(epochs) > cap:
+            if cap < len(epochs):
+                raise ValueError(f"the recipe has {len(epochs)} phases; at most {cap} epochs cannot give each one epoch")
+            epochs = _shrink(epochs, cap)
+        shorter = self.model_copy(update={"train": self.train.with_epochs(epochs)})
+        return Recipe.model_validate(shorter.to_dict())  # every rule checked again on the new phase lengths
+
+
+def _shrink(epochs: list[int], total: int) -> list[int]:
+    """`epochs` scaled to sum to `total` in proportion (largest remainders round up), every entry at least 1."""
+    target = [total * e / sum(epochs) for e in epochs]
+    given = [max(1, int(t)) for t in target]
+    while sum(given) > total:  # the minimum of 1 took epochs from elsewhere: the furthest above its share gives one
+        i = max((i for i in range(len(given)) if given[i] > 1), key=lambda i: given[i] - target[i])
+        given[i] -= 1
+    while sum(given) < total:
+        i = max(range(len(given)), key=lambda i: target[i] - given[i])
+        given[i] += 1
+    return given

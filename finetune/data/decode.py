@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -48,6 +49,24 @@ def load_image(path: str | Path) -> np.ndarray:
             return pil_to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {printable(path)}: {exc}") from None
+
+
+def as_rgb(picture: Any, *, where: str) -> np.ndarray:
+    """An in-memory picture (PIL image, or uint8 array H x W x 3 RGB / H x W grey / H x W x 4 RGBA) as the RGB uint8
+    array `load_image` gives for the same picture saved to a file."""
+    if isinstance(picture, Image.Image):
+        return pil_to_rgb(picture)
+    if not isinstance(picture, np.ndarray):
+        raise DataError(f"{where} is a {type(picture).__name__}; pass a file path, a folder, a PIL image or a numpy array")
+    if picture.dtype != np.uint8:
+        raise DataError(
+            f"{where} is a {picture.dtype} array; pass uint8 RGB pixels from 0 to 255, e.g. (x * 255).round().astype('uint8')"
+        )
+    if picture.ndim == 2 or (picture.ndim == 3 and picture.shape[2] == 1):
+        return np.repeat(picture.reshape(*picture.shape[:2], 1), 3, axis=2)
+    if picture.ndim == 3 and picture.shape[2] in (3, 4):
+        return np.ascontiguousarray(picture[..., :3])
+    raise DataError(f"{where} is an array of shape {picture.shape}; pass height x width x 3 (RGB) or height x width (grey)")
 
 
 def printable(path: str | Path) -> str:

@@ -26,9 +26,23 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _pixels(self, index: int) -> np.ndarray:
+        return load_image(self.paths[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.paths[index])
-        return self.transform(image=image)["image"], self.targets[index]
+        return self.transform(image=self._pixels(index))["image"], self.targets[index]
+
+
+class PictureDataset(ImageDataset):
+    """An ImageDataset whose items may also be RGB uint8 arrays already decoded (pictures given to `predict`)."""
+
+    def __init__(self, sources: Sequence[str | np.ndarray], targets: Sequence[int], transform: Callable[..., Any]) -> None:
+        super().__init__([s if isinstance(s, str) else "" for s in sources], targets, transform)
+        self.sources = list(sources)
+
+    def _pixels(self, index: int) -> np.ndarray:
+        source = self.sources[index]
+        return source if isinstance(source, np.ndarray) else load_image(source)
 
 
 def _seed_worker(worker_id: int) -> None:

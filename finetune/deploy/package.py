@@ -36,14 +36,14 @@ class PackagedClassifier(nn.Module):
         return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
-def prepare_image(path: str, image: ImageConfig) -> np.ndarray:
-    """What every consumer of the exported model feeds it: finetune's decode, then timm's resize and centre crop."""
-    return resize_shorter_and_crop(
-        load_image(path), size=image.input_size, crop_pct=image.crop_pct, interpolation=image.interpolation
-    )
+def prepare_image(source: str | np.ndarray, image: ImageConfig) -> np.ndarray:
+    """What every consumer of the exported model feeds it: finetune's decode (of a file; an RGB array is used as
+    is), then timm's resize and centre crop."""
+    pixels = source if isinstance(source, np.ndarray) else load_image(source)
+    return resize_shorter_and_crop(pixels, size=image.input_size, crop_pct=image.crop_pct, interpolation=image.interpolation)
 
 
-def image_batches(paths: Sequence[str], image: ImageConfig, *, batch_size: int = 32) -> Iterator[np.ndarray]:
+def image_batches(sources: Sequence[str | np.ndarray], image: ImageConfig, *, batch_size: int = 32) -> Iterator[np.ndarray]:
     """(N, H, W, 3) uint8 batches of prepared images, in order."""
-    for start in range(0, len(paths), batch_size):
-        yield np.stack([prepare_image(p, image) for p in paths[start : start + batch_size]])
+    for start in range(0, len(sources), batch_size):
+        yield np.stack([prepare_image(s, image) for s in sources[start : start + batch_size]])

@@ -61,6 +61,7 @@ class RunContext:
     split: str = "val"
     selection: bool = False  # the split chose the best epoch / the temperature: its figures are optimistic
     extra: dict[str, Any] = field(default_factory=dict)
+    tta: tuple[str, ...] = ()  # test-time views averaged into the probabilities
 
 
 def png_b64(path: Path) -> str:

@@ -106,7 +106,7 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     card = score(preds, class_names, top_k=top_k)
     if context is not None:
-        card.metrics["evaluated_on"] = {"split": context.split, "selection_split": context.selection}
+        card.metrics["evaluated_on"] = {"split": context.split, "selection_split": context.selection, "tta": list(context.tta)}
     _write_tables(folder, preds, class_names, card, top_k=top_k)
     figures = _write_figures(folder, card, title=title, context=context)
     split = context.split if context else None

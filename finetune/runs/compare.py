@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
-from finetune.config.loading import load_recipe
+from finetune.config.loading import format_validation_error, load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.split import evaluation_split
 from finetune.errors import UsageError
@@ -122,18 +123,31 @@ def _markdown(board: pd.DataFrame, *, data: str | Path, split: str) -> str:
 
 
 def compare(
-    *, recipes: Sequence[str | Path], data: str | Path, out: str | Path, overrides: Sequence[str] = (), progress: bool = True
+    *,
+    recipes: Sequence[str | Path],
+    data: str | Path,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+    epochs_scale: float | None = None,
+    max_epochs: int | None = None,
+    seeds: int = 1,
 ) -> CompareResult:
-    """Train each recipe into `out/<recipe>/` on the split made by the first; write leaderboard.csv/.md."""
+    """Train each recipe into `out/<recipe>/` on the split made by the first; write leaderboard.csv/.md.
+
+    `epochs_scale` multiplies every phase's epochs and `max_epochs` caps each recipe's total (phases shrink in
+    proportion), so phase-based and one-phase recipes shorten together. `seeds` > 1 trains each recipe with seeds
+    0..N-1 (`out/<recipe>-seed<k>/`) and adds the mean and spread per recipe.
+    """
     paths = [Path(r) for r in recipes]
     if len(paths) < 2:
         raise UsageError("compare needs at least two recipes, e.g. recipes/linear_probe.yaml recipes/last_stage.yaml")
-    loaded = [load_recipe(r, overrides=list(overrides)) for r in paths]  # validate all before training any
+    loaded = [_shortened(load_recipe(r, overrides=list(overrides)), r, epochs_scale, max_epochs) for r in paths]
     out = Path(out)
     check_writable_folder(out)
     manifest = out / "split_manifest.csv"
     rows = []
-    for recipe, name in zip(loaded, _run_names(paths)):
+    for recipe, name in _runs(loaded, _run_names(paths), seeds):
         started = time.perf_counter()
         result = train(recipe=recipe, data=manifest if manifest.exists() else data, out=out / name, progress=progress)
         if not manifest.exists():  # every later recipe sees exactly this split
@@ -145,5 +159,71 @@ def compare(
     board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
     board["vs_leader"] = _versus_leader(out, board)
     write_table(board, out / "leaderboard.csv", float_format="%.4f")
-    write_text(out / "leaderboard.md", _markdown(board, data=data, split=evaluation_split(read_text_table(manifest))))
+    markdown = _markdown(board, data=data, split=evaluation_split(read_text_table(manifest)))
+    if seeds > 1:
+        means = seed_summary(board)
+        write_table(means, out / "leaderboard_seeds.csv", float_format="%.4f")
+        markdown += _seeds_markdown(means, seeds)
+    write_text(out / "leaderboard.md", markdown)
     return CompareResult(folder=out, leaderboard=board)
+
+
+def _shortened(recipe: Recipe, path: Path, scale: float | None, cap: int | None) -> Recipe:
+    if scale is None and cap is None:
+        return recipe
+    if scale is not None and scale <= 0:
+        raise UsageError(f"--epochs-scale {scale}: a factor above 0, e.g. 0.2 for a fifth of every recipe's epochs")
+    if cap is not None and cap < 1:
+        raise UsageError(f"--max-epochs {cap}: at least 1")
+    try:
+        return recipe.with_epochs(scale=scale, cap=cap)
+    except ValidationError as exc:  # the shorter phases break a rule of the recipe (mixup before a cached phase)
+        raise UsageError(format_validation_error(exc, f"{path} shortened")) from None
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _runs(recipes: list[Recipe], names: list[str], seeds: int) -> list[tuple[Recipe, str]]:
+    """(recipe, run folder name) for every recipe and seed."""
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: at least 1")
+    if seeds == 1:
+        return list(zip(recipes, names))
+    return [(r.model_copy(update={"seed": s}), f"{n}-seed{s}") for r, n in zip(recipes, names) for s in range(seeds)]
+
+
+def seed_summary(board: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds per recipe (runs named '<recipe>-seed<k>'), best mean macro-F1 first."""
+    recipe = board["recipe"].str.replace(r"-seed\d+$", "", regex=True)
+    grouped = board.assign(recipe=recipe).groupby("recipe")
+    summary = grouped.agg(
+        runs=("accuracy", "size"),
+        accuracy_mean=("accuracy", "mean"),
+        accuracy_std=("accuracy", "std"),
+        accuracy_ci_lo_mean=("accuracy_lo", "mean"),
+        accuracy_ci_hi_mean=("accuracy_hi", "mean"),
+        macro_f1_mean=("macro_f1", "mean"),
+        macro_f1_std=("macro_f1", "std"),
+        seconds_mean=("seconds", "mean"),
+    )
+    return summary.sort_values("macro_f1_mean", ascending=False).reset_index()
+
+
+def _seeds_markdown(means: pd.DataFrame, seeds: int) -> str:
+    shown = pd.DataFrame(
+        {
+            "recipe": means["recipe"],
+            f"accuracy, mean ± sd of {seeds} seeds": [
+                f"{m:.1%} ± {s:.1%}" for m, s in zip(means["accuracy_mean"], means["accuracy_std"])
+            ],
+            "mean 95% CI of one run": [
+                f"{lo:.1%}-{hi:.1%}" for lo, hi in zip(means["accuracy_ci_lo_mean"], means["accuracy_ci_hi_mean"])
+            ],
+            "macro-F1, mean ± sd": [f"{m:.3f} ± {s:.3f}" for m, s in zip(means["macro_f1_mean"], means["macro_f1_std"])],
+            "time per run": means["seconds_mean"].map(_duration),
+        }
+    )
+    return (
+        f"\n## Over seeds\n\nEach recipe trained with seeds 0..{seeds - 1} on the same split: the spread is training noise "
+        "alone; the interval is the test set's sampling noise for one run.\n\n" + shown.to_markdown(index=False) + "\n"
+    )

@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 
 from finetune.data.doctor import screen_samples
-from finetune.data.loader import ImageDataset, make_loader
+from finetune.data.loader import PictureDataset, make_loader
 from finetune.data.scan import scan_image_folder
 from finetune.data.split import DatasetIndex, evaluation_split
 from finetune.data.transforms import build_eval_pipeline
 from finetune.errors import DataError, RunDirError
 from finetune.evaluation.explain import Explainer
 from finetune.evaluation.inference import Predictions, run_inference
+from finetune.evaluation.tta import describe, run_tta
 from finetune.files import check_writable_folder, read_text_table, write_table
 from finetune.reporting.html import Explain, RunContext
 from finetune.reporting.report import Report, write_report
@@ -38,14 +39,35 @@ def checkpoint_path(run: Path) -> Path:
     return RunDir(run).best
 
 
-def predict_paths(loaded: LoadedModel, paths: list[str], targets: list[int], *, progress: bool, desc: str) -> Predictions:
-    """Calibrated probabilities of `loaded` for image files, through the run's own eval pipeline."""
-    dataset = ImageDataset(paths, targets, build_eval_pipeline(loaded.image))
+def predict_paths(
+    loaded: LoadedModel,
+    paths: Sequence[str | np.ndarray],
+    targets: list[int],
+    *,
+    progress: bool,
+    desc: str,
+    names: Sequence[str] | None = None,
+) -> Predictions:
+    """Calibrated probabilities of `loaded` for image files (or RGB arrays, then called `names`), through the run's
+    own eval pipeline and its test-time views (`eval.tta`, probabilities averaged)."""
+    dataset = PictureDataset(paths, targets, build_eval_pipeline(loaded.image))
     data = loaded.recipe.data
     loader = make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False, seed=0)
     device = resolve_device(loaded.recipe.train.device)
     model = loaded.bundle.model.to(device)
-    return run_inference(model, loader, device=device, paths=paths, progress=progress, desc=desc, temperature=loaded.temperature)
+    labels = list(names) if names is not None else [str(p) for p in paths]
+    if loaded.recipe.eval.tta:
+        return run_tta(
+            model,
+            loader,
+            names=loaded.recipe.eval.tta,
+            device=device,
+            paths=labels,
+            temperature=loaded.temperature,
+            progress=progress,
+            desc=desc,
+        )
+    return run_inference(model, loader, device=device, paths=labels, progress=progress, desc=desc, temperature=loaded.temperature)
 
 
 def explainer_for(loaded: LoadedModel) -> tuple[Explain | None, str | None]:
@@ -60,9 +82,11 @@ def explainer_for(loaded: LoadedModel) -> tuple[Explain | None, str | None]:
     return overlays, explainer.where
 
 
-def _report_notes(run: RunDir | None, skipped_here: int) -> dict[str, str]:
+def _report_notes(loaded: LoadedModel, run: RunDir | None, skipped_here: int) -> dict[str, str]:
     skipped_train = len(read_text_table(run.skipped)) if run is not None and run.skipped.exists() else 0
     notes = {"unreadable images skipped": f"{skipped_here} in this evaluation, {skipped_train} in the run's data (skipped.csv)"}
+    if loaded.recipe.eval.tta:
+        notes["test-time augmentation"] = describe(loaded.recipe.eval.tta) + " (validation during training: one view)"
     if run is not None and run.class_weights.exists():
         weights = json.loads(run.class_weights.read_text(encoding="utf-8"))
         notes["loss class weights"] = ", ".join(f"{name}: {value:.3g}" for name, value in weights.items())
@@ -92,8 +116,10 @@ def write_run_report(
     """The report of `preds` into `folder`, with the run's context (training curves, splits, Grad-CAM galleries)."""
     title = f"{loaded.recipe.model.name} on the {split} split ({len(preds.paths)} images)"
     explain, where = explainer_for(loaded)
-    notes = _report_notes(run, len(skipped)) | ({"Grad-CAM layer": where} if where else {})
-    context = RunContext(meta=loaded.meta, run=run, split=split, selection=selection, extra=notes)
+    notes = _report_notes(loaded, run, len(skipped)) | ({"Grad-CAM layer": where} if where else {})
+    context = RunContext(
+        meta=loaded.meta, run=run, split=split, selection=selection, extra=notes, tta=tuple(loaded.recipe.eval.tta)
+    )
     folder.mkdir(parents=True, exist_ok=True)
     write_table(skipped, folder / "skipped.csv")
     return write_report(
@@ -107,7 +133,8 @@ def report_for_run(run: RunDir, index: DatasetIndex, *, progress: bool) -> Repor
     split = index.evaluation_split
     rows = index.split(split)
     loaded = model_from_checkpoint(load_checkpoint(run.best))
-    if split == "val" and loaded.validation is not None and len(loaded.validation[1]) == len(rows):
+    single_view = not loaded.recipe.eval.tta  # best.pt's validation logits are single-view
+    if split == "val" and single_view and loaded.validation is not None and len(loaded.validation[1]) == len(rows):
         logits, targets = loaded.validation
         preds = Predictions.from_logits(list(rows["path"]), logits, targets, temperature=loaded.temperature)
     else:

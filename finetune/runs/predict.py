@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from finetune.config.catalog import IMAGE_EXTENSIONS
+from finetune.data.decode import as_rgb
 from finetune.data.doctor import screen_samples
 from finetune.data.scan import list_images
 from finetune.deploy.package import image_batches
@@ -19,28 +22,13 @@ from finetune.errors import CheckpointError, DataError, UsageError
 from finetune.evaluation.inference import Predictions
 from finetune.evaluation.metrics import predictions_table
 from finetune.evaluation.reject import RejectRule, risk_coverage, threshold_for_accuracy
+from finetune.evaluation.tta import tta_views, view_pixels
 from finetune.files import check_writable_file, write_table, write_text
 from finetune.run_dir import RunDir
 from finetune.runs.evaluate import checkpoint_path, predict_paths
 from finetune.training.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def check_inputs_exist(inputs: Sequence[str | Path]) -> None:
-    missing = next((item for item in map(Path, inputs) if not item.exists()), None)
-    if missing is not None:
-        raise DataError(f"input {missing} does not exist; pass image files or folders")
-
-
-def input_paths(inputs: Sequence[str | Path], extensions: Sequence[str]) -> list[str]:
-    """Files as given, and images in folders (recursive, with the run's extensions)."""
-    paths: list[str] = []
-    for item in map(Path, inputs):
-        paths += [str(p) for p in list_images(item, extensions)] if item.is_dir() else [str(item)]
-    if not paths:
-        raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(extensions)})")
-    return paths
 
 
 def _check_reject_options(min_confidence: float | None, reject: str | None, target_accuracy: float | None) -> None:
@@ -74,80 +62,172 @@ def auto_threshold(loaded: LoadedModel, target_accuracy: float) -> RejectRule:
     return rule
 
 
+ImageInput = str | Path | np.ndarray | Image.Image
+
+
+def check_inputs_exist(inputs: Sequence[ImageInput]) -> None:
+    missing = next((Path(item) for item in inputs if isinstance(item, (str, Path)) and not Path(item).exists()), None)
+    if missing is not None:
+        raise DataError(f"input {missing} does not exist; pass image files or folders")
+
+
+def input_paths(inputs: Sequence[str | Path], extensions: Sequence[str]) -> list[str]:
+    """Files as given, and images in folders (recursive, with the run's extensions)."""
+    paths: list[str] = []
+    for item in map(Path, inputs):
+        paths += [str(p) for p in list_images(item, extensions)] if item.is_dir() else [str(item)]
+    if not paths:
+        raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(extensions)})")
+    return paths
+
+
+@dataclass
+class Pictures:
+    """What to classify, in the order given: decodable files (folders expanded) and in-memory pictures as RGB arrays."""
+
+    sources: list[str | np.ndarray]
+    names: list[str]  # the CSV's `path` column: the file, or '<array 3>' / '<PIL image 3>' for the 4th input
+
+    @classmethod
+    def gather(cls, inputs: Sequence[ImageInput], extensions: Sequence[str], *, policy: str, progress: bool) -> Pictures:
+        sources: list[str | np.ndarray] = []
+        names: list[str] = []
+        for position, item in enumerate(inputs):
+            if isinstance(item, (str, Path)):
+                found = input_paths([item], extensions)
+                sources += found
+                names += found
+            elif isinstance(item, (np.ndarray, Image.Image)):
+                kind = "array" if isinstance(item, np.ndarray) else "PIL image"
+                sources.append(as_rgb(item, where=f"input {position} ({kind})"))
+                names.append(f"<{kind} {position}>")
+            else:
+                raise DataError(
+                    f"input {position} is a {type(item).__name__}; pass a file path, a folder, a PIL image or a numpy array"
+                )
+        readable = _readable([s for s in sources if isinstance(s, str)], policy, progress)
+        keep = [i for i, s in enumerate(sources) if not isinstance(s, str) or s in readable]
+        return cls(sources=[sources[i] for i in keep], names=[names[i] for i in keep])
+
+
+def _readable(paths: list[str], policy: str, progress: bool) -> set[str]:
+    if not paths:
+        return set()
+    screened = screen_samples(pd.DataFrame({"path": paths, "label": "", "split": ""}), policy=policy, progress=progress)
+    if screened.samples.empty:
+        raise DataError(
+            f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}"
+        )
+    return set(screened.samples["path"])
+
+
+class Predictor:
+    """A trained run, checkpoint or exported file loaded once, for repeated predictions (notebooks, services).
+
+    >>> predictor = finetune.load("runs/ants")
+    >>> predictor.predict([PIL.Image.open("a.jpg"), "more_images/"])   # a DataFrame, one row per image
+    """
+
+    def __init__(self, run: str | Path) -> None:
+        self.source = Path(run)
+        self.exported: Exported | None = None
+        self.loaded: LoadedModel | None = None
+        self.run_dir: RunDir | None = None
+        if is_exported(self.source):
+            self.exported = load_exported(self.source)
+        else:
+            checkpoint = checkpoint_path(self.source)
+            self.loaded = model_from_checkpoint(load_checkpoint(checkpoint))
+            self.run_dir = RunDir.of_checkpoint(checkpoint)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.loaded.class_names if self.loaded is not None else self.exported.class_names  # type: ignore[union-attr]
+
+    def predict(
+        self,
+        inputs: Sequence[ImageInput] | ImageInput,
+        *,
+        progress: bool = False,
+        min_confidence: float | None = None,
+        reject: str | None = None,
+        target_accuracy: float | None = None,
+    ) -> pd.DataFrame:
+        """Classify files, folders (recursive), PIL images and uint8 arrays; one DataFrame row per image, in order."""
+        items = [inputs] if isinstance(inputs, (str, Path, np.ndarray, Image.Image)) else list(inputs)
+        check_inputs_exist(items)
+        _check_reject_options(min_confidence, reject, target_accuracy)
+        if self.exported is not None:
+            if reject is not None:
+                raise UsageError(
+                    "--reject auto needs the run's validation predictions; with an exported model use --min-confidence P"
+                )
+            return self._exported_table(items, progress=progress, min_confidence=min_confidence)
+        if reject == "auto" and target_accuracy is not None:
+            rule = auto_threshold(self._loaded, target_accuracy)
+            min_confidence = rule.threshold
+            _remember(self.run_dir, rule)
+        return self._run_table(items, progress=progress, min_confidence=min_confidence)
+
+    @property
+    def _loaded(self) -> LoadedModel:
+        if self.loaded is None:
+            raise UsageError(f"{self.source} is an exported model; it has no run to read")
+        return self.loaded
+
+    def _run_table(self, items: Sequence[ImageInput], *, progress: bool, min_confidence: float | None) -> pd.DataFrame:
+        loaded = self._loaded
+        data = loaded.recipe.data
+        pictures = Pictures.gather(items, data.extensions, policy=data.bad_images, progress=progress)
+        targets = [-1] * len(pictures.sources)
+        preds = predict_paths(loaded, pictures.sources, targets, progress=progress, desc="predict", names=pictures.names)
+        return predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k, min_confidence=min_confidence)
+
+    def _exported_table(self, items: Sequence[ImageInput], *, progress: bool, min_confidence: float | None) -> pd.DataFrame:
+        """The same table from an exported file: finetune's decode and resize, then the file's own graph (once per
+        test-time view listed in its metadata, probabilities averaged)."""
+        model = self.exported
+        if model is None:
+            raise UsageError(f"{self.source} is not an exported model")
+        pictures = Pictures.gather(items, IMAGE_EXTENSIONS, policy="skip", progress=progress)
+        views = tta_views(model.meta.get("tta") or [])
+        probs = [
+            np.mean([model.run(view_pixels(batch, view))[1] for view in views], axis=0)
+            for batch in image_batches(pictures.sources, model.image)
+        ]
+        preds = Predictions(paths=pictures.names, probs=np.concatenate(probs), targets=np.full(len(pictures.names), -1))
+        return predictions_table(preds, model.class_names, top_k=int(model.meta.get("top_k", 5)), min_confidence=min_confidence)
+
+
 def predict(
     *,
     run: str | Path,
-    inputs: Sequence[str | Path],
+    inputs: Sequence[ImageInput],
     out: str | Path | None = None,
     progress: bool = True,
     min_confidence: float | None = None,
     reject: str | None = None,
     target_accuracy: float | None = None,
 ) -> pd.DataFrame:
-    """Classify image files and folders (searched recursively); returns and optionally writes a CSV.
+    """Classify image files and folders (searched recursively), PIL images and uint8 arrays; returns and optionally
+    writes a CSV.
 
     `run` is a run folder, a checkpoint, or a file written by `finetune export` (.onnx, TorchScript .pt): the same
-    CSV either way. Probabilities are calibrated with the run's temperature. `min_confidence` (or `reject="auto"`
-    with a `target_accuracy`, threshold chosen on the validation split) answers 'unknown' below the threshold.
+    CSV either way. Probabilities are calibrated with the run's temperature (and averaged over `eval.tta` views).
+    `min_confidence` (or `reject="auto"` with a `target_accuracy`, threshold chosen on the validation split) answers
+    'unknown' below the threshold.
     """
     check_inputs_exist(inputs)
     _check_reject_options(min_confidence, reject, target_accuracy)
     if out is not None:
         check_writable_file(Path(out))  # before any image is read
-    if is_exported(Path(run)):
-        if reject is not None:
-            raise UsageError(
-                "--reject auto needs the run's validation predictions; with an exported model use --min-confidence P"
-            )
-        table = _predict_exported(load_exported(Path(run)), inputs, progress=progress, min_confidence=min_confidence)
-    else:
-        table = _predict_run(
-            Path(run), inputs, progress=progress, min_confidence=min_confidence, reject=reject, target_accuracy=target_accuracy
-        )
+    table = Predictor(run).predict(
+        inputs, progress=progress, min_confidence=min_confidence, reject=reject, target_accuracy=target_accuracy
+    )
     if out is not None:
         write_table(table, Path(out), float_format="%.6f")
         log.info("wrote %d predictions to %s", len(table), out)
     return table
-
-
-def _readable(inputs: Sequence[str | Path], extensions: Sequence[str], policy: str, progress: bool) -> list[str]:
-    frame = pd.DataFrame({"path": input_paths(inputs, extensions), "label": "", "split": ""})
-    screened = screen_samples(frame, policy=policy, progress=progress)
-    if screened.samples.empty:
-        raise DataError(
-            f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}"
-        )
-    return list(screened.samples["path"])
-
-
-def _predict_run(
-    run: Path,
-    inputs: Sequence[str | Path],
-    *,
-    progress: bool,
-    min_confidence: float | None,
-    reject: str | None,
-    target_accuracy: float | None,
-) -> pd.DataFrame:
-    checkpoint = checkpoint_path(run)
-    loaded = model_from_checkpoint(load_checkpoint(checkpoint))
-    if reject == "auto" and target_accuracy is not None:
-        rule = auto_threshold(loaded, target_accuracy)
-        min_confidence = rule.threshold
-        _remember(RunDir.of_checkpoint(checkpoint), rule)
-    paths = _readable(inputs, loaded.recipe.data.extensions, loaded.recipe.data.bad_images, progress)
-    preds = predict_paths(loaded, paths, [-1] * len(paths), progress=progress, desc="predict")
-    return predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k, min_confidence=min_confidence)
-
-
-def _predict_exported(
-    model: Exported, inputs: Sequence[str | Path], *, progress: bool, min_confidence: float | None
-) -> pd.DataFrame:
-    """The same CSV from an exported file: finetune's decode and resize, then the file's own graph."""
-    paths = _readable(inputs, IMAGE_EXTENSIONS, "skip", progress)
-    probs = np.concatenate([model.run(batch)[1] for batch in image_batches(paths, model.image)])
-    preds = Predictions(paths=paths, probs=probs, targets=np.full(len(paths), -1))
-    return predictions_table(preds, model.class_names, top_k=int(model.meta.get("top_k", 5)), min_confidence=min_confidence)
 
 
 def _remember(run: RunDir | None, rule: RejectRule) -> None:

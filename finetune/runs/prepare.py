@@ -26,6 +26,7 @@ from finetune.models.weights import check_hub_reachable
 from finetune.training.device import check_device
 from finetune.training.loss import class_weights
 from finetune.training.seeding import seed_everything
+from finetune.training.tracking import check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,11 @@ def default_cache_dir() -> Path:
 
 
 def check_cheap_things(recipe: Recipe) -> None:
-    """Fail in seconds on what needs no image: weights that cannot be had, a device that is not there."""
+    """Fail in seconds on what needs no image: weights that cannot be had, a device that is not there, a tracker
+    that is not installed."""
     check_weights_available(recipe.model)
     check_device(recipe.train.device)
+    check_trackers(recipe.log)
 
 
 def check_weights_available(cfg: ModelConfig) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from finetune.config.loading import load_recipe, read_yaml, recipe_from_dict, save_recipe
+from finetune.config.loading import flatten, load_recipe, read_yaml, recipe_from_dict, save_recipe
 from finetune.config.schema import EvalConfig, Recipe
 from finetune.data.loader import ImageDataset
 from finetune.data.split import DatasetIndex
@@ -32,6 +32,7 @@ from finetune.training.distributed import Ranks, barrier, setup, teardown
 from finetune.training.history import read_history, truncate_history
 from finetune.training.loop import FitContext, FitState, fit
 from finetune.training.loss import class_weights
+from finetune.training.tracking import Trackers
 
 log = logging.getLogger(__name__)
 RESUME_FREE = {"data.num_workers"}  # settings a resumed run may change without changing its result
@@ -59,12 +60,15 @@ class _Start:
 
 
 def resolve_recipe(
-    recipe: Recipe | str | Path | None, *, overrides: Sequence[str] = (), data: str | Path | None = None
+    recipe: Recipe | dict[str, Any] | str | Path | None, *, overrides: Sequence[str] = (), data: str | Path | None = None
 ) -> Recipe:
-    """A validated recipe from a file or a Recipe, with `--set` overrides and `--data` applied."""
+    """A validated recipe from a file, a dict (as the YAML would read) or a Recipe, with `--set` overrides and
+    `--data` applied."""
     if recipe is None:
         raise UsageError("train needs a recipe (e.g. recipes/quickstart.yaml), or resume=True with an existing run")
-    if not isinstance(recipe, Recipe):
+    if isinstance(recipe, dict):
+        recipe = recipe_from_dict(recipe, overrides=overrides)
+    elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides=overrides)
     elif overrides:
         recipe = recipe_from_dict(recipe.to_dict(), overrides=overrides)
@@ -122,7 +126,7 @@ def _start_new(run: RunDir, recipe: Recipe, ranks: Ranks, *, progress: bool) -> 
 
 def _changed(old: Recipe, new: Recipe) -> str:
     """'key: old -> new, ...' for up to three settings that differ (those in RESUME_FREE never count); '' if none."""
-    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_FREE)
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:3])
 
@@ -158,16 +162,12 @@ def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
     return recipe, index, payload
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
-
-
 def refuse_changed_recipe(
-    stored: Recipe, recipe: Recipe | str | Path | None, overrides: Sequence[str], data: str | Path | None, run: RunDir
+    stored: Recipe,
+    recipe: Recipe | dict[str, Any] | str | Path | None,
+    overrides: Sequence[str],
+    data: str | Path | None,
+    run: RunDir,
 ) -> None:
     """--resume with a recipe, overrides or --data: they must be the run's own (up to settings that do not change results)."""
     if data is not None and Path(data).resolve() != Path(stored.data.path or "").resolve():
@@ -260,9 +260,37 @@ def _fit_context(
     )
 
 
+def _fit_and_report(run: RunDir, start: _Start, ctx: FitContext) -> Report | None:
+    """Train, then (rank 0) calibrate best.pt and write the report; every epoch and the report's figures also go to
+    the recipe's trackers (TensorBoard, MLflow)."""
+    first_epoch = start.state.epoch + 1 if start.state is not None else 1
+    ctx.trackers = Trackers(start.recipe.log, run.root, first_epoch=first_epoch) if start.ranks.main else None
+    try:
+        state = fit(start.model.bundle, ctx, state=start.state)
+        if not start.ranks.main:
+            return None
+        calibrate_best(run, start.recipe.eval)
+        report = report_for_run(run, start.index, progress=ctx.progress)
+        if ctx.trackers is not None:
+            for name in ("confusion_matrix", "augmentation_preview", "training_curves"):
+                ctx.trackers.figure(f"report/{name}", run.report / f"{name}.png", state.epoch)
+            ctx.trackers.finish(start.recipe.to_dict(), _final_scores(report))
+        return report
+    finally:
+        if ctx.trackers is not None:
+            ctx.trackers.close()
+
+
+def _final_scores(report: Report) -> dict[str, float]:
+    """The report's headline numbers, named by the split they were measured on."""
+    split = str(report.metrics.get("evaluated_on", {}).get("split", "eval"))
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
+    return {f"{split}_{k}": float(report.metrics[k]) for k in keys if isinstance(report.metrics.get(k), (int, float))}
+
+
 def train(
     *,
-    recipe: Recipe | str | Path | None = None,
+    recipe: Recipe | dict[str, Any] | str | Path | None = None,
     data: str | Path | None = None,
     out: str | Path,
     overrides: Sequence[str] = (),
@@ -298,11 +326,7 @@ def train(
                 write_training_files(run, start)
             folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             ctx = _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end, cache_dir=folder)
-            fit(start.model.bundle, ctx, state=start.state)
-            report = None
-            if ranks.main:
-                calibrate_best(run, start.recipe.eval)
-                report = report_for_run(run, start.index, progress=progress)
+            report = _fit_and_report(run, start, ctx)
     finally:
         teardown()
     history = read_history(run) if ranks.main else pd.DataFrame()

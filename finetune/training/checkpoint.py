@@ -41,13 +41,21 @@ def library_versions() -> dict[str, str]:
 
 
 def make_payload(
-    *, bundle: ModelBundle, class_names: list[str], image: ImageConfig, recipe: Recipe, extra: dict[str, Any] | None = None
+    *,
+    bundle: ModelBundle,
+    class_names: list[str],
+    image: ImageConfig,
+    recipe: Recipe,
+    extra: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Only tensors and plain types, so `torch.load(..., weights_only=True)` reads it."""
+    """Only tensors and plain types, so `torch.load(..., weights_only=True)` reads it. `weights` replace the
+    model's own (the EMA's, when best.pt keeps the averaged weights)."""
+    state = weights if weights is not None else bundle.model.state_dict()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
         "model_name": bundle.name,
         "classifier": bundle.classifier,
         "class_names": list(class_names),
@@ -98,6 +106,7 @@ class CheckpointSaver:
         metrics: dict[str, float],
         training_state: dict[str, Any] | None = None,
         outputs: dict[str, Any] | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if not self.enabled:
             return
@@ -105,7 +114,7 @@ class CheckpointSaver:
         if training_state is not None:
             extra["training_state"] = training_state
         payload = make_payload(
-            bundle=self.bundle, class_names=self.class_names, image=self.image, recipe=self.recipe, extra=extra
+            bundle=self.bundle, class_names=self.class_names, image=self.image, recipe=self.recipe, extra=extra, weights=weights
         )
         try:
             save_checkpoint(payload, path)

@@ -34,17 +34,9 @@ log = logging.getLogger(__name__)
 
 def why_not_cached(recipe: Recipe, phase: PhaseConfig, *, distributed: bool) -> str | None:
     """None when `phase` can train on cached features, else the reason (logged for the user)."""
-    if recipe.train.feature_cache == "off":
-        return "train.feature_cache is off"
-    if phase.trainable_stages() != ("head",):
-        return f"the phase trains {', '.join(phase.trainable_stages())}"
-    if phase.bn != "frozen":
-        return "bn: train lets BatchNorm statistics move, so features change every step"
-    if distributed:
+    if distributed and recipe.cache_blocker(phase) is None:
         return "feature caching is single-process"
-    if recipe.transforms.train != "none" and recipe.train.cache_views == 0:
-        return "the train pipeline augments; set train.cache_views: K to cache K augmented views, or transforms.train: none"
-    return None
+    return recipe.cache_blocker(phase)
 
 
 def _digest(*parts: bytes | str) -> str:

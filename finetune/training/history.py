@@ -1,4 +1,10 @@
-"""metrics.csv: one row per epoch, appended as training goes, cut back to the last checkpoint before a resume."""
+"""metrics.csv: one row per epoch, appended as training goes, cut back to the last checkpoint before a resume.
+
+Columns: epoch (over all phases), phase, phase_epoch, lr (the head's, at the epoch's first step), train_loss,
+train_accuracy (empty in epochs that mix images with mixup/cutmix: a blend has no single right class),
+val_loss / val_accuracy / val_macro_f1 of the raw weights, with `train.ema` the same of the averaged weights
+(ema_val_*) and `selected` (which of the two early stopping and best.pt followed), and the epoch's seconds.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +27,14 @@ METRICS_COLUMNS = [
     "val_macro_f1",
     "seconds",
 ]
+EMA_COLUMNS = ["ema_val_loss", "ema_val_accuracy", "ema_val_macro_f1", "selected"]
 
 
 def append_history_row(run: RunDir, row: dict[str, Any]) -> None:
-    """One epoch's row of metrics.csv."""
+    """One epoch's row of metrics.csv (METRICS_COLUMNS, and with `train.ema` the EMA_COLUMNS before `seconds`)."""
+    columns = [c for c in METRICS_COLUMNS[:-1] + EMA_COLUMNS + METRICS_COLUMNS[-1:] if c in row]
     try:
-        write_table(pd.DataFrame([row], columns=METRICS_COLUMNS), run.metrics, float_format="%.6g", append=True)
+        write_table(pd.DataFrame([row], columns=columns), run.metrics, float_format="%.6g", append=True)
     except OSError as exc:
         raise disk_error(run.metrics, exc, resume=run.root) from None
 

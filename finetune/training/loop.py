@@ -4,121 +4,37 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune.config.schema import PhaseConfig, Recipe
-from finetune.data.loader import ImageDataset, batches_per_epoch, make_loader
-from finetune.data.transforms import ImageConfig
+from finetune.config.schema import PhaseConfig
+from finetune.data.loader import batches_per_epoch, make_loader
 from finetune.models.build import ModelBundle
 from finetune.models.stages import FreezePlan, apply_freeze, batchnorm_trains, set_train_mode
-from finetune.run_dir import RunDir
-from finetune.training.checkpoint import CheckpointSaver, load_checkpoint
+from finetune.training.checkpoint import CheckpointSaver
+from finetune.training.context import Env, FitContext, FitState, Phase
 from finetune.training.device import autocast_dtype, resolve_device
-from finetune.training.distributed import Ranks, barrier, current, mean_across
+from finetune.training.distributed import barrier, current, mean_across
 from finetune.training.early_stopping import EarlyStopping
+from finetune.training.ema import StageEma, moving_tensors
 from finetune.training.epoch import Stepper, train_one_epoch
-from finetune.training.feature_cache import CachedPhase, cached_phase, why_not_cached
+from finetune.training.epoch_end import after_epoch, log_epoch, validate_epoch
+from finetune.training.feature_cache import CachedPhase, HeadOnFeatures, cached_phase, why_not_cached
 from finetune.training.history import append_history_row
 from finetune.training.loss import build_criterion
-from finetune.training.optim import Schedule, build_optimizer, build_scheduler
+from finetune.training.mixup import Mixer, soft_target_criterion
+from finetune.training.optim import build_optimizer, build_scheduler, stage_lrs
 from finetune.training.seeding import epoch_seed, seed_epoch
-from finetune.training.validation import validate
+
+__all__ = ["FitContext", "FitState", "fit"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FitState:
-    """Where training stands; stored in `last.pt` so `--resume` continues exactly."""
-
-    epoch: int = 0  # epochs completed over all phases
-    phase: int = 0
-    phase_epoch: int = 0  # epochs completed within `phase`
-    finished: bool = False  # every phase has run (or stopped early): the run can be exported
-    stopping: dict[str, Any] = field(default_factory=dict)  # EarlyStopping.state_dict()
-    optimizer: dict[str, Any] = field(default_factory=dict)
-    scheduler: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "phase": self.phase,
-            "phase_epoch": self.phase_epoch,
-            "finished": self.finished,
-            "stopping": self.stopping,
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-        }
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> FitState:
-        """The state stored in a `last.pt` payload."""
-        stored = payload["training_state"]
-        return cls(
-            **{
-                k: stored[k]
-                for k in ("epoch", "phase", "phase_epoch", "finished", "stopping", "optimizer", "scheduler")
-                if k in stored
-            }
-        )
-
-
-@dataclass
-class FitContext:
-    """Everything `fit` needs besides the model: data, recipe, where to write."""
-
-    recipe: Recipe
-    class_names: list[str]
-    image: ImageConfig
-    train_set: ImageDataset
-    val_set: ImageDataset
-    run: RunDir
-    class_weights: list[float] | None = None
-    cache_dir: Path = Path(".cache") / "finetune" / "features"  # where head-only phases keep backbone features
-    progress: bool = True
-    on_epoch_end: Callable[[FitState], None] | None = None
-
-
-@dataclass
-class _Env:
-    """What stays fixed over a fit: device, precision, loss, processes, early stopping and the checkpoint writer."""
-
-    device: torch.device
-    dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-    criterion: nn.Module
-    ranks: Ranks
-    stopping: EarlyStopping
-    saver: CheckpointSaver
-    total_epochs: int
-
-
-@dataclass
-class _Phase:
-    """One phase ready to train: what trains, on which data, with which optimizer and schedule."""
-
-    index: int
-    config: PhaseConfig
-    plan: FreezePlan
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    net: nn.Module  # what training batches go through: the model, its DDP wrapper, or the head on cached features
-    val_net: nn.Module
-    train_set: Any
-    val_batches: Iterable[Any]
-    cached: CachedPhase | None
-    drop_lone_last: bool  # BatchNorm trains: a last batch of one image is left out of each epoch
-    setup_started: float | None  # the phase's first epoch is charged its preparation (feature caching)
-
-
-def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> _Env:
+def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
     cfg = ctx.recipe.train
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.amp, device)
@@ -126,7 +42,13 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> _Env:
     stopping = EarlyStopping.from_config(cfg.early_stopping)
     if state.stopping:
         stopping.load_state_dict(state.stopping)
-    return _Env(
+    ema = StageEma(bundle.model, cfg.ema) if cfg.ema is not None else None
+    if ema is not None and state.ema:
+        ema.restore(state.ema)
+    mixer = None
+    if cfg.mixup is not None:
+        mixer = Mixer(cfg.mixup, label_smoothing=ctx.recipe.loss.label_smoothing, num_classes=len(ctx.class_names))
+    return Env(
         device=device,
         dtype=dtype,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -135,6 +57,9 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> _Env:
         stopping=stopping,
         saver=CheckpointSaver(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, enabled=ranks.main),
         total_epochs=sum(p.epochs for p in cfg.resolved_phases()),
+        ema=ema,
+        mixer=mixer,
+        mixed_criterion=soft_target_criterion(ctx.class_weights).to(device) if mixer is not None else None,
     )
 
 
@@ -152,12 +77,15 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
     return state
 
 
-def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: _Env, config: PhaseConfig, index: int, state: FitState) -> _Phase:
+def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: PhaseConfig, index: int, state: FitState) -> Phase:
     """Freeze, build the optimizer and schedule (restored when resuming inside this phase), pick what trains on what."""
     plan = FreezePlan(trainable=config.trainable_stages(), bn=config.bn)
     trainable = apply_freeze(bundle.model, plan, bundle.stages)
     optimizer = build_optimizer(bundle.model, config, ctx.recipe.train, bundle.stages)
-    lone = batchnorm_trains(plan, bundle.stages)  # a batch of one cannot be normalised: left out of the epoch
+    if env.ema is not None:  # still tensors are copied into the average, moving ones averaged from now on
+        env.ema.start_phase(bundle.model, moving_tensors(bundle.model, plan, bundle.stages))
+    # a batch of one can be neither normalised nor mixed with another: left out of the epoch
+    lone = batchnorm_trains(plan, bundle.stages) or env.mixer is not None
     steps = max(1, batches_per_epoch(len(ctx.train_set), ctx.recipe.data.batch_size, world=env.ranks.world, drop_lone_last=lone))
     schedule = build_scheduler(optimizer, ctx.recipe.train, total_steps=config.epochs * steps, steps_per_epoch=steps)
     if state.phase == index and state.phase_epoch > 0 and state.optimizer:
@@ -178,7 +106,12 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: _Env, config: Phas
     )
     started = time.perf_counter()
     net, val_net, train_set, val_batches, cached = _phase_inputs(bundle, ctx, env, config)
-    return _Phase(
+    ema_val_net: nn.Module | None = None
+    if env.ema is not None:
+        ema_val_net = env.ema.module
+        if cached is not None:
+            ema_val_net = HeadOnFeatures(env.ema.module.get_submodule(bundle.classifier), cached.head.shape)
+    return Phase(
         index=index,
         config=config,
         plan=plan,
@@ -186,6 +119,7 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: _Env, config: Phas
         schedule=schedule,
         net=net,
         val_net=val_net,
+        ema_val_net=ema_val_net,
         train_set=train_set,
         val_batches=val_batches,
         cached=cached,
@@ -195,7 +129,7 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: _Env, config: Phas
 
 
 def _phase_inputs(
-    bundle: ModelBundle, ctx: FitContext, env: _Env, config: PhaseConfig
+    bundle: ModelBundle, ctx: FitContext, env: Env, config: PhaseConfig
 ) -> tuple[nn.Module, nn.Module, Any, Any, CachedPhase | None]:
     """(training net, validation net, training set, validation batches, feature cache or None) for one phase."""
     data = ctx.recipe.data
@@ -239,99 +173,40 @@ def _phase_inputs(
     return net, bundle.model, ctx.train_set, val_loader, None
 
 
-def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: _Env, phase: _Phase, state: FitState, *, last_phase: bool) -> None:
+def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: Env, phase: Phase, state: FitState, *, last_phase: bool) -> None:
     """Train one epoch, validate, log a metrics row, decide early stopping, write checkpoints."""
     epoch = state.epoch + 1
     started, phase.setup_started = phase.setup_started or time.perf_counter(), None
     set_train_mode(bundle.model, phase.plan, bundle.stages)
     seed_epoch(ctx.recipe.seed, epoch, rank=env.ranks.rank)
-    lr = phase.optimizer.param_groups[-1]["lr"]
+    lrs = stage_lrs(phase.optimizer)
     train_loss, train_acc = _train_epoch(ctx, env, phase, epoch)
     train_loss, train_acc = mean_across([train_loss, train_acc], env.ranks, env.device)
-    val = validate(
-        phase.val_net,
-        phase.val_batches,
-        device=env.device,
-        ranks=env.ranks,
-        total=len(ctx.val_set),
-        num_classes=len(ctx.class_names),
-        progress=ctx.progress,
-    )
+    scores = validate_epoch(ctx, env, phase)
+    phase.schedule.end_epoch(scores.chosen.metrics)  # plateau decays look at the weights the run follows
     row = {
         "epoch": epoch,
         "phase": phase.index + 1,
         "phase_epoch": state.phase_epoch + 1,
-        "lr": lr,
+        "lr": lrs["head"],
         "train_loss": train_loss,
         "train_accuracy": train_acc,
-        **val.metrics,
+        **scores.columns(),
         "seconds": time.perf_counter() - started,
     }
     if env.ranks.main:
         append_history_row(ctx.run, row)
-    log.info(
-        "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f (%.1fs)",
-        epoch,
-        train_loss,
-        train_acc,
-        row["val_loss"],
-        row["val_accuracy"],
-        row["val_macro_f1"],
-        row["seconds"],
-    )
+        if ctx.trackers is not None:
+            ctx.trackers.epoch(epoch, row, lrs)
+    log_epoch(row, scores)
     state.epoch, state.phase_epoch = epoch, state.phase_epoch + 1
-    outputs = {"val_logits": torch.from_numpy(val.logits), "val_targets": torch.from_numpy(val.targets)}
-    metrics = {k: float(v) for k, v in row.items()}
-    _after_epoch(bundle, ctx, env, phase, state, metrics=metrics, outputs=outputs, last_phase=last_phase)
+    metrics = {k: float(v) for k, v in row.items() if k != "selected"} | scores.chosen.metrics
+    after_epoch(bundle, ctx, env, phase, state, metrics=metrics, scores=scores, last_phase=last_phase)
     if ctx.on_epoch_end is not None:
         ctx.on_epoch_end(state)
 
 
-def _after_epoch(
-    bundle: ModelBundle,
-    ctx: FitContext,
-    env: _Env,
-    phase: _Phase,
-    state: FitState,
-    *,
-    metrics: dict[str, float],
-    outputs: dict[str, torch.Tensor],
-    last_phase: bool,
-) -> None:
-    """Early stopping and restore-best decisions, then best.pt / phase_best.pt / last.pt."""
-    stopping_cfg = ctx.recipe.train.early_stopping
-    verdict = env.stopping.update(metrics, state.epoch)
-    if verdict.best_of_run:  # best.pt keeps its validation logits: calibration and the val report reuse them
-        env.saver.save(ctx.run.best, epoch=state.epoch, metrics=metrics, outputs=outputs)
-    if verdict.best_of_phase and stopping_cfg.restore_best:
-        if verdict.best_of_run:
-            env.saver.copy(ctx.run.best, ctx.run.phase_best)
-        else:
-            env.saver.save(ctx.run.phase_best, epoch=state.epoch, metrics=metrics)
-    if verdict.stop_phase:
-        log.info("early stopping: %s did not improve for %d epoch(s)", env.stopping.metric, env.stopping.bad_epochs)
-        state.phase_epoch = phase.config.epochs
-    phase_done = state.phase_epoch >= phase.config.epochs
-    if phase_done and stopping_cfg.restore_best and env.stopping.bad_epochs > 0:
-        _restore_phase_best(bundle, ctx.run, env.device)  # before last.pt, so a resume sees the same weights
-    state.stopping = env.stopping.state_dict()
-    state.finished = phase_done and last_phase
-    saved = state.to_dict()
-    if phase_done and not last_phase:  # a resume starts the next phase afresh
-        saved.update(phase=phase.index + 1, phase_epoch=0)
-    else:
-        saved.update(optimizer=phase.optimizer.state_dict(), scheduler=phase.schedule.state_dict())
-    env.saver.save(ctx.run.last, epoch=state.epoch, metrics=metrics, training_state=saved)
-
-
-def _restore_phase_best(bundle: ModelBundle, run: RunDir, device: torch.device) -> None:
-    barrier()  # rank 0 has written phase_best.pt
-    best = load_checkpoint(run.phase_best)
-    bundle.model.load_state_dict({k: v.to(device) for k, v in best["state_dict"].items()})
-    log.info("restored the phase's best weights (epoch %d)", best["epoch"])
-
-
-def _train_epoch(ctx: FitContext, env: _Env, phase: _Phase, epoch: int) -> tuple[float, float]:
+def _train_epoch(ctx: FitContext, env: Env, phase: Phase, epoch: int) -> tuple[float, float]:
     """This epoch's loader (order and augmentation from the seed and the epoch number), then one pass over it."""
     data = ctx.recipe.data
     seed = epoch_seed(ctx.recipe.seed, epoch)
@@ -357,6 +232,9 @@ def _train_epoch(ctx: FitContext, env: _Env, phase: _Phase, epoch: int) -> tuple
         dtype=env.dtype,
         scaler=env.scaler,
         grad_clip=ctx.recipe.train.grad_clip,
+        mix=env.mixer if env.mixer is not None and ctx.recipe.train.mixup and ctx.recipe.train.mixup.active(epoch) else None,
+        mixed_criterion=env.mixed_criterion,
+        ema=env.ema,
     )
     return train_one_epoch(
         phase.net, loader, stepper, epoch=epoch, progress=ctx.progress, desc=f"epoch {epoch}/{env.total_epochs}"

@@ -60,11 +60,16 @@ def build_optimizer(model: nn.Module, phase: PhaseConfig, cfg: TrainConfig, stag
     )
 
 
+def stage_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current learning rate of each stage's parameter groups (the ones timm's scheduler set for this step)."""
+    return {group["stage"]: float(group["lr"]) for group in optimizer.param_groups}
+
+
 class Schedule:
     """Per-step rates from a timm scheduler, stepped like torch's: the rate for the next step is set after each step.
 
     timm counts updates from 1 with a linear warmup from `warmup_lr_init`; warming up over w + 1 updates from 0
-    and asking for update s + 1 before step s gives step s the factor (s + 1) / (w + 1), then a cosine from 1.
+    and asking for update s + 1 before step s gives step s the factor (s + 1) / (w + 1), then the schedule from 1.
     """
 
     def __init__(self, scheduler: timm.scheduler.scheduler.Scheduler) -> None:
@@ -79,6 +84,9 @@ class Schedule:
         self.updates += 1
         self._apply()
 
+    def end_epoch(self, metrics: dict[str, float]) -> None:
+        """Called after each epoch's validation; per-step schedules have nothing to do."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates}
 
@@ -87,18 +95,56 @@ class Schedule:
         self._apply()
 
 
+class PlateauSchedule(Schedule):
+    """Warmup per step (timm), then torch's ReduceLROnPlateau on the early-stopping metric after each epoch.
+
+    timm's own PlateauLRScheduler is deprecated and does not checkpoint its counters; torch's saves them all,
+    so a resumed run decays at the same epochs.
+    """
+
+    def __init__(self, scheduler: timm.scheduler.scheduler.Scheduler, *, warmup_steps: int, plateau: Any, metric: str) -> None:
+        self.warmup_steps = warmup_steps
+        self.plateau = plateau
+        self.metric = metric
+        super().__init__(scheduler)
+
+    def _apply(self) -> None:
+        if self.updates <= self.warmup_steps:  # afterwards the plateau rule alone sets the rates
+            super()._apply()
+
+    def end_epoch(self, metrics: dict[str, float]) -> None:
+        if self.updates >= self.warmup_steps:
+            self.plateau.step(metrics[self.metric])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "plateau": self.plateau.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plateau.load_state_dict(state["plateau"])
+        super().load_state_dict(state)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total_steps: int, steps_per_epoch: int) -> Schedule:
-    """Linear warmup then cosine decay to 0 (or constant), stepped every batch."""
+    """Linear warmup, then cosine decay to 0, constant, step decay (per step) or decay on plateau (per epoch)."""
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
     common: dict[str, Any] = {"warmup_t": warmup + 1, "warmup_lr_init": 0.0, "warmup_prefix": True, "t_in_epochs": False}
-    if cfg.scheduler == "constant":
+    if cfg.scheduler in ("constant", "plateau"):
         scheduler: timm.scheduler.scheduler.Scheduler = timm.scheduler.StepLRScheduler(
             optimizer, decay_t=1, decay_rate=1.0, **common
         )
+    elif cfg.scheduler == "step":
+        decay_t = max(1, int(round(cfg.decay_epochs * steps_per_epoch)))
+        scheduler = timm.scheduler.StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=cfg.decay_rate, **common)
     else:
         # cycle_decay acts only on cycles after the first, which cycle_limit=1 never reaches; != 1 it keeps timm from
         # warning that a one-step cosine "has no effect" (it has none to have).
         scheduler = timm.scheduler.CosineLRScheduler(
             optimizer, t_initial=max(1, total_steps - warmup), lr_min=0.0, cycle_limit=1, cycle_decay=0.5, **common
         )
-    return Schedule(scheduler)
+    if cfg.scheduler != "plateau":
+        return Schedule(scheduler)
+    metric = cfg.early_stopping.metric
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min" if metric == "val_loss" else "max", factor=cfg.decay_rate, patience=cfg.patience_epochs
+    )
+    return PlateauSchedule(scheduler, warmup_steps=warmup, plateau=plateau, metric=metric)

@@ -1,0 +1,173 @@
+"""The recipe's `train:` section: phases of trainable stages, optimizer, schedule, EMA, mixup, early stopping."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from finetune.config.catalog import STAGES, BnPolicy, Stage
+from finetune.config.strict import Strict
+
+SINGLE_PHASE_FIELDS = ("epochs", "lr", "trainable", "freeze", "bn")  # the one-phase shorthand; phases replace them
+SCHEDULER_FIELDS = {"decay_epochs": ("step",), "decay_rate": ("step", "plateau"), "patience_epochs": ("plateau",)}
+
+Trainable = Literal["all"] | list[Stage]
+
+
+def _nonempty(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        raise ValueError("at least one stage must be trainable")
+    return value
+
+
+def stages_of(trainable: Trainable) -> tuple[Stage, ...]:
+    """The trainable stages in forward order ('all' is every stage)."""
+    return STAGES if trainable == "all" else tuple(s for s in STAGES if s in trainable)
+
+
+class PhaseConfig(Strict):
+    """One block of epochs with a fixed set of trainable stages (`train:` is accepted for `trainable:`)."""
+
+    epochs: int = Field(ge=1)
+    trainable: Trainable = "all"
+    lr: float = Field(gt=0.0, le=10.0)
+    lr_mult: dict[Stage, float] = Field(default_factory=dict)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    bn: BnPolicy = "frozen"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "train" in data:
+            if "trainable" in data:
+                raise ValueError("give 'trainable' (or its older name 'train'), not both")
+            data = {("trainable" if k == "train" else k): v for k, v in data.items()}
+        return data
+
+    _trainable_nonempty = field_validator("trainable")(_nonempty)
+
+    def trainable_stages(self) -> tuple[Stage, ...]:
+        return stages_of(self.trainable)
+
+
+class EarlyStoppingConfig(Strict):
+    metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = "val_accuracy"
+    patience: int | None = Field(None, ge=1, description="Epochs without improvement before stopping; null = off.")
+    min_delta: float = Field(0.0, ge=0.0)
+    restore_best: bool = Field(False, description="At the end of each phase, go back to that phase's best weights.")
+
+
+class EmaConfig(Strict):
+    """An exponential moving average of the trained weights (timm's ModelEmaV3), validated beside the raw ones."""
+
+    decay: float = Field(0.9998, gt=0.0, lt=1.0)
+    warmup: bool = Field(True, description="timm's decay warmup: short runs average over the steps they have.")
+    evaluate: Literal["ema", "raw", "both"] = Field(
+        "ema", description="Which weights early stopping and best.pt follow; both: whichever validates better."
+    )
+
+
+class MixupConfig(Strict):
+    """timm's Mixup / CutMix of image pairs and their labels (with the recipe's label smoothing)."""
+
+    mixup_alpha: float = Field(0.8, ge=0.0)
+    cutmix_alpha: float = Field(1.0, ge=0.0)
+    prob: float = Field(1.0, gt=0.0, le=1.0, description="Share of batches that are mixed.")
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="With both alphas above 0: share of mixed batches cut-mixed.")
+    off_epoch: int | None = Field(None, ge=1, description="Last epoch (counted over all phases) that mixes; later ones don't.")
+
+    @model_validator(mode="after")
+    def _some_alpha(self) -> MixupConfig:
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError(
+                "mixup_alpha and cutmix_alpha are both 0, so nothing would mix; set one above 0 or remove train.mixup"
+            )
+        return self
+
+    def active(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (from 1) mixes its batches."""
+        return self.off_epoch is None or epoch <= self.off_epoch
+
+
+class TrainConfig(Strict):
+    """Optimisation: `epochs`/`lr`/`trainable`/`bn` (one phase) or a list of `phases`.
+
+    `freeze: [stem, layer1]` is the one-phase alias of `trainable:`: every stage it does not list trains.
+    """
+
+    epochs: int = Field(5, ge=1, le=10000)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    trainable: Trainable | None = Field(None, description="Stages that train (default: all).")
+    freeze: list[Stage] | None = Field(None, description="Alias: the stages that do not train.")
+    bn: BnPolicy = "frozen"
+    phases: list[PhaseConfig] | None = None
+    optimizer: Literal["adamw", "sgd", "lamb", "lion"] = Field("adamw", description="timm's optimizers of these names.")
+    weight_decay: float = Field(0.01, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    scheduler: Literal["cosine", "constant", "step", "plateau"] = "cosine"
+    decay_epochs: float = Field(10.0, gt=0.0, description="step: multiply the LR by decay_rate every this many epochs.")
+    decay_rate: float = Field(0.1, gt=0.0, lt=1.0, description="step and plateau: the factor of each decay.")
+    patience_epochs: int = Field(2, ge=0, description="plateau: epochs without improvement of the early-stopping metric.")
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig | None = Field(None, description="Average the weights over steps; null: off.")
+    mixup: MixupConfig | None = Field(None, description="Mix image pairs and their labels; null: off.")
+    feature_cache: Literal["auto", "off"] = Field(
+        "auto", description="Head-only phases with frozen BN train on pooled features cached on disk (FINETUNE_CACHE_DIR)."
+    )
+    cache_views: int = Field(0, ge=0, le=64, description="Cache this many augmented views per image (0: the eval pipeline only).")
+
+    _trainable_nonempty = field_validator("trainable")(_nonempty)
+
+    @model_validator(mode="after")
+    def _phases_or_single(self) -> TrainConfig:
+        if self.phases is not None:
+            if not self.phases:
+                raise ValueError("phases is an empty list; remove it or give at least one phase")
+            set_here = self.model_fields_set & set(SINGLE_PHASE_FIELDS)
+            if set_here:
+                raise ValueError(f"{sorted(set_here)} conflict with phases; set epochs/lr/trainable/bn per phase instead")
+        if self.trainable is not None and self.freeze is not None:
+            raise ValueError("give 'trainable' or 'freeze' (the stages that do not train), not both")
+        if self.freeze is not None and set(self.freeze) == set(STAGES):
+            raise ValueError("freeze lists every stage, so nothing would train; leave at least 'head' out")
+        return self
+
+    @model_validator(mode="after")
+    def _scheduler_fields(self) -> TrainConfig:
+        for name, schedulers in SCHEDULER_FIELDS.items():
+            if name in self.model_fields_set and self.scheduler not in schedulers:
+                raise ValueError(f"{name} is used by scheduler {' or '.join(schedulers)}, not '{self.scheduler}'; remove it")
+        return self
+
+    def single_phase_stages(self) -> tuple[Stage, ...]:
+        """The trainable stages of the one-phase form (`trainable`, else every stage not in `freeze`)."""
+        if self.freeze is not None:
+            return tuple(s for s in STAGES if s not in self.freeze)
+        return stages_of(self.trainable or "all")
+
+    def resolved_phases(self) -> list[PhaseConfig]:
+        """The phases to run; a recipe without phases is one phase."""
+        if self.phases is not None:
+            return list(self.phases)
+        stages = self.single_phase_stages()
+        return [PhaseConfig(epochs=self.epochs, lr=self.lr, trainable="all" if stages == STAGES else list(stages), bn=self.bn)]
+
+    def phase_epochs(self) -> list[range]:
+        """The epochs (counted from 1 over the whole run) of each resolved phase."""
+        ranges, first = [], 1
+        for phase in self.resolved_phases():
+            ranges.append(range(first, first + phase.epochs))
+            first += phase.epochs
+        return ranges
+
+    def with_epochs(self, epochs: list[int]) -> TrainConfig:
+        """The same training with each phase's epochs replaced (one number per resolved phase)."""
+        if self.phases is None:
+            return self.model_copy(update={"epochs": epochs[0]})
+        phases = [p.model_copy(update={"epochs": e}) for p, e in zip(self.phases, epochs, strict=True)]
+        return self.model_copy(update={"phases": phases})

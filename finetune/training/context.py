@@ -1,0 +1,103 @@
+"""What a fit carries between its steps: the resumable state, the inputs, the fixed environment and the phase."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.config.schema import PhaseConfig, Recipe
+from finetune.data.loader import ImageDataset
+from finetune.data.transforms import ImageConfig
+from finetune.models.stages import FreezePlan
+from finetune.run_dir import RunDir
+from finetune.training.checkpoint import CheckpointSaver
+from finetune.training.distributed import Ranks
+from finetune.training.early_stopping import EarlyStopping
+from finetune.training.ema import StageEma
+from finetune.training.feature_cache import CachedPhase
+from finetune.training.mixup import Mixer
+from finetune.training.optim import Schedule
+from finetune.training.tracking import Trackers
+
+STATE_FIELDS = ("epoch", "phase", "phase_epoch", "finished", "stopping", "optimizer", "scheduler", "ema")
+
+
+@dataclass
+class FitState:
+    """Where training stands; stored in `last.pt` so `--resume` continues exactly."""
+
+    epoch: int = 0  # epochs completed over all phases
+    phase: int = 0
+    phase_epoch: int = 0  # epochs completed within `phase`
+    finished: bool = False  # every phase has run (or stopped early): the run can be exported
+    stopping: dict[str, Any] = field(default_factory=dict)  # EarlyStopping.state_dict()
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Any] = field(default_factory=dict)  # StageEma.state(): the averaged weights and their step count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in STATE_FIELDS}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> FitState:
+        """The state stored in a `last.pt` payload."""
+        stored = payload["training_state"]
+        return cls(**{k: stored[k] for k in STATE_FIELDS if k in stored})
+
+
+@dataclass
+class FitContext:
+    """Everything `fit` needs besides the model: data, recipe, where to write."""
+
+    recipe: Recipe
+    class_names: list[str]
+    image: ImageConfig
+    train_set: ImageDataset
+    val_set: ImageDataset
+    run: RunDir
+    class_weights: list[float] | None = None
+    cache_dir: Path = Path(".cache") / "finetune" / "features"  # where head-only phases keep backbone features
+    progress: bool = True
+    on_epoch_end: Callable[[FitState], None] | None = None
+    trackers: Trackers | None = None  # TensorBoard / MLflow beside metrics.csv
+
+
+@dataclass
+class Env:
+    """What stays fixed over a fit: device, precision, loss, processes, early stopping and the checkpoint writer."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    ranks: Ranks
+    stopping: EarlyStopping
+    saver: CheckpointSaver
+    total_epochs: int
+    ema: StageEma | None  # the averaged weights (train.ema), updated after every step
+    mixer: Mixer | None  # mixup / cutmix of training batches (train.mixup)
+    mixed_criterion: nn.Module | None  # the loss against the mixer's soft targets
+
+
+@dataclass
+class Phase:
+    """One phase ready to train: what trains, on which data, with which optimizer and schedule."""
+
+    index: int
+    config: PhaseConfig
+    plan: FreezePlan
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    net: nn.Module  # what training batches go through: the model, its DDP wrapper, or the head on cached features
+    val_net: nn.Module
+    ema_val_net: nn.Module | None  # the EMA weights on the same validation inputs
+    train_set: Any
+    val_batches: Iterable[Any]
+    cached: CachedPhase | None
+    drop_lone_last: bool  # BatchNorm trains: a last batch of one image is left out of each epoch
+    setup_started: float | None  # the phase's first epoch is charged its preparation (feature caching)

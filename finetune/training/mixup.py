@@ -1,0 +1,45 @@
+"""Mixup / CutMix for training batches: timm's `Mixup`, and the loss and accuracy that go with mixed labels."""
+
+from __future__ import annotations
+
+import torch
+from timm.data import Mixup
+from torch import nn
+
+from finetune.config.train_schema import MixupConfig
+
+
+class Mixer:
+    """Mixes a batch with its reverse (timm's batch mode) and returns soft targets with the recipe's label smoothing.
+
+    timm pairs image i with image n - 1 - i, so a batch must be even: an odd batch leaves its last image out of
+    that step.
+    """
+
+    def __init__(self, cfg: MixupConfig, *, label_smoothing: float, num_classes: int) -> None:
+        self.mixup = Mixup(
+            mixup_alpha=cfg.mixup_alpha,
+            cutmix_alpha=cfg.cutmix_alpha,
+            prob=cfg.prob,
+            switch_prob=cfg.switch_prob,
+            mode="batch",
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.size(0) % 2:
+            images, targets = images[:-1], targets[:-1]
+        if images.size(0) == 0:
+            raise ValueError("mixup needs at least two images per batch; raise data.batch_size")
+        mixed, soft = self.mixup(images, targets)
+        return mixed, soft
+
+
+def soft_target_criterion(weights: list[float] | None) -> nn.Module:
+    """Cross-entropy against class-probability targets (torch's CrossEntropyLoss takes them), with the class weights.
+
+    The smoothing is already in the targets (timm's `mixup_target`), so the loss adds none.
+    """
+    tensor = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
+    return nn.CrossEntropyLoss(weight=tensor)
