@@ -217,6 +217,7 @@ def inspect(
         typer.echo(json.dumps(info.to_dict(), indent=2) if json_ else format_inspection(info))
 
 
+@app.command()
 def compare(
     recipes: Annotated[list[Path], typer.Argument(help="Two or more recipe YAML files.")],
     data: Annotated[Path, typer.Option(help="Image folder or CSV manifest; every recipe gets the same split.")],

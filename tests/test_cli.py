@@ -33,9 +33,12 @@ def test_help_for_every_command():
 
     from finetune.cli import app
 
-    for command in ("train", "eval", "predict", "demo"):
+    commands = ("train", "eval", "predict", "demo", "check", "inspect", "compare", "lr-find", "explain", "export", "report")
+    for command in commands:
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, command
+    compare = CliRunner().invoke(app, ["compare", "--help"]).output
+    assert all(option in compare for option in ("--epochs-scale", "--max-epochs", "--seeds"))
 
 
 def test_train_eval_predict(tmp_path, image_folder, presplit_folder, recipe_file):
