@@ -69,9 +69,16 @@ def _row(name: str, recipe: Recipe, result: TrainResult, seconds: float) -> dict
     }
 
 
+def _predictions(run: RunDir) -> pd.DataFrame:
+    """A run's report predictions with absolute paths (the first run read the data as given, later ones the manifest)."""
+    frame = read_text_table(run.report / "predictions.csv")
+    frame["path"] = [str(Path(p).resolve()) for p in frame["path"]]
+    return frame
+
+
 def _versus_leader(out: Path, board: pd.DataFrame) -> list[str]:
     """Each run against the leader on the same test images (paired bootstrap of macro-F1): 'within noise' or not."""
-    predictions = {name: read_text_table(RunDir(out / name).report / "predictions.csv") for name in board["recipe"]}
+    predictions = {name: _predictions(RunDir(out / name)) for name in board["recipe"]}
     leader = predictions[board["recipe"].iloc[0]]
     classes = sorted(set(leader["true_label"]))
     index = {c: i for i, c in enumerate(classes)}
