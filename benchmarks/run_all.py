@@ -22,6 +22,7 @@ import bench_cache  # noqa: E402
 import bench_data  # noqa: E402
 import bench_export  # noqa: E402
 import bench_flops  # noqa: E402
+import bench_levers  # noqa: E402
 import bench_loops  # noqa: E402
 import bench_memory  # noqa: E402
 
@@ -32,6 +33,7 @@ SUITE = [  # (name, callable) with settings chosen so that the whole run stays u
     ("memory", lambda: bench_memory.run(repeats=2)),
     ("cache", lambda: bench_cache.run(epochs=4)),
     ("export", lambda: bench_export.run(repeats=3)),
+    ("levers", lambda: bench_levers.run(repeats=5)),
 ]
 
 

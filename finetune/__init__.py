@@ -25,6 +25,8 @@ _LAZY = {
     "explain": "finetune.api",
     "export": "finetune.api",
     "load": "finetune.api",
+    "audit": "finetune.api",
+    "cross_validate": "finetune.api",
     "Predictor": "finetune.api",
     "TrainResult": "finetune.api",
     "load_recipe": "finetune.config.loading",

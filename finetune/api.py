@@ -17,7 +17,9 @@ from finetune.data.doctor import CheckResult, check_dataset
 from finetune.files import check_writable_file, write_text
 from finetune.models.inspect import Inspection, inspect_model
 from finetune.reporting.diff import ReportDiff, diff_reports
+from finetune.runs.audit import AuditResult, audit
 from finetune.runs.compare import CompareResult, compare
+from finetune.runs.cv import CVResult, cross_validate
 from finetune.runs.evaluate import evaluate
 from finetune.runs.explain import ExplainResult, explain
 from finetune.runs.export import ExportResult, export
@@ -26,6 +28,10 @@ from finetune.runs.predict import Predictor, predict
 from finetune.runs.train import TrainResult, train
 
 __all__ = [
+    "AuditResult",
+    "CVResult",
+    "audit",
+    "cross_validate",
     "CheckResult",
     "CompareResult",
     "Inspection",

@@ -85,6 +85,32 @@ class RunDir:
         return self.root / "reject.json"
 
     @property
+    def excluded(self) -> Path:
+        """The images `data.exclude` left out of the run."""
+        return self.root / "excluded.csv"
+
+    @property
+    def folds(self) -> Path:
+        """path, label, split, fold of every image; its presence marks a cross-validation folder (`--folds K`)."""
+        return self.root / "folds.csv"
+
+    def fold(self, number: int) -> RunDir:
+        """Fold run `number` (from 1) of a cross-validation folder: an ordinary run folder."""
+        return RunDir(self.root / f"fold_{number}")
+
+    def fold_manifest(self, number: int) -> Path:
+        return self.root / "manifests" / f"fold_{number}.csv"
+
+    @property
+    def oof(self) -> Path:
+        """The report of the out-of-fold predictions: every image predicted by the fold model that did not train on it."""
+        return self.root / "oof"
+
+    @property
+    def cv_summary(self) -> Path:
+        return self.root / "cv_summary.csv"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"
 

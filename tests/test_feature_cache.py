@@ -31,12 +31,13 @@ def _counts(caplog) -> list[tuple[int, int]]:
 
 def test_cached_probe_matches_uncached_and_second_run_reuses(tmp_path, image_folder, caplog):
     caplog.set_level(logging.INFO, logger="finetune")
-    plain = train(recipe=_probe(feature_cache="off"), data=image_folder, out=tmp_path / "plain", progress=False)
+    cache = tmp_path / "cache"  # its own cache: other tests train on the same tiny pictures
+    plain = train(recipe=_probe(feature_cache="off"), data=image_folder, out=tmp_path / "plain", progress=False, cache_dir=cache)
     assert _counts(caplog) == []
-    first = train(recipe=_probe(), data=image_folder, out=tmp_path / "first", progress=False)
+    first = train(recipe=_probe(), data=image_folder, out=tmp_path / "first", progress=False, cache_dir=cache)
     assert _counts(caplog) == [(18, 0), (6, 0)]  # train and val images, computed once
     caplog.clear()
-    second = train(recipe=_probe(), data=image_folder, out=tmp_path / "second", progress=False)
+    second = train(recipe=_probe(), data=image_folder, out=tmp_path / "second", progress=False, cache_dir=cache)
     assert _counts(caplog) == [(0, 18), (0, 6)]
     a, b, c = (torch.load(r.best_checkpoint, weights_only=True)["state_dict"] for r in (plain, first, second))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) and torch.equal(b[k], c[k]) for k in a)

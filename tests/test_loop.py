@@ -1,6 +1,7 @@
 import math
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -318,3 +319,22 @@ def test_impossible_settings_fail_before_the_run_folder_is_written(tmp_path, ima
     with pytest.raises(FinetuneError, match=r"transforms.train: RandomCrop fails on training image .*: .*; change its arguments"):
         train(recipe=recipe_from_dict(crop), data=image_folder, out=tmp_path / "crop", progress=False)
     assert not (tmp_path / "crop").exists()
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path, image_folder):
+    base = {"feature_cache": "off", "epochs": 2}
+    plain = train(recipe=tiny_recipe(train=base), data=image_folder, out=tmp_path / "plain", progress=False)
+    nhwc = train(
+        recipe=tiny_recipe(train={**base, "channels_last": True}), data=image_folder, out=tmp_path / "nhwc", progress=False
+    )
+    np.testing.assert_allclose(nhwc.history["train_loss"], plain.history["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(nhwc.history["val_loss"], plain.history["val_loss"], rtol=1e-4)
+
+
+def test_the_run_ends_with_an_epoch_table(tmp_path, image_folder, caplog):
+    caplog.set_level("INFO")
+    train(recipe=tiny_recipe(train={"epochs": 2}), data=image_folder, out=tmp_path / "run", progress=False)
+    table = next(r.getMessage() for r in caplog.records if "train_loss" in r.getMessage() and "time" in r.getMessage())
+    lines = table.strip().splitlines()
+    assert lines[0].split()[:3] == ["epoch", "phase", "train_loss"] and lines[0].split()[-1] == "time"
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2"] and lines[2].split()[-1].count(":") == 1

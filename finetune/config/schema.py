@@ -68,6 +68,9 @@ class DataConfig(Strict):
         None, description="Regex on the file name; its first group (or match) keeps a group in one split."
     )
     extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS), min_length=1)
+    exclude: Path | None = Field(
+        None, description="CSV with a `path` column (e.g. an audit's label_issues.csv, edited): those images are left out."
+    )
 
     @field_validator("group_pattern")
     @classmethod

@@ -113,6 +113,8 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0.0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = Field(False, description="NHWC memory layout for model and batches (faster convolutions on GPUs).")
+    compile: bool = Field(False, description="torch.compile the training forward (first steps slower; checkpoints unchanged).")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     ema: EmaConfig | None = Field(None, description="Average the weights over steps; null: off.")
     mixup: MixupConfig | None = Field(None, description="Mix image pairs and their labels; null: off.")

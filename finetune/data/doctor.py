@@ -7,7 +7,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -359,9 +359,16 @@ class Screened:
     facts: dict[str, ImageFacts]
 
 
-def screen_samples(samples: pd.DataFrame, *, policy: str, progress: bool = True) -> Screened:
-    """Decode every image once before training: skip (and list) or refuse the unreadable ones."""
-    facts = examine_all(list(samples["path"]), progress=progress)
+def screen_samples(
+    samples: pd.DataFrame, *, policy: str, progress: bool = True, known: Mapping[str, ImageFacts] | None = None
+) -> Screened:
+    """Decode every image once before training: skip (and list) or refuse the unreadable ones.
+
+    `known` holds facts already gathered for some paths (cross-validation folds share one screening pass)."""
+    known = known or {}
+    fresh = [p for p in samples["path"] if p not in known]
+    examined = dict(zip(fresh, examine_all(fresh, progress=progress)))
+    facts = [known[p] if p in known else examined[p] for p in samples["path"]]
     bad = np.array([f.problem is not None for f in facts], dtype=bool)
     skipped = samples[bad].copy()
     skipped["reason"] = [f"{f.problem}: {f.detail}" if f.detail else f.problem for f in facts if f.problem is not None]

@@ -40,7 +40,8 @@ def evaluation_split(samples: pd.DataFrame) -> str:
     return "test" if (samples["split"] == "test").any() else "val"
 
 
-def _groups(frame: pd.DataFrame, pattern: str | None) -> pd.Series | None:
+def group_keys(frame: pd.DataFrame, pattern: str | None) -> pd.Series | None:
+    """The group of every row (from `data.group_pattern` on the file name), or None without a pattern."""
     if pattern is None:
         return None
     regex = re.compile(pattern)
@@ -67,7 +68,7 @@ def _stratified(
             f"cannot make a stratified {what} split: class '{small}' has {counts.min()} image(s) and the {what} set "
             f"would hold {n_take} for {counts.size} classes; add images or raise data.{what}_fraction"
         )
-    groups = _groups(frame, group_pattern)
+    groups = group_keys(frame, group_pattern)
     if groups is None:
         keep, take = train_test_split(frame, test_size=n_take, stratify=frame["label"], random_state=seed)
         return keep, take

@@ -75,7 +75,7 @@ def _b64(image: Image.Image, size: int = 128) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _thumbnail(path: str, size: int = 128) -> str:
+def thumbnail(path: str, size: int = 128) -> str:
     try:
         image = Image.fromarray(load_image(path))
     except DataError:
@@ -83,7 +83,7 @@ def _thumbnail(path: str, size: int = 128) -> str:
     return _b64(image, size)
 
 
-def _name_parts(path: str) -> list[str]:
+def name_parts(path: str) -> list[str]:
     """A file name cut after _ - . so a long name wraps there rather than mid-word."""
     return [part for part in re.split(r"(?<=[_\-.])", Path(printable(path)).name) if part]
 
@@ -93,8 +93,8 @@ def _gallery(preds: Predictions, class_names: list[str], chosen: list[int], expl
     return [
         {
             "path": printable(preds.paths[i]),
-            "name_parts": _name_parts(preds.paths[i]),
-            "image": _thumbnail(preds.paths[i]),
+            "name_parts": name_parts(preds.paths[i]),
+            "image": thumbnail(preds.paths[i]),
             "cam": _b64(Image.fromarray(cams[n])) if cams else None,
             "true": class_names[preds.targets[i]],
             "pred": class_names[preds.predicted[i]],
@@ -104,7 +104,7 @@ def _gallery(preds: Predictions, class_names: list[str], chosen: list[int], expl
     ]
 
 
-def _escaped(frame: pd.DataFrame, formats: dict[str, Any] | str | None = None) -> Styler:
+def escaped_table(frame: pd.DataFrame, formats: dict[str, Any] | str | None = None) -> Styler:
     """A Styler whose cells and labels are HTML-escaped (class and file names are data, never markup), without the
     empty header row pandas adds for index and column names."""
     styler = frame.style.format(formats, escape="html")
@@ -121,7 +121,7 @@ def _per_class_html(per_class: pd.DataFrame) -> str:
         shown[name] = table[name]
         shown[f"{name} 95% CI"] = [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(table[f"{name}_lo"], table[f"{name}_hi"])]
     shown["support"] = table["support"]
-    styler = _escaped(shown, {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).hide(axis="index")
+    styler = escaped_table(shown, {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).hide(axis="index")
     styler = styler.bar(subset=["f1"], vmin=0, vmax=1, color="#9ecae1")
     return styler.apply(lambda row: ["color:#b00;font-weight:600" if row.iloc[0] else "" for _ in row], axis=1).to_html()
 
@@ -130,7 +130,9 @@ def _counts_html(card: Scorecard) -> str | None:
     """Counts, coloured by the share of their row (like the matrix figure), not by raw size."""
     if len(card.counts) > 30:
         return None
-    styler = _escaped(card.counts).background_gradient(cmap="Blues", axis=None, gmap=card.normalized.to_numpy(), vmin=0, vmax=1)
+    styler = escaped_table(card.counts).background_gradient(
+        cmap="Blues", axis=None, gmap=card.normalized.to_numpy(), vmin=0, vmax=1
+    )
     return styler.to_html()
 
 
@@ -176,7 +178,7 @@ def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list
         counts = read_text_table(ctx.run.splits).groupby(["label", "split"]).size().unstack(fill_value=0)
         counts.loc["total"] = counts.sum()
         rows.append(("split sizes", ", ".join(f"{k}: {v}" for k, v in counts.loc["total"].items())))
-        split_counts = _escaped(counts).to_html()
+        split_counts = escaped_table(counts).to_html()
     if ctx.run is not None and ctx.run.metrics.exists():
         history = read_table(ctx.run.metrics)
         rows.append(("training time", f"{history['seconds'].sum():.0f} s over {len(history)} epochs"))
@@ -201,7 +203,7 @@ def _calibration_html(metrics: dict[str, Any]) -> str | None:
         return None
     names = {"before": "before (T = 1)", "after": f"after (T = {calibration['temperature']:.2f})"}
     table = pd.DataFrame(columns).rename(columns=names, index={"ece": "ECE", "nll": "NLL", "brier": "Brier"})
-    return _escaped(table, "{:.4f}").to_html()
+    return escaped_table(table, "{:.4f}").to_html()
 
 
 def render_html(
@@ -238,7 +240,7 @@ def render_html(
         resamples=RESAMPLES,
         per_class=_per_class_html(card.per_class),
         counts_table=_counts_html(card),
-        confused=_escaped(card.confused, {"fraction_of_true": "{:.1%}"}).hide(axis="index").to_html()
+        confused=escaped_table(card.confused, {"fraction_of_true": "{:.1%}"}).hide(axis="index").to_html()
         if len(card.confused)
         else None,
         top_losses=_gallery(preds, class_names, losses, explain),

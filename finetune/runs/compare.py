@@ -21,6 +21,7 @@ from finetune.evaluation.intervals import paired_difference
 from finetune.files import check_writable_folder, read_text_table, write_table, write_text
 from finetune.models.inspect import inspect_model
 from finetune.run_dir import RunDir
+from finetune.runs.cv import CVResult, cross_validate
 from finetune.runs.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,36 @@ def _row(name: str, recipe: Recipe, result: TrainResult, seconds: float) -> dict
     }
 
 
+def _cv_row(name: str, recipe: Recipe, result: CVResult, seconds: float) -> dict[str, Any]:
+    """A leaderboard row from out-of-fold figures, with the spread of the per-fold ones."""
+    classes, metrics = result.report.per_class, result.report.metrics
+    worst = classes.loc[classes["recall"].idxmin()]
+    low, high = metrics["ci95"]["accuracy"]
+    spread = result.summary.set_index("fold")
+    epochs = [len(read_text_table(RunDir(result.run_dir).fold(k).metrics)) for k in range(1, len(spread) - 1)]
+    return {
+        "recipe": name,
+        "model": recipe.model.name,
+        "accuracy": metrics["accuracy"],
+        "accuracy_lo": low,
+        "accuracy_hi": high,
+        "macro_f1": metrics["macro_f1"],
+        "macro_f1_fold_mean": spread.loc["mean", "macro_f1"],
+        "macro_f1_fold_std": spread.loc["std", "macro_f1"],
+        "worst_class": worst["class"],
+        "worst_class_recall": float(worst["recall"]),
+        "trainable_params": _trainable_params(recipe, len(classes)),
+        "epochs": round(float(np.mean(epochs)), 1),
+        "seconds": round(seconds, 1),
+        "report": f"{name}/oof/report.html",
+    }
+
+
 def _predictions(run: RunDir) -> pd.DataFrame:
-    """A run's report predictions with absolute paths (the first run read the data as given, later ones the manifest)."""
-    frame = read_text_table(run.report / "predictions.csv")
+    """A run's report predictions (a cross-validation's out-of-fold ones) with absolute paths (the first run read the
+    data as given, later ones the manifest)."""
+    table = run.oof / "predictions.csv" if run.folds.exists() else run.report / "predictions.csv"
+    frame = read_text_table(table)
     frame["path"] = [str(Path(p).resolve()) for p in frame["path"]]
     return frame
 
@@ -114,6 +142,15 @@ def _markdown(board: pd.DataFrame, *, data: str | Path, split: str) -> str:
             ],
             "macro-F1": board["macro_f1"].map("{:.3f}".format),
             "macro-F1 vs leader (paired 95% CI)": board["vs_leader"],
+            **(
+                {
+                    "macro-F1 per fold (mean ± sd)": [
+                        f"{m:.3f} ± {s:.3f}" for m, s in zip(board["macro_f1_fold_mean"], board["macro_f1_fold_std"])
+                    ]
+                }
+                if "macro_f1_fold_mean" in board
+                else {}
+            ),
             "worst class (recall)": [f"{c} ({r:.0%})" for c, r in zip(board["worst_class"], board["worst_class_recall"])],
             "trainable params": board["trainable_params"].map(lambda n: f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"),
             "epochs": board["epochs"],
@@ -139,22 +176,43 @@ def compare(
     epochs_scale: float | None = None,
     max_epochs: int | None = None,
     seeds: int = 1,
+    folds: int | None = None,
 ) -> CompareResult:
     """Train each recipe into `out/<recipe>/` on the split made by the first; write leaderboard.csv/.md.
 
     `epochs_scale` multiplies every phase's epochs and `max_epochs` caps each recipe's total (phases shrink in
     proportion), so phase-based and one-phase recipes shorten together. `seeds` > 1 trains each recipe with seeds
-    0..N-1 (`out/<recipe>-seed<k>/`) and adds the mean and spread per recipe.
+    0..N-1 (`out/<recipe>-seed<k>/`) and adds the mean and spread per recipe. `folds` cross-validates every recipe
+    on the same folds (`out/<recipe>/fold_k/`) and ranks them by their out-of-fold predictions.
     """
     paths = [Path(r) for r in recipes]
     if len(paths) < 2:
         raise UsageError("compare needs at least two recipes, e.g. recipes/linear_probe.yaml recipes/last_stage.yaml")
+    if folds is not None and seeds > 1:
+        raise UsageError("give --folds K or --seeds N, not both (folds already train every recipe K times)")
     loaded = [_shortened(load_recipe(r, overrides=list(overrides)), r, epochs_scale, max_epochs) for r in paths]
     out = Path(out)
     check_writable_folder(out)
+    runs = _runs(loaded, _run_names(paths), seeds)
+    rows = _train_folds(runs, data, out, folds, progress) if folds is not None else _train_all(runs, data, out, progress)
+    board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
+    board["vs_leader"] = _versus_leader(out, board)
+    write_table(board, out / "leaderboard.csv", float_format="%.4f")
+    split = f"{folds}-fold out-of-fold" if folds else evaluation_split(read_text_table(out / "split_manifest.csv"))
+    markdown = _markdown(board, data=data, split=split)
+    if seeds > 1:
+        means = seed_summary(board)
+        write_table(means, out / "leaderboard_seeds.csv", float_format="%.4f")
+        markdown += _seeds_markdown(means, seeds)
+    write_text(out / "leaderboard.md", markdown)
+    return CompareResult(folder=out, leaderboard=board)
+
+
+def _train_all(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, progress: bool) -> list[dict[str, Any]]:
+    """Each recipe trained once; the first one's split (split_manifest.csv) is every later one's."""
     manifest = out / "split_manifest.csv"
     rows = []
-    for recipe, name in _runs(loaded, _run_names(paths), seeds):
+    for recipe, name in runs:
         started = time.perf_counter()
         result = train(recipe=recipe, data=manifest if manifest.exists() else data, out=out / name, progress=progress)
         if not manifest.exists():  # every later recipe sees exactly this split
@@ -163,16 +221,21 @@ def compare(
             write_table(splits, manifest)
         rows.append(_row(name, recipe, result, time.perf_counter() - started))
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, rows[-1]["accuracy"], rows[-1]["macro_f1"])
-    board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
-    board["vs_leader"] = _versus_leader(out, board)
-    write_table(board, out / "leaderboard.csv", float_format="%.4f")
-    markdown = _markdown(board, data=data, split=evaluation_split(read_text_table(manifest)))
-    if seeds > 1:
-        means = seed_summary(board)
-        write_table(means, out / "leaderboard_seeds.csv", float_format="%.4f")
-        markdown += _seeds_markdown(means, seeds)
-    write_text(out / "leaderboard.md", markdown)
-    return CompareResult(folder=out, leaderboard=board)
+    return rows
+
+
+def _train_folds(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, folds: int, progress: bool) -> list[dict[str, Any]]:
+    """Each recipe cross-validated; the first one's folds (its folds.csv) are every later one's."""
+    assignment: pd.DataFrame | None = None
+    rows = []
+    for recipe, name in runs:
+        started = time.perf_counter()
+        result = cross_validate(recipe=recipe, data=data, out=out / name, folds=folds, progress=progress, assignment=assignment)
+        if assignment is None:
+            assignment = read_text_table(RunDir(result.run_dir).folds).astype({"fold": int})
+        rows.append(_cv_row(name, recipe, result, time.perf_counter() - started))
+        log.info("%s: out-of-fold accuracy %.4f, macro-F1 %.4f", name, rows[-1]["accuracy"], rows[-1]["macro_f1"])
+    return rows
 
 
 def _shortened(recipe: Recipe, path: Path, scale: float | None, cap: int | None) -> Recipe:

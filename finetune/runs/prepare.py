@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pandas as pd
 
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.decode import load_image, printable
-from finetune.data.doctor import screen_samples, split_leakage
+from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
+from finetune.data.folds import apply_exclude
 from finetune.data.scan import read_samples
 from finetune.data.split import DatasetIndex, make_index
 from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, check_pipeline, resolve_image_config
@@ -38,6 +40,7 @@ class PreparedData:
     index: DatasetIndex
     skipped: pd.DataFrame
     leaks: pd.DataFrame
+    excluded: pd.DataFrame  # rows left out by data.exclude
 
 
 @dataclass
@@ -79,9 +82,11 @@ def check_weights_available(cfg: ModelConfig) -> None:
         raise WeightsError(f"weights file {cfg.pretrained} does not exist; fix model.pretrained")
 
 
-def prepare_data(cfg: DataConfig, *, seed: int, progress: bool) -> PreparedData:
-    """Scan, screen (decode every image once), split, and look for duplicates across the splits."""
-    screened = screen_samples(read_samples(cfg), policy=cfg.bad_images, progress=progress)
+def prepare_data(cfg: DataConfig, *, seed: int, progress: bool, known: Mapping[str, ImageFacts] | None = None) -> PreparedData:
+    """Scan, leave out `data.exclude`, screen (decode every image once; `known` ones are not decoded again), split,
+    and look for duplicates across the splits."""
+    samples, excluded = apply_exclude(read_samples(cfg), cfg.exclude)
+    screened = screen_samples(samples, policy=cfg.bad_images, progress=progress, known=known)
     index = make_index(screened.samples, cfg, seed=seed)
     if not (index.samples["split"] == "val").any():
         raise DataError("no validation images: set data.val_fraction above 0 or add a val/ folder")
@@ -95,7 +100,7 @@ def prepare_data(cfg: DataConfig, *, seed: int, progress: bool) -> PreparedData:
         if cfg.strict_split:
             raise DataError(message + "; remove the copies, or set data.group_pattern, or data.strict_split: false")
         log.warning("%s; listed in leakage.csv. HINT: run 'finetune check' and remove the copies", message)
-    return PreparedData(index=index, skipped=screened.skipped, leaks=leaks)
+    return PreparedData(index=index, skipped=screened.skipped, leaks=leaks, excluded=excluded)
 
 
 def prepare_model(recipe: Recipe, *, num_classes: int, load_pretrained: bool = True) -> PreparedModel:
@@ -111,10 +116,10 @@ def prepare_model(recipe: Recipe, *, num_classes: int, load_pretrained: bool = T
     )
 
 
-def prepare_run(recipe: Recipe, *, progress: bool) -> PreparedRun:
+def prepare_run(recipe: Recipe, *, progress: bool, known: Mapping[str, ImageFacts] | None = None) -> PreparedRun:
     """Cheap checks, then data, then model and loss weights: what `train` and `lr-find` start from."""
     check_cheap_things(recipe)
-    data = prepare_data(recipe.data, seed=recipe.seed, progress=progress)
+    data = prepare_data(recipe.data, seed=recipe.seed, progress=progress, known=known)
     model = prepare_model(recipe, num_classes=len(data.index.class_names))
     first = data.index.split("train")["path"].iloc[0]
     check_pipeline(model.train_pipeline, load_image(first), source=f"training image {printable(first)}")

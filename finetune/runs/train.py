@@ -7,8 +7,8 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pandas as pd
 
 from finetune.config.loading import flatten, load_recipe, read_yaml, recipe_from_dict, save_recipe
 from finetune.config.schema import EvalConfig, Recipe
+from finetune.data.doctor import ImageFacts
 from finetune.data.loader import ImageDataset
 from finetune.data.split import DatasetIndex
 from finetune.data.transforms import save_pipeline
@@ -29,7 +30,7 @@ from finetune.runs.evaluate import report_for_run
 from finetune.runs.prepare import PreparedData, PreparedModel, default_cache_dir, prepare_model, prepare_run
 from finetune.training.checkpoint import RESUMABLE_FROM, VALIDATION_KEYS, load_checkpoint, save_checkpoint
 from finetune.training.distributed import Ranks, barrier, setup, teardown
-from finetune.training.history import read_history, truncate_history
+from finetune.training.history import epoch_table, read_history, truncate_history
 from finetune.training.loop import FitContext, FitState, fit
 from finetune.training.loss import class_weights
 from finetune.training.tracking import Trackers
@@ -45,6 +46,16 @@ class TrainResult:
     history: pd.DataFrame
     report: Report | None  # None on torchrun ranks other than 0 (rank 0 writes the report)
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent preparing, training, reporting
+
+    def where_the_time_went(self) -> str:
+        """'data and model 2.1 s, training 14.0 s (5 epochs), report 3.0 s' for the end of a command."""
+        parts = {"prepare": "data and model", "train": "training", "report": "calibration and report"}
+        shown = [
+            f"{parts.get(k, k)} {v:.1f} s" + (f" ({len(self.history)} epochs)" if k == "train" else "")
+            for k, v in self.timings.items()
+        ]
+        return ", ".join(shown)
 
 
 @dataclass
@@ -87,13 +98,15 @@ def refuse_used_folder(run: RunDir) -> None:
 
 
 @contextlib.contextmanager
-def _removed_if_unstarted(run: RunDir) -> Iterator[None]:
-    """A start that fails before recipe.yaml is written leaves no folder behind, so the same command can be retried."""
+def removed_if_unstarted(run: RunDir, *, marker: Path | None = None) -> Iterator[None]:
+    """A start that fails before `marker` (recipe.yaml) is written leaves no folder behind, so the same command can
+    be retried."""
     existed = run.root.exists()
+    started = marker or run.recipe
     try:
         yield
     except BaseException:
-        if not existed and run.root.exists() and not run.is_run():
+        if not existed and run.root.exists() and not started.exists():
             shutil.rmtree(run.root, ignore_errors=True)  # everything in it was written by this call
         raise
 
@@ -102,6 +115,8 @@ def write_run_files(run: RunDir, recipe: Recipe, data: PreparedData) -> None:
     """splits, classes, skipped and leaked files; recipe.yaml last, atomically: a folder with recipe.yaml can be resumed."""
     run.root.mkdir(parents=True, exist_ok=True)
     write_table(data.skipped, run.skipped)
+    if len(data.excluded):
+        write_table(data.excluded, run.excluded)
     if len(data.leaks):
         write_table(data.leaks, run.leakage)
     write_table(data.index.samples, run.splits)
@@ -109,8 +124,10 @@ def write_run_files(run: RunDir, recipe: Recipe, data: PreparedData) -> None:
     save_recipe(recipe, run.recipe)
 
 
-def _start_new(run: RunDir, recipe: Recipe, ranks: Ranks, *, progress: bool) -> _Start:
-    prepared = prepare_run(recipe, progress=progress and ranks.main)
+def _start_new(
+    run: RunDir, recipe: Recipe, ranks: Ranks, *, progress: bool, known: Mapping[str, ImageFacts] | None = None
+) -> _Start:
+    prepared = prepare_run(recipe, progress=progress and ranks.main, known=known)
     barrier()  # every rank has checked the data before rank 0 writes
     if ranks.main:
         write_run_files(run, recipe, prepared.data)
@@ -260,17 +277,22 @@ def _fit_context(
     )
 
 
-def _fit_and_report(run: RunDir, start: _Start, ctx: FitContext) -> Report | None:
+def _fit_and_report(run: RunDir, start: _Start, ctx: FitContext, timings: dict[str, float]) -> Report | None:
     """Train, then (rank 0) calibrate best.pt and write the report; every epoch and the report's figures also go to
     the recipe's trackers (TensorBoard, MLflow)."""
     first_epoch = start.state.epoch + 1 if start.state is not None else 1
     ctx.trackers = Trackers(start.recipe.log, run.root, first_epoch=first_epoch) if start.ranks.main else None
     try:
+        begun = time.perf_counter()
         state = fit(start.model.bundle, ctx, state=start.state)
+        timings["train"] = time.perf_counter() - begun
         if not start.ranks.main:
             return None
+        log.info("\n%s", epoch_table(read_history(run)))
+        begun = time.perf_counter()
         calibrate_best(run, start.recipe.eval)
         report = report_for_run(run, start.index, progress=ctx.progress)
+        timings["report"] = time.perf_counter() - begun
         if ctx.trackers is not None:
             for name in ("confusion_matrix", "augmentation_preview", "training_curves"):
                 ctx.trackers.figure(f"report/{name}", run.report / f"{name}.png", state.epoch)
@@ -298,11 +320,13 @@ def train(
     progress: bool = True,
     on_epoch_end: Callable[[FitState], None] | None = None,
     cache_dir: str | Path | None = None,
+    known_images: Mapping[str, ImageFacts] | None = None,
 ) -> TrainResult:
     """Fine-tune per `recipe` on `data`, writing the run folder `out`; `resume=True` continues `out`.
 
     Under `torchrun --nproc_per_node=N` every process calls this; they train data-parallel and rank 0 writes.
     `cache_dir` holds feature caches (default: `default_cache_dir()`, i.e. $FINETUNE_CACHE_DIR or ~/.cache).
+    `known_images` are screening facts already gathered (cross-validation folds screen the images once).
     """
     started = time.perf_counter()
     run = RunDir(Path(out))
@@ -316,20 +340,26 @@ def train(
     ranks = setup(target.train.device)
     try:
         barrier()  # every rank has looked at the folder before rank 0 locks it
-        with _removed_if_unstarted(run), locked(run, enabled=ranks.main):
+        with removed_if_unstarted(run), locked(run, enabled=ranks.main):
             if resume:
                 start = _start_resume(run, stored, index, payload, ranks)
             else:
-                start = _start_new(run, target, ranks, progress=progress)
+                start = _start_new(run, target, ranks, progress=progress, known=known_images)
             progress = progress and ranks.main
             if ranks.main:
                 write_training_files(run, start)
             folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             ctx = _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end, cache_dir=folder)
-            report = _fit_and_report(run, start, ctx)
+            timings = {"prepare": time.perf_counter() - started}
+            report = _fit_and_report(run, start, ctx, timings)
     finally:
         teardown()
     history = read_history(run) if ranks.main else pd.DataFrame()
     return TrainResult(
-        run_dir=run.root, best_checkpoint=run.best, history=history, report=report, seconds=time.perf_counter() - started
+        run_dir=run.root,
+        best_checkpoint=run.best,
+        history=history,
+        report=report,
+        seconds=time.perf_counter() - started,
+        timings=timings,
     )

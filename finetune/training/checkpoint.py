@@ -152,6 +152,11 @@ def _fit_error(exc: RuntimeError, recipe: Recipe, classes: int) -> CheckpointErr
     )
 
 
+def checkpoint_meta(payload: dict[str, Any]) -> dict[str, Any]:
+    """Everything in a checkpoint but the weights, the training state and the validation outputs."""
+    return {k: v for k, v in payload.items() if k not in ("state_dict", "training_state", *VALIDATION_KEYS)}
+
+
 def model_from_checkpoint(payload: dict[str, Any]) -> LoadedModel:
     """Rebuild the exact model (architecture, head, weights) a checkpoint was saved from."""
     recipe = recipe_from_dict(payload["recipe"], source="stored in checkpoint")
@@ -162,7 +167,7 @@ def model_from_checkpoint(payload: dict[str, Any]) -> LoadedModel:
     except RuntimeError as exc:
         raise _fit_error(exc, recipe, len(class_names)) from None
     bundle.model.eval()
-    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state", *VALIDATION_KEYS)}
+    meta = checkpoint_meta(payload)
     image = ImageConfig.from_dict(payload["image"])
     validation = None
     if all(key in payload for key in VALIDATION_KEYS):

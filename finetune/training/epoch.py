@@ -38,6 +38,7 @@ class Stepper:
     mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     mixed_criterion: nn.Module | None = None
     ema: Any = None  # training.ema.StageEma
+    channels_last: bool = False  # batches in NHWC memory layout, like the model
 
     def __post_init__(self) -> None:
         # fp16 autocast needs a real gradient scaler; everything else a disabled one
@@ -45,7 +46,9 @@ class Stepper:
 
     def step(self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, epoch: int, index: int) -> Step:
         """Forward, loss check, backward (with clipping), optimizer, schedule and EMA step."""
-        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        layout = torch.channels_last if self.channels_last and images.ndim == 4 else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True, memory_format=layout)
+        targets = targets.to(self.device, non_blocking=True)
         criterion = self.criterion
         if self.mix is not None and self.mixed_criterion is not None:
             images, targets = self.mix(images, targets)

@@ -249,6 +249,11 @@ class FeatureCache:
                 atomic_write(self.folder / "meta.json", lambda handle: handle.write(text))
 
 
+def _eval_cache(model_key: str, eval_pipeline: A.Compose, root: Path) -> FeatureCache:
+    """The cache of one backbone's features through the (deterministic) eval pipeline."""
+    return FeatureCache(root / f"{model_key}-{pipeline_key(eval_pipeline, seed=None)[:24]}", views=0)
+
+
 @dataclass
 class CachedPhase:
     """What a head-only phase trains and validates on instead of images."""
@@ -279,7 +284,7 @@ def cached_phase(
     options = ComputeOptions(
         device=device, dtype=dtype, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, progress=progress
     )
-    eval_cache = FeatureCache(root / f"{model_key}-{pipeline_key(eval_pipeline, seed=None)[:24]}", views=0)
+    eval_cache = _eval_cache(model_key, eval_pipeline, root)
     if views:
         train_cache = FeatureCache(
             root / f"{model_key}-{pipeline_key(train_pipeline, seed=recipe.seed)[:24]}-k{views}", views=views, seed=recipe.seed
@@ -290,3 +295,13 @@ def cached_phase(
     val_features, _ = eval_cache.features(bundle, val_paths, eval_pipeline, options)
     head = HeadOnFeatures(bundle.head, shape)
     return CachedPhase(train=FeatureSet(train_features, train_targets), val=FeatureSet(val_features, val_targets), head=head)
+
+
+def pooled_features(
+    bundle: ModelBundle, paths: Sequence[str], eval_pipeline: A.Compose, *, options: ComputeOptions, root: Path
+) -> np.ndarray:
+    """The classifier's input (pooled backbone features) for every image through the eval pipeline, as N x dim;
+    the same cache entries a head-only phase of this backbone uses."""
+    cache = _eval_cache(backbone_key(bundle, options.dtype)[:24], eval_pipeline, root)
+    features, _ = cache.features(bundle, paths, eval_pipeline, options)
+    return features.flatten(1).numpy()

@@ -51,3 +51,14 @@ def truncate_history(run: RunDir, *, after_epoch: int) -> None:
     history = read_history(run)
     if len(history) and (history["epoch"] > after_epoch).any():
         write_table(history[history["epoch"] <= after_epoch], run.metrics, float_format="%.6g")
+
+
+def epoch_table(history: pd.DataFrame) -> str:
+    """The run's epochs as a fixed-width table (as fastai prints after fit): losses, accuracies, macro-F1, time."""
+    columns = [
+        c for c in ("epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1") if c in history
+    ]
+    columns += [c for c in ("ema_val_accuracy", "selected") if c in history]
+    table = history[columns].copy()
+    table["time"] = [f"{int(s) // 60:02d}:{int(s) % 60:02d}" for s in history["seconds"]]
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from finetune.config.schema import PhaseConfig
 from finetune.data.loader import batches_per_epoch, make_loader
@@ -27,6 +28,7 @@ from finetune.training.history import append_history_row
 from finetune.training.loss import build_criterion
 from finetune.training.mixup import Mixer, soft_target_criterion
 from finetune.training.optim import build_optimizer, build_scheduler, stage_lrs
+from finetune.training.scoring import EpochScores
 from finetune.training.seeding import epoch_seed, seed_epoch
 
 __all__ = ["FitContext", "FitState", "fit"]
@@ -64,15 +66,23 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
 
 
 def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) -> FitState:
-    """Train through every phase of the recipe; returns the final state. `state` resumes a run."""
+    """Train through every phase of the recipe; returns the final state. `state` resumes a run.
+
+    One progress bar counts the run's epochs (with an ETA) above each epoch's own bar.
+    """
     state = state or FitState()
     bundle.model.to(resolve_device(ctx.recipe.train.device))
+    if ctx.recipe.train.channels_last:
+        bundle.model.to(memory_format=torch.channels_last)
     env = _environment(bundle, ctx, state)
     phases = ctx.recipe.train.resolved_phases()
-    for index in range(state.phase, len(phases)):
-        phase = _prepare_phase(bundle, ctx, env, phases[index], index, state)
-        while state.phase_epoch < phase.config.epochs:
-            _run_epoch(bundle, ctx, env, phase, state, last_phase=index == len(phases) - 1)
+    with tqdm(total=env.total_epochs, initial=state.epoch, desc="run", unit="epoch", disable=not ctx.progress) as bar:
+        for index in range(state.phase, len(phases)):
+            phase = _prepare_phase(bundle, ctx, env, phases[index], index, state)
+            while state.phase_epoch < phase.config.epochs:
+                scores = _run_epoch(bundle, ctx, env, phase, state, last_phase=index == len(phases) - 1)
+                bar.update(state.epoch - bar.n)
+                bar.set_postfix(val_acc=f"{scores.chosen.metrics['val_accuracy']:.4f}", refresh=False)
     barrier()  # every checkpoint is on disk before any rank goes on
     return state
 
@@ -170,10 +180,12 @@ def _phase_inputs(
             else None
         )
         net = DistributedDataParallel(bundle.model, device_ids=device_ids)
+    if ctx.recipe.train.compile:  # the compiled forward shares the model's parameters: checkpoints are unchanged
+        net = torch.compile(net)  # type: ignore[assignment]  # an OptimizedModule, typed as a plain callable
     return net, bundle.model, ctx.train_set, val_loader, None
 
 
-def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: Env, phase: Phase, state: FitState, *, last_phase: bool) -> None:
+def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: Env, phase: Phase, state: FitState, *, last_phase: bool) -> EpochScores:
     """Train one epoch, validate, log a metrics row, decide early stopping, write checkpoints."""
     epoch = state.epoch + 1
     started, phase.setup_started = phase.setup_started or time.perf_counter(), None
@@ -204,6 +216,7 @@ def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: Env, phase: Phase, sta
     after_epoch(bundle, ctx, env, phase, state, metrics=metrics, scores=scores, last_phase=last_phase)
     if ctx.on_epoch_end is not None:
         ctx.on_epoch_end(state)
+    return scores
 
 
 def _train_epoch(ctx: FitContext, env: Env, phase: Phase, epoch: int) -> tuple[float, float]:
@@ -235,6 +248,7 @@ def _train_epoch(ctx: FitContext, env: Env, phase: Phase, epoch: int) -> tuple[f
         mix=env.mixer if env.mixer is not None and ctx.recipe.train.mixup and ctx.recipe.train.mixup.active(epoch) else None,
         mixed_criterion=env.mixed_criterion,
         ema=env.ema,
+        channels_last=ctx.recipe.train.channels_last,
     )
     return train_one_epoch(
         phase.net, loader, stepper, epoch=epoch, progress=ctx.progress, desc=f"epoch {epoch}/{env.total_epochs}"

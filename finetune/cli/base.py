@@ -1,0 +1,72 @@
+"""What every command shares: the typer app, option types, and the session that turns errors into one line."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finetune import __version__
+from finetune.errors import FinetuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune ResNets on image folders from YAML recipes; evaluate and predict with the result.",
+)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set train.epochs=3 (repeatable).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune ResNets on image folders from YAML recipes; evaluate and predict with the result."""
+
+
+@contextlib.contextmanager
+def session(quiet: bool, debug: bool) -> Iterator[None]:
+    """Logging for the command, and every FinetuneError as a single line with exit code 2."""
+    follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
+    level = logging.ERROR if follower else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logging.basicConfig(level=level, format="%(message)s", force=True)
+    try:
+        yield
+    except FinetuneError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; completed epochs are checkpointed: continue with 'finetune train --resume RUN'", err=True)
+        raise typer.Exit(130) from None
+    finally:  # called in-process (tests, notebooks), the command leaves logging as it found it
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def timestamped(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,170 @@
+"""Commands that train: train (and --folds), demo, compare, audit, lr-find."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finetune.cli.base import Debug, Overrides, Quiet, app, session, timestamped
+from finetune.errors import UsageError
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML, e.g. recipes/last_stage.yaml.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder to create (default runs/RECIPE-TIME).")] = None,
+    set_: Overrides = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run (or cross-validation) folder.")] = None,
+    folds: Annotated[int | None, typer.Option(help="K-fold cross-validation: K runs in RUN/fold_k, cv_summary, oof/.")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Train from a recipe; writes checkpoints, metrics.csv and report/ into the run folder."""
+    with session(quiet, debug):
+        if resume is None and recipe is None:
+            raise UsageError("give a recipe (e.g. recipes/quickstart.yaml) or --resume RUN")
+        if resume is None and out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("under torchrun every process must write to the same run folder: pass --out RUN")
+        from finetune import api
+
+        run_dir = resume or out or timestamped(recipe.stem if recipe else "run")
+        if folds is not None or (resume is not None and (resume / "folds.csv").exists()):
+            _cross_validate(recipe, data, run_dir, set_ or [], folds, resume=resume is not None, quiet=quiet)
+            return
+        result = api.train(
+            recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet
+        )
+        if result.report is not None:  # None on torchrun ranks other than 0
+            typer.echo(
+                f"accuracy {result.report.metrics['accuracy']:.4f} | report: {result.report.folder} | "
+                f"best checkpoint: {result.best_checkpoint}"
+            )
+
+
+def _cross_validate(
+    recipe: Path | None, data: Path | None, out: Path, overrides: list[str], folds: int | None, *, resume: bool, quiet: bool
+) -> None:
+    from finetune import api
+
+    if resume and folds is not None:
+        raise UsageError("--resume continues the folds the run was started with; leave out --folds")
+    result = api.cross_validate(
+        recipe=recipe, data=data, out=out, folds=folds or 5, overrides=overrides, resume=resume, progress=not quiet
+    )
+    mean, std = result.summary.set_index("fold").loc["mean"], result.summary.set_index("fold").loc["std"]
+    typer.echo(
+        f"macro-F1 per fold {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f} | out of fold: accuracy "
+        f"{result.report.metrics['accuracy']:.4f} | {result.run_dir / 'cv_summary.md'} | {result.report.folder / 'report.html'}"
+    )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/demo-TIME).")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Build data_examples/digits (scikit-learn's handwritten digits) and train recipes/quickstart.yaml on it."""
+    with session(quiet, debug):
+        begun = time.perf_counter()
+        from finetune import api
+
+        imported = time.perf_counter() - begun
+        result = api.demo(out=out, progress=not quiet)
+        if result.report is not None:
+            metrics = result.report.metrics
+            typer.echo(
+                f"demo: test accuracy {metrics['accuracy']:.4f} on {metrics['num_images']} digits in {imported + result.seconds:.0f} s "
+                f"(importing {imported:.1f} s, {result.where_the_time_went()})\n"
+                f"report: {result.report.folder}/summary.md (confusion_matrix.png, per_class.csv, ...)"
+            )
+
+
+@app.command()
+def compare(
+    recipes: Annotated[list[Path], typer.Argument(help="Two or more recipe YAML files.")],
+    data: Annotated[Path, typer.Option(help="Image folder or CSV manifest; every recipe gets the same split.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for the runs and leaderboard (default runs/compare-TIME).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every recipe (repeatable).")] = None,
+    epochs_scale: Annotated[
+        float | None, typer.Option(help="Multiply every phase's epochs (e.g. 0.2), each keeping >= 1.")
+    ] = None,
+    max_epochs: Annotated[
+        int | None, typer.Option(help="At most this many epochs per recipe (phases shrink in proportion).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Train each recipe with seeds 0..N-1; adds mean ± sd per recipe.")] = 1,
+    folds: Annotated[int | None, typer.Option(help="Cross-validate every recipe on the same K folds; rank out of fold.")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Train several recipes on the same split and rank them: leaderboard.csv and leaderboard.md."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.compare(
+            recipes=recipes,
+            data=data,
+            out=out or timestamped("compare"),
+            overrides=set_ or [],
+            progress=not quiet,
+            epochs_scale=epochs_scale,
+            max_epochs=max_epochs,
+            seeds=seeds,
+            folds=folds,
+        )
+        typer.echo(result.leaderboard.drop(columns="report").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        typer.echo(f"leaderboard: {result.folder / 'leaderboard.md'}")
+
+
+@app.command()
+def audit(
+    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")],
+    recipe: Annotated[Path, typer.Option(help="Recipe of the fold models; a frozen-backbone one (linear_probe) is fastest.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for label_issues.csv, audit.html, ... (default runs/audit-TIME).")
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Folds of the cross-validation that predicts every image out of fold.")] = 5,
+    set_: Overrides = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Find suspect labels (confident learning on out-of-fold predictions), overlapping classes, duplicates under
+    two labels and outliers; writes label_issues.csv and audit.html."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.audit(
+            data=data, recipe=recipe, out=out or timestamped("audit"), folds=folds, overrides=set_ or [], progress=not quiet
+        )
+        typer.echo(
+            f"{len(result.issues)} suspect image(s) of {len(result.quality)}, {len(result.conflicts)} duplicate pair(s) under two "
+            f"labels, label health {result.health:.1%} | {result.folder / 'label_issues.csv'} | {result.folder / 'audit.html'}"
+        )
+
+
+@app.command("lr-find")
+def lr_find(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML; the range test uses its first phase.")],
+    data: Annotated[Path | None, typer.Option(help="Image folder or CSV manifest.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for lr_find.csv and lr_find.png (default runs/lr-find-TIME).")] = None,
+    set_: Overrides = None,
+    steps: Annotated[int, typer.Option(min=5, help="Number of LR steps.")] = 100,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Exponential LR range test: loss vs LR curve (PNG + CSV) and a suggested learning rate."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.find_lr(
+            recipe=recipe, data=data, out=out or timestamped("lr-find"), overrides=set_ or [], steps=steps, progress=not quiet
+        )
+        caution = f" (unreliable: {result.warning})" if result.warning else ""
+        typer.echo(f"suggested lr: {result.suggestion:.3g}{caution} | curve: {result.folder / 'lr_find.png'}")

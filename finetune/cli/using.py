@@ -1,0 +1,185 @@
+"""Commands that use a trained run or a data folder: eval, predict, check, inspect, explain, export, report diff."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finetune.cli.base import Debug, Quiet, app, session
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
+    data: Annotated[
+        Path, typer.Option(help="Labelled image folder: class sub-folders, or train/val/test (test, else val, is used).")
+    ],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default RUN/report).")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Evaluate a trained run on labelled images and write the report files."""
+    with session(quiet, debug):
+        from finetune import api
+
+        report = api.evaluate(run=run, data=data, out=out, progress=not quiet)
+        typer.echo(
+            f"accuracy {report.metrics['accuracy']:.4f} on {report.metrics['num_images']} images | report: {report.folder}"
+        )
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    out: Annotated[Path | None, typer.Option(help="CSV to write (default: print to the terminal).")] = None,
+    min_confidence: Annotated[
+        float | None, typer.Option(help="Answer 'unknown' below this (calibrated) top probability.")
+    ] = None,
+    reject: Annotated[
+        str | None, typer.Option(help="'auto': choose the threshold on the validation split (--target-accuracy).")
+    ] = None,
+    target_accuracy: Annotated[
+        float | None, typer.Option(help="With --reject auto: the accuracy the answered images should reach.")
+    ] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Classify images; CSV with path, predicted label, confidence and top-k (calibrated; optional reject option)."""
+    with session(quiet, debug):
+        from finetune import api
+
+        table = api.predict(
+            run=run,
+            inputs=inputs,
+            out=out,
+            progress=not quiet,
+            min_confidence=min_confidence,
+            reject=reject,
+            target_accuracy=target_accuracy,
+        )
+        shown = table.to_csv(index=False, float_format="%.4f") if out is None else f"{len(table)} predictions written to {out}"
+        typer.echo(shown, nl=out is not None)
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders, or train/ val/ [test/]).")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every finding to this JSON file.")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Dataset doctor: decode every file; unreadable, odd, duplicate and leaking images. Exit 1 if training would fail."""
+    with session(quiet, debug):
+        from finetune import api
+        from finetune.data.doctor import format_check
+
+        result = api.check(data=data, json_out=json_out, progress=not quiet)
+        typer.echo(format_check(result))
+        if json_out is not None:
+            typer.echo(f"findings: {json_out}")
+    if not result.trainable:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model name, e.g. resnet50 or tv:resnet50.")],
+    recipe: Annotated[
+        Path | None, typer.Option(help="Show trainable/frozen per phase of this recipe (and its input size).")
+    ] = None,
+    input_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: recipe, else the model's).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Parameters, GMACs and trainable/frozen per stage (stem, layer1..layer4, head)."""
+    with session(True, debug):
+        import json
+
+        from finetune import api
+        from finetune.models.inspect import format_inspection
+
+        info = api.inspect(model=model, recipe=recipe, input_size=input_size)
+        typer.echo(json.dumps(info.to_dict(), indent=2) if json_ else format_inspection(info))
+
+
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    out: Annotated[Path, typer.Option(help="Folder for the pictures and explanations.csv.")],
+    class_: Annotated[str | None, typer.Option("--class", help="Explain this class (default: the predicted one).")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Grad-CAM: where in each image the model found its evidence (picture beside heatmap, border share in a CSV)."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.explain(run=run, inputs=inputs, out=out, target_class=class_, progress=not quiet)
+        flagged = int((result.table["note"] != "").sum())
+        typer.echo(f"{len(result.table)} explanation(s) in {result.folder} ({flagged} with most of the heat on the border)")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by 'finetune train'.")],
+    format_: Annotated[str, typer.Option("--format", help="onnx, torchscript or both.")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Folder for the files and parity.json (default RUN/export).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: onnxruntime static quantization, calibrated on training images.")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="int8: largest accuracy loss (0.01 = 1 point) before it is refused.")
+    ] = 0.01,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Export to ONNX / TorchScript with the preprocessing contract inside; parity with PyTorch on real images (exit 1 if not equal)."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.export(
+            run=run,
+            formats=format_,
+            out=out,
+            checkpoint=checkpoint,
+            quantize=quantize,
+            opset=opset,
+            overwrite=overwrite,
+            max_accuracy_drop=max_accuracy_drop,
+            progress=not quiet,
+        )
+        for kind, figures in result.parity.items():
+            typer.echo(
+                f"{kind}: top-1 agreement {figures['top1_agreement']:.2%}, max |p - p_torch| {figures['max_abs_prob_diff']:.2g}, "
+                f"accuracy {figures['accuracy_exported']:.4f} ({figures['accuracy_delta']:+.4f}) on {figures['images']} images"
+            )
+        typer.echo(f"files: {', '.join(str(p) for p in result.files.values())} | parity: {result.folder / 'parity.json'}")
+
+
+report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("diff")
+def report_diff(
+    run_a: Annotated[Path, typer.Argument(help="Run (or report) folder A, the baseline.")],
+    run_b: Annotated[Path, typer.Argument(help="Run (or report) folder B, the change.")],
+    out: Annotated[Path, typer.Option(help="Folder for diff.md, per_class_diff.csv, confusion_diff.csv/.png.")],
+    debug: Debug = False,
+) -> None:
+    """Per-class metric deltas and confusion-matrix difference between two runs (B - A)."""
+    with session(False, debug):
+        from finetune import api
+
+        result = api.diff_reports(run_a=run_a, run_b=run_b, out=out)
+        h = result.headline
+        shown = h.assign(a=h["a"].map("{:.4f}".format), b=h["b"].map("{:.4f}".format), delta=h["delta"].map("{:+.4f}".format))
+        typer.echo(shown[["metric", "a", "b", "delta", "verdict"]].to_string(index=False))
+        typer.echo(f"diff: {result.folder / 'diff.md'}")

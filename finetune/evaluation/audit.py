@@ -1,0 +1,65 @@
+"""Label audit from out-of-fold probabilities: cleanlab's confident learning (which labels look wrong, how good each
+label is, which classes overlap), conflicting duplicates, and outlier scores from backbone features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from cleanlab.dataset import find_overlapping_classes, overall_label_health_score
+from cleanlab.filter import find_label_issues
+from cleanlab.outlier import OutOfDistribution
+from cleanlab.rank import get_label_quality_scores
+
+from finetune.evaluation.inference import Predictions
+
+
+@dataclass
+class LabelAudit:
+    """Per image (most suspect first), the overlapping class pairs, and cleanlab's overall label health score."""
+
+    table: pd.DataFrame  # path, given_label, suggested_label, given_prob, suggested_prob, label_quality, label_issue
+    overlapping: pd.DataFrame  # class_a, class_b, images, joint_probability
+    health: float  # 1 - the estimated share of wrong labels
+
+
+def audit_labels(preds: Predictions, class_names: list[str]) -> LabelAudit:
+    """Confident learning on out-of-fold probabilities: `find_label_issues` (prune by noise rate) flags images,
+    `get_label_quality_scores` (self-confidence) ranks them, `find_overlapping_classes` pairs the classes."""
+    labels, probs = preds.targets.astype(int), np.asarray(preds.probs, dtype=np.float64)
+    flagged = np.zeros(len(labels), dtype=bool)
+    flagged[find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")] = True
+    names = np.asarray(class_names, dtype=object)
+    rows = np.arange(len(labels))
+    table = pd.DataFrame(
+        {
+            "path": preds.paths,
+            "given_label": names[labels],
+            "suggested_label": names[probs.argmax(axis=1)],
+            "given_prob": probs[rows, labels],
+            "suggested_prob": probs.max(axis=1),
+            "label_quality": get_label_quality_scores(labels, probs),
+            "label_issue": flagged,
+        }
+    )
+    table = table.sort_values(["label_issue", "label_quality"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    pairs = find_overlapping_classes(labels=labels, pred_probs=probs)
+    overlapping = pd.DataFrame(
+        {
+            "class_a": names[pairs["Class Index A"].astype(int)] if len(pairs) else [],
+            "class_b": names[pairs["Class Index B"].astype(int)] if len(pairs) else [],
+            "images": pairs["Num Overlapping Examples"].astype(int) if len(pairs) else [],
+            "joint_probability": pairs["Joint Probability"] if len(pairs) else [],
+        }
+    )
+    health = float(overall_label_health_score(labels, probs, verbose=False))
+    return LabelAudit(table=table, overlapping=overlapping, health=health)
+
+
+def outlier_scores(features: np.ndarray) -> np.ndarray:
+    """cleanlab's out-of-distribution score of every image from its backbone features (k nearest neighbours'
+    average cosine distance, mapped to (0, 1]): low means unlike the rest of the data set."""
+    neighbours = max(1, min(10, len(features) - 1))
+    detector = OutOfDistribution(params={"k": neighbours})
+    return np.asarray(detector.fit_score(features=np.asarray(features, dtype=np.float32), verbose=False))

@@ -1,0 +1,237 @@
+"""Cross-validation: `finetune train --folds K` (and `compare --folds K`, `audit`).
+
+K ordinary fold runs (RUN/fold_k/) share one screening pass and the feature cache. Fold k's val split is
+fold k, so its best.pt already holds the predictions of a model that never trained on those images:
+together they are the out-of-fold predictions of every image, reported in RUN/oof/ (confusion matrix,
+per-class table, ...). RUN/cv_summary.csv has each fold's figures, their mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from finetune.config.loading import load_recipe, save_recipe
+from finetune.config.schema import Recipe
+from finetune.data.doctor import ImageFacts, screen_samples
+from finetune.data.folds import apply_exclude, assign_folds, fold_manifest
+from finetune.data.scan import read_samples
+from finetune.errors import CheckpointError, RunDirError
+from finetune.evaluation.inference import Predictions
+from finetune.files import check_writable_folder, read_text_table, write_table, write_text
+from finetune.reporting.html import RunContext
+from finetune.reporting.report import Report, write_report
+from finetune.run_dir import RunDir, locked
+from finetune.runs.prepare import check_cheap_things
+from finetune.runs.train import removed_if_unstarted, resolve_recipe, train
+from finetune.training.checkpoint import checkpoint_meta, load_checkpoint
+
+log = logging.getLogger(__name__)
+FOLD_FIGURES = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+@dataclass
+class CVResult:
+    run_dir: Path
+    summary: pd.DataFrame  # one row per fold, then the rows 'mean' and 'std' (sample standard deviation)
+    oof: Predictions  # every image outside the test split, predicted by the fold model that did not train on it
+    class_names: list[str]
+    report: Report  # RUN/oof
+    facts: Mapping[str, ImageFacts]  # screening facts of every image (empty after a resume)
+    seconds: float
+
+
+def cross_validate(
+    *,
+    recipe: Recipe | dict[str, Any] | str | Path | None = None,
+    data: str | Path | None = None,
+    out: str | Path,
+    folds: int = 5,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    assignment: pd.DataFrame | None = None,
+) -> CVResult:
+    """Train `recipe` K times, each fold once the validation split; `resume=True` continues `out`.
+
+    Folds are stratified, seeded with the recipe's seed and keep `data.group_pattern` groups whole; a test split
+    stays out of them. `assignment` (a folds.csv table) imposes the folds of another run (compare uses one set).
+    """
+    started = time.perf_counter()
+    run = RunDir(Path(out))
+    facts: Mapping[str, ImageFacts] = {}
+    if resume:
+        chosen, table = _read_cv(run)
+    else:
+        chosen = resolve_recipe(recipe, overrides=overrides, data=data)
+        _refuse_used(run)
+        check_cheap_things(chosen)
+        with removed_if_unstarted(run), locked(run):
+            table, facts = _start(run, chosen, folds, assignment, progress=progress)
+    count = int(table["fold"].max())
+    with locked(run):
+        for number in range(1, count + 1):
+            _run_fold(run, chosen, number, count, facts, progress=progress, cache_dir=cache_dir)
+        summary, oof, class_names, report = _summarise(run, chosen, count)
+    return CVResult(run.root, summary, oof, class_names, report, facts, time.perf_counter() - started)
+
+
+def _refuse_used(run: RunDir) -> None:
+    check_writable_folder(run.root)
+    if run.folds.exists():
+        raise RunDirError(
+            f"{run.root} already holds a cross-validation; continue it with --resume {run.root} or choose another --out"
+        )
+    if run.root.exists() and any(p.name != run.lock.name for p in run.root.iterdir()):
+        raise RunDirError(f"output folder {run.root} is not empty; choose a new --out folder")
+
+
+def _read_cv(run: RunDir) -> tuple[Recipe, pd.DataFrame]:
+    if not run.folds.is_file() or not run.recipe.is_file():
+        raise RunDirError(
+            f"cannot resume {run.root}: no folds.csv, so it is no cross-validation folder ('finetune train --folds K')"
+        )
+    table = read_text_table(run.folds)
+    table["fold"] = table["fold"].astype(int)
+    return load_recipe(run.recipe), table
+
+
+def _start(
+    run: RunDir, recipe: Recipe, folds: int, assignment: pd.DataFrame | None, *, progress: bool
+) -> tuple[pd.DataFrame, dict[str, ImageFacts]]:
+    """Screen once, assign the folds, write every fold's manifest; recipe.yaml last (it marks a resumable folder)."""
+    samples, excluded = apply_exclude(read_samples(recipe.data), recipe.data.exclude)
+    screened = screen_samples(samples, policy=recipe.data.bad_images, progress=progress)
+    kept = screened.samples.assign(path=[str(Path(p).resolve()) for p in screened.samples["path"]])
+    facts = {str(Path(p).resolve()): f for p, f in screened.facts.items()}
+    if assignment is None:
+        cfg = recipe.data
+        table = assign_folds(
+            kept, folds=folds, seed=recipe.seed, test_fraction=cfg.test_fraction, group_pattern=cfg.group_pattern
+        )
+    else:
+        table = assignment[assignment["path"].isin(set(kept["path"]))].reset_index(drop=True)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_table(screened.skipped, run.skipped)
+    if len(excluded):
+        write_table(excluded, run.excluded)
+    count = int(table["fold"].max())
+    for number in range(1, count + 1):
+        run.fold_manifest(number).parent.mkdir(parents=True, exist_ok=True)
+        write_table(fold_manifest(table, number), run.fold_manifest(number))
+    write_table(table, run.folds)
+    save_recipe(recipe, run.recipe)
+    held = table[table["fold"] > 0]
+    log.info(
+        "%d-fold cross-validation of %d images (%d in the test split, kept out) -> %s",
+        count,
+        len(held),
+        int((table["fold"] == 0).sum()),
+        run.root,
+    )
+    return table, facts
+
+
+def _run_fold(
+    run: RunDir,
+    recipe: Recipe,
+    number: int,
+    count: int,
+    facts: Mapping[str, ImageFacts],
+    *,
+    progress: bool,
+    cache_dir: str | Path | None,
+) -> None:
+    fold = run.fold(number)
+    if (fold.report / "metrics.json").is_file():
+        log.info("fold %d/%d: finished earlier, kept", number, count)
+        return
+    log.info("fold %d/%d", number, count)
+    if fold.last.is_file():
+        train(out=fold.root, resume=True, progress=progress, cache_dir=cache_dir)
+        return
+    data = recipe.data.model_copy(update={"path": run.fold_manifest(number), "exclude": None})
+    train(
+        recipe=recipe.model_copy(update={"data": data}), out=fold.root, progress=progress, cache_dir=cache_dir, known_images=facts
+    )
+
+
+def fold_predictions(fold: RunDir) -> Predictions:
+    """The fold model's calibrated predictions of its val split (the held-out fold), from its best.pt."""
+    payload = load_checkpoint(fold.best)
+    rows = read_text_table(fold.splits)
+    rows = rows[rows["split"] == "val"]
+    names = [str(c) for c in payload["class_names"]]
+    targets = np.array([names.index(label) for label in rows["label"]])
+    stored = payload["val_targets"].numpy()
+    if len(stored) != len(targets) or (stored != targets).any():
+        raise CheckpointError(f"{fold.best} holds predictions for other images than {fold.splits}'s val split; retrain the fold")
+    logits = payload["val_logits"].numpy()
+    return Predictions.from_logits(list(rows["path"]), logits, targets, temperature=float(payload.get("temperature", 1.0)))
+
+
+def _concatenate(parts: list[Predictions]) -> Predictions:
+    logits = np.concatenate([p.logits for p in parts if p.logits is not None])
+    return Predictions(
+        paths=[path for p in parts for path in p.paths],
+        probs=np.concatenate([p.probs for p in parts]),
+        targets=np.concatenate([p.targets for p in parts]),
+        logits=logits,
+    )
+
+
+def _summarise(run: RunDir, recipe: Recipe, count: int) -> tuple[pd.DataFrame, Predictions, list[str], Report]:
+    """cv_summary.csv/.md and the out-of-fold report."""
+    rows = []
+    for number in range(1, count + 1):
+        metrics = json.loads((run.fold(number).report / "metrics.json").read_text(encoding="utf-8"))
+        split = metrics.get("evaluated_on", {}).get("split", "val")
+        rows.append(
+            {"fold": str(number), "evaluated_on": split, "images": metrics["num_images"], **{k: metrics[k] for k in FOLD_FIGURES}}
+        )
+    folds = pd.DataFrame(rows)
+    spread = pd.DataFrame(
+        [
+            {"fold": "mean", **folds[list(FOLD_FIGURES)].mean().to_dict()},
+            {"fold": "std", **folds[list(FOLD_FIGURES)].std(ddof=1).to_dict()},
+        ]
+    )
+    summary = pd.concat([folds, spread], ignore_index=True)
+    write_table(summary, run.cv_summary, float_format="%.6f")
+    oof = _concatenate([fold_predictions(run.fold(k)) for k in range(1, count + 1)])
+    payload = load_checkpoint(run.fold(1).best)
+    class_names = [str(c) for c in payload["class_names"]]
+    note = f"{count} folds; each image predicted by the fold model that did not train on it (that model's early stopping saw it)"
+    context = RunContext(meta=checkpoint_meta(payload), split="out-of-fold", selection=True, extra={"cross-validation": note})
+    title = f"{recipe.model.name}: {count}-fold out-of-fold predictions ({len(oof.paths)} images)"
+    report = write_report(oof, class_names, run.oof, top_k=recipe.eval.top_k, title=title, context=context)
+    write_text(run.root / "cv_summary.md", _summary_markdown(summary, report, count))
+    return summary, oof, class_names, report
+
+
+def _summary_markdown(summary: pd.DataFrame, report: Report, count: int) -> str:
+    folds = summary[~summary["fold"].isin(["mean", "std"])]
+    mean, std = summary.set_index("fold").loc["mean"], summary.set_index("fold").loc["std"]
+    split = folds["evaluated_on"].iloc[0]
+    lines = [
+        f"# {count}-fold cross-validation",
+        "",
+        f"Per fold, on its {'held-out fold' if split == 'val' else 'test split'}: accuracy {mean['accuracy']:.3f} ± {std['accuracy']:.3f}, "
+        f"macro-F1 {mean['macro_f1']:.3f} ± {std['macro_f1']:.3f} (mean ± sample standard deviation).",
+        "",
+        f"Out of fold ({report.metrics['num_images']} images, each predicted once by the model that did not train on it): "
+        f"accuracy {report.metrics['accuracy']:.3f}, macro-F1 {report.metrics['macro_f1']:.3f}; see oof/report.html.",
+        "",
+        folds.to_markdown(index=False, floatfmt=".3f"),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""`finetune audit`: confident learning on out-of-fold probabilities finds flipped labels; duplicates under two labels,
+overlapping classes, outliers; audit.html; one-line errors."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from finetune import audit
+from finetune.cli import app
+
+from conftest import tiny_recipe
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 190, 40), "blue": (40, 40, 200)}
+PROBE = tiny_recipe(
+    train={"epochs": 12, "lr": 0.05, "trainable": ["head"]},
+    transforms={"train": "none"},
+    data={"batch_size": 16},
+    eval={"gradcam": False},
+)
+
+
+def _colour_folder(root, per_class=20, flip_every=10, seed=0):
+    """Colour-coded classes; every `flip_every`-th image is filed under the next class (a wrong label)."""
+    rng = np.random.default_rng(seed)
+    names, flipped = list(COLOURS), []
+    for index, (name, rgb) in enumerate(COLOURS.items()):
+        for i in range(per_class):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            label = names[(index + 1) % 3] if i % flip_every == 0 else name
+            (root / label).mkdir(parents=True, exist_ok=True)
+            path = root / label / f"{name}_{i:02d}.png"
+            Image.fromarray(pixels).save(path)
+            if label != name:
+                flipped.append(str(path))
+    return flipped
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    flipped = _colour_folder(root / "data")
+    twin = root / "data" / "blue" / "red_05_copy.png"  # the same picture filed under a second label
+    shutil.copy(root / "data" / "red" / "red_05.png", twin)
+    result = audit(data=root / "data", recipe=PROBE, out=root / "audit", folds=5, progress=False)
+    return result, flipped, twin, root
+
+
+def test_flipped_labels_rank_first(audited):
+    result, flipped, twin, _ = audited
+    n = len(flipped)  # 10% of the images
+    ranked = list(result.quality["path"])
+    top = set(ranked[: n + 2]) - {str(twin), str(twin.parent.parent / "red" / "red_05.png")}
+    hits = len(top & set(flipped))
+    assert hits / n >= 0.8, f"top-{n} holds {hits} of {n} flipped images"
+    flagged = set(result.issues.loc[result.issues["label_issue"], "path"])
+    precision = len(flagged & set(flipped)) / max(len(flagged), 1)
+    recall = len(flagged & set(flipped)) / n
+    assert precision >= 0.8 and recall >= 0.8, (precision, recall)
+    row = result.issues.set_index("path").loc[flipped[0]]
+    assert row["given_label"] == "green" and row["suggested_label"] == "red"  # red_00 was filed under green
+    assert row["reason"].startswith("confident learning: out-of-fold models give 'green'")
+
+
+def test_audit_files_and_page(audited):
+    result, _, twin, root = audited
+    out = root / "audit"
+    issues = pd.read_csv(out / "label_issues.csv")
+    assert list(issues.columns[:7]) == [
+        "path",
+        "given_label",
+        "suggested_label",
+        "given_prob",
+        "suggested_prob",
+        "label_quality",
+        "label_issue",
+    ]
+    assert "reason" in issues.columns and len(pd.read_csv(out / "label_quality.csv")) == 61
+    conflicts = pd.read_csv(out / "conflicting_duplicates.csv")
+    assert len(conflicts) == 1 and conflicts.iloc[0]["kind"] == "exact duplicate"
+    assert {conflicts.iloc[0]["label_a"], conflicts.iloc[0]["label_b"]} == {"red", "blue"}
+    assert any("exact duplicate of red_05" in r for r in issues["reason"])
+    overlapping = pd.read_csv(out / "overlapping_classes.csv")
+    assert list(overlapping.columns) == ["class_a", "class_b", "images", "joint_probability"]
+    outliers = pd.read_csv(out / "outliers.csv")
+    assert len(outliers) == 61 and outliers["outlier_score"].is_monotonic_increasing
+    assert outliers["outlier_score"].between(0, 1).all()
+    html = (out / "audit.html").read_text()
+    assert "Suspects, most suspect first" in html and html.count("data:image/png;base64,") >= len(issues) + 2
+    assert 'src="http' not in html  # self-contained
+    assert (out / "cv" / "oof" / "report.html").exists() and (out / "cv" / "cv_summary.csv").exists()
+    assert result.health < 1.0
+
+
+def test_audit_cli_and_its_errors(tmp_path, image_folder):
+    recipe = tmp_path / "probe.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(PROBE))
+    args = ["audit", str(image_folder), "--recipe", str(recipe), "--folds", "9", "--out", str(tmp_path / "a"), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "error: --folds 9 is more than the 8 image(s) of class 'cat' outside the test split" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    result = CliRunner().invoke(
+        app, ["audit", str(image_folder), "--recipe", str(recipe), "--folds", "2", "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "suspect image(s) of 24" in result.output and (tmp_path / "b" / "audit.html").exists()

@@ -1,0 +1,95 @@
+"""GPU paths: AMP bf16/fp16, channels_last, torch.compile, pinned-memory loaders, torchrun with nccl, export parity
+with the model on CUDA. Marked `gpu` and skipped without CUDA; run them whenever a GPU machine is at hand:
+`python -m pytest -m gpu`."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from finetune import export, predict, train
+
+from conftest import make_folder, tiny_recipe
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("gpu") / "data", per_class=16, size=64)
+
+
+def _cuda(**train_options):
+    return tiny_recipe(data={"test_fraction": 0.2}, train={"epochs": 2, "device": "cuda", **train_options})
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_with_finite_losses(tmp_path, data, amp):
+    result = train(recipe=_cuda(amp=amp), data=data, out=tmp_path / amp, progress=False)
+    assert np.isfinite(result.history[["train_loss", "val_loss"]].to_numpy()).all()
+    assert result.report.metrics["num_images"] > 0
+
+
+def test_channels_last_gives_the_contiguous_results(tmp_path, data):
+    plain = train(recipe=_cuda(amp="off", feature_cache="off"), data=data, out=tmp_path / "plain", progress=False)
+    nhwc = train(
+        recipe=_cuda(amp="off", feature_cache="off", channels_last=True), data=data, out=tmp_path / "nhwc", progress=False
+    )
+    np.testing.assert_allclose(nhwc.history["train_loss"], plain.history["train_loss"], rtol=1e-3)
+
+
+def test_compile_trains_and_saves_plain_checkpoints(tmp_path, data):
+    result = train(recipe=_cuda(compile=True), data=data, out=tmp_path / "compiled", progress=False)
+    keys = torch.load(result.best_checkpoint, weights_only=True)["state_dict"].keys()
+    assert not any(k.startswith("_orig_mod.") for k in keys)
+
+
+def test_training_loaders_pin_memory_on_cuda(tmp_path, data, monkeypatch):
+    from finetune.training import loop
+
+    pinned = []
+    real = loop.make_loader
+
+    def spy(*args, **kwargs):
+        pinned.append(kwargs.get("pin_memory", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "make_loader", spy)
+    train(recipe=_cuda(feature_cache="off", epochs=1), data=data, out=tmp_path / "pin", progress=False)
+    assert True in pinned
+
+
+def test_torchrun_uses_nccl_on_one_gpu(tmp_path, data):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_cuda()))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "finetune",
+        "train",
+        str(recipe),
+    ]
+    done = subprocess.run(
+        [*command, "--data", str(data), "--out", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(nccl)" in done.stderr
+
+
+def test_export_parity_for_a_model_trained_on_cuda(tmp_path, data):
+    run = train(recipe=_cuda(), data=data, out=tmp_path / "run", progress=False).run_dir
+    exported = export(run=run, out=tmp_path / "export", formats="onnx", progress=False)
+    assert exported.parity["onnx"]["top1_agreement"] == 1.0
+    images = sorted(data.rglob("*.*"))[:8]
+    np.testing.assert_allclose(
+        predict(run=exported.files["onnx"], inputs=images, progress=False)["confidence"],
+        predict(run=run, inputs=images, progress=False)["confidence"],
+        atol=1e-3,
+    )
