@@ -41,9 +41,11 @@ def prefix_output(model: nn.Module, stages: StageMap, first: Stage, images: torc
 
 def _head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooling and classifier: timm's `forward_head` (ResNet, ResNetV2), torchvision's avgpool + flatten + fc."""
-    if hasattr(model, "forward_head"):
-        return model.forward_head(x)
-    return model.fc(torch.flatten(model.avgpool(x), 1))
+    forward_head = getattr(model, "forward_head", None)
+    if callable(forward_head):
+        return forward_head(x)
+    pooled = torch.flatten(model.get_submodule("avgpool")(x), 1)
+    return model.get_submodule("fc")(pooled)
 
 
 class SuffixNet(nn.Module):
