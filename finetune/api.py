@@ -14,6 +14,7 @@ from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.demo import build_digits_folder, default_paths, demo_out_dir
 from finetune.data.doctor import CheckResult, check_dataset
+from finetune.data.facts import FactsCache
 from finetune.files import check_writable_file, write_text
 from finetune.models.inspect import Inspection, inspect_model
 from finetune.reporting.diff import ReportDiff, diff_reports
@@ -64,7 +65,7 @@ def check(
     """The dataset doctor over `data`; with `json_out`, every finding is also written there."""
     if json_out is not None:
         check_writable_file(Path(json_out), what="--json")  # before decoding every image, not after
-    result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress)
+    result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress, cache=FactsCache.default())
     if json_out is not None:
         write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))
     return result

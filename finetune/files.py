@@ -21,6 +21,13 @@ ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # lossless for os
 READABLE = {"encoding": "utf-8", "errors": "backslashreplace"}  # for people: invalid bytes shown as \xNN
 
 
+def default_cache_dir() -> Path:
+    """Where caches live: $FINETUNE_CACHE_DIR, else $XDG_CACHE_HOME/finetune/features, else ~/.cache/finetune/features."""
+    if os.environ.get("FINETUNE_CACHE_DIR"):
+        return Path(os.environ["FINETUNE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "features"
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(handle)` on a temporary file, then rename it to `path` (new files get the user's umask)."""
     path = Path(path)

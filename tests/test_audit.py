@@ -110,3 +110,23 @@ def test_audit_cli_and_its_errors(tmp_path, image_folder):
     )
     assert result.exit_code == 0, result.output
     assert "suspect image(s) of 24" in result.output and (tmp_path / "b" / "audit.html").exists()
+
+
+def test_audit_without_cleanlab_names_the_extra(tmp_path, image_folder, monkeypatch):
+    """Without cleanlab installed, audit refuses in one line before any fold trains (and leaves no folder)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_cleanlab(name, *args, **kwargs):
+        if name == "cleanlab" or name.startswith("cleanlab."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cleanlab)
+    result = CliRunner().invoke(
+        app, ["audit", str(image_folder), "--recipe", "recipes/linear_probe.yaml", "--out", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 2
+    assert "finetune audit needs cleanlab: pip install -e '.[audit]'" in result.output
+    assert not (tmp_path / "a").exists()

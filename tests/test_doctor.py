@@ -205,3 +205,41 @@ def test_the_placeholder_in_hymenoptera_is_found_and_no_photo_is():
     f = check_dataset(HYMENOPTERA, extensions=EXT, progress=False).findings
     flagged = f[f["kind"] == "placeholder image"]
     assert list(flagged["path"].map(lambda p: p.split("/")[-1])) == ["imageNotFound.gif"]
+
+
+def test_screening_cache_decodes_each_file_once(tmp_path, monkeypatch, caplog):
+    """A second pass over the same files reads them but decodes none; a changed or renamed file is examined afresh;
+    a damaged entry is a miss; a cache that cannot be written is switched off with a warning."""
+    from finetune.data import doctor, facts
+    from finetune.data.facts import FactsCache
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    paths = []
+    for i in range(3):
+        Image.fromarray(_pattern(i, 0, size=24)).save(folder / f"p{i}.png")
+        paths.append(str(folder / f"p{i}.png"))
+    (folder / "bad.jpg").write_bytes(b"not a picture")
+    paths.append(str(folder / "bad.jpg"))
+    cache = FactsCache(tmp_path / "cache")
+    first = doctor.examine_all(paths, progress=False, cache=cache)
+    assert [f.problem for f in first] == [None, None, None, "not an image"]
+    decoded = []
+    real = facts._decoded_facts
+    monkeypatch.setattr(facts, "_decoded_facts", lambda *a: decoded.append(a[2]) or real(*a))
+    assert doctor.examine_all(paths, progress=False, cache=cache) == first
+    assert decoded == []
+    Image.fromarray(_pattern(7, 1, size=24)).save(folder / "p0.png")  # new content, same name
+    (folder / "p1.png").rename(folder / "renamed.png")
+    entry = next(iter(sorted((tmp_path / "cache").rglob("*.json"))))
+    entry.write_text("{half", encoding="utf-8")  # a damaged entry: a miss, not an error
+    again = doctor.examine_all([paths[0], str(folder / "renamed.png")], progress=False, cache=cache)
+    assert [f.problem for f in again] == [None, None]
+    assert decoded[:2] == [paths[0], str(folder / "renamed.png")]
+    assert again[0].sha256 != first[0].sha256
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    unwritable = FactsCache(blocked)
+    assert [f.problem for f in doctor.examine_all([paths[0], paths[2]], progress=False, cache=unwritable)] == [None, None]
+    assert not unwritable.writable
+    assert "screening cache" in caplog.text and "is not writable" in caplog.text

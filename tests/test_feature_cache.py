@@ -122,7 +122,14 @@ def test_cache_views_are_distinct_stable_and_chosen_per_epoch(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("train_options", "transforms", "distributed", "reason"),
     [
-        ({"freeze": ["stem", "layer1", "layer2", "layer3"]}, "none", False, "the phase trains layer4, head"),
+        ({"freeze": ["stem", "layer1", "layer2", "layer3"]}, "none", False, None),  # a suffix: layer3's output is cached
+        (
+            {"freeze": ["stem", "layer1", "layer2", "layer4"]},
+            "none",
+            False,
+            "the phase trains layer3, head: a frozen stage comes",
+        ),
+        ({"freeze": []}, "none", False, "every stage trains"),
         ({"bn": "train"}, "none", False, "bn: train"),
         ({}, "light", False, "set train.cache_views: K"),
         ({"cache_views": 2}, "light", False, None),

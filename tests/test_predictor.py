@@ -65,3 +65,22 @@ def test_unusable_pictures_get_one_line_errors(trained, picture, message):
     run, _ = trained
     with pytest.raises(DataError, match=message):
         finetune.load(run).predict([picture])
+
+
+def test_a_folder_streams_in_one_decoding_pass_leaving_unreadable_files_out(trained, tmp_path, caplog, monkeypatch):
+    from finetune.data import loader
+
+    run, _ = trained
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(_picture(10 + i)).save(folder / f"good_{i}.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "cut.png").write_bytes((folder / "good_0.png").read_bytes()[:60])
+    decoded = []
+    real = loader.load_image
+    monkeypatch.setattr(loader, "load_image", lambda path: decoded.append(path) or real(path))
+    table = predict(run=run, inputs=[folder], progress=False)
+    assert sorted(table["path"].map(lambda p: p.rsplit("/", 1)[-1])) == ["good_0.png", "good_1.png", "good_2.png"]
+    assert sorted(decoded) == sorted(str(p) for p in folder.iterdir())  # each file decoded once: no screening pass
+    assert any("skipped 2 unreadable image(s)" in r.getMessage() for r in caplog.records)

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from finetune.config.catalog import (
     IMAGE_EXTENSIONS,
+    STAGES,
     TRAIN_PRESETS,
     TrainPreset,
     known_model_names,
@@ -244,13 +245,16 @@ class Recipe(Strict):
         return self
 
     def cache_blocker(self, phase: PhaseConfig) -> str | None:
-        """Why `phase` cannot train on cached backbone features (None: it can, in a single process)."""
+        """Why `phase` cannot train on its frozen prefix's cached outputs (None: it can, in a single process)."""
         if self.train.feature_cache == "off":
             return "train.feature_cache is off"
-        if phase.trainable_stages() != ("head",):
-            return f"the phase trains {', '.join(phase.trainable_stages())}"
+        stages = phase.trainable_stages()
+        if stages == STAGES:
+            return "every stage trains, so no frozen prefix's output can be cached"
+        if stages != STAGES[STAGES.index(stages[0]) :]:
+            return f"the phase trains {', '.join(stages)}: a frozen stage comes after a trainable one"
         if phase.bn != "frozen":
-            return "bn: train lets BatchNorm statistics move, so features change every step"
+            return "bn: train lets the frozen stages' BatchNorm statistics move, so their outputs change every step"
         if self.transforms.train != "none" and self.train.cache_views == 0:
             return "the train pipeline augments; set train.cache_views: K to cache K augmented views, or transforms.train: none"
         return None

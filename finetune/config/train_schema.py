@@ -122,6 +122,8 @@ class TrainConfig(Strict):
         "auto", description="Head-only phases with frozen BN train on pooled features cached on disk (FINETUNE_CACHE_DIR)."
     )
     cache_views: int = Field(0, ge=0, le=64, description="Cache this many augmented views per image (0: the eval pipeline only).")
+    cache_precision: Literal["fp16", "fp32"] = Field("fp16", description="How cached prefix activations are stored.")
+    cache_budget_gb: float = Field(4.0, gt=0.0, description="Cached prefix activations above this size (GiB) are not cached.")
 
     _trainable_nonempty = field_validator("trainable")(_nonempty)
 

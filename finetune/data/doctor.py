@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from finetune.config.catalog import EXTENSION_FORMATS
-from finetune.data.decode import pil_to_rgb
+from finetune.data.facts import FLAT_LOOK, FactsCache, ImageFacts, examine_image
 from finetune.data.scan import class_folders, scan_image_folder, split_folders
 from finetune.errors import DataError
 
@@ -42,83 +37,6 @@ UNUSUAL_MODES = {
 FINDING_COLUMNS = ["path", "label", "split", "severity", "kind", "detail"]
 
 
-@dataclass
-class ImageFacts:
-    """What decoding one file revealed; `problem` is None for a usable image."""
-
-    problem: str | None
-    detail: str = ""
-    format: str | None = None
-    mode: str | None = None
-    size: tuple[int, int] = (0, 0)
-    exif_rotation: int = 1
-    sha256: str = ""
-    phash: int | None = None
-    placeholder: str | None = None  # why it looks like an "image not found" picture, if it does
-
-
-FLAT_LOOK = "a flat light-grey picture"
-PLACEHOLDER_NAME = re.compile(r"not.?found|placeholder|unavailable|no.?image|removed|deleted|missing", re.IGNORECASE)
-
-
-def placeholder_reason(img: Image.Image, path: str | Path) -> str | None:
-    """Why an image looks like the "image not found" picture an image host serves instead of a photo, or None.
-
-    Such pictures are light grey with a line of text: one light colour fills most of the frame, there are few
-    colours and almost no saturation. (A photo of an object on a white table has colour somewhere; whole datasets
-    of grey scans are told apart in `check_dataset`, which keeps only rare look-alikes.)
-    """
-    small = Image.fromarray(pil_to_rgb(img))  # the pixels training sees (16-bit scaled, not clipped to white)
-    small.thumbnail((64, 64))
-    pixels = np.asarray(small, dtype=np.uint8).reshape(-1, 3) // 16
-    colours, counts = np.unique(pixels, axis=0, return_counts=True)
-    saturation = float(np.asarray(small.convert("HSV"))[..., 1].mean())
-    dominant = counts.max() / counts.sum()
-    light = int(colours[counts.argmax()].min()) >= 12  # the dominant colour is near white (>= 192 on every channel)
-    if dominant >= 0.6 and light and len(counts) <= 32 and saturation <= 20:
-        return f"{FLAT_LOOK}: one colour fills {dominant:.0%} of it, {len(counts)} colours in all"
-    if PLACEHOLDER_NAME.search(Path(path).stem):
-        return f"the file name '{Path(path).name}' says so"
-    return None
-
-
-def examine_image(path: str | Path) -> ImageFacts:
-    """Decode the whole file (not just the header) and classify what is wrong, if anything."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return ImageFacts(problem="unreadable", detail=exc.strerror or str(exc))
-    if not data:
-        return ImageFacts(problem="empty", detail="file has 0 bytes")
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, mode, size = img.format, img.mode, img.size
-            rotation = int(img.getexif().get(0x0112, 1) or 1)
-            try:
-                img.load()
-            except OSError as exc:
-                return ImageFacts(problem="truncated", detail=str(exc), format=fmt, mode=mode, size=size, sha256=digest)
-            phash = int(str(imagehash.phash(ImageOps.exif_transpose(img).convert("L"))), 16)
-            placeholder = placeholder_reason(img, path)
-    except UnidentifiedImageError:
-        return ImageFacts(
-            problem="not an image", detail=f"content is not a known image format (starts with {data[:8]!r})", sha256=digest
-        )
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        return ImageFacts(problem="unsupported", detail=str(exc), sha256=digest)
-    return ImageFacts(
-        problem=None,
-        format=fmt,
-        mode=mode,
-        size=size,
-        exif_rotation=rotation,
-        sha256=digest,
-        phash=phash,
-        placeholder=placeholder,
-    )
-
-
 def _rare_placeholders(facts: list[ImageFacts]) -> list[ImageFacts]:
     """Keep look-alike placeholders only where they are rare: a dataset of light, flat pictures (document scans,
     line drawings) looks like that by nature, and flagging all of it would bury the real findings."""
@@ -128,9 +46,10 @@ def _rare_placeholders(facts: list[ImageFacts]) -> list[ImageFacts]:
     return [replace(f, placeholder=None) if i in set(look) else f for i, f in enumerate(facts)]
 
 
-def examine_all(paths: Sequence[str], *, progress: bool = True) -> list[ImageFacts]:
+def examine_all(paths: Sequence[str], *, progress: bool = True, cache: FactsCache | None = None) -> list[ImageFacts]:
     """`examine_image` for every path, placeholders judged against the whole set."""
-    return _rare_placeholders([examine_image(p) for p in tqdm(paths, desc="check images", disable=not progress, leave=False)])
+    looked = [examine_image(p, cache) for p in tqdm(paths, desc="check images", disable=not progress, leave=False)]
+    return _rare_placeholders(looked)
 
 
 def duplicate_pairs(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, max_distance: int = 4) -> pd.DataFrame:
@@ -291,11 +210,13 @@ def _blockers(counts: pd.DataFrame, unreadable_classes: list[str]) -> list[str]:
     return blockers
 
 
-def check_dataset(root: str | Path, *, extensions: Sequence[str], progress: bool = True) -> CheckResult:
+def check_dataset(
+    root: str | Path, *, extensions: Sequence[str], progress: bool = True, cache: FactsCache | None = None
+) -> CheckResult:
     """The dataset doctor: everything `finetune check` reports, as tables plus a summary."""
     root = Path(root)
     samples = scan_image_folder(root, extensions=extensions)
-    facts = examine_all(list(samples["path"]), progress=progress)
+    facts = examine_all(list(samples["path"]), progress=progress, cache=cache)
     readable = samples[[f.problem is None for f in facts]]
     counts = readable.groupby(["label", "split"]).size().unstack(fill_value=0)
     counts["total"] = counts.sum(axis=1)
@@ -360,14 +281,19 @@ class Screened:
 
 
 def screen_samples(
-    samples: pd.DataFrame, *, policy: str, progress: bool = True, known: Mapping[str, ImageFacts] | None = None
+    samples: pd.DataFrame,
+    *,
+    policy: str,
+    progress: bool = True,
+    known: Mapping[str, ImageFacts] | None = None,
+    cache: FactsCache | None = None,
 ) -> Screened:
     """Decode every image once before training: skip (and list) or refuse the unreadable ones.
 
     `known` holds facts already gathered for some paths (cross-validation folds share one screening pass)."""
     known = known or {}
     fresh = [p for p in samples["path"] if p not in known]
-    examined = dict(zip(fresh, examine_all(fresh, progress=progress)))
+    examined = dict(zip(fresh, examine_all(fresh, progress=progress, cache=cache)))
     facts = [known[p] if p in known else examined[p] for p in samples["path"]]
     bad = np.array([f.problem is not None for f in facts], dtype=bool)
     skipped = samples[bad].copy()

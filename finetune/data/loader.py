@@ -12,6 +12,7 @@ import torch
 from finetune.data.decode import load_image
 from finetune.errors import DataError
 
+UNREADABLE = -2  # the target PictureDataset gives a file it could not decode (with unreadable="mark")
 RANK_SEED_STRIDE = 7919  # a prime: rank r draws augmentation with seed + r * stride, so ranks never share a stream
 
 
@@ -34,15 +35,35 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class PictureDataset(ImageDataset):
-    """An ImageDataset whose items may also be RGB uint8 arrays already decoded (pictures given to `predict`)."""
+    """An ImageDataset whose items may also be RGB uint8 arrays already decoded (pictures given to `predict`).
 
-    def __init__(self, sources: Sequence[str | np.ndarray], targets: Sequence[int], transform: Callable[..., Any]) -> None:
+    With `unreadable="mark"` a file that cannot be decoded yields a blank image and the target UNREADABLE instead of
+    an error, so a long prediction streams in one pass and the caller drops (and lists) those rows.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str | np.ndarray],
+        targets: Sequence[int],
+        transform: Callable[..., Any],
+        *,
+        unreadable: str = "fail",
+    ) -> None:
         super().__init__([s if isinstance(s, str) else "" for s in sources], targets, transform)
         self.sources = list(sources)
+        self.unreadable = unreadable
 
     def _pixels(self, index: int) -> np.ndarray:
         source = self.sources[index]
         return source if isinstance(source, np.ndarray) else load_image(source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            return super().__getitem__(index)
+        except DataError:
+            if self.unreadable != "mark":
+                raise
+            return self.transform(image=np.zeros((8, 8, 3), dtype=np.uint8))["image"], UNREADABLE
 
 
 def _seed_worker(worker_id: int) -> None:

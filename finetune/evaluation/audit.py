@@ -7,12 +7,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from cleanlab.dataset import find_overlapping_classes, overall_label_health_score
-from cleanlab.filter import find_label_issues
-from cleanlab.outlier import OutOfDistribution
-from cleanlab.rank import get_label_quality_scores
 
+from finetune.errors import UsageError
 from finetune.evaluation.inference import Predictions
+
+
+def require_cleanlab() -> None:
+    """One line naming the extra when cleanlab is not installed (checked before any fold trains)."""
+    try:
+        import cleanlab  # noqa: F401
+    except ImportError:
+        raise UsageError("finetune audit needs cleanlab: pip install -e '.[audit]' (or pip install cleanlab)") from None
 
 
 @dataclass
@@ -27,6 +32,10 @@ class LabelAudit:
 def audit_labels(preds: Predictions, class_names: list[str]) -> LabelAudit:
     """Confident learning on out-of-fold probabilities: `find_label_issues` (prune by noise rate) flags images,
     `get_label_quality_scores` (self-confidence) ranks them, `find_overlapping_classes` pairs the classes."""
+    from cleanlab.dataset import find_overlapping_classes, overall_label_health_score
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
     labels, probs = preds.targets.astype(int), np.asarray(preds.probs, dtype=np.float64)
     flagged = np.zeros(len(labels), dtype=bool)
     flagged[find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")] = True
@@ -60,6 +69,8 @@ def audit_labels(preds: Predictions, class_names: list[str]) -> LabelAudit:
 def outlier_scores(features: np.ndarray) -> np.ndarray:
     """cleanlab's out-of-distribution score of every image from its backbone features (k nearest neighbours'
     average cosine distance, mapped to (0, 1]): low means unlike the rest of the data set."""
+    from cleanlab.outlier import OutOfDistribution
+
     neighbours = max(1, min(10, len(features) - 1))
     detector = OutOfDistribution(params={"k": neighbours})
     return np.asarray(detector.fit_score(features=np.asarray(features, dtype=np.float32), verbose=False))

@@ -20,16 +20,15 @@ def suffix_names(stages: StageMap, first: Stage) -> list[str]:
 
 
 @torch.no_grad()
-def prefix_output(model: nn.Module, stages: StageMap, first: Stage, images: torch.Tensor) -> torch.Tensor:
-    """The input of stage `first` for `images` (what the frozen stages before it produce); the forward stops there."""
-    module = model.get_submodule(suffix_names(stages, first)[0])
+def stage_input(model: nn.Module, module: str, images: torch.Tensor) -> torch.Tensor:
+    """The input the module named `module` receives for `images`; the forward stops there."""
     captured: list[torch.Tensor] = []
 
     def capture(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         captured.append(args[0])
         raise _Reached
 
-    handle = module.register_forward_pre_hook(capture)
+    handle = model.get_submodule(module).register_forward_pre_hook(capture)
     try:
         model(images)
     except _Reached:

@@ -17,12 +17,13 @@ import pandas as pd
 from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.doctor import duplicate_pairs, examine_all
-from finetune.evaluation.audit import audit_labels, outlier_scores
-from finetune.files import check_writable_folder, write_table, write_text
+from finetune.data.facts import FactsCache
+from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
+from finetune.files import check_writable_folder, default_cache_dir, write_table, write_text
 from finetune.reporting.audit_html import AuditPage, render_audit
 from finetune.run_dir import RunDir
 from finetune.runs.cv import CVResult, cross_validate
-from finetune.runs.prepare import default_cache_dir, prepare_model
+from finetune.runs.prepare import prepare_model
 from finetune.runs.train import refuse_changed_recipe, removed_if_unstarted
 from finetune.training.device import autocast_dtype, resolve_device
 from finetune.training.feature_cache import ComputeOptions, pooled_features
@@ -58,6 +59,7 @@ def audit(
     An interrupted audit continues its folds when called again with the same recipe and data.
     """
     started = time.perf_counter()
+    require_cleanlab()
     out = Path(out)
     check_writable_folder(out)
     cv_dir = RunDir(out / "cv")
@@ -108,7 +110,7 @@ def _conflicts(cv: CVResult) -> pd.DataFrame:
     names = np.asarray(cv.class_names, dtype=object)
     samples = pd.DataFrame({"path": cv.oof.paths, "label": names[cv.oof.targets], "split": ""})
     missing = [p for p in samples["path"] if p not in cv.facts]
-    facts = dict(cv.facts) | dict(zip(missing, examine_all(missing, progress=False)))
+    facts = dict(cv.facts) | dict(zip(missing, examine_all(missing, progress=False, cache=FactsCache.default())))
     pairs = duplicate_pairs(samples, [facts[p] for p in samples["path"]])
     pairs = pairs[pairs["label_a"] != pairs["label_b"]]
     return pairs[["path_a", "label_a", "path_b", "label_b", "kind", "distance"]].reset_index(drop=True)

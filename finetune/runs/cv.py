@@ -22,6 +22,7 @@ import pandas as pd
 from finetune.config.loading import load_recipe, save_recipe
 from finetune.config.schema import Recipe
 from finetune.data.doctor import ImageFacts, screen_samples
+from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude, assign_folds, fold_manifest
 from finetune.data.scan import read_samples
 from finetune.errors import CheckpointError, RunDirError
@@ -110,7 +111,7 @@ def _start(
 ) -> tuple[pd.DataFrame, dict[str, ImageFacts]]:
     """Screen once, assign the folds, write every fold's manifest; recipe.yaml last (it marks a resumable folder)."""
     samples, excluded = apply_exclude(read_samples(recipe.data), recipe.data.exclude)
-    screened = screen_samples(samples, policy=recipe.data.bad_images, progress=progress)
+    screened = screen_samples(samples, policy=recipe.data.bad_images, progress=progress, cache=FactsCache.default())
     kept = screened.samples.assign(path=[str(Path(p).resolve()) for p in screened.samples["path"]])
     facts = {str(Path(p).resolve()): f for p, f in screened.facts.items()}
     if assignment is None:

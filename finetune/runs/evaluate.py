@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from finetune.data.doctor import screen_samples
+from finetune.data.facts import FactsCache
 from finetune.data.loader import PictureDataset, make_loader
 from finetune.data.scan import scan_image_folder
 from finetune.data.split import DatasetIndex, evaluation_split
@@ -47,10 +48,11 @@ def predict_paths(
     progress: bool,
     desc: str,
     names: Sequence[str] | None = None,
+    unreadable: str = "fail",
 ) -> Predictions:
     """Calibrated probabilities of `loaded` for image files (or RGB arrays, then called `names`), through the run's
     own eval pipeline and its test-time views (`eval.tta`, probabilities averaged)."""
-    dataset = PictureDataset(paths, targets, build_eval_pipeline(loaded.image))
+    dataset = PictureDataset(paths, targets, build_eval_pipeline(loaded.image), unreadable=unreadable)
     data = loaded.recipe.data
     loader = make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False, seed=0)
     device = resolve_device(loaded.recipe.train.device)
@@ -158,7 +160,9 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     owner = RunDir.of_checkpoint(checkpoint)
     folder = Path(out) if out is not None else (owner.report if owner is not None else checkpoint.parent / "report")
     check_writable_folder(folder, what="--out")
-    screened = screen_samples(samples.reset_index(drop=True), policy=loaded.recipe.data.bad_images, progress=progress)
+    screened = screen_samples(
+        samples.reset_index(drop=True), policy=loaded.recipe.data.bad_images, progress=progress, cache=FactsCache.default()
+    )
     rows = screened.samples
     preds = predict_paths(loaded, list(rows["path"]), _targets(loaded, rows), progress=progress, desc="evaluate")
     return write_run_report(loaded, preds, folder, split=split, selection=False, skipped=screened.skipped, run=owner)

@@ -15,6 +15,7 @@ from PIL import Image
 from finetune.config.catalog import IMAGE_EXTENSIONS
 from finetune.data.decode import as_rgb
 from finetune.data.doctor import screen_samples
+from finetune.data.loader import UNREADABLE
 from finetune.data.scan import list_images
 from finetune.deploy.package import image_batches
 from finetune.deploy.runtime import Exported, is_exported, load_exported
@@ -89,7 +90,10 @@ class Pictures:
     names: list[str]  # the CSV's `path` column: the file, or '<array 3>' / '<PIL image 3>' for the 4th input
 
     @classmethod
-    def gather(cls, inputs: Sequence[ImageInput], extensions: Sequence[str], *, policy: str, progress: bool) -> Pictures:
+    def gather(
+        cls, inputs: Sequence[ImageInput], extensions: Sequence[str], *, policy: str, progress: bool, screen: bool = True
+    ) -> Pictures:
+        """Every input in order; with `screen`, files that do not decode are left out first (one decoding pass)."""
         sources: list[str | np.ndarray] = []
         names: list[str] = []
         for position, item in enumerate(inputs):
@@ -105,6 +109,8 @@ class Pictures:
                 raise DataError(
                     f"input {position} is a {type(item).__name__}; pass a file path, a folder, a PIL image or a numpy array"
                 )
+        if not screen:
+            return cls(sources=sources, names=names)
         readable = _readable([s for s in sources if isinstance(s, str)], policy, progress)
         keep = [i for i, s in enumerate(sources) if not isinstance(s, str) or s in readable]
         return cls(sources=[sources[i] for i in keep], names=[names[i] for i in keep])
@@ -119,6 +125,22 @@ def _readable(paths: list[str], policy: str, progress: bool) -> set[str]:
             f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}"
         )
     return set(screened.samples["path"])
+
+
+def _drop_unreadable(preds: Predictions, *, policy: str) -> Predictions:
+    """The predictions of the images that decoded; the others are listed in the log (or stop with policy 'fail')."""
+    bad = preds.targets == UNREADABLE
+    if not bad.any():
+        return preds
+    paths = [p for p, b in zip(preds.paths, bad) if b]
+    if bad.all():
+        raise DataError(f"none of the {len(paths)} input image(s) could be decoded, e.g. {paths[0]}")
+    if policy == "fail":
+        raise DataError(f"{len(paths)} input image(s) cannot be decoded and data.bad_images is 'fail': {', '.join(paths[:5])}")
+    log.warning("skipped %d unreadable image(s), e.g. %s", len(paths), paths[0])
+    kept = preds.subset(np.flatnonzero(~bad))
+    kept.targets = np.full(len(kept.paths), -1)
+    return kept
 
 
 class Predictor:
@@ -178,9 +200,12 @@ class Predictor:
     def _run_table(self, items: Sequence[ImageInput], *, progress: bool, min_confidence: float | None) -> pd.DataFrame:
         loaded = self._loaded
         data = loaded.recipe.data
-        pictures = Pictures.gather(items, data.extensions, policy=data.bad_images, progress=progress)
+        pictures = Pictures.gather(items, data.extensions, policy=data.bad_images, progress=progress, screen=False)
         targets = [-1] * len(pictures.sources)
-        preds = predict_paths(loaded, pictures.sources, targets, progress=progress, desc="predict", names=pictures.names)
+        preds = predict_paths(
+            loaded, pictures.sources, targets, progress=progress, desc="predict", names=pictures.names, unreadable="mark"
+        )
+        preds = _drop_unreadable(preds, policy=data.bad_images)
         return predictions_table(preds, loaded.class_names, top_k=loaded.recipe.eval.top_k, min_confidence=min_confidence)
 
     def _exported_table(self, items: Sequence[ImageInput], *, progress: bool, min_confidence: float | None) -> pd.DataFrame:

@@ -7,7 +7,6 @@ over every image; then the images are screened, split and checked for leakage; t
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import pandas as pd
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.decode import load_image, printable
 from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
+from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude
 from finetune.data.scan import read_samples
 from finetune.data.split import DatasetIndex, make_index
@@ -60,13 +60,6 @@ class PreparedRun:
     class_weights: list[float] | None
 
 
-def default_cache_dir() -> Path:
-    """Where feature caches live: $FINETUNE_CACHE_DIR, else $XDG_CACHE_HOME/finetune/features, else ~/.cache/finetune/features."""
-    if os.environ.get("FINETUNE_CACHE_DIR"):
-        return Path(os.environ["FINETUNE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "features"
-
-
 def check_cheap_things(recipe: Recipe) -> None:
     """Fail in seconds on what needs no image: weights that cannot be had, a device that is not there, a tracker
     that is not installed."""
@@ -86,7 +79,7 @@ def prepare_data(cfg: DataConfig, *, seed: int, progress: bool, known: Mapping[s
     """Scan, leave out `data.exclude`, screen (decode every image once; `known` ones are not decoded again), split,
     and look for duplicates across the splits."""
     samples, excluded = apply_exclude(read_samples(cfg), cfg.exclude)
-    screened = screen_samples(samples, policy=cfg.bad_images, progress=progress, known=known)
+    screened = screen_samples(samples, policy=cfg.bad_images, progress=progress, known=known, cache=FactsCache.default())
     index = make_index(screened.samples, cfg, seed=seed)
     if not (index.samples["split"] == "val").any():
         raise DataError("no validation images: set data.val_fraction above 0 or add a val/ folder")

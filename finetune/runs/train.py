@@ -23,11 +23,11 @@ from finetune.data.transforms import save_pipeline
 from finetune.errors import CheckpointError, RunDirError, UsageError
 from finetune.evaluation.calibration import calibration_summary, fit_temperature
 from finetune.evaluation.inference import Predictions
-from finetune.files import check_writable_folder, read_text_table, write_table, write_text
+from finetune.files import check_writable_folder, default_cache_dir, read_text_table, write_table, write_text
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir, locked
 from finetune.runs.evaluate import report_for_run
-from finetune.runs.prepare import PreparedData, PreparedModel, default_cache_dir, prepare_model, prepare_run
+from finetune.runs.prepare import PreparedData, PreparedModel, prepare_model, prepare_run
 from finetune.training.checkpoint import RESUMABLE_FROM, VALIDATION_KEYS, load_checkpoint, save_checkpoint
 from finetune.training.distributed import Ranks, barrier, setup, teardown
 from finetune.training.history import epoch_table, read_history, truncate_history

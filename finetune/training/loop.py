@@ -11,10 +11,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from finetune.config.catalog import STAGES
 from finetune.config.schema import PhaseConfig
 from finetune.data.loader import batches_per_epoch, make_loader
 from finetune.models.build import ModelBundle
 from finetune.models.stages import FreezePlan, apply_freeze, batchnorm_trains, set_train_mode
+from finetune.models.suffix import suffix_names
 from finetune.training.checkpoint import CheckpointSaver
 from finetune.training.context import Env, FitContext, FitState, Phase
 from finetune.training.device import autocast_dtype, resolve_device
@@ -23,7 +25,7 @@ from finetune.training.early_stopping import EarlyStopping
 from finetune.training.ema import StageEma, moving_tensors
 from finetune.training.epoch import Stepper, train_one_epoch
 from finetune.training.epoch_end import after_epoch, log_epoch, validate_epoch
-from finetune.training.feature_cache import CachedPhase, HeadOnFeatures, cached_phase, why_not_cached
+from finetune.training.feature_cache import CachedPhase, cached_phase, why_not_cached
 from finetune.training.history import append_history_row
 from finetune.training.loss import build_criterion
 from finetune.training.mixup import Mixer, soft_target_criterion
@@ -120,7 +122,8 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: Phase
     if env.ema is not None:
         ema_val_net = env.ema.module
         if cached is not None:
-            ema_val_net = HeadOnFeatures(env.ema.module.get_submodule(bundle.classifier), cached.head.shape)
+            names = suffix_names(bundle.stages, cached.first) if cached.first != "head" else []
+            ema_val_net = cached.network(env.ema.module, bundle.classifier, names)
     return Phase(
         index=index,
         config=config,
@@ -144,10 +147,12 @@ def _phase_inputs(
     """(training net, validation net, training set, validation batches, feature cache or None) for one phase."""
     data = ctx.recipe.data
     reason = why_not_cached(ctx.recipe, config, distributed=env.ranks.enabled)
-    if reason is None:  # the classifier trains on cached backbone outputs: same parameters, no image decoding
+    cached = None
+    if reason is None:  # the trainable suffix trains on the frozen prefix's cached outputs: no image decoding
         cached = cached_phase(
             bundle,
             ctx.recipe,
+            first=config.trainable_stages()[0],
             train_paths=ctx.train_set.paths,
             train_targets=ctx.train_set.targets,
             val_paths=ctx.val_set.paths,
@@ -159,9 +164,10 @@ def _phase_inputs(
             progress=ctx.progress,
             root=ctx.cache_dir,
         )
+    if cached is not None:
         val_batches = make_loader(cached.val, batch_size=data.batch_size, num_workers=0, shuffle=False, seed=0)
         return cached.head, cached.head, cached.train, val_batches, cached
-    if config.trainable_stages() == ("head",):
+    if reason is not None and config.trainable_stages() != STAGES:
         log.info("feature cache not used: %s", reason)
     val_loader = make_loader(
         ctx.val_set,

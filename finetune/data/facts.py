@@ -1,0 +1,153 @@
+"""What decoding one image file revealed (`ImageFacts`), and a cache of it by file content, so that a second run
+over the same folder (another recipe, a resume, `finetune check` then `train`) reads the files but decodes none.
+
+The cache key is the SHA-256 of the file's bytes, its name (the placeholder rule reads names) and `RULES`, the
+version of the screening rules: a changed file, a renamed one or new rules are examined afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from finetune.data.decode import pil_to_rgb
+from finetune.files import atomic_write, default_cache_dir
+
+log = logging.getLogger(__name__)
+RULES = 1  # bump when examine_image's verdicts change
+
+
+@dataclass
+class ImageFacts:
+    """What decoding one file revealed; `problem` is None for a usable image."""
+
+    problem: str | None
+    detail: str = ""
+    format: str | None = None
+    mode: str | None = None
+    size: tuple[int, int] = (0, 0)
+    exif_rotation: int = 1
+    sha256: str = ""
+    phash: int | None = None
+    placeholder: str | None = None  # why it looks like an "image not found" picture, if it does
+
+
+class FactsCache:
+    """ImageFacts by (content, name): one small JSON file each under `root` (written atomically, so concurrent
+    runs and kills leave whole entries). An unreadable entry counts as a miss; a cache that cannot be written
+    is switched off with one warning, never an error."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.writable = True
+
+    @classmethod
+    def default(cls) -> FactsCache:
+        """The user's cache: `screening/` in the feature cache folder ($FINETUNE_CACHE_DIR or ~/.cache/finetune)."""
+        return cls(default_cache_dir() / "screening")
+
+    def _entry(self, digest: str, name: str) -> Path:
+        key = hashlib.sha256(f"{RULES}\0{digest}\0{name}".encode("utf-8", "surrogateescape")).hexdigest()
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, digest: str, name: str) -> ImageFacts | None:
+        try:
+            fields = json.loads(self._entry(digest, name).read_text(encoding="utf-8"))
+            return ImageFacts(**{**fields, "size": tuple(fields["size"])})
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def put(self, digest: str, name: str, facts: ImageFacts) -> None:
+        if not self.writable:
+            return
+        text = json.dumps(asdict(facts), ensure_ascii=True).encode("ascii")
+        try:
+            atomic_write(self._entry(digest, name), lambda handle: handle.write(text))
+        except OSError as exc:
+            self.writable = False
+            log.warning("screening cache %s is not writable (%s): images are examined without it", self.root, exc)
+
+
+FLAT_LOOK = "a flat light-grey picture"
+
+
+PLACEHOLDER_NAME = re.compile(r"not.?found|placeholder|unavailable|no.?image|removed|deleted|missing", re.IGNORECASE)
+
+
+def placeholder_reason(img: Image.Image, path: str | Path) -> str | None:
+    """Why an image looks like the "image not found" picture an image host serves instead of a photo, or None.
+
+    Such pictures are light grey with a line of text: one light colour fills most of the frame, there are few
+    colours and almost no saturation. (A photo of an object on a white table has colour somewhere; whole datasets
+    of grey scans are told apart in `check_dataset`, which keeps only rare look-alikes.)
+    """
+    small = Image.fromarray(pil_to_rgb(img))  # the pixels training sees (16-bit scaled, not clipped to white)
+    small.thumbnail((64, 64))
+    pixels = np.asarray(small, dtype=np.uint8).reshape(-1, 3) // 16
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    saturation = float(np.asarray(small.convert("HSV"))[..., 1].mean())
+    dominant = counts.max() / counts.sum()
+    light = int(colours[counts.argmax()].min()) >= 12  # the dominant colour is near white (>= 192 on every channel)
+    if dominant >= 0.6 and light and len(counts) <= 32 and saturation <= 20:
+        return f"{FLAT_LOOK}: one colour fills {dominant:.0%} of it, {len(counts)} colours in all"
+    if PLACEHOLDER_NAME.search(Path(path).stem):
+        return f"the file name '{Path(path).name}' says so"
+    return None
+
+
+def examine_image(path: str | Path, cache: FactsCache | None = None) -> ImageFacts:
+    """Decode the whole file (not just the header) and classify what is wrong, if anything; with a `cache`, a file
+    whose bytes and name were examined before is not decoded again."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return ImageFacts(problem="unreadable", detail=exc.strerror or str(exc))
+    if not data:
+        return ImageFacts(problem="empty", detail="file has 0 bytes")
+    digest = hashlib.sha256(data).hexdigest()
+    name = Path(path).name
+    known = cache.get(digest, name) if cache is not None else None
+    if known is not None:
+        return known
+    facts = _decoded_facts(data, digest, path)
+    if cache is not None:
+        cache.put(digest, name, facts)
+    return facts
+
+
+def _decoded_facts(data: bytes, digest: str, path: str | Path) -> ImageFacts:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, mode, size = img.format, img.mode, img.size
+            rotation = int(img.getexif().get(0x0112, 1) or 1)
+            try:
+                img.load()
+            except OSError as exc:
+                return ImageFacts(problem="truncated", detail=str(exc), format=fmt, mode=mode, size=size, sha256=digest)
+            phash = int(str(imagehash.phash(ImageOps.exif_transpose(img).convert("L"))), 16)
+            placeholder = placeholder_reason(img, path)
+    except UnidentifiedImageError:
+        return ImageFacts(
+            problem="not an image", detail=f"content is not a known image format (starts with {data[:8]!r})", sha256=digest
+        )
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return ImageFacts(problem="unsupported", detail=str(exc), sha256=digest)
+    return ImageFacts(
+        problem=None,
+        format=fmt,
+        mode=mode,
+        size=size,
+        exif_rotation=rotation,
+        sha256=digest,
+        phash=phash,
+        placeholder=placeholder,
+    )
