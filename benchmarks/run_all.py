@@ -1,4 +1,4 @@
-"""Every figure in BENCHMARKS.md, in one run (about 12 minutes on a 2-core CPU), as a table of target, ratio and verdict.
+"""Every figure in BENCHMARKS.md, in one run (about 35 minutes on a 2-core CPU), as a table of target, ratio and verdict.
 
 Run from the repository root: python benchmarks/run_all.py [--out benchmarks/results.md]
 Each benchmark compares finetune with a bare PyTorch baseline measured in the same process and
@@ -20,13 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cache  # noqa: E402
 import bench_data  # noqa: E402
+import bench_demo  # noqa: E402
 import bench_export  # noqa: E402
 import bench_flops  # noqa: E402
 import bench_levers  # noqa: E402
 import bench_loops  # noqa: E402
 import bench_memory  # noqa: E402
+import bench_peers  # noqa: E402
+import bench_predict  # noqa: E402
+import bench_prefix  # noqa: E402
+import bench_startup  # noqa: E402
 
-SUITE = [  # (name, callable) with settings chosen so that the whole run stays under 15 minutes
+SUITE = [  # (name, callable); the whole run takes about 35 minutes on a 2-core CPU (the peer and prefix runs are long)
     ("loops", lambda: bench_loops.run(repeats=5)),
     ("data", lambda: bench_data.run(images=96, repeats=3)),
     ("flops", lambda: bench_flops.run(batch=16, repeats=3)),
@@ -34,6 +39,11 @@ SUITE = [  # (name, callable) with settings chosen so that the whole run stays u
     ("cache", lambda: bench_cache.run(epochs=4)),
     ("export", lambda: bench_export.run(repeats=3)),
     ("levers", lambda: bench_levers.run(repeats=5)),
+    ("prefix", lambda: bench_prefix.run(epochs=3)),
+    ("demo", lambda: bench_demo.run(repeats=2)),
+    ("startup", lambda: bench_startup.run(repeats=5)),
+    ("predict", lambda: bench_predict.run(repeats=2)),
+    ("peers", lambda: bench_peers.run(epochs=2, repeats=2)),
 ]
 
 

@@ -28,8 +28,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "features"
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call `write(handle)` on a temporary file, then rename it to `path` (new files get the user's umask)."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, durable: bool = True) -> None:
+    """Call `write(handle)` on a temporary file, then rename it to `path` (new files get the user's umask).
+
+    `durable=False` skips the fsync: for caches, whose readers check every entry and treat a bad one as missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -38,7 +40,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

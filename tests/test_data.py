@@ -3,6 +3,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
 from finetune.config.schema import DataConfig
 from finetune.data.decode import load_image
@@ -198,3 +200,31 @@ def test_a_manifest_may_list_an_image_twice_under_one_label(tmp_path, image_fold
     (tmp_path / "m.csv").write_text(f"path,label,split\n{files[0]},cat,Train\n{files[0]},cat,Train\n{files[1]},dog,VALID\n")
     frame = read_manifest(tmp_path / "m.csv")
     assert len(frame) == 2 and list(frame["split"]) == ["train", "val"]
+
+
+def test_kept_decoded_images_give_the_same_items_within_the_budget(tmp_path, monkeypatch):
+    """keep_decoded_mb: later reads of an image skip decoding, within the budget, and give the same tensors; a
+    transform that writes into its input never changes the kept copy."""
+    import finetune.data.loader as loader_module
+    from finetune.data.loader import ImageDataset
+
+    paths = []
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    decoded = []
+    real = loader_module.load_image
+    monkeypatch.setattr(loader_module, "load_image", lambda p: decoded.append(p) or real(p))
+
+    def scribble(image):
+        image[0, 0] = 255  # an in-place transform
+        return {"image": torch.from_numpy(image.copy())}
+
+    room_for_two = 2 * 20 * 20 * 3 / 2**20
+    data = ImageDataset(paths, [0, 1, 2], scribble, keep_decoded_mb=room_for_two)
+    first = [data[i][0] for i in range(3)]
+    again = [data[i][0] for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert decoded == [*paths, paths[2]]  # the third did not fit: decoded both times
+    assert int(first[1][1, 1, 0]) == 40 and int(again[0][0, 0, 0]) == 255
+    assert int(data._kept[0][0, 0, 0]) == 0  # the kept array is untouched

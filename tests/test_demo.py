@@ -1,4 +1,5 @@
-"""The demo: real data (scikit-learn's digits) and the quickstart recipe must reach >= 0.97 test accuracy."""
+"""The demo: real data (scikit-learn's digits) and the quickstart recipe. It reaches 1.000 test accuracy here (>= 0.99 is
+the goal, checked by benchmarks/bench_demo.py); the test allows one more error for other CPUs' arithmetic."""
 
 import json
 
@@ -21,4 +22,4 @@ def test_demo_reaches_target_accuracy(tmp_path):
     assert "test accuracy" in result.output
     metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert metrics["num_images"] == 270 and metrics["num_classes"] == 10
-    assert metrics["accuracy"] >= 0.97
+    assert metrics["accuracy"] >= 0.985

@@ -60,6 +60,9 @@ class DataConfig(Strict):
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)
+    keep_decoded_mb: float = Field(
+        1024, ge=0, description="With num_workers 0, keep up to this many MB of decoded images in memory between epochs."
+    )
     sampler: Literal["shuffle", "weighted"] = Field("shuffle", description="weighted: draw classes equally often.")
     bad_images: Literal["skip", "fail"] = Field(
         "skip", description="skip: list unreadable files in RUN/skipped.csv; fail: stop before training."

