@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune import train
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, UsageError
 from finetune.training.tracking import Trackers, flat_params
 
 from conftest import tiny_recipe
@@ -104,3 +104,30 @@ def test_mlflow_gets_params_metrics_and_figures_and_a_resume_continues_its_run(t
 
 def test_flat_params_are_scalars():
     assert flat_params({"a": {"b": None, "c": [1, 2]}, "d": 0.5}) == {"a.b": "null", "a.c": "[1, 2]", "d": 0.5}
+
+
+def test_a_tracker_that_fails_is_one_line_at_start_and_a_warning_mid_run(tmp_path, monkeypatch, caplog):
+    """A store MLflow refuses (e.g. its file store in maintenance mode) is a one-line error naming the URI; a
+    tracker that breaks during the run is dropped with a warning and the run goes on."""
+    fake = types.ModuleType("mlflow")
+
+    def refuse(run_id=None, run_name=None):
+        raise RuntimeError("The filesystem tracking backend is in maintenance mode. Please migrate.\nTraceback noise")
+
+    fake.start_run = refuse
+    fake.get_tracking_uri = lambda: "file:///somewhere/mlruns"
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    with pytest.raises(UsageError) as refused:
+        Trackers(["mlflow"], tmp_path)
+    message = str(refused.value)
+    assert message.startswith("log: mlflow could not start a run at tracking URI file:///somewhere/mlruns: The filesystem")
+    assert "\n" not in message and message.endswith("fix MLFLOW_TRACKING_URI (or the server), or remove mlflow from log")
+
+    fake.start_run = lambda run_id=None, run_name=None: types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
+    fake.log_metrics = lambda metrics, step=None: (_ for _ in ()).throw(ConnectionError("server gone"))
+    fake.end_run = lambda: None
+    trackers = Trackers(["mlflow"], tmp_path)
+    trackers.epoch(1, {"epoch": 1, "phase": 1, "val_accuracy": 0.5, "seconds": 1.0}, {"head": 0.1})
+    assert trackers.sinks == [] and "MlflowSink stopped logging (ConnectionError: server gone)" in caplog.text
+    trackers.close()

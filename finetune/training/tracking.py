@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from finetune.config.loading import flatten
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, UsageError
 from finetune.files import write_text
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,17 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def _gist(exc: Exception, limit: int = 240) -> str:
+    """The first sentences of an exception's message, on one line, within `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    kept = ""
+    for sentence in text.split(". "):
+        if kept and len(kept) + len(sentence) > limit:
+            break
+        kept = f"{kept}. {sentence}" if kept else sentence
+    return kept[:limit].rstrip(".")
+
+
 class MlflowSink:
     """One MLflow run per finetune run (its id kept in RUN/mlflow.json, so a resume continues the same one)."""
 
@@ -90,7 +101,13 @@ class MlflowSink:
         self.mlflow = mlflow
         marker = run_root / "mlflow.json"
         run_id = json.loads(marker.read_text(encoding="utf-8"))["run_id"] if marker.exists() else None
-        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_root.name)
+        try:
+            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_root.name)
+        except Exception as exc:  # any failure of the tracking server or store: the library's own message, one line
+            raise UsageError(
+                f"log: mlflow could not start a run at tracking URI {mlflow.get_tracking_uri()}: {_gist(exc)}; "
+                "fix MLFLOW_TRACKING_URI (or the server), or remove mlflow from log"
+            ) from None
         if run_id is None:
             write_text(marker, json.dumps({"run_id": active.info.run_id}))
 
@@ -119,10 +136,23 @@ class Trackers:
         if "mlflow" in sinks:
             self.sinks.append(MlflowSink(run_root))
 
+    def _each(self, call: str, *args: Any) -> None:
+        """`sink.call(*args)` for every sink; a tracker that fails mid-run (server gone, disk full) is dropped with
+        a warning, and training, metrics.csv and checkpoints go on."""
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, call)(*args)
+            except Exception as exc:
+                log.warning(
+                    "%s stopped logging (%s: %s); the run goes on, metrics.csv has every epoch",
+                    type(sink).__name__,
+                    type(exc).__name__,
+                    exc,
+                )
+                self.sinks.remove(sink)
+
     def epoch(self, epoch: int, row: dict[str, Any], lrs: dict[str, float]) -> None:
-        scalars = scalar_tags(row, lrs)
-        for sink in self.sinks:
-            sink.epoch(epoch, scalars)
+        self._each("epoch", epoch, scalar_tags(row, lrs))
 
     def figure(self, tag: str, path: Path | None, epoch: int) -> None:
         """A PNG the run wrote (confusion matrix, augmentation preview) as an image."""
@@ -132,14 +162,10 @@ class Trackers:
 
         with Image.open(path) as picture:
             pixels = np.asarray(picture.convert("RGB"))
-        for sink in self.sinks:
-            sink.image(tag, pixels, epoch)
+        self._each("image", tag, pixels, epoch)
 
     def finish(self, recipe: dict[str, Any], scores: dict[str, float]) -> None:
-        params, final = flat_params(recipe), _finite(scores)
-        for sink in self.sinks:
-            sink.params(params, final)
+        self._each("params", flat_params(recipe), _finite(scores))
 
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        self._each("close")
