@@ -39,7 +39,9 @@ def test_soft_target_loss_equals_the_recipe_loss_on_unmixed_labels():
 def test_mixup_is_refused_in_phases_that_train_on_cached_features():
     phases = [{"epochs": 2, "lr": 0.01, "trainable": ["head"]}, {"epochs": 3, "lr": 0.001}]
     cached = tiny_recipe(train={"phases": phases, "mixup": {}}, transforms={"train": "none"})
-    with pytest.raises(RecipeError, match=r"train.mixup mixes images, but phase 1 \(epochs 1-2\) trains the head on cached "):
+    with pytest.raises(
+        RecipeError, match=r"train.mixup mixes images, but phase 1 \(epochs 1-2\) trains on cached outputs of its frozen stages"
+    ):
         recipe_from_dict(cached)
     later = tiny_recipe(train={"phases": phases[::-1], "mixup": {}}, transforms={"train": "none"})
     with pytest.raises(RecipeError, match=r"phase 2 \(epochs 4-5\).*or train.mixup.off_epoch: 3 to stop mixing before it"):
@@ -47,6 +49,9 @@ def test_mixup_is_refused_in_phases_that_train_on_cached_features():
     # the same phases are fine when mixing stops before the cached phase, or the phase trains on images
     recipe_from_dict(tiny_recipe(train={"phases": phases[::-1], "mixup": {"off_epoch": 3}}, transforms={"train": "none"}))
     recipe_from_dict(tiny_recipe(train={"phases": phases, "mixup": {}, "feature_cache": "off"}, transforms={"train": "none"}))
+    suffix = {"epochs": 2, "lr": 0.01, "trainable": ["layer4", "head"], "bn": "frozen"}  # the frozen-prefix cache
+    with pytest.raises(RecipeError, match=r"phase 1 \(epochs 1-2\) trains on cached outputs of its frozen stages"):
+        recipe_from_dict(tiny_recipe(train={"phases": [suffix], "mixup": {}, "cache_views": 2}))
 
 
 @pytest.mark.parametrize(

@@ -241,8 +241,8 @@ class Recipe(Strict):
         for number, (phase, epochs) in enumerate(zip(self.train.resolved_phases(), self.train.phase_epochs(), strict=True)):
             if self.cache_blocker(phase) is None and mixup.active(epochs[0]):
                 raise ValueError(
-                    f"train.mixup mixes images, but phase {number + 1} (epochs {epochs[0]}-{epochs[-1]}) trains the head on "
-                    "cached features, which are not images; set train.feature_cache: off to train it on images"
+                    f"train.mixup mixes images, but phase {number + 1} (epochs {epochs[0]}-{epochs[-1]}) trains on cached "
+                    "outputs of its frozen stages, which are not images; set train.feature_cache: off to train it on images"
                     + (f", or train.mixup.off_epoch: {epochs[0] - 1} to stop mixing before it" if epochs[0] > 1 else "")
                 )
         return self
