@@ -64,7 +64,7 @@ def check(
 ) -> CheckResult:
     """The dataset doctor over `data`; with `json_out`, every finding is also written there."""
     if json_out is not None:
-        check_writable_file(Path(json_out), what="--json")  # before decoding every image, not after
+        check_writable_file(Path(json_out), what="--json", example="check.json")  # before decoding every image, not after
     result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress, cache=FactsCache.default())
     if json_out is not None:
         write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))

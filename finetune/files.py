@@ -89,11 +89,11 @@ def check_writable_folder(folder: Path, *, what: str = "--out") -> None:
         raise RunDirError(f"{what} {folder}: cannot write in {existing} (read-only or no permission); choose another place")
 
 
-def check_writable_file(path: Path, *, what: str = "--out") -> None:
+def check_writable_file(path: Path, *, what: str = "--out", example: str = "predictions.csv") -> None:
     """Refuse, before any work, an output file that is a folder or whose folder cannot be written."""
     path = Path(path)
     if path.is_dir():
-        raise RunDirError(f"{what} {path} is a folder; give a file name such as {path / 'predictions.csv'}")
+        raise RunDirError(f"{what} {path} is a folder; give a file name such as {path / example}")
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise RunDirError(f"{what} {path}: its folder {blocking} is a file; choose another place")

@@ -82,7 +82,10 @@ def test_train_eval_predict(tmp_path, image_folder, presplit_folder, recipe_file
 
 ERRORS = [
     (["train", "missing.yaml", "--data", "x"], r"^error: recipe file missing.yaml not found"),
-    (["train", "RECIPE", "--set", "train.lr=-1"], r"^error: invalid recipe .*recipe.train.lr: Input should be greater than 0"),
+    (
+        ["train", "RECIPE", "--set", "train.lr=-1"],
+        r"^error: invalid recipe .*recipe.train.lr \(from --set train.lr\): Input should be greater than 0",
+    ),
     (["train", "RECIPE", "--set", "model.name=resnet5"], r"did you mean 'resnet50'"),
     (["train", "RECIPE", "--set", "train.epochs"], r"^error: --set 'train.epochs' is not KEY=VALUE"),
     (["train", "RECIPE", "--data", "nowhere"], r"^error: data folder nowhere does not exist"),

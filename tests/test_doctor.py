@@ -243,3 +243,16 @@ def test_screening_cache_decodes_each_file_once(tmp_path, monkeypatch, caplog):
     assert [f.problem for f in doctor.examine_all([paths[0], paths[2]], progress=False, cache=unwritable)] == [None, None]
     assert not unwritable.writable
     assert "screening cache" in caplog.text and "is not writable" in caplog.text
+
+
+def test_screening_warns_about_placeholder_pictures(tmp_path, caplog):
+    """train/eval/predict use a placeholder picture as it is, but say so (check lists it as a finding)."""
+    from finetune.data.doctor import screen_samples
+
+    root = make_folder(tmp_path / "d", classes=("ant", "bee"), per_class=4)
+    _placeholder_picture(root / "ant" / "photo_17.png")
+    samples = pd.DataFrame({"path": sorted(str(p) for p in root.rglob("*.png")), "label": "", "split": ""})
+    screened = screen_samples(samples, policy="skip", progress=False)
+    assert len(screened.samples) == len(samples)
+    assert "1 image(s) look like placeholder pictures rather than photos, e.g." in caplog.text
+    assert "photo_17.png" in caplog.text and "data.exclude" in caplog.text

@@ -74,3 +74,40 @@ def test_manifest_and_group_errors(tmp_path):
     make_folder(tmp_path / "g", per_class=4)
     with pytest.raises(DataError, match=r"data.group_pattern gives 1 group\(s\); a val fraction of 0.25 needs at least 4"):
         load_dataset_index(DataConfig(path=tmp_path / "g", val_fraction=0.25, group_pattern=r"img"), seed=0)
+
+
+def test_a_mistyped_command_line_is_one_line():
+    """click's usage errors (missing option, unknown option or command) are one line with exit code 2, like ours."""
+    import subprocess
+    import sys
+
+    for argv, expected in (
+        (["eval", "runs/x"], "error: Missing option '--data'. See 'finetune eval --help'."),
+        (["train", "--epochs", "3"], "error: No such option: --epochs. See 'finetune train --help'."),
+        (["nonsense"], "error: No such command 'nonsense'. See 'finetune --help'."),
+    ):
+        done = subprocess.run([sys.executable, "-m", "finetune", *argv], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.strip() == expected and done.stdout == ""
+
+
+def test_set_values_are_named_as_the_source_of_their_errors():
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict(tiny_recipe(), overrides=["train.epoch=3", "train.lr=-1"])
+    message = str(caught.value)
+    assert "recipe.train.epoch (from --set train.epoch): unknown key (did you mean 'epochs'?)" in message
+    assert "recipe.train.lr (from --set train.lr): Input should be greater than 0" in message
+
+
+def test_an_empty_weights_file_and_random_frozen_stages(tmp_path, image_folder, caplog):
+    empty = tmp_path / "weights.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(Exception, match=r"weights file .*weights.safetensors is empty \(0 bytes\): an interrupted download"):
+        train(recipe=tiny_recipe(model={"pretrained": str(empty)}), data=image_folder, out=tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    from finetune.runs.prepare import warn_random_frozen_stages
+
+    warn_random_frozen_stages(recipe_from_dict(tiny_recipe(train={"trainable": ["layer4", "head"]})))
+    assert "model.pretrained is false, so stem, layer1, layer2, layer3 never train and keep their random" in caplog.text
+    caplog.clear()
+    warn_random_frozen_stages(recipe_from_dict(tiny_recipe()))  # every stage trains: nothing to say
+    assert "never train" not in caplog.text

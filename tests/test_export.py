@@ -97,6 +97,11 @@ def test_int8_reports_its_accuracy_change_and_respects_the_budget(run, monkeypat
     result = export(run=run, out=tmp_path / "q", quantize="int8", progress=False)
     figures = json.loads((result.folder / "parity.json").read_text())["onnx-int8"]
     assert {"accuracy_delta", "top1_agreement", "max_abs_prob_diff"} <= set(figures) and result.files["onnx-int8"].exists()
+    from finetune.deploy.onnx_format import OnnxRunner
+
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    _, probs = OnnxRunner(result.files["onnx-int8"])(images)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)  # the softmax stays float in the int8 graph
     from finetune.runs import export as export_module
 
     real = export_module.measure
@@ -110,7 +115,11 @@ def test_int8_reports_its_accuracy_change_and_respects_the_budget(run, monkeypat
         )
 
     monkeypatch.setattr(export_module, "measure", int8_loses_a_lot)
-    with pytest.raises(ParityError, match=r"int8 model not written: accuracy fell 50.0% on the test split \(allowed 1.0%"):
+    with pytest.raises(
+        ParityError,
+        match=r"int8 model not written: accuracy fell 50.0 points \(\d+ of \d+ test images\) against the allowed 1.0; "
+        r"to keep it, run the export again with --max-accuracy-drop 0.51 --overwrite",
+    ):
         export(run=run, out=tmp_path / "q2", quantize="int8", progress=False)
     assert not (tmp_path / "q2" / "model.int8.onnx").exists() and (tmp_path / "q2" / "parity.json").exists()
 

@@ -133,3 +133,25 @@ def test_predictions_are_calibrated_with_the_runs_temperature(tmp_path, image_fo
     table = predict(run=run.run_dir, inputs=list(val["path"]), progress=False)
     expected = softmax(payload["val_logits"].numpy() / payload["temperature"]).max(axis=1)
     assert np.allclose(table["confidence"].to_numpy(), expected, atol=1e-5)  # the same images, the same calibrated numbers
+
+
+def test_eval_on_images_the_run_has_seen_is_flagged(tmp_path, image_folder, caplog):
+    """`eval` on the run's own folder (its train and val images among them) says the figures are optimistic; on
+    new images it does not."""
+    import shutil
+
+    from finetune import evaluate, train
+
+    from conftest import tiny_recipe
+
+    run = train(recipe=tiny_recipe(), data=image_folder, out=tmp_path / "run", progress=False).run_dir
+    seen = evaluate(run=run, data=image_folder, out=tmp_path / "seen", progress=False)
+    assert seen.metrics["evaluated_on"]["selection_split"] is True
+    assert "images are in the run's training split: the figures overstate" in caplog.text
+    assert (
+        "Optimistic: 6 of these images chose the run's best epoch (its val split) and 18 trained it"
+        in (tmp_path / "seen" / "summary.md").read_text()
+    )
+    fresh = tmp_path / "fresh"
+    shutil.copytree(image_folder, fresh)  # the same pictures under other paths count as new images
+    assert evaluate(run=run, data=fresh, out=tmp_path / "new", progress=False).metrics["evaluated_on"]["selection_split"] is False

@@ -47,9 +47,11 @@ def session(quiet: bool, debug: bool) -> Iterator[None]:
     """Logging for the command, and every FinetuneError as a single line with exit code 2."""
     follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
     level = logging.ERROR if follower else logging.WARNING if quiet else logging.INFO
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    logging.basicConfig(level=level, format="%(message)s", force=True)
+    root, ours = logging.getLogger(), logging.getLogger("finetune")
+    saved = root.handlers[:], root.level, ours.level
+    # finetune's own messages at `level`; other libraries' (onnxruntime's quantizer logs every tensor) warnings only
+    logging.basicConfig(level=max(level, logging.WARNING), format="%(message)s", force=True)
+    ours.setLevel(level)
     try:
         yield
     except FinetuneError as exc:
@@ -66,6 +68,7 @@ def session(quiet: bool, debug: bool) -> Iterator[None]:
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+        ours.setLevel(saved[2])
 
 
 def timestamped(prefix: str) -> Path:

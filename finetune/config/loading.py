@@ -115,12 +115,17 @@ def _is_internal(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part or part.startswith("function-"))
 
 
-def format_validation_error(error: ValidationError, source: str, *, prefix: tuple[str, ...] = ()) -> str:
-    """Flatten pydantic's errors to `recipe.train.lr: Input should be greater than 0 (in FILE)`."""
+def format_validation_error(
+    error: ValidationError, source: str, *, prefix: tuple[str, ...] = (), overridden: Sequence[str] = ()
+) -> str:
+    """Flatten pydantic's errors to `recipe.train.lr: Input should be greater than 0`; a field that an override
+    (`overridden`: the --set keys) wrote says so, so the user looks at the command line, not the file."""
     lines = []
     for item in error.errors():
         loc = prefix + tuple(part for part in item["loc"] if not _is_internal(part))
-        where = ".".join(str(p) for p in ("recipe", *loc))
+        dotted = ".".join(str(p) for p in loc)
+        origin = next((k for k in overridden if dotted == k or dotted.startswith(f"{k}.") or k.startswith(f"{dotted}.")), None)
+        where = ".".join(str(p) for p in ("recipe", *loc)) + (f" (from --set {origin})" if origin else "")
         if item["type"] == "extra_forbidden":
             owner = _schema_at(loc)
             hint = did_you_mean(str(loc[-1]), owner.model_fields) if owner else ""
@@ -185,12 +190,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def recipe_from_dict(tree: dict[str, Any], *, overrides: Sequence[str] = (), source: str = "<dict>") -> Recipe:
     """Validate a recipe tree after applying dotted overrides."""
     tree = copy.deepcopy(tree)
-    for key, value in parse_overrides(overrides):
+    pairs = parse_overrides(overrides)
+    for key, value in pairs:
         _set_dotted(tree, key, value)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source)) from None
+        raise RecipeError(format_validation_error(exc, source, overridden=[key for key, _ in pairs])) from None
 
 
 def load_recipe(path: str | Path, *, overrides: Sequence[str] = ()) -> Recipe:

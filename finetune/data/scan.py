@@ -72,7 +72,7 @@ def scan_image_folder(root: Path, *, extensions: Sequence[str]) -> pd.DataFrame:
     """Rows of (path, label, split); split is empty for a flat folder of class folders."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; pass --data with a folder of class sub-folders")
+        raise DataError(f"data folder {root} does not exist; give a folder of class sub-folders (or a CSV manifest)")
     splits = split_folders(root)
     if splits is None:
         samples = _scan_classes(root, extensions).assign(split="")

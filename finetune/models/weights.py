@@ -107,6 +107,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; fix model.pretrained")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"weights file {path} is empty (0 bytes): an interrupted download or copy? Fetch it again")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -59,7 +59,7 @@ class RunContext:
     meta: dict[str, Any]  # checkpoint payload without the weights
     run: RunDir | None = None
     split: str = "val"
-    selection: bool = False  # the split chose the best epoch / the temperature: its figures are optimistic
+    selection: bool | str = False  # the split chose the best epoch (or why else the images are not new): optimistic
     extra: dict[str, Any] = field(default_factory=dict)
     tta: tuple[str, ...] = ()  # test-time views averaged into the probabilities
 

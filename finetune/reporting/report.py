@@ -106,14 +106,18 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     card = score(preds, class_names, top_k=top_k)
     if context is not None:
-        card.metrics["evaluated_on"] = {"split": context.split, "selection_split": context.selection, "tta": list(context.tta)}
+        card.metrics["evaluated_on"] = {
+            "split": context.split,
+            "selection_split": bool(context.selection),
+            "tta": list(context.tta),
+        }
     _write_tables(folder, preds, class_names, card, top_k=top_k)
     figures = _write_figures(folder, card, title=title, context=context)
     split = context.split if context else None
     notes = context.extra if context else {}
     write_text(
         folder / "summary.md",
-        summary_markdown(card, title, split=split, selection=bool(context and context.selection), notes=notes),
+        summary_markdown(card, title, split=split, selection=context.selection if context else False, notes=notes),
     )
     render_html(
         path=folder / "report.html",

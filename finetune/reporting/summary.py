@@ -18,12 +18,18 @@ def interval(metrics: dict[str, Any], name: str) -> str:
     return f"{value:.1%} (95% CI {bounds[0]:.1%}-{bounds[1]:.1%})"
 
 
-def split_sentence(split: str, selection: bool) -> str:
-    """What the numbers can be trusted for, given the split they were computed on."""
+def split_sentence(split: str, selection: bool | str) -> str:
+    """What the numbers can be trusted for, given the split they were computed on (`selection`: True when it chose
+    the best epoch, or the reason in words when the images are not new to the run for another cause)."""
     if selection:
+        why = (
+            selection
+            if isinstance(selection, str)
+            else f"the {split} split also chose the best epoch (and fitted the temperature)"
+        )
         return (
-            f"Optimistic: the {split} split also chose the best epoch (and fitted the temperature), so these figures "
-            "flatter the model. Keep a test split (data.test_fraction, or a test/ folder) for numbers to quote."
+            f"Optimistic: {why}, so these figures flatter the model. "
+            "Keep a test split (data.test_fraction, or a test/ folder) for numbers to quote."
         )
     if split == "test":
         return "Computed on the test split, which nothing during training saw: not early stopping, not the best epoch, not the temperature."
@@ -62,7 +68,7 @@ def per_class_with_intervals(per_class: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-def summary_markdown(card: Scorecard, title: str, *, split: str | None, selection: bool, notes: dict[str, Any]) -> str:
+def summary_markdown(card: Scorecard, title: str, *, split: str | None, selection: bool | str, notes: dict[str, Any]) -> str:
     """The short human summary with the tables."""
     m = card.metrics
     worst = card.per_class.sort_values("f1").iloc[0]
@@ -81,7 +87,7 @@ def summary_markdown(card: Scorecard, title: str, *, split: str | None, selectio
             "",
             pd.Series(headline, name="value").to_frame().to_markdown(floatfmt=".4f"),
             "",
-            "## Per class (worst F1 first; 95% intervals from a stratified bootstrap)",
+            "## Per class (worst F1 first; 95% intervals: Wilson for precision and recall, a stratified bootstrap for F1)",
             "",
             per_class_with_intervals(card.per_class).to_markdown(index=False),
             "",

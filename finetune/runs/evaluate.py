@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def write_run_report(
     folder: Path,
     *,
     split: str,
-    selection: bool,
+    selection: bool | str,
     skipped: pd.DataFrame,
     run: RunDir | None,
 ) -> Report:
@@ -165,4 +166,24 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     )
     rows = screened.samples
     preds = predict_paths(loaded, list(rows["path"]), _targets(loaded, rows), progress=progress, desc="evaluate")
-    return write_run_report(loaded, preds, folder, split=split, selection=False, skipped=screened.skipped, run=owner)
+    in_val, in_train = _seen_by_run(owner, list(rows["path"]))
+    if in_train:
+        log.warning(
+            "%d of these %d images are in the run's training split: the figures overstate what the model does on new images",
+            in_train,
+            len(rows),
+        )
+    selection: bool | str = False
+    if in_val + in_train:
+        selection = f"{in_val} of these images chose the run's best epoch (its val split) and {in_train} trained it"
+    return write_run_report(loaded, preds, folder, split=split, selection=selection, skipped=screened.skipped, run=owner)
+
+
+def _seen_by_run(run: RunDir | None, paths: list[str]) -> tuple[int, int]:
+    """How many of `paths` (compared as real paths) are in the run's val split and in its train split."""
+    if run is None or not run.splits.exists():
+        return 0, 0
+    splits = read_text_table(run.splits)
+    real = {os.path.realpath(p) for p in paths}
+    seen = {name: {os.path.realpath(p) for p in splits.loc[splits["split"] == name, "path"]} for name in ("val", "train")}
+    return len(real & seen["val"]), len(real & seen["train"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -191,9 +192,11 @@ def _finish(result: ExportResult, split: str, max_accuracy_drop: float) -> None:
     for kind, figures in result.parity.items():
         if kind == "onnx-int8":
             if "onnx-int8" not in result.files:
+                drop, images = -figures["accuracy_delta"], figures["images"]
                 raise ParityError(
-                    f"int8 model not written: accuracy fell {-figures['accuracy_delta']:.1%} on the {split} split "
-                    f"(allowed {max_accuracy_drop:.1%}; --max-accuracy-drop to allow more); see {result.folder / 'parity.json'}"
+                    f"int8 model not written: accuracy fell {100 * drop:.1f} points ({round(drop * images)} of {images} "
+                    f"{split} images) against the allowed {100 * max_accuracy_drop:.1f}; to keep it, run the export again "
+                    f"with --max-accuracy-drop {math.ceil(drop * 100 + 0.5) / 100:.2f} --overwrite; see {result.folder / 'parity.json'}"
                 )
             continue
         if figures["top1_agreement"] < 1.0 or figures["max_abs_prob_diff"] > FP32_TOLERANCE:

@@ -15,6 +15,7 @@ from PIL import Image
 from finetune.config.catalog import IMAGE_EXTENSIONS
 from finetune.data.decode import as_rgb
 from finetune.data.doctor import screen_samples
+from finetune.data.facts import examine_image
 from finetune.data.loader import UNREADABLE
 from finetune.data.scan import list_images
 from finetune.deploy.package import image_batches
@@ -121,8 +122,9 @@ def _readable(paths: list[str], policy: str, progress: bool) -> set[str]:
         return set()
     screened = screen_samples(pd.DataFrame({"path": paths, "label": "", "split": ""}), policy=policy, progress=progress)
     if screened.samples.empty:
+        first = screened.skipped.iloc[0]
         raise DataError(
-            f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {screened.skipped['path'].iloc[0]}"
+            f"none of the {len(screened.skipped)} input image(s) could be decoded, e.g. {first['path']} ({first['reason']})"
         )
     return set(screened.samples["path"])
 
@@ -133,11 +135,13 @@ def _drop_unreadable(preds: Predictions, *, policy: str) -> Predictions:
     if not bad.any():
         return preds
     paths = [p for p, b in zip(preds.paths, bad) if b]
+    first = examine_image(paths[0])  # the reason, for the first one only: the others are listed by path
+    why = f"{first.problem}: {first.detail}" if first.detail else (first.problem or "cannot be decoded")
     if bad.all():
-        raise DataError(f"none of the {len(paths)} input image(s) could be decoded, e.g. {paths[0]}")
+        raise DataError(f"none of the {len(paths)} input image(s) could be decoded, e.g. {paths[0]} ({why})")
     if policy == "fail":
         raise DataError(f"{len(paths)} input image(s) cannot be decoded and data.bad_images is 'fail': {', '.join(paths[:5])}")
-    log.warning("skipped %d unreadable image(s), e.g. %s", len(paths), paths[0])
+    log.warning("skipped %d unreadable image(s), e.g. %s (%s)", len(paths), paths[0], why)
     kept = preds.subset(np.flatnonzero(~bad))
     kept.targets = np.full(len(kept.paths), -1)
     return kept
@@ -251,7 +255,7 @@ def predict(
     )
     if out is not None:
         write_table(table, Path(out), float_format="%.6f")
-        log.info("wrote %d predictions to %s", len(table), out)
+        log.debug("wrote %d predictions to %s", len(table), out)  # the command prints it
     return table
 
 

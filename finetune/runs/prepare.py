@@ -14,6 +14,7 @@ from pathlib import Path
 import albumentations as A
 import pandas as pd
 
+from finetune.config.catalog import STAGES
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.decode import load_image, printable
 from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
@@ -64,8 +65,24 @@ def check_cheap_things(recipe: Recipe) -> None:
     """Fail in seconds on what needs no image: weights that cannot be had, a device that is not there, a tracker
     that is not installed."""
     check_weights_available(recipe.model)
+    warn_random_frozen_stages(recipe)
     check_device(recipe.train.device)
     check_trackers(recipe.log)
+
+
+def warn_random_frozen_stages(recipe: Recipe) -> None:
+    """Frozen stages of a model without weights stay random for the whole run: say so, once, before anything slow."""
+    if recipe.model.pretrained is not False:
+        return
+    trained = {stage for phase in recipe.train.resolved_phases() for stage in phase.trainable_stages()}
+    frozen = [stage for stage in STAGES if stage not in trained and stage != "head"]
+    if frozen:
+        log.warning(
+            "model.pretrained is false, so %s never train and keep their random initial weights: the trainable stages "
+            "learn from random features. Give weights (model.pretrained: true, or a file) for transfer learning, "
+            "or train every stage (recipes/full_finetune.yaml, recipes/from_scratch_small.yaml)",
+            ", ".join(frozen),
+        )
 
 
 def check_weights_available(cfg: ModelConfig) -> None:
@@ -73,6 +90,8 @@ def check_weights_available(cfg: ModelConfig) -> None:
         check_hub_reachable(cfg.name)
     elif isinstance(cfg.pretrained, Path) and not cfg.pretrained.is_file():
         raise WeightsError(f"weights file {cfg.pretrained} does not exist; fix model.pretrained")
+    elif isinstance(cfg.pretrained, Path) and cfg.pretrained.stat().st_size == 0:
+        raise WeightsError(f"weights file {cfg.pretrained} is empty (0 bytes): an interrupted download or copy? Fetch it again")
 
 
 def prepare_data(cfg: DataConfig, *, seed: int, progress: bool, known: Mapping[str, ImageFacts] | None = None) -> PreparedData:
