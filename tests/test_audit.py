@@ -1,6 +1,7 @@
 """`finetune audit`: confident learning on out-of-fold probabilities finds flipped labels; duplicates under two labels,
 overlapping classes, outliers; audit.html; one-line errors."""
 
+import json
 import shutil
 
 import numpy as np
@@ -132,3 +133,25 @@ def test_audit_without_cleanlab_names_the_extra(tmp_path, image_folder, monkeypa
     assert result.exit_code == 2
     assert "finetune audit needs cleanlab: pip install -e '.[audit]'" in result.output
     assert not (tmp_path / "a").exists()
+
+
+def test_a_weak_out_of_fold_model_is_said_to_be_weak(audited, tmp_path):
+    """The colour audit's model is strong (no banner); the same page from a weak model carries the warning."""
+    from finetune.reporting.audit_html import AuditPage, render_audit
+
+    result, _, _, root = audited
+    assert result.cv.report.metrics["accuracy"] >= 0.85
+    assert "The out-of-fold model is weak" not in (root / "audit" / "audit.html").read_text()
+    summary = {**json.loads((root / "audit" / "audit.json").read_text()), "oof_accuracy": 0.721}
+    page = AuditPage(
+        summary=summary,
+        issues=result.issues,
+        overlapping=result.overlapping,
+        conflicts=result.conflicts,
+        outliers=result.outliers,
+    )
+    render_audit(page, tmp_path / "weak.html")
+    assert (
+        "The out-of-fold model is weak (72.1% accuracy): many suspects will be its own mistakes"
+        in (tmp_path / "weak.html").read_text()
+    )

@@ -312,12 +312,12 @@ def screen_samples(
         log.warning(
             "skipping %d unreadable image(s), e.g. %s (%s)", len(skipped), skipped["path"].iloc[0], skipped["reason"].iloc[0]
         )
-    _warn_placeholders(list(kept["path"]), [f for f, b in zip(facts, bad) if not b])
+    _warn_placeholders({p: f for p, f in zip(samples["path"], facts) if p not in known})  # `known`: warned already
     return Screened(samples=kept, skipped=skipped.reset_index(drop=True), facts=dict(zip(samples["path"], facts)))
 
 
-def _warn_placeholders(paths: list[str], facts: list[ImageFacts]) -> None:
-    looks = [(p, f.placeholder) for p, f in zip(paths, facts) if f.placeholder]
+def _warn_placeholders(facts: Mapping[str, ImageFacts]) -> None:
+    looks = [(p, f.placeholder) for p, f in facts.items() if f.problem is None and f.placeholder]
     if looks:
         log.warning(
             "%d image(s) look like placeholder pictures rather than photos, e.g. %s (%s); they are used as they are: "

@@ -70,12 +70,16 @@ def _outliers(outliers: pd.DataFrame, limit: int) -> list[dict[str, Any]]:
     ]
 
 
+WEAK_MODEL_ACCURACY = 0.85  # below this out-of-fold accuracy, the page warns that suspects are mostly model mistakes
+
+
 def render_audit(page: AuditPage, path: Path) -> None:
     env = Environment(loader=PackageLoader("finetune.reporting", "templates"), autoescape=select_autoescape(["html", "j2"]))
     overlapping = page.overlapping.head(20)
     html = env.get_template("audit.html.j2").render(
         written=time.strftime("%Y-%m-%d %H:%M"),
         s=page.summary,
+        weak_below=WEAK_MODEL_ACCURACY,
         suspects=_suspects(page.issues, page.gallery),
         more=max(0, len(page.issues) - page.gallery),
         pairs=_pairs(page.conflicts),

@@ -20,7 +20,7 @@ from finetune.data.doctor import duplicate_pairs, examine_all
 from finetune.data.facts import FactsCache
 from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
 from finetune.files import check_writable_folder, default_cache_dir, write_table, write_text
-from finetune.reporting.audit_html import AuditPage, render_audit
+from finetune.reporting.audit_html import WEAK_MODEL_ACCURACY, AuditPage, render_audit
 from finetune.run_dir import RunDir
 from finetune.runs.cv import CVResult, cross_validate
 from finetune.runs.prepare import prepare_model
@@ -154,6 +154,12 @@ def _with_reasons(table: pd.DataFrame, conflicts: pd.DataFrame) -> pd.DataFrame:
 
 def _summary(cv: CVResult, issues: pd.DataFrame, conflicts: pd.DataFrame, health: float, *, folds: int) -> dict[str, Any]:
     metrics = cv.report.metrics
+    if metrics["accuracy"] < WEAK_MODEL_ACCURACY:
+        log.warning(
+            "the out-of-fold models reach only %.1f%% accuracy: many suspects will be their mistakes, not wrong labels; "
+            "give the recipe pretrained weights or train longer before trusting the list",
+            100 * metrics["accuracy"],
+        )
     return {
         "images": len(cv.oof.paths),
         "classes": cv.class_names,

@@ -61,11 +61,12 @@ class PreparedRun:
     class_weights: list[float] | None
 
 
-def check_cheap_things(recipe: Recipe) -> None:
+def check_cheap_things(recipe: Recipe, *, warn: bool = True) -> None:
     """Fail in seconds on what needs no image: weights that cannot be had, a device that is not there, a tracker
-    that is not installed."""
+    that is not installed (and, with `warn`, say when frozen stages stay random)."""
     check_weights_available(recipe.model)
-    warn_random_frozen_stages(recipe)
+    if warn:
+        warn_random_frozen_stages(recipe)
     check_device(recipe.train.device)
     check_trackers(recipe.log)
 
@@ -130,7 +131,7 @@ def prepare_model(recipe: Recipe, *, num_classes: int, load_pretrained: bool = T
 
 def prepare_run(recipe: Recipe, *, progress: bool, known: Mapping[str, ImageFacts] | None = None) -> PreparedRun:
     """Cheap checks, then data, then model and loss weights: what `train` and `lr-find` start from."""
-    check_cheap_things(recipe)
+    check_cheap_things(recipe, warn=known is None)  # `known`: a cross-validation fold, whose run has checked and warned
     data = prepare_data(recipe.data, seed=recipe.seed, progress=progress, known=known)
     model = prepare_model(recipe, num_classes=len(data.index.class_names))
     first = data.index.split("train")["path"].iloc[0]
