@@ -22,13 +22,15 @@ from pathlib import Path
 from finetune import train
 from finetune.data.demo import build_digits_folder, default_paths
 
+# peak RSS from VmHWM: unlike ru_maxrss, it starts afresh at exec (ru_maxrss keeps the forking parent's peak)
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 started = time.perf_counter()
 from finetune import predict
 table = predict(run=sys.argv[1], inputs=[sys.argv[2]], out=sys.argv[3], progress=False)
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 print(json.dumps({"seconds": time.perf_counter() - started, "rows": len(table),
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mib": int(status["VmHWM"].split()[0]) / 1024}))
 """
 
 

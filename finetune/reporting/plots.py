@@ -83,8 +83,8 @@ def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> 
                         fontsize=8 if n <= PERCENT_LIMIT else 6,
                         color="white" if dark else "black",
                     )
-    bar = fig.colorbar(image, ax=ax)
-    bar.set_label("red: B worse, blue: B better (change in fraction of the true class)")
+    bar = fig.colorbar(image, ax=ax)  # the colour is the improvement, not the signed change printed in the cells
+    bar.set_ticks([-limit, 0.0, limit], labels=[f"B worse\nby {limit:.0%}", "no change", f"B better\nby {limit:.0%}"])
     _label_matrix(ax, title)
     _save(fig, path)
 
@@ -171,7 +171,7 @@ def plot_risk_coverage(risk: pd.DataFrame, path: Path) -> None:
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("coverage (share of images answered)")
     ax.set_ylabel("accuracy of the answered images")
-    ax.set_title("risk-coverage: answer only above a confidence threshold")
+    ax.set_title("accuracy vs coverage: answer only above a confidence threshold")
     ax.grid(alpha=0.3)
     low = float(risk["accuracy"].min())
     ax.set_ylim(max(0.0, low - 0.05), 1.01)
