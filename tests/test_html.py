@@ -156,7 +156,11 @@ def test_report_diff(tmp_path):
     assert np.allclose(confusion.sum(axis=1), 0.0, atol=1e-6)  # rows of two row-normalised matrices
     assert (tmp_path / "diff" / "confusion_diff.png").stat().st_size > 5000
     text = (tmp_path / "diff" / "diff.md").read_text()
-    assert "## Fixed (F1 up)" in text and "## Broke (F1 down)" in text
+    assert "## Fixed (F1 up by 0.02 or more)" in text and "## Broke (F1 down by 0.02 or more)" in text
+    from finetune.reporting.diff import _changes
+
+    moves = pd.DataFrame({"class": ["x", "y", "z"], "f1_delta": [0.3, -0.012, -0.05]})
+    assert _changes(moves, positive=True) == "x (+0.300)" and _changes(moves, positive=False) == "z (-0.050)"
     assert result.headline.set_index("metric").loc["accuracy", "delta"] > 0
     cli = CliRunner().invoke(app, ["report", "diff", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "d2")])
     assert cli.exit_code == 0 and "accuracy" in cli.stdout

@@ -155,3 +155,11 @@ def test_eval_on_images_the_run_has_seen_is_flagged(tmp_path, image_folder, capl
     fresh = tmp_path / "fresh"
     shutil.copytree(image_folder, fresh)  # the same pictures under other paths count as new images
     assert evaluate(run=run, data=fresh, out=tmp_path / "new", progress=False).metrics["evaluated_on"]["selection_split"] is False
+
+
+def test_coverage_sentence_gives_counts_and_flags_tiny_ones():
+    from finetune.reporting.summary import coverage_sentence
+
+    text = coverage_sentence({"num_images": 153, "coverage_at_accuracy": {"0.9": 0.15, "0.99": 1 / 153, "0.999": None}})
+    assert "90% accuracy: 15% of images (23 of 153)" in text
+    assert "99% accuracy: 1% of images (1 of 153, too few to trust)" in text and "no threshold reaches it" in text

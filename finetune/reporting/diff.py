@@ -91,9 +91,12 @@ def _paired(folder_a: Path, folder_b: Path) -> list[Difference]:
     return paired_difference(encode(a["true_label"]), encode(a["predicted_label"]), encode(b["predicted_label"]), len(classes))
 
 
+MIN_F1_CHANGE = 0.02  # smaller per-class F1 moves are listed as unchanged: on small splits they are one image or two
+
+
 def _changes(per_class: pd.DataFrame, positive: bool) -> str:
-    chosen = per_class[per_class["f1_delta"] > 0] if positive else per_class[per_class["f1_delta"] < 0]
-    chosen = chosen.sort_values("f1_delta", ascending=not positive)
+    moved = per_class["f1_delta"] >= MIN_F1_CHANGE if positive else per_class["f1_delta"] <= -MIN_F1_CHANGE
+    chosen = per_class[moved].sort_values("f1_delta", ascending=not positive)
     return ", ".join(f"{c} ({d:+.3f})" for c, d in zip(chosen["class"], chosen["f1_delta"])) or "none"
 
 
@@ -135,9 +138,9 @@ def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class:
             "",
             shown.to_markdown(index=False),
             "",
-            f"## Fixed (F1 up): {_changes(per_class, positive=True)}",
+            f"## Fixed (F1 up by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=True)}",
             "",
-            f"## Broke (F1 down): {_changes(per_class, positive=False)}",
+            f"## Broke (F1 down by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=False)}",
             "",
             "## Confusions that grew most (B sends more of the true class there)",
             "",

@@ -49,9 +49,12 @@ def calibration_sentence(metrics: dict[str, Any]) -> str:
 
 
 def coverage_sentence(metrics: dict[str, Any]) -> str:
-    parts = []
+    parts, total = [], int(metrics.get("num_images", 0))
     for target, coverage in metrics.get("coverage_at_accuracy", {}).items():
-        answered = f"{coverage:.0%} of images" if coverage is not None else "no threshold reaches it"
+        answered = "no threshold reaches it"
+        if coverage is not None:
+            count = round(coverage * total)
+            answered = f"{coverage:.0%} of images ({count} of {total}{', too few to trust' if count < 10 else ''})"
         parts.append(f"{float(target):.0%} accuracy: {answered}")
     return "Answering only above a confidence threshold: " + "; ".join(parts) + "." if parts else ""
 

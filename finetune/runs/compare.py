@@ -20,6 +20,7 @@ from finetune.errors import UsageError
 from finetune.evaluation.intervals import paired_difference
 from finetune.files import check_writable_folder, read_text_table, write_table, write_text
 from finetune.models.inspect import inspect_model
+from finetune.reporting.report import Report
 from finetune.run_dir import RunDir
 from finetune.runs.cv import CVResult, cross_validate
 from finetune.runs.train import TrainResult, train
@@ -48,10 +49,9 @@ def _trainable_params(recipe: Recipe, classes: int) -> int:
     return max(sum(s.params for s in info.stages if s.trainable[i]) for i in range(len(info.stages[0].trainable)))
 
 
-def _row(name: str, recipe: Recipe, result: TrainResult, seconds: float) -> dict[str, Any]:
-    if result.report is None:
-        raise UsageError("compare runs in one process; start it without torchrun")
-    classes, metrics = result.report.per_class, result.report.metrics
+def _scores(name: str, recipe: Recipe, report: Report) -> dict[str, Any]:
+    """The leaderboard columns every row has: accuracy with its interval, macro-F1, the worst class, the size."""
+    classes, metrics = report.per_class, report.metrics
     worst = classes.loc[classes["recall"].idxmin()]
     low, high = metrics["ci95"]["accuracy"]
     return {
@@ -64,31 +64,23 @@ def _row(name: str, recipe: Recipe, result: TrainResult, seconds: float) -> dict
         "worst_class": worst["class"],
         "worst_class_recall": float(worst["recall"]),
         "trainable_params": _trainable_params(recipe, len(classes)),
-        "epochs": len(result.history),
-        "seconds": round(seconds, 1),
-        "report": f"{name}/report/report.html",
     }
+
+
+def _row(name: str, recipe: Recipe, result: TrainResult, seconds: float) -> dict[str, Any]:
+    if result.report is None:
+        raise UsageError("compare runs in one process; start it without torchrun")
+    extra = {"epochs": len(result.history), "seconds": round(seconds, 1), "report": f"{name}/report/report.html"}
+    return _scores(name, recipe, result.report) | extra
 
 
 def _cv_row(name: str, recipe: Recipe, result: CVResult, seconds: float) -> dict[str, Any]:
     """A leaderboard row from out-of-fold figures, with the spread of the per-fold ones."""
-    classes, metrics = result.report.per_class, result.report.metrics
-    worst = classes.loc[classes["recall"].idxmin()]
-    low, high = metrics["ci95"]["accuracy"]
     spread = result.summary.set_index("fold")
     epochs = [len(read_text_table(RunDir(result.run_dir).fold(k).metrics)) for k in range(1, len(spread) - 1)]
-    return {
-        "recipe": name,
-        "model": recipe.model.name,
-        "accuracy": metrics["accuracy"],
-        "accuracy_lo": low,
-        "accuracy_hi": high,
-        "macro_f1": metrics["macro_f1"],
+    return _scores(name, recipe, result.report) | {
         "macro_f1_fold_mean": spread.loc["mean", "macro_f1"],
         "macro_f1_fold_std": spread.loc["std", "macro_f1"],
-        "worst_class": worst["class"],
-        "worst_class_recall": float(worst["recall"]),
-        "trainable_params": _trainable_params(recipe, len(classes)),
         "epochs": round(float(np.mean(epochs)), 1),
         "seconds": round(seconds, 1),
         "report": f"{name}/oof/report.html",

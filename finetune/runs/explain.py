@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from finetune.data.decode import printable
 from finetune.data.doctor import screen_samples
@@ -31,14 +31,17 @@ class ExplainResult:
     table: pd.DataFrame  # path, class, confidence, picture, border_share, note
 
 
-def _side_by_side(seen: np.ndarray, overlay: np.ndarray) -> Image.Image:
+def _side_by_side(seen: np.ndarray, overlay: np.ndarray, caption: str) -> Image.Image:
+    """The image the model saw, its Grad-CAM overlay, and under them what the heat is evidence for."""
     scale = max(1, SHOWN // max(seen.shape[:2]))
     halves = [
         Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.Resampling.NEAREST) for a in (seen, overlay)
     ]
-    picture = Image.new("RGB", (halves[0].width * 2 + 8, halves[0].height), "white")
+    band = 24
+    picture = Image.new("RGB", (halves[0].width * 2 + 8, halves[0].height + band), "white")
     picture.paste(halves[0], (0, 0))
     picture.paste(halves[1], (halves[0].width + 8, 0))
+    ImageDraw.Draw(picture).text((4, halves[0].height + 5), caption, fill="black", font=ImageFont.load_default(size=13))
     return picture
 
 
@@ -70,13 +73,15 @@ def explain(
     rows = []
     for n, found in enumerate(explainer.explain(paths, classes)):
         picture = f"{n:04d}_{Path(printable(found.path)).stem[:60]}.png"
-        _side_by_side(found.seen, found.overlay).save(folder / picture)
+        name, confidence = loaded.class_names[found.class_index], float(preds.probs[n, found.class_index])
+        caption = f"Grad-CAM for '{name}' ({confidence:.0%}): red = where the model found its evidence"
+        _side_by_side(found.seen, found.overlay, caption).save(folder / picture)
         border = found.border_share
         rows.append(
             {
                 "path": found.path,
-                "class": loaded.class_names[found.class_index],
-                "confidence": float(preds.probs[n, found.class_index]),
+                "class": name,
+                "confidence": confidence,
                 "picture": picture,
                 "border_share": border,
                 "note": "most of the heat is on the border: frame, watermark or background?" if border > BORDER_WARNING else "",
