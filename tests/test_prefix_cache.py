@@ -96,3 +96,59 @@ def test_the_cache_is_skipped_with_a_reason_when_it_would_not_fit(tmp_path, imag
         m.startswith("feature cache not used: the prefix outputs would take") and "cache_budget_gb: 1e-06" in m for m in messages
     )
     assert not _counts(caplog)
+
+
+def test_the_chain_check_is_made_in_fp32_before_caching_and_catches_a_forward_that_is_not_a_chain():
+    """Under bf16 autocast (CUDA's default) the check still passes: it runs in fp32 on a fresh activation, not on the
+    cached fp16 one. A model whose forward adds something outside its stages is refused, with the reason."""
+    from finetune.config.loading import recipe_from_dict
+    from finetune.training.feature_cache import _prefix_blocker, entry_module
+    from finetune.training.feature_store import Tap
+
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="resnet18"), num_classes=50)
+    with torch.no_grad():
+        bundle.model.fc.weight.mul_(20)  # logits of a realistic size, where bf16 differs by more than 1e-3
+    recipe = recipe_from_dict(tiny_recipe(train=LAST_STAGE))
+    image = torch.rand(1, 3, 64, 64)
+    tap = Tap(bundle.model, entry_module(bundle, "layer4"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _prefix_blocker(bundle, tap, recipe, "layer4", image, rows=10) is None
+    plain = bundle.model.forward_features
+    bundle.model.forward_features = lambda x: plain(x) + 1.0  # something after layer4 that no stage holds
+    assert (
+        _prefix_blocker(bundle, tap, recipe, "layer4", image, rows=10) == "resnet18's forward is not a plain chain of its stages"
+    )
+
+
+def test_fp16_overflow_is_an_error_and_a_killed_pass_keeps_its_entries(tmp_path, caplog):
+    """Activations beyond float16's range stop with the fix (not a silently infinite cache); meta.json is written
+    with the first batch, so entries stored before a kill are reused, not deleted as damaged."""
+    import numpy as np
+    from PIL import Image
+
+    from finetune.errors import TrainingError
+    from finetune.training.feature_store import ComputeOptions, FeatureCache, Tap
+
+    paths = []
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    model = torch.nn.Sequential()
+    model.add_module("stem", torch.nn.Identity())
+    model.add_module("block", torch.nn.Identity())
+
+    def pipeline(image):
+        return {"image": torch.full((3, 2, 2), float(image[0, 0, 0]) * 1e3)}  # 0, 4e4, 8e4, 1.2e5: the last two overflow
+
+    options = ComputeOptions(device=torch.device("cpu"), dtype=None, batch_size=2, num_workers=0, progress=False)
+    cache = FeatureCache(tmp_path / "cache", views=0, dtype=np.float16)
+    with pytest.raises(TrainingError, match=r"activations exceed the float16 range; set train.cache_precision: fp32"):
+        cache.features(Tap(model, "block"), paths, pipeline, options)
+    assert (tmp_path / "cache" / "meta.json").exists() and len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+    with caplog.at_level(logging.INFO):
+        features, _ = FeatureCache(tmp_path / "cache", views=0, dtype=np.float16).features(
+            Tap(model, "block"), paths[:2], pipeline, options
+        )
+    assert features.shape == (2, 1, 12) and float(features[1].max()) == 40000.0
+    assert "0 view(s) computed, 2 reused" in caplog.text  # the first batch, stored before the error

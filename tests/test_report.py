@@ -163,3 +163,19 @@ def test_coverage_sentence_gives_counts_and_flags_tiny_ones():
     text = coverage_sentence({"num_images": 153, "coverage_at_accuracy": {"0.9": 0.15, "0.99": 1 / 153, "0.999": None}})
     assert "90% accuracy: 15% of images (23 of 153)" in text
     assert "99% accuracy: 1% of images (1 of 153, too few to trust)" in text and "no threshold reaches it" in text
+
+
+def test_a_run_records_absolute_paths_so_eval_elsewhere_still_knows_its_images(tmp_path, image_folder, monkeypatch):
+    import os
+
+    from finetune import evaluate, train
+    from finetune.files import read_text_table
+
+    from conftest import tiny_recipe
+
+    monkeypatch.chdir(image_folder.parent)
+    run = train(recipe=tiny_recipe(), data=image_folder.name, out=tmp_path / "run", progress=False).run_dir  # relative --data
+    assert all(os.path.isabs(p) for p in read_text_table(run / "splits.csv")["path"])
+    monkeypatch.chdir(tmp_path / "run")  # somewhere else
+    report = evaluate(run=run, data=image_folder, out=tmp_path / "seen", progress=False)
+    assert report.metrics["evaluated_on"]["selection_split"] is True

@@ -126,8 +126,10 @@ def test_a_tracker_that_fails_is_one_line_at_start_and_a_warning_mid_run(tmp_pat
 
     fake.start_run = lambda run_id=None, run_name=None: types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
     fake.log_metrics = lambda metrics, step=None: (_ for _ in ()).throw(ConnectionError("server gone"))
-    fake.end_run = lambda: None
+    ended = []
+    fake.end_run = lambda: ended.append("end")
     trackers = Trackers(["mlflow"], tmp_path)
     trackers.epoch(1, {"epoch": 1, "phase": 1, "val_accuracy": 0.5, "seconds": 1.0}, {"head": 0.1})
     assert trackers.sinks == [] and "MlflowSink stopped logging (ConnectionError: server gone)" in caplog.text
+    assert ended == ["end"]  # its MLflow run is ended, so the next run in this process can start one
     trackers.close()

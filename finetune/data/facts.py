@@ -1,8 +1,9 @@
 """What decoding one image file revealed (`ImageFacts`), and a cache of it by file content, so that a second run
 over the same folder (another recipe, a resume, `finetune check` then `train`) reads the files but decodes none.
 
-The cache key is the SHA-256 of the file's bytes, its name (the placeholder rule reads names) and `RULES`, the
-version of the screening rules: a changed file, a renamed one or new rules are examined afresh.
+The cache key is the SHA-256 of the file's bytes, its name (the placeholder rule reads names), Pillow's version and
+pixel limit, and `RULES`, the version of the screening rules: a changed file, a renamed one, another Pillow or new
+rules are examined afresh.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
+import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune.data.decode import pil_to_rgb
@@ -56,7 +58,9 @@ class FactsCache:
         return cls(default_cache_dir() / "screening")
 
     def _entry(self, digest: str, name: str) -> Path:
-        key = hashlib.sha256(f"{RULES}\0{digest}\0{name}".encode("utf-8", "surrogateescape")).hexdigest()
+        # Pillow's version and pixel limit decide what decodes ("unsupported", decompression bombs): part of the key
+        context = f"{RULES}\0{PIL.__version__}\0{Image.MAX_IMAGE_PIXELS}\0{digest}\0{name}"
+        key = hashlib.sha256(context.encode("utf-8", "surrogateescape")).hexdigest()
         return self.root / key[:2] / f"{key}.json"
 
     def get(self, digest: str, name: str) -> ImageFacts | None:

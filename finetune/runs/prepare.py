@@ -7,6 +7,7 @@ over every image; then the images are screened, split and checked for leakage; t
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,8 @@ def prepare_data(cfg: DataConfig, *, seed: int, progress: bool, known: Mapping[s
     """Scan, leave out `data.exclude`, screen (decode every image once; `known` ones are not decoded again), split,
     and look for duplicates across the splits."""
     samples, excluded = apply_exclude(read_samples(cfg), cfg.exclude)
+    # absolute paths in the run (splits.csv, predictions): valid from any working directory, for a resume or an eval
+    samples = samples.assign(path=[os.path.abspath(p) for p in samples["path"]])
     screened = screen_samples(samples, policy=cfg.bad_images, progress=progress, known=known, cache=FactsCache.default())
     index = make_index(screened.samples, cfg, seed=seed)
     if not (index.samples["split"] == "val").any():

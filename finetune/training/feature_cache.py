@@ -91,28 +91,27 @@ class CachedPhase:
         return SuffixNet(model, names, self.shape)
 
 
-def _fits_budget(tap: Tap, recipe: Recipe, path: str, eval_pipeline: A.Compose, rows: int, device: torch.device) -> str | None:
-    """None when `rows` cached activations fit `train.cache_budget_gb` in memory, else why not."""
-    with tap.evaluating():
-        probe = tap(eval_pipeline(image=load_image(path))["image"].unsqueeze(0).to(device))
-    size = rows * probe.numel() * (2 if recipe.train.cache_precision == "fp16" else 4)
+def _prefix_blocker(bundle: ModelBundle, tap: Tap, recipe: Recipe, first: Stage, image: torch.Tensor, rows: int) -> str | None:
+    """Before any caching pass, on one image in fp32 (whatever the run's precision): None when the suffix from
+    `first` on the prefix's output gives the whole model's logits (the forward is a plain chain of its stages) and
+    `rows` such outputs fit `train.cache_budget_gb`; else why the cache is not used."""
+    was_training = bundle.model.training
+    bundle.model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(image.device.type, enabled=False):
+            activation = tap(image).float()
+            suffix = SuffixNet(bundle.model, suffix_names(bundle.stages, first), tuple(activation.shape[1:]))
+            same = torch.allclose(bundle.model(image).float(), suffix(activation.flatten(1)).float(), rtol=1e-4, atol=1e-4)
+    finally:
+        bundle.model.train(was_training)
+    if not same:
+        return f"{bundle.name}'s forward is not a plain chain of its stages"
+    size = rows * activation.numel() * (2 if recipe.train.cache_precision == "fp16" else 4)
     if size > recipe.train.cache_budget_gb * GIB:
         return (
             f"the prefix outputs would take {size / GIB:.1f} GiB, above train.cache_budget_gb: {recipe.train.cache_budget_gb:g}"
         )
     return None
-
-
-def _same_outputs(bundle: ModelBundle, net: nn.Module, image: torch.Tensor, features: torch.Tensor) -> bool:
-    """The suffix on the cached activation gives the whole model's logits (eval mode): the forward is a plain chain."""
-    was_training = bundle.model.training
-    bundle.model.eval()
-    try:
-        with torch.no_grad():
-            whole, parts = bundle.model(image), net(features)
-    finally:
-        bundle.model.train(was_training)
-    return bool(torch.allclose(whole.float(), parts.float(), rtol=1e-2, atol=1e-3))
 
 
 def cached_phase(
@@ -139,7 +138,8 @@ def cached_phase(
     )
     tap = Tap(bundle.model, entry_module(bundle, first))
     if first != "head":
-        reason = _fits_budget(tap, recipe, val_paths[0], eval_pipeline, len(train_paths) * max(views, 1) + len(val_paths), device)
+        image = eval_pipeline(image=load_image(val_paths[0]))["image"].unsqueeze(0).to(device)
+        reason = _prefix_blocker(bundle, tap, recipe, first, image, len(train_paths) * max(views, 1) + len(val_paths))
         if reason:
             log.info("feature cache not used: %s", reason)
             return None
@@ -156,11 +156,6 @@ def cached_phase(
         FeatureSet(train_features, train_targets), FeatureSet(val_features, val_targets), nn.Identity(), first, shape
     )
     cached.head = cached.network(bundle.model, bundle.classifier, suffix_names(bundle.stages, first) if first != "head" else [])
-    if first != "head":
-        image = eval_pipeline(image=load_image(val_paths[0]))["image"].unsqueeze(0).to(device)
-        if not _same_outputs(bundle, cached.head, image, val_features[:1, 0].to(device)):
-            log.warning("feature cache not used: %s's forward is not a plain chain of its stages", bundle.name)
-            return None
     return cached
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from finetune.config.catalog import STAGES, Stage
 from finetune.data.decode import load_image
+from finetune.errors import TrainingError
 from finetune.files import atomic_write
 from finetune.models.build import ModelBundle
 from finetune.models.suffix import stage_input
@@ -175,7 +176,9 @@ class FeatureCache:
         for key, path in files.items():
             if not path.exists():
                 continue
-            row = _read_row(path, int(np.prod(shape)), self.dtype) if shape else None
+            if shape is None:  # no meta.json yet (a pass killed before its first batch): recomputed, not judged
+                continue
+            row = _read_row(path, int(np.prod(shape)), self.dtype)
             if row is None:
                 damaged.append(path)
             else:
@@ -232,11 +235,18 @@ class FeatureCache:
             for images, indices in tqdm(loader, desc="cache features", disable=not options.progress, leave=False):
                 with torch.autocast(options.device.type, dtype=options.dtype, enabled=options.dtype is not None):
                     batch = tap(images.to(options.device)).float().cpu()
-                shape = tuple(batch.shape[1:])
-                for row, index in zip(batch.flatten(1).numpy().astype(self.dtype), indices.tolist()):
+                if not shape:  # meta.json before the first entry: a pass killed later keeps what it stored
+                    shape = tuple(batch.shape[1:])
+                    self._write_meta(shape)
+                stored = batch.flatten(1).numpy().astype(self.dtype)
+                if not np.isfinite(stored).all() and np.isfinite(batch.numpy()).all():
+                    raise TrainingError(
+                        f"feature cache {self.folder}: activations exceed the float16 range; "
+                        "set train.cache_precision: fp32 (or train.feature_cache: off)"
+                    )
+                for row, index in zip(stored, indices.tolist()):
                     rows[index] = np.ascontiguousarray(row)
                     self._store(files[index], rows[index])
-        self._write_meta(shape)
         return rows, shape
 
     def _write_meta(self, shape: tuple[int, ...]) -> None:

@@ -7,6 +7,7 @@ any slow work.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -134,7 +135,11 @@ class Trackers:
         if "tensorboard" in sinks:
             self.sinks.append(TensorBoardSink(run_root / "tensorboard", first_epoch=first_epoch))
         if "mlflow" in sinks:
-            self.sinks.append(MlflowSink(run_root))
+            try:
+                self.sinks.append(MlflowSink(run_root))
+            except Exception:
+                self.close()  # the TensorBoard writer opened above
+                raise
 
     def _each(self, call: str, *args: Any) -> None:
         """`sink.call(*args)` for every sink; a tracker that fails mid-run (server gone, disk full) is dropped with
@@ -150,6 +155,9 @@ class Trackers:
                     exc,
                 )
                 self.sinks.remove(sink)
+                if call != "close":
+                    with contextlib.suppress(Exception):  # end its run, so the next one in this process can start
+                        sink.close()
 
     def epoch(self, epoch: int, row: dict[str, Any], lrs: dict[str, float]) -> None:
         self._each("epoch", epoch, scalar_tags(row, lrs))
