@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,19 @@ def _feature_cache_dir(tmp_path_factory):
     """Feature caches go to a temporary folder (subprocesses inherit it), never to the user's ~/.cache."""
     os.environ["FINETUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
     return
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_scratch_is_removed(request, tmp_path_factory):
+    """Folders a module's fixtures made (runs, checkpoints: gigabytes over a session) go when its tests all pass.
+
+    Per-test `tmp_path` folders go with each passing test (`tmp_path_retention_policy = "failed"`); a
+    failing module keeps everything for inspection.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
