@@ -52,4 +52,6 @@ def test_reject_threshold_meets_its_target_on_the_split_it_was_fitted_on():
             assert (probs.argmax(1)[wider] == targets[wider]).mean() < target
     curve = risk_coverage(probs, targets)
     assert curve["coverage"].is_monotonic_increasing and curve["coverage"].iloc[-1] == 1.0
+    assert curve["answered"].iloc[-1] == len(targets)
+    assert np.allclose(curve["answered"] / len(targets), curve["coverage"])
     assert threshold_for_accuracy(probs, targets, 1.01) is None

@@ -157,6 +157,7 @@ def test_report_diff(tmp_path):
     assert (tmp_path / "diff" / "confusion_diff.png").stat().st_size > 5000
     text = (tmp_path / "diff" / "diff.md").read_text()
     assert "## Fixed (F1 up by 0.02 or more)" in text and "## Broke (F1 down by 0.02 or more)" in text
+    assert "not tested against noise" in text
     from finetune.reporting.diff import _changes
 
     moves = pd.DataFrame({"class": ["x", "y", "z"], "f1_delta": [0.3, -0.012, -0.05]})

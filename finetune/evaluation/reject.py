@@ -17,7 +17,8 @@ UNKNOWN = "unknown"
 
 
 def risk_coverage(probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
-    """One row per distinct confidence threshold t: coverage (share with confidence >= t) and accuracy on those."""
+    """One row per distinct confidence threshold t: coverage (share with confidence >= t), how many images that
+    is (`answered`) and the accuracy on those."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == targets
     order = np.argsort(-confidence, kind="stable")
@@ -26,7 +27,12 @@ def risk_coverage(probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
     last_of_tie = np.r_[confidence[1:] != confidence[:-1], True]  # a threshold keeps every image tied at it
     accuracy = np.cumsum(correct) / kept
     return pd.DataFrame(
-        {"threshold": confidence[last_of_tie], "coverage": kept[last_of_tie] / len(confidence), "accuracy": accuracy[last_of_tie]}
+        {
+            "threshold": confidence[last_of_tie],
+            "coverage": kept[last_of_tie] / len(confidence),
+            "answered": kept[last_of_tie],
+            "accuracy": accuracy[last_of_tie],
+        }
     )
 
 

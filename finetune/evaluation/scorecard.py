@@ -29,7 +29,7 @@ class Scorecard:
     confused: pd.DataFrame
     calibration: pd.DataFrame  # confidence bins of the probabilities as reported (after the temperature)
     calibration_before: pd.DataFrame | None  # the same bins without the temperature (None when there is none)
-    risk: pd.DataFrame  # threshold, coverage, accuracy
+    risk: pd.DataFrame  # threshold, coverage, answered, accuracy
 
 
 def _with_intervals(per_class: pd.DataFrame, intervals: dict[str, Any]) -> pd.DataFrame:

@@ -142,6 +142,8 @@ def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class:
             "",
             f"## Broke (F1 down by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=False)}",
             "",
+            "_Per-class moves are listed by size, not tested against noise: trust them as far as the paired verdict above._",
+            "",
             "## Confusions that grew most (B sends more of the true class there)",
             "",
             _confusion_cells(confusion, grew=True),

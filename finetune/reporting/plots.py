@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
+MIN_ANSWERED = 10  # the accuracy-vs-coverage curve starts where this many images are answered
 CELL_TEXT_LIMIT = 30  # beyond this many classes numbers in cells are unreadable; colours carry the information
 PERCENT_LIMIT = 12  # up to this many classes a cell shows its count and its row percentage
 
@@ -125,8 +126,8 @@ def _reliability_panel(top: Axes, bottom: Axes, table: pd.DataFrame, title: str)
         table.loc[filled, "accuracy"],
         width=width[filled],
         align="edge",
+        color="C0",
         edgecolor="k",
-        alpha=0.8,
         label="accuracy",
     )
     top.bar(
@@ -135,9 +136,10 @@ def _reliability_panel(top: Axes, bottom: Axes, table: pd.DataFrame, title: str)
         bottom=table.loc[filled, "accuracy"],
         width=width[filled],
         align="edge",
-        color="C3",
-        alpha=0.3,
-        label="gap",
+        fill=False,
+        hatch="//",
+        edgecolor="C3",
+        label="gap to mean confidence",
     )
     top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     top.set_ylabel("accuracy")
@@ -167,13 +169,17 @@ def plot_risk_coverage(risk: pd.DataFrame, path: Path) -> None:
     """Accuracy of the answered images against the share answered, as the confidence threshold rises."""
     fig = Figure(figsize=(6.5, 4.2), dpi=110)
     ax = fig.subplots()
-    ax.plot(risk["coverage"], risk["accuracy"], "-", color="C0", lw=2)
+    floor = min(MIN_ANSWERED, int(risk["answered"].max())) if len(risk) else 0
+    steady = risk[risk["answered"] >= floor]  # the accuracy of 1-2 answered images is noise, not a curve
+    ax.plot(steady["coverage"], steady["accuracy"], "-", color="C0", lw=2)
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("coverage (share of images answered)")
     ax.set_ylabel("accuracy of the answered images")
     ax.set_title("accuracy vs coverage: answer only above a confidence threshold")
     ax.grid(alpha=0.3)
-    low = float(risk["accuracy"].min())
+    if len(steady) < len(risk):
+        ax.text(0.01, 0.02, f"from {MIN_ANSWERED} answered images on", transform=ax.transAxes, fontsize=8, color="0.4")
+    low = float(steady["accuracy"].min())
     ax.set_ylim(max(0.0, low - 0.05), 1.01)
     _save(fig, path)
 

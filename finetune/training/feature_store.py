@@ -238,7 +238,8 @@ class FeatureCache:
                 if not shape:  # meta.json before the first entry: a pass killed later keeps what it stored
                     shape = tuple(batch.shape[1:])
                     self._write_meta(shape)
-                stored = batch.flatten(1).numpy().astype(self.dtype)
+                with np.errstate(over="ignore"):  # an overflow is checked on the next line and refused with the fix
+                    stored = batch.flatten(1).numpy().astype(self.dtype)
                 if not np.isfinite(stored).all() and np.isfinite(batch.numpy()).all():
                     raise TrainingError(
                         f"feature cache {self.folder}: activations exceed the float16 range; "
