@@ -12,7 +12,8 @@ import math
 from typing import Any
 
 from finetune.data.transforms import ImageConfig
-from finetune.training.checkpoint import LoadedModel, library_versions
+from finetune.training.checkpoint import LoadedModel
+from finetune.versions import library_versions
 
 FORMAT = "finetune-export/1"
 TORCHSCRIPT_EXTRA = "finetune.json"

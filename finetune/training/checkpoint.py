@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import platform
 import shutil
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from finetune.data.transforms import ImageConfig
 from finetune.errors import CheckpointError
 from finetune.files import atomic_write, disk_error
 from finetune.models.build import ModelBundle, build_model
+from finetune.versions import library_versions
 
 FORMAT = "finetune-checkpoint"
 FORMAT_VERSION = 2  # 2: training_state holds EarlyStopping's state and timm schedule updates (finetune 0.2)
@@ -26,18 +25,6 @@ VALIDATION_KEYS = (
     "val_logits",
     "val_targets",
 )  # best.pt's own validation outputs (calibration, the val report)  # older checkpoints still evaluate and predict; their training state is not resumed
-VERSIONED_LIBRARIES = ("finetune", "torch", "torchvision", "timm", "albumentations", "scikit-learn", "numpy", "pillow")
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the weights and the pipeline."""
-    found = {"python": platform.python_version()}
-    for name in VERSIONED_LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def make_payload(
