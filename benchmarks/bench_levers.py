@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from finetune.config.schema import EmaConfig, MixupConfig, PhaseConfig, TrainConfig
-from finetune.evaluation.inference import run_inference
-from finetune.evaluation.tta import run_tta
+from finetune.inference.forward import run_inference, run_tta
 from finetune.models.stages import FreezePlan, StageMap, apply_freeze, set_train_mode
 from finetune.training.ema import StageEma, moving_tensors
 from finetune.training.epoch import Stepper, train_one_epoch

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from finetune.config.schema import PhaseConfig, TrainConfig
-from finetune.evaluation.inference import run_inference
+from finetune.inference.forward import run_inference
 from finetune.models.stages import FreezePlan, StageMap, apply_freeze, set_train_mode
 from finetune.training.epoch import Stepper, train_one_epoch
 from finetune.training.optim import build_optimizer, build_scheduler

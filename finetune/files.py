@@ -100,3 +100,13 @@ def check_writable_file(path: Path, *, what: str = "--out", example: str = "pred
     check_writable_folder(path.parent, what=what)
     if path.exists() and not os.access(path, os.W_OK):
         raise RunDirError(f"{what} {path} is read-only; choose another file")
+
+
+def recorded_path(path: str | Path) -> str:
+    """How a run records an image's path: absolute, links kept as the user named them (eval from elsewhere finds it)."""
+    return os.path.abspath(path)
+
+
+def path_key(path: str | Path) -> str:
+    """What makes two paths the same image: the real path, links and '..' resolved (leakage, folds, paired verdicts)."""
+    return os.path.realpath(path)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import RunDirError
+from finetune.files import check_writable_folder
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ class RunDir:
     def lock(self) -> Path:
         return self.root / ".lock"
 
+    def holds_work(self) -> bool:
+        """Whether the folder holds anything but its lock file."""
+        return self.root.exists() and any(p.name != self.lock.name for p in self.root.iterdir())
+
     def is_run(self) -> bool:
         """True when the folder was started by `finetune train` (its recipe.yaml exists)."""
         return self.recipe.is_file()
@@ -153,3 +159,31 @@ def locked(run: RunDir, *, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def claim_output(run: RunDir, *, marker: Path, holds: str, restartable: bool = False) -> None:
+    """The one output-folder policy of the commands that write a folder: never overwrite work.
+
+    The folder must be writable; one holding `marker` already holds `holds` (a run, a cross-validation) and is
+    continued with --resume; any other non-empty folder is refused, except, when `restartable`, a run folder that
+    never finished an epoch (started again).
+    """
+    check_writable_folder(run.root)
+    if marker.exists():
+        raise RunDirError(f"{run.root} already holds a {holds}; continue it with --resume {run.root} or choose another --out")
+    if run.holds_work() and not (restartable and run.is_run()):
+        raise RunDirError(f"output folder {run.root} is not empty; choose a new --out folder")
+
+
+@contextlib.contextmanager
+def removed_if_unstarted(run: RunDir, *, marker: Path | None = None) -> Iterator[None]:
+    """A start that fails before `marker` (recipe.yaml) is written leaves no folder behind, so the same command can
+    be retried."""
+    existed = run.root.exists()
+    started = marker or run.recipe
+    try:
+        yield
+    except BaseException:
+        if not existed and run.root.exists() and not started.exists():
+            shutil.rmtree(run.root, ignore_errors=True)  # everything in it was written by this call
+        raise

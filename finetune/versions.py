@@ -7,7 +7,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 VERSIONED_LIBRARIES = ("finetune", "torch", "torchvision", "timm", "albumentations", "scikit-learn", "numpy", "pillow")
 # What decodes and resizes an image or computes an activation: a change in any of them may change a cached tensor.
-DECODING_LIBRARIES = ("torch", "torchvision", "timm", "albumentations", "numpy", "pillow", "opencv-python-headless", "opencv-python")
+DECODING_LIBRARIES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "albumentations",
+    "numpy",
+    "pillow",
+    "opencv-python-headless",
+    "opencv-python",
+)
 
 
 def library_versions(names: tuple[str, ...] = VERSIONED_LIBRARIES) -> dict[str, str]:

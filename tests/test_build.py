@@ -9,10 +9,11 @@ from safetensors.torch import save_file
 from finetune.config.catalog import known_model_names
 from finetune.config.schema import ModelConfig, Recipe
 from finetune.data.transforms import ImageConfig
-from finetune.errors import WeightsError
+from finetune.errors import ModelError, WeightsError
+from finetune.inference.checkpoint import make_payload, save_checkpoint
 from finetune.models import weights as weights_module
 from finetune.models.build import build_model
-from finetune.training.checkpoint import make_payload, save_checkpoint
+from finetune.models.families import families, family_of
 
 N = 7  # never the default 1000
 
@@ -55,6 +56,27 @@ def test_known_names_cover_the_family():
         "tv:resnext50_32x4d",
     ]:
         assert name in names
+
+
+def test_known_names_are_the_families_names():
+    names = known_model_names()
+    for name in names:
+        assert [f.name for f in families().values() if f.covers(name)] == [family_of(name).name], name
+    timm_modules = [m for f in families().values() for m in f.names.timm_modules]
+    assert [n for n in names if not n.startswith("tv:")] == sorted(timm.list_models(module=timm_modules))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tv:resnet18"])
+def test_small_input_stem_comes_from_the_family(name):
+    bundle = build_model(ModelConfig(name=name, small_input=True), num_classes=N)
+    assert bundle.model.conv1.kernel_size == (3, 3) and bundle.model.conv1.stride == (1, 1)
+    assert isinstance(bundle.model.maxpool, torch.nn.Identity) and bundle.stages.of_tensor["conv1.weight"] == "stem"
+    assert bundle.model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, N)
+
+
+def test_small_input_is_refused_for_a_family_without_one():
+    with pytest.raises(ModelError, match=r"model\.small_input needs a single-conv stem .*; resnetv2_18 has another stem"):
+        build_model(ModelConfig(name="resnetv2_18", small_input=True), num_classes=N)
 
 
 @pytest.mark.parametrize("layout", ["timm_pth", "tv_pth", "module_prefix", "wrapped", "safetensors"])

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 
 from finetune.evaluation.calibration import brier_score, fit_temperature, negative_log_likelihood
-from finetune.evaluation.inference import Predictions, softmax
-from finetune.evaluation.reject import risk_coverage, threshold_for_accuracy
+from finetune.inference.predictions import Predictions
+from finetune.inference.reject import risk_coverage, threshold_for_accuracy
+from finetune.inference.task import SingleLabel
+
+softmax = SingleLabel().probs  # the single-label task's probabilities
 
 
 def _overconfident(seed=0, n=600, classes=4, scale=6.0):

@@ -8,7 +8,7 @@ from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import DataConfig
 from finetune.data.split import load_dataset_index
 from finetune.errors import CheckpointError, DataError, RecipeError
-from finetune.training.checkpoint import load_checkpoint
+from finetune.inference.checkpoint import load_checkpoint
 
 from conftest import make_folder, tiny_recipe
 

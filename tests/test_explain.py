@@ -10,7 +10,7 @@ from finetune import train
 from finetune.cli import app
 from finetune.config.loading import recipe_from_dict
 from finetune.evaluation.explain import Explainer
-from finetune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from finetune.inference.checkpoint import load_trained
 
 SIZE = 64
 
@@ -43,7 +43,7 @@ def corner_run(tmp_path_factory):
 
 def test_gradcam_puts_its_heat_on_the_corner_that_decides_the_class(corner_run):
     root, result = corner_run
-    loaded = model_from_checkpoint(load_checkpoint(result.best_checkpoint))
+    loaded = load_trained(result.best_checkpoint)
     explainer = Explainer(loaded.bundle, loaded.image)
     paths = sorted(str(p) for p in (root / "data" / "marked").glob("*.png"))[:8]
     found = explainer.explain(paths, [loaded.class_names.index("marked")] * len(paths))

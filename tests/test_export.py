@@ -167,3 +167,89 @@ def test_an_unfinished_run_and_a_foreign_onnx_file_are_refused(data, tmp_path):
     )
     done = CliRunner().invoke(app, ["predict", str(tmp_path / "plain.onnx"), str(data / "cat")])
     assert done.exit_code == 2 and "plain.onnx carries no finetune metadata" in done.stderr
+
+
+def test_onnx_comes_from_the_maintained_exporter_with_a_dynamic_batch_and_older_opsets_stay_legacy(tmp_path, caplog):
+    import onnx
+    import timm
+    import torch
+
+    from finetune.data.transforms import ImageConfig
+    from finetune.deploy.package import PackagedClassifier
+
+    image = ImageConfig(input_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    package = PackagedClassifier(timm.create_model("resnet18", num_classes=5).eval(), image, temperature=1.5)
+    onnx_format.export_onnx(package, tmp_path / "new.onnx", size=32)
+    graph = onnx.load(str(tmp_path / "new.onnx"))
+    assert [o.version for o in graph.opset_import if o.domain == ""] == [onnx_format.DEFAULT_OPSET] == [18]
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx"]  # no external weights file beside it
+    assert "dynamo=True" in onnx_format.exporter_name(18) and "TorchScript-based" in onnx_format.exporter_name(17)
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        reference = package(torch.from_numpy(images))[1].numpy()
+    for batch in (images[:1], images):  # exported with batch 2; any batch size runs
+        np.testing.assert_allclose(onnx_format.OnnxRunner(tmp_path / "new.onnx")(batch)[1], reference[: len(batch)], atol=1e-5)
+    with caplog.at_level("WARNING", logger="finetune.deploy.onnx_format"):
+        onnx_format.export_onnx(package, tmp_path / "old.onnx", size=32, opset=17)
+    assert "opset 17 is written by torch.onnx's TorchScript-based exporter" in caplog.text
+    assert "HINT: pass --opset 18" in caplog.text
+    assert [o.version for o in onnx.load(str(tmp_path / "old.onnx")).opset_import if o.domain == ""] == [17]
+    np.testing.assert_allclose(onnx_format.OnnxRunner(tmp_path / "old.onnx")(images)[1], reference, atol=1e-5)
+
+
+def test_missing_onnx_packages_are_named_with_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(UsageError, match=r"ONNX export needs onnx, onnxruntime and onnxscript: pip install -e '\.\[export\]'"):
+        onnx_format.require_onnx()
+    onnx_format.require_onnx(exporting=False)  # running an .onnx file needs no onnxscript
+
+
+def test_an_exported_program_keeps_the_contract_and_predict_reads_it(run, data, tmp_path):
+    import torch
+
+    from finetune.deploy.metadata import contract
+    from finetune.deploy.package import PackagedClassifier, image_batches
+    from finetune.deploy.parity import measure
+    from finetune.deploy.runtime import is_exported, load_exported
+    from finetune.inference.checkpoint import load_trained
+
+    trained = load_trained(run / "checkpoints" / "best.pt")
+    package = PackagedClassifier(trained.bundle.model, trained.image, trained.temperature, trained.task)
+    file = tmp_path / "model.pt2"
+    meta = contract(trained, exporter="torch.export", weights="float32")
+    torchscript_format.export_program(package, file, size=trained.image.input_size, meta=meta)
+    torchscript_format.write_metadata(file, {**meta, "parity": {"top1_agreement": 1.0}})
+    assert is_exported(file) and torchscript_format.is_program(file) and not torchscript_format.is_torchscript(file)
+    assert torchscript_format.read_metadata(file) == json.loads(json.dumps({**meta, "parity": {"top1_agreement": 1.0}}))
+
+    @torch.inference_mode()
+    def reference(images):
+        return tuple(t.numpy() for t in package(torch.from_numpy(images)))
+
+    paths = sorted(str(p) for p in (data / "cat").glob("*"))[:5]  # 5 images: a batch size it was not exported with
+    parity = measure(reference, load_exported(file).run, image_batches(paths, trained.image), np.zeros(5, int), 3)
+    assert parity.exact() and parity.images == 5
+    inputs = [data / "cat", data / "eel"]
+    table, expected = predict(run=file, inputs=inputs, progress=False), predict(run=run, inputs=inputs, progress=False)
+    assert (table["predicted_label"] == expected["predicted_label"]).all()
+    assert np.allclose(table["confidence"], expected["confidence"], atol=1e-4)
+
+
+def test_export_writes_an_exported_program_through_the_command_and_the_cli_uses_the_maintained_opset(run, data, tmp_path):
+    import inspect as pyinspect
+
+    from finetune.cli.using import export as export_command
+
+    result = export(run=run, formats="pt2", out=tmp_path / "pt2", progress=False)
+    assert set(result.files) == {"pt2"} and result.files["pt2"].name == "model.pt2"
+    assert result.parity["pt2"]["top1_agreement"] == 1.0 and result.parity["pt2"]["max_abs_prob_diff"] <= 1e-4
+    meta = torchscript_format.read_metadata(result.files["pt2"])
+    assert meta["exporter"].startswith("torch.export") and meta["task"] == "single_label"
+    default_opset = pyinspect.signature(export_command).parameters["opset"].default
+    assert default_opset == onnx_format.DEFAULT_OPSET  # the CLI's default is the maintained exporter's
+    with pytest.raises(UsageError, match="choose onnx, torchscript, pt2 or both"):
+        export(run=run, formats="tflite", out=tmp_path / "x", progress=False)

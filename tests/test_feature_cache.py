@@ -198,3 +198,36 @@ def test_unwritable_cache_falls_back_to_memory(tmp_path, caplog, monkeypatch):
         "is not writable" in r.getMessage() and "features stay in memory for this run" in r.getMessage() for r in caplog.records
     )
     assert os.path.isfile(tmp_path / "b" / "cache")
+
+
+@pytest.mark.parametrize("library", ["pillow", "opencv-python-headless", "albumentations", "numpy", "torch", "timm"])
+def test_another_library_version_is_a_miss_and_the_same_versions_a_hit(tmp_path, caplog, monkeypatch, library):
+    """The same images, weights and pipeline under an upgraded decoder or framework get a folder of their own (never
+    served the old entries); back on the installed versions, the first folder is reused as it was."""
+    import json
+    from importlib.metadata import version as installed
+
+    import finetune.versions
+
+    caplog.set_level(logging.INFO, logger="finetune")
+    paths, bundle, image = _probe_setup(tmp_path)
+    reference = _features(tmp_path, bundle, image, paths=paths).train.features
+    assert _counts(caplog)[-2] == (3, 0)
+
+    def upgraded(name: str) -> str:
+        return "99.0" if name == library else installed(name)
+
+    monkeypatch.setattr(finetune.versions, "version", upgraded)
+    caplog.clear()
+    features = _features(tmp_path, bundle, image, paths=paths).train.features
+    assert _counts(caplog) == [(3, 0), (0, 1)]  # computed again in a new folder (the val image is one of the three)
+    assert torch.equal(features, reference)  # same libraries in truth: the recomputed rows are the same
+    folders = sorted(p.parent for p in (tmp_path / "cache").rglob("meta.json"))
+    assert len(folders) == 2
+    stamped = [json.loads((f / "meta.json").read_text())["versions"].get(library) for f in folders]
+    assert "99.0" in stamped and len(set(stamped)) == 2
+
+    monkeypatch.undo()
+    caplog.clear()
+    assert torch.equal(_features(tmp_path, bundle, image, paths=paths).train.features, reference)
+    assert _counts(caplog) == [(0, 3), (0, 1)]

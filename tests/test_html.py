@@ -17,8 +17,8 @@ from finetune.cli import app
 from finetune.config.loading import recipe_from_dict
 from finetune.errors import DataError, RunDirError
 from finetune.evaluation.calibration import calibration_table, expected_calibration_error
-from finetune.evaluation.inference import Predictions
 from finetune.evaluation.metrics import most_confused
+from finetune.inference.predictions import Predictions
 from finetune.reporting.diff import diff_reports
 from finetune.reporting.report import write_report
 

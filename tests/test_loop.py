@@ -11,11 +11,11 @@ from finetune.api import predict
 from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import ModelConfig, PhaseConfig, TrainConfig
 from finetune.errors import CheckpointError, FinetuneError, RunDirError, TrainingError
+from finetune.inference.checkpoint import load_checkpoint
 from finetune.models.build import build_model
 from finetune.models.stages import FreezePlan, apply_freeze
 from finetune.training import epoch_end as epoch_end_module
 from finetune.training import loop as loop_module
-from finetune.training.checkpoint import load_checkpoint
 from finetune.training.loop import FitState
 from finetune.training.optim import build_optimizer, build_scheduler, stage_lr_multipliers
 
@@ -247,7 +247,7 @@ def test_resume_refuses_a_changed_recipe_and_bad_checkpoints(tmp_path, image_fol
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    from finetune.training import checkpoint as checkpoint_module
+    from finetune.inference import checkpoint as checkpoint_module
 
     checkpoint_module.save_checkpoint({"format": "finetune-checkpoint", "format_version": 1, "epoch": 1}, tmp_path / "last.pt")
 

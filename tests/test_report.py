@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import classification_report
 
-from finetune.evaluation.inference import Predictions
+from finetune.inference.predictions import Predictions
 from finetune.reporting.report import write_report
 
 CLASSES = ["ant", "bee", "wasp", "fly"]
@@ -87,15 +87,15 @@ def test_confusion_png_with_many_classes(tmp_path):
 def test_report_names_its_split_and_never_infers_the_val_split_twice(tmp_path, image_folder, monkeypatch):
     from finetune import train
     from finetune.config.loading import recipe_from_dict
-    from finetune.runs import evaluate as evaluate_module
-    from finetune.training.checkpoint import load_checkpoint
+    from finetune.inference.checkpoint import load_checkpoint
+    from finetune.inference.predictor import Predictor
 
     from conftest import tiny_recipe
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the validation split was inferred again")
 
-    monkeypatch.setattr(evaluate_module, "predict_paths", no_second_pass)
+    monkeypatch.setattr(Predictor, "predictions", no_second_pass)
     val_only = train(recipe=recipe_from_dict(tiny_recipe()), data=image_folder, out=tmp_path / "val", progress=False)
     monkeypatch.undo()
     summary = (val_only.report.folder / "summary.md").read_text()
@@ -122,8 +122,8 @@ def test_report_names_its_split_and_never_infers_the_val_split_twice(tmp_path, i
 def test_predictions_are_calibrated_with_the_runs_temperature(tmp_path, image_folder):
     from finetune import predict, train
     from finetune.config.loading import recipe_from_dict
-    from finetune.evaluation.inference import softmax
-    from finetune.training.checkpoint import load_checkpoint
+    from finetune.inference.checkpoint import load_checkpoint
+    from finetune.inference.task import SingleLabel
 
     from conftest import tiny_recipe
 
@@ -131,7 +131,7 @@ def test_predictions_are_calibrated_with_the_runs_temperature(tmp_path, image_fo
     payload = load_checkpoint(run.best_checkpoint)
     val = pd.read_csv(run.run_dir / "splits.csv").query("split == 'val'")
     table = predict(run=run.run_dir, inputs=list(val["path"]), progress=False)
-    expected = softmax(payload["val_logits"].numpy() / payload["temperature"]).max(axis=1)
+    expected = SingleLabel().probs(payload["val_logits"].numpy(), payload["temperature"]).max(axis=1)
     assert np.allclose(table["confidence"].to_numpy(), expected, atol=1e-5)  # the same images, the same calibrated numbers
 
 

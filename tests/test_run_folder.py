@@ -13,8 +13,8 @@ import yaml
 from finetune import check, predict, train
 from finetune.config.loading import recipe_from_dict
 from finetune.errors import RunDirError
+from finetune.inference import checkpoint as checkpoint_module
 from finetune.run_dir import RunDir, locked
-from finetune.training import checkpoint as checkpoint_module
 
 from conftest import tiny_recipe
 

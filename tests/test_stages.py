@@ -1,15 +1,20 @@
+import dataclasses
+import re
+
 import pytest
 import timm
 import torch
 import torchvision
 
 from finetune import train
-from finetune.config.catalog import STAGES
+from finetune.config.catalog import FAMILY_NAMES, STAGES
 from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import ModelConfig
+from finetune.errors import ModelError
+from finetune.inference.checkpoint import load_checkpoint
 from finetune.models.build import build_model
-from finetune.models.stages import FreezePlan, apply_freeze, set_train_mode
-from finetune.training.checkpoint import load_checkpoint
+from finetune.models.families import families, family_for, family_of, make_registry, timm_classifier
+from finetune.models.stages import FreezePlan, apply_freeze, last_block, set_train_mode
 
 from conftest import tiny_recipe
 
@@ -24,6 +29,85 @@ def test_every_tensor_belongs_to_exactly_one_named_stage(name):
     mapping = bundle.stages.of_tensor
     assert set(mapping.values()) == set(STAGES)
     assert all(mapping[k] == "head" for k in mapping if k.startswith(bundle.classifier + "."))
+
+
+def _meta_bundle(name, **model):
+    with torch.device("meta"):  # structure only: no memory, no arithmetic
+        return build_model(ModelConfig(name=name, pretrained=False, **model), num_classes=7, load_pretrained=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "family"), [("resnet18", "resnet"), ("resnetv2_50x1_bit", "resnetv2"), ("tv:resnet18", "tv_resnet")]
+)
+def test_each_family_puts_every_tensor_in_exactly_one_stage(name, family):
+    bundle = _meta_bundle(name)
+    assert bundle.stages.family.name == family_of(name).name == family_for(bundle.model).name == family
+    patterns = bundle.stages.family.patterns(bundle.model, bundle.classifier)
+    tensors = [n for n, _ in bundle.model.named_parameters()] + [n for n, _ in bundle.model.named_buffers()]
+    assert sorted(bundle.stages.of_tensor) == sorted(tensors)
+    for tensor in tensors:
+        assert [s for s in STAGES if re.match(patterns[s], tensor)] == [bundle.stages.of_tensor[tensor]], tensor
+    assert set(bundle.stages.of_tensor.values()) == set(STAGES)
+    head = bundle.model.get_submodule(bundle.classifier)
+    assert getattr(head, "out_features", getattr(head, "out_channels", None)) == 7
+
+
+def test_timm_stage_names_come_from_timms_own_grouping():
+    deep_stem = _meta_bundle("resnet50d")  # conv1 is a Sequential of three convs
+    assert [n for n, _ in deep_stem.stages.modules["stem"]] == ["conv1", "bn1", "act1", "maxpool"]
+    v2 = _meta_bundle("resnetv2_50")  # timm groups the final pre-activation norm with the last block
+    assert [[n for n, _ in v2.stages.modules[s]] for s in STAGES] == [
+        ["stem"],
+        ["stages.0"],
+        ["stages.1"],
+        ["stages.2"],
+        ["stages.3", "norm"],
+        ["head.fc"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "layer4", "layer1"),
+    [
+        ("resnet18", "layer4.1", "layer1.1"),
+        ("resnetv2_18", "stages.3.blocks.1", "stages.0.blocks.1"),
+        ("tv:resnet18", "layer4.1", "layer1.1"),
+    ],
+)
+def test_gradcam_target_is_the_family_s_last_block_of_a_stage(name, layer4, layer1):
+    bundle = _meta_bundle(name)
+    assert last_block(bundle.stages) is bundle.model.get_submodule(layer4)
+    assert last_block(bundle.stages, "layer1") is bundle.model.get_submodule(layer1)
+
+
+def test_another_timm_family_is_one_entry():
+    """ConvNeXt's stages derive from timm's grouping as ResNetV2's do; only its head stage also holds head.norm."""
+    with torch.device("meta"):
+        model = timm.create_model("convnext_atto", num_classes=7)
+    convnext = dataclasses.replace(families()["resnetv2"], name="convnext", head=r"^head\.(norm|fc)(\.|$)")
+    patterns = convnext.patterns(model, timm_classifier(model))
+    for tensor, _ in model.named_parameters():
+        assert sum(bool(re.match(p, tensor)) for p in patterns.values()) == 1, tensor
+    assert re.match(patterns["head"], "head.norm.weight") and re.match(patterns["layer4"], "stages.3.blocks.1.mlp.fc1.weight")
+
+
+def test_family_registry_refuses_duplicates_and_matches_the_catalog():
+    resnet = families()["resnet"]
+    with pytest.raises(ModelError, match=r"backbone family 'resnet' is registered twice"):
+        make_registry([resnet, resnet])
+    with pytest.raises(ModelError, match=r"backbone families 'resnet' and 'copy' both claim timm module 'resnet'"):
+        make_registry([resnet, dataclasses.replace(resnet, name="copy")])
+    assert list(families()) == list(FAMILY_NAMES)
+
+
+def test_a_model_of_no_family_is_one_clear_line():
+    known = r"finetune knows: resnet \(timm resnet\); resnetv2 \(timm resnetv2\); tv_resnet \(tv:resnet\*, tv:wide_resnet\*, tv:resnext\*\)$"
+    with pytest.raises(ModelError, match=rf"^model 'convnext_tiny' belongs to no backbone family; {known}"):
+        family_of("convnext_tiny")
+    with pytest.raises(
+        ModelError, match=rf"^model class torch\.nn\.modules\.linear\.Linear belongs to no backbone family; {known}"
+    ):
+        family_for(torch.nn.Linear(2, 2))
 
 
 def test_stages_mean_the_same_for_timm_and_torchvision():

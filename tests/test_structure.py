@@ -13,19 +13,22 @@ PACKAGE = REPO / "finetune"
 # Lower floors may be imported by higher ones, never the other way; one floor holds siblings that do not import each other.
 FLOORS = {
     "finetune.errors": 0,
+    "finetune.commands": 0,
     "finetune.files": 1,
-    "finetune.run_dir": 1,
-    "finetune.config": 2,
-    "finetune.data": 3,
-    "finetune.models": 3,
-    "finetune.training": 4,
-    "finetune.evaluation": 5,
-    "finetune.reporting": 6,
-    "finetune.deploy": 6,
-    "finetune.runs": 7,
-    "finetune.api": 8,
-    "finetune.cli": 9,
-    "finetune.__main__": 10,
+    "finetune.versions": 1,
+    "finetune.run_dir": 2,
+    "finetune.config": 3,
+    "finetune.data": 4,
+    "finetune.models": 4,
+    "finetune.inference": 5,
+    "finetune.training": 6,
+    "finetune.evaluation": 6,
+    "finetune.reporting": 7,
+    "finetune.deploy": 7,
+    "finetune.runs": 8,
+    "finetune.api": 9,
+    "finetune.cli": 10,
+    "finetune.__main__": 11,
 }
 
 
@@ -117,7 +120,7 @@ for info in pkgutil.walk_packages(finetune.__path__, "finetune."):
     if info.name != "finetune.__main__":
         importlib.import_module(info.name)
 import numpy as np
-from finetune.evaluation.inference import Predictions
+from finetune.inference.predictions import Predictions
 from finetune.reporting.report import write_report
 probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
 write_report(Predictions(paths=["a", "b", "c"], probs=probs, targets=np.array([0, 1, 1])), ["x", "y"], __import__("pathlib").Path(sys.argv[1]), top_k=1, title="t")
@@ -130,3 +133,43 @@ print(matplotlib.get_backend())
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.strip().splitlines()[-1] == "svg"
         assert (Path(folder) / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_list_of_commands_drives_the_api_the_lazy_names_and_the_cli():
+    import typer
+
+    import finetune
+    from finetune import api
+    from finetune.cli import app
+    from finetune.commands import COMMANDS, OTHER_NAMES
+
+    listed = {name for command in COMMANDS for name in (command.name, *command.results)} | set(OTHER_NAMES)
+    assert set(api.__all__) == listed
+    assert set(finetune._LAZY) == listed and set(finetune.__all__) == listed | {"FinetuneError", "__version__"}
+    for command in COMMANDS:
+        function = getattr(api, command.name)
+        assert function.__module__ == command.module, command
+        assert all(p.kind is p.KEYWORD_ONLY for p in __import__("inspect").signature(function).parameters.values()) or (
+            command.name == "load"
+        ), f"{command.name} takes keyword-only arguments"
+    group = typer.main.get_command(app)
+    cli_names = set(group.commands)  # type: ignore[attr-defined]
+    wanted = {command.cli.split()[0] for command in COMMANDS if command.cli}
+    assert cli_names == wanted, (cli_names, wanted)
+    assert "diff" in group.commands["report"].commands  # type: ignore[attr-defined]
+    assert "--folds" in {opt for param in group.commands["train"].params for opt in param.opts}  # type: ignore[attr-defined]
+
+
+def test_no_command_module_imports_a_helper_of_another_command():
+    """Commands call each other's command functions (and take their result types), never their helpers."""
+    from finetune.commands import COMMANDS
+
+    offered = {(c.module, name) for c in COMMANDS for name in (c.name, *c.results)}
+    borrowed = []
+    for path in (PACKAGE / "runs").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("finetune.runs."):
+                if node.module == "finetune.runs.prepare":
+                    continue  # shared setup, one floor of its own
+                borrowed += [f"{path.name}: {node.module}.{a.name}" for a in node.names if (node.module, a.name) not in offered]
+    assert not borrowed, borrowed

@@ -12,11 +12,13 @@ from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import ModelConfig
 from finetune.deploy.runtime import load_exported
 from finetune.errors import RecipeError
-from finetune.evaluation.inference import run_inference, softmax
-from finetune.evaluation.tta import ViewStack, run_tta, tta_views
+from finetune.inference.forward import ViewStack, run_inference, run_tta, tta_views
+from finetune.inference.task import SingleLabel
 from finetune.models.build import build_model
 
 from conftest import make_folder, tiny_recipe
+
+softmax = SingleLabel().probs  # the single-label task's probabilities
 
 
 @pytest.mark.parametrize(("names", "count"), [([], 1), (["hflip"], 2), (["hflip", "vflip"], 4), (["hflip", "five_crop"], 10)])

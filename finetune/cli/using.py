@@ -126,13 +126,17 @@ def explain(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by 'finetune train'.")],
-    format_: Annotated[str, typer.Option("--format", help="onnx, torchscript or both.")] = "onnx",
+    format_: Annotated[
+        str, typer.Option("--format", help="onnx, torchscript, pt2 (torch.export) or both (onnx and torchscript).")
+    ] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Folder for the files and parity.json (default RUN/export).")] = None,
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     quantize: Annotated[
         str | None, typer.Option(help="int8: onnxruntime static quantization, calibrated on training images.")
     ] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    opset: Annotated[
+        int, typer.Option(help="ONNX opset (18 and up: the torch.export-based exporter; below: the older one).")
+    ] = 18,  # deploy.onnx_format.DEFAULT_OPSET (not imported: --help stays torch-free)
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     max_accuracy_drop: Annotated[
         float, typer.Option(help="int8: largest accuracy loss (0.01 = 1 point) before it is refused.")

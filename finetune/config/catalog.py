@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Literal, get_args
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple, get_args
 
 Stage = Literal["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 STAGES: tuple[Stage, ...] = get_args(Stage)
@@ -29,17 +31,36 @@ EXTENSION_FORMATS = {
     ".webp": "WEBP",
 }
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(EXTENSION_FORMATS)
-_TV_FAMILY = ("resnet", "wide_resnet", "resnext")
+
+
+class FamilyNames(NamedTuple):
+    """The model names one backbone family covers."""
+
+    timm_modules: tuple[str, ...] = ()  # as `timm.list_models(module=...)` takes them
+    tv_prefixes: tuple[str, ...] = ()  # torchvision builder names starting so, written `tv:` + name
+
+
+# The model names of each backbone family, as plain data so that the schema can list them without importing
+# models/; finetune/models/families.py gives each family here its stage table (and refuses a family missing
+# on either side).
+FAMILY_NAMES: Mapping[str, FamilyNames] = MappingProxyType(
+    {
+        "resnet": FamilyNames(timm_modules=("resnet",)),  # timm's ResNet, wide ResNet, ResNeXt, -D, SE, ...
+        "resnetv2": FamilyNames(timm_modules=("resnetv2",)),  # timm's pre-activation ResNet (and BiT)
+        "tv_resnet": FamilyNames(tv_prefixes=("resnet", "wide_resnet", "resnext")),
+    }
+)
 
 
 @functools.cache
 def known_model_names() -> tuple[str, ...]:
-    """ResNet-family names accepted in `model.name` (timm names, and torchvision ones with `tv:`)."""
+    """Names accepted in `model.name`: the timm names of every family, then torchvision ones with `tv:`."""
     import timm
     import torchvision
 
-    timm_names = timm.list_models(module=["resnet", "resnetv2"])
-    tv_names = [TV_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(_TV_FAMILY)]
+    timm_names = timm.list_models(module=[m for names in FAMILY_NAMES.values() for m in names.timm_modules])
+    tv_prefixes = tuple(p for names in FAMILY_NAMES.values() for p in names.tv_prefixes)
+    tv_names = [TV_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(tv_prefixes)]
     return tuple(sorted(timm_names) + sorted(tv_names))
 
 

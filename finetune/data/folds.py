@@ -10,7 +10,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from finetune.data.split import group_keys, split_samples
 from finetune.errors import DataError
-from finetune.files import read_text_table
+from finetune.files import path_key, read_text_table
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def apply_exclude(samples: pd.DataFrame, listing: Path | None) -> tuple[pd.DataF
     table = read_text_table(Path(listing))
     if "path" not in table.columns:
         raise DataError(f"data.exclude: {listing} has no 'path' column (columns: {', '.join(map(str, table.columns))})")
-    wanted = {str(Path(p).resolve()) for p in table["path"]}
-    resolved = samples["path"].map(lambda p: str(Path(p).resolve()))
+    wanted = {path_key(p) for p in table["path"]}
+    resolved = samples["path"].map(path_key)
     hit = resolved.isin(wanted)
     unknown = len(wanted - set(resolved))
     if unknown:

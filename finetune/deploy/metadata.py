@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from finetune.data.transforms import ImageConfig
-from finetune.training.checkpoint import LoadedModel
+from finetune.inference.checkpoint import TrainedModel
 from finetune.versions import library_versions
 
 FORMAT = "finetune-export/1"
@@ -31,7 +31,7 @@ def resize_rule(image: ImageConfig) -> dict[str, Any]:
     }
 
 
-def contract(loaded: LoadedModel, *, exporter: str, weights: str) -> dict[str, Any]:
+def contract(loaded: TrainedModel, *, exporter: str, weights: str) -> dict[str, Any]:
     """Everything a consumer needs besides the weights."""
     recipe = json.dumps(loaded.recipe.to_dict(), sort_keys=True).encode("utf-8")
     return {
@@ -45,7 +45,7 @@ def contract(loaded: LoadedModel, *, exporter: str, weights: str) -> dict[str, A
             "height": loaded.image.input_size,
             "width": loaded.image.input_size,
         },
-        "outputs": {"logits": "raw scores", "probs": "softmax(logits / temperature): calibrated probabilities"},
+        "outputs": {"logits": "raw scores", "probs": loaded.task.probability_rule},
         "resize": resize_rule(loaded.image),
         "mean": list(loaded.image.mean),
         "std": list(loaded.image.std),
@@ -55,7 +55,8 @@ def contract(loaded: LoadedModel, *, exporter: str, weights: str) -> dict[str, A
         "tta_note": "the graph sees one view; for the run's test-time views run it once per view and average 'probs'",
         "recipe_sha256": hashlib.sha256(recipe).hexdigest(),
         "model_name": loaded.recipe.model.name,
-        "checkpoint_epoch": loaded.meta.get("epoch"),
+        "checkpoint_epoch": loaded.record.epoch,
+        "task": loaded.task.name,
         "weights": weights,
         "exporter": exporter,
         "versions": library_versions(),

@@ -1,8 +1,11 @@
-"""ONNX: torch.onnx.export (the TorchScript-based exporter: a plain graph of Conv/Relu/GlobalAveragePool/Gemm for ResNets,
-with a dynamic batch axis), metadata in metadata_props, int8 static quantization with onnxruntime, and a runner."""
+"""ONNX: torch.onnx.export with the torch.export-based exporter (dynamo=True, onnxscript translating the graph to
+Conv/Relu/ReduceMean/Gemm for ResNets, a dynamic batch axis), metadata in metadata_props, int8 static quantization
+with onnxruntime, and a runner. Opsets below 18 still go through the deprecated TorchScript-based exporter (see
+MAINTAINED_MIN_OPSET)."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 import warnings
@@ -14,29 +17,68 @@ import numpy as np
 import torch
 
 from finetune.deploy.metadata import from_strings, to_strings
-from finetune.deploy.package import PackagedClassifier
+from finetune.deploy.package import PackagedClassifier, pause_garbage_collection
 from finetune.errors import UsageError
 
 log = logging.getLogger(__name__)
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 18
+# The torch.export-based exporter writes opset 18 and newer. Below that it calls onnx's version converter, which fails
+# on a timm ResNet's ReduceMean and leaves the file at opset 18 (logging the failure, raising nothing); so a lower opset
+# is written by the TorchScript-based exporter, the only one that writes it correctly (onnxruntime >= 1.14 reads 18).
+MAINTAINED_MIN_OPSET = 18
 
 
-def require_onnx() -> None:
-    """One line naming the extra when onnx / onnxruntime are not installed."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
+def require_onnx(*, exporting: bool = True) -> None:
+    """One line naming the extra when onnx / onnxruntime (and, to export, onnxscript) are not installed."""
+    needed = ["onnx", "onnxruntime", *(["onnxscript"] if exporting else [])]
+    if any(importlib.util.find_spec(name) is None for name in needed):
+        names = ", ".join(needed[:-1]) + f" and {needed[-1]}"
         raise UsageError(
-            "ONNX export needs onnx and onnxruntime: pip install -e '.[export]' (or pip install onnx onnxruntime)"
-        ) from None
+            f"ONNX {'export needs' if exporting else 'files need'} {names}: "
+            f"pip install -e '.[export]' (or pip install {' '.join(needed)})"
+        )
+
+
+def exporter_name(opset: int) -> str:
+    """Which exporter `export_onnx` uses at `opset`, in the words the metadata's 'exporter' entry records."""
+    if opset < MAINTAINED_MIN_OPSET:
+        return f"torch.onnx.export (TorchScript-based, opset {opset})"
+    return f"torch.onnx.export (torch.export-based, dynamo=True, opset {opset})"
 
 
 def export_onnx(package: PackagedClassifier, path: Path, *, size: int, opset: int = DEFAULT_OPSET) -> None:
-    """Write `package` as ONNX with inputs/outputs named image / logits, probs and a dynamic batch axis."""
+    """Write `package` as ONNX with inputs/outputs named image / logits, probs and a dynamic batch axis, through
+    torch.export (opset 18 and newer) or the TorchScript-based exporter (older opsets: see MAINTAINED_MIN_OPSET)."""
+    if opset < MAINTAINED_MIN_OPSET:
+        log.warning(
+            "opset %d is written by torch.onnx's TorchScript-based exporter, deprecated in PyTorch; the maintained "
+            "exporter writes opset %d and newer. HINT: pass --opset %d (onnxruntime >= 1.14 reads it)",
+            opset,
+            MAINTAINED_MIN_OPSET,
+            DEFAULT_OPSET,
+        )
+        _export_torchscript_based(package, path, size=size, opset=opset)
+        return
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)  # not 1: torch.export specialises an axis of size 1
+    with pause_garbage_collection():
+        torch.onnx.export(
+            package.eval(),
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,  # one self-contained file: the weights of a classifier are far below protobuf's 2 GB
+            opset_version=opset,
+            verbose=False,  # its progress lines go to stdout otherwise
+            input_names=["image"],
+            output_names=["logits", "probs"],
+            dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+        )
+
+
+def _export_torchscript_based(package: PackagedClassifier, path: Path, *, size: int, opset: int) -> None:
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
     batch = {0: "batch"}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pause_garbage_collection():
         warnings.simplefilter("ignore")  # the exporter's own deprecation and tracer notices
         torch.onnx.export(
             package.eval(),
@@ -109,5 +151,5 @@ def quantize_int8(source: Path, target: Path, calibration: Iterator[np.ndarray])
             per_channel=True,
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
-            op_types_to_quantize=QUANTIZED_OPS,  # the input scaling and the softmax stay float: probabilities sum to 1
+            op_types_to_quantize=QUANTIZED_OPS,  # the input scaling and the probabilities stay float: they sum to 1
         )

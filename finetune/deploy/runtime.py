@@ -1,4 +1,5 @@
-"""An exported file as a predictor: its metadata (the contract) and a runner, for `finetune predict MODEL.onnx`."""
+"""An exported file as a predictor: its metadata (the contract) and a runner, for `finetune predict MODEL.onnx` (or a
+.pt2 / TorchScript file)."""
 
 from __future__ import annotations
 
@@ -36,16 +37,18 @@ class Exported:
 
 
 def is_exported(path: Path) -> bool:
-    """An .onnx file, or a TorchScript archive written by finetune export."""
+    """An .onnx file, or an ExportedProgram (.pt2) or TorchScript archive written by finetune export."""
     path = Path(path)
-    return path.is_file() and (path.suffix.lower() == ".onnx" or torchscript_format.is_torchscript(path))
+    return path.is_file() and (
+        path.suffix.lower() == ".onnx" or torchscript_format.is_program(path) or torchscript_format.is_torchscript(path)
+    )
 
 
 def load_exported(path: Path) -> Exported:
     """Read the contract and open a runner; a file without finetune's metadata is refused with the reason."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        onnx_format.require_onnx()
+        onnx_format.require_onnx(exporting=False)
         try:
             meta = onnx_format.read_metadata(path)
         except Exception as exc:  # onnx raises its own decode errors
@@ -53,7 +56,8 @@ def load_exported(path: Path) -> Exported:
         runner: Runner = onnx_format.OnnxRunner(path)
     else:
         meta = torchscript_format.read_metadata(path)
-        runner = torchscript_format.TorchScriptRunner(path)
+        program = torchscript_format.is_program(path)
+        runner = torchscript_format.ProgramRunner(path) if program else torchscript_format.TorchScriptRunner(path)
     if meta.get("format") != FORMAT or "class_names" not in meta:
         raise CheckpointError(
             f"{path} carries no finetune metadata (class names, input size, resize rule); "

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from finetune.errors import UsageError
-from finetune.evaluation.inference import Predictions
+from finetune.inference.predictions import Predictions
 
 
 def require_cleanlab() -> None:

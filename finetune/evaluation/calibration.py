@@ -1,6 +1,6 @@
 """Calibrated confidence: temperature scaling (Guo et al. 2017) fitted on the validation split, and its measures.
 
-A temperature T divides the logits before the softmax; it changes how sure the model says it is, never which
+A temperature T divides the logits before they become probabilities; it changes how sure the model says it is, never which
 class it picks. It is fitted by minimising the negative log-likelihood on the validation images, so the test
 split stays untouched, and reported with the expected calibration error, NLL and Brier score before and after.
 """
@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from finetune.evaluation.inference import Predictions, softmax
+from finetune.inference.predictions import Predictions
+from finetune.inference.task import SingleLabel, Task
 
 BINS = 15
 T_RANGE = (0.05, 20.0)  # log-space search bounds: far beyond what a trained ResNet needs in either direction
@@ -29,13 +30,14 @@ def brier_score(probs: np.ndarray, targets: np.ndarray) -> float:
     return float(((probs - onehot) ** 2).sum(axis=1).mean())
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The temperature that minimises the NLL of softmax(logits / T) on these (validation) images."""
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, task: Task | None = None) -> float:
+    """The temperature that minimises the NLL of the task's probabilities of logits / T on these (validation) images."""
     if len(targets) == 0:
         return 1.0
+    task = task or SingleLabel()
 
     def nll(log_t: float) -> float:
-        return negative_log_likelihood(softmax(logits / np.exp(log_t)), targets)
+        return negative_log_likelihood(task.probs(logits, float(np.exp(log_t))), targets)
 
     found = minimize_scalar(nll, bounds=tuple(np.log(T_RANGE)), method="bounded", options={"xatol": 1e-4})
     best = float(np.exp(found.x))

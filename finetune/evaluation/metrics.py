@@ -15,8 +15,7 @@ from sklearn.metrics import (
 )
 
 from finetune.evaluation.calibration import calibration_table, expected_calibration_error
-from finetune.evaluation.inference import Predictions
-from finetune.evaluation.reject import UNKNOWN
+from finetune.inference.predictions import Predictions
 
 
 def headline_metrics(preds: Predictions, class_names: list[str], *, top_k: int) -> dict[str, Any]:
@@ -56,33 +55,6 @@ def confusion_tables(preds: Predictions, class_names: list[str]) -> tuple[pd.Dat
     rows = counts.sum(axis=1, keepdims=True)
     normalized = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
     return pd.DataFrame(counts, index=index, columns=columns), pd.DataFrame(normalized, index=index, columns=columns)
-
-
-def predictions_table(
-    preds: Predictions, class_names: list[str], *, top_k: int, min_confidence: float | None = None
-) -> pd.DataFrame:
-    """One row per image: path, [true label], predicted label, confidence, then the runner-up labels and probabilities.
-
-    With `min_confidence`, images whose top probability is below it are predicted 'unknown' (the reject option);
-    the ranking columns then start at top1, the model's own first choice.
-    """
-    k = min(top_k, len(class_names))
-    order = np.argsort(-preds.probs, axis=1)[:, :k]
-    names = np.asarray(class_names, dtype=object)
-    frame = pd.DataFrame({"path": preds.paths})
-    if (preds.targets >= 0).all():
-        frame["true_label"] = names[preds.targets]
-    confidence = np.take_along_axis(preds.probs, order[:, :1], axis=1)[:, 0]
-    frame["predicted_label"] = names[order[:, 0]]
-    frame["confidence"] = confidence
-    first = 2
-    if min_confidence is not None:
-        frame.loc[confidence < min_confidence, "predicted_label"] = UNKNOWN
-        first = 1
-    for rank in range(first - 1, k):
-        frame[f"top{rank + 1}_label"] = names[order[:, rank]]
-        frame[f"top{rank + 1}_prob"] = np.take_along_axis(preds.probs, order[:, rank : rank + 1], axis=1)[:, 0]
-    return frame
 
 
 def most_confused(counts: pd.DataFrame, *, limit: int = 20) -> pd.DataFrame:

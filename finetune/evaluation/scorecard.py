@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from finetune.evaluation.calibration import calibration_summary, calibration_table
-from finetune.evaluation.inference import Predictions
 from finetune.evaluation.intervals import bootstrap_intervals
 from finetune.evaluation.metrics import confusion_tables, headline_metrics, most_confused, per_class_table
-from finetune.evaluation.reject import risk_coverage, threshold_for_accuracy
+from finetune.inference.predictions import Predictions
+from finetune.inference.reject import risk_coverage, threshold_for_accuracy
 
 COVERAGE_TARGETS = (0.9, 0.95, 0.99)  # accuracy levels whose coverage the report quotes
 

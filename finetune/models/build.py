@@ -1,4 +1,4 @@
-"""Build a ResNet (timm, or torchvision with `tv:`), load its weights, and fit the head to the classes."""
+"""Build a backbone (timm, or torchvision with `tv:`), load its weights, and fit the head to the classes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 from finetune.config.catalog import TV_PREFIX
 from finetune.config.schema import HeadConfig, ModelConfig
 from finetune.errors import ModelError
+from finetune.models.families import family_of
 from finetune.models.stages import StageMap
 from finetune.models.weights import hub_state_dict, load_weights, read_state_dict
 
@@ -41,14 +42,11 @@ class ModelBundle:
         return self.model.get_submodule(self.classifier)
 
 
-def _create(name: str) -> tuple[nn.Module, str, dict[str, Any]]:
+def _create(name: str) -> tuple[nn.Module, dict[str, Any]]:
     if name.startswith(TV_PREFIX):
-        model = torchvision.models.get_model(name[len(TV_PREFIX) :], weights=None)
-        return model, "fc", dict(TV_DATA_CONFIG)
+        return torchvision.models.get_model(name[len(TV_PREFIX) :], weights=None), dict(TV_DATA_CONFIG)
     model = timm.create_model(name, pretrained=False)
-    config = timm.data.resolve_model_data_config(model)
-    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
-    return model, str(pretrained_cfg.get("classifier", "fc")), config
+    return model, timm.data.resolve_model_data_config(model)
 
 
 def build_head(in_features: int, num_classes: int, cfg: HeadConfig, *, conv: bool = False) -> nn.Module:
@@ -76,29 +74,20 @@ def _replace_head(model: nn.Module, classifier: str, num_classes: int, cfg: Head
     setattr(parent, attr, build_head(in_features, num_classes, cfg, conv=conv))
 
 
-def _small_input_stem(model: nn.Module, name: str) -> None:
-    """CIFAR-style stem: 3x3 stride-1 conv and no max-pool, so 32-64 px images keep their resolution."""
-    conv = getattr(model, "conv1", None)
-    if not isinstance(conv, nn.Conv2d):
-        raise ModelError(
-            f"model.small_input needs a single-conv stem (resnet18..152, wide/resnext, tv:*); {name} has another stem"
-        )
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-
-
 def build_model(cfg: ModelConfig, *, num_classes: int, load_pretrained: bool = True) -> ModelBundle:
     """Create the architecture, load weights per `cfg.pretrained`, and put a `num_classes` head on it."""
     if num_classes < 2:
         raise ModelError(f"need at least 2 classes, got {num_classes}")
-    model, classifier, data_config = _create(cfg.name)
+    family = family_of(cfg.name)
+    model, data_config = _create(cfg.name)
+    classifier = family.classifier(model)
     if load_pretrained and cfg.pretrained is True:
         load_weights(model, hub_state_dict(cfg.name), classifier=classifier, source=f"hub weights of {cfg.name}")
     _replace_head(model, classifier, num_classes, cfg.head)
     if load_pretrained and isinstance(cfg.pretrained, Path):  # a head of matching shape (same classes) is kept
         load_weights(model, read_state_dict(cfg.pretrained), classifier=classifier, source=str(cfg.pretrained))
     if cfg.small_input:  # after loading: the pretrained 7x7 stem conv is replaced, the rest is kept
-        _small_input_stem(model, cfg.name)
+        family.make_small_input(model, cfg.name)
     return ModelBundle(
         model=model, name=cfg.name, classifier=classifier, data_config=data_config, stages=StageMap.of(model, classifier)
     )

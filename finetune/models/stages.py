@@ -1,4 +1,7 @@
-"""Named stages (stem, layer1..layer4, head) of a ResNet, and the freeze + BatchNorm policy applied to them."""
+"""Named stages (stem, layer1..layer4, head) of a backbone, and the freeze + BatchNorm policy applied to them.
+
+Which module belongs to which stage is the backbone family's to say (finetune/models/families.py).
+"""
 
 from __future__ import annotations
 
@@ -10,33 +13,10 @@ from torch import nn
 
 from finetune.config.catalog import STAGES, BnPolicy, Stage
 from finetune.errors import ModelError
-
-# Module-name patterns per stage, in the spirit of timm's `group_matcher`. timm's ResNet and torchvision's
-# share names (conv1, bn1, layerN, fc); timm's pre-activation ResNetV2 uses stem / stages.N / norm (the final
-# pre-activation BN) / head.
-_RESNET_PATTERNS = {
-    "stem": r"^(conv1|bn1|act1|relu|maxpool)(\.|$)",
-    "layer1": r"^layer1(\.|$)",
-    "layer2": r"^layer2(\.|$)",
-    "layer3": r"^layer3(\.|$)",
-    "layer4": r"^layer4(\.|$)",
-}
-_RESNETV2_PATTERNS = {
-    "stem": r"^stem(\.|$)",
-    "layer1": r"^stages\.0(\.|$)",
-    "layer2": r"^stages\.1(\.|$)",
-    "layer3": r"^stages\.2(\.|$)",
-    "layer4": r"^(stages\.3|norm)(\.|$)",
-}
-_POOLING = r"^(global_pool|avgpool|head\.global_pool|head\.flatten|head\.drop)(\.|$)"
+from finetune.models.families import Family, family_for
 
 
-def _patterns(model: nn.Module, classifier: str) -> dict[str, str]:
-    base = _RESNETV2_PATTERNS if hasattr(model, "stages") else _RESNET_PATTERNS
-    return {**base, "head": rf"^{re.escape(classifier)}(\.|$)"}
-
-
-def _stage_of(name: str, patterns: dict[str, str]) -> Stage | None:
+def _stage_of(name: str, patterns: dict[Stage, str]) -> Stage | None:
     return next((s for s in STAGES if re.match(patterns[s], name)), None)
 
 
@@ -46,11 +26,13 @@ class StageMap:
 
     of_tensor: dict[str, Stage]  # every parameter and buffer name
     modules: dict[Stage, list[tuple[str, nn.Module]]]  # top-level modules of each stage, in forward order
+    family: Family  # the backbone family whose patterns made this map
 
     @classmethod
     def of(cls, model: nn.Module, classifier: str) -> StageMap:
-        """Map `model`; an unmapped tensor is an error, not a silent miss."""
-        patterns = _patterns(model, classifier)
+        """Map `model` by its family's patterns; an unmapped tensor is an error, not a silent miss."""
+        family = family_for(model)
+        patterns = family.patterns(model, classifier)
         of_tensor: dict[str, Stage] = {}
         for name in [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]:
             stage = _stage_of(name, patterns)
@@ -61,10 +43,10 @@ class StageMap:
             of_tensor[name] = stage
         modules: dict[Stage, list[tuple[str, nn.Module]]] = {s: [] for s in STAGES}
         for name, module in model.named_modules():
-            stage = _stage_of(name, patterns) if name and not re.match(_POOLING, name) else None
+            stage = _stage_of(name, patterns) if name and not re.match(family.pooling, name) else None
             if stage and not any(name.startswith(prev + ".") for prev, _ in modules[stage]):
                 modules[stage].append((name, module))
-        return cls(of_tensor=of_tensor, modules=modules)
+        return cls(of_tensor=of_tensor, modules=modules, family=family)
 
     def parameters(self, model: nn.Module, stage: Stage) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if self.of_tensor[n] == stage]
@@ -119,8 +101,6 @@ def set_train_mode(model: nn.Module, plan: FreezePlan, stages: StageMap) -> None
 
 
 def last_block(stages: StageMap, stage: Stage = "layer4") -> nn.Module:
-    """The last residual block of a stage (layer4's is Grad-CAM's usual target) for timm, torchvision and ResNetV2."""
+    """The block Grad-CAM hooks in a stage (its last; layer4's is the usual target), as the model's family says."""
     _, module = stages.modules[stage][0]
-    blocks = getattr(module, "blocks", module)  # timm's ResNetV2 stage keeps its blocks in .blocks
-    children = list(blocks.children())
-    return children[-1] if children else module
+    return stages.family.cam_target(module)

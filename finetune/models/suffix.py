@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from finetune.config.catalog import STAGES, Stage
+from finetune.models.families import family_for
 from finetune.models.stages import StageMap
 
 
@@ -38,15 +39,6 @@ def stage_input(model: nn.Module, module: str, images: torch.Tensor) -> torch.Te
     return captured[0]
 
 
-def _head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Pooling and classifier: timm's `forward_head` (ResNet, ResNetV2), torchvision's avgpool + flatten + fc."""
-    forward_head = getattr(model, "forward_head", None)
-    if callable(forward_head):
-        return forward_head(x)
-    pooled = torch.flatten(model.get_submodule("avgpool")(x), 1)
-    return model.get_submodule("fc")(pooled)
-
-
 class SuffixNet(nn.Module):
     """`model` from the modules `names` on, on (N, C*H*W) activations of shape `shape` (same parameters, no copy)."""
 
@@ -55,9 +47,10 @@ class SuffixNet(nn.Module):
         self.model = model
         self.names = names
         self.shape = shape
+        self.pool_and_classify = family_for(model).forward_head  # as the family computes them
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
         x = activations.view(activations.size(0), *self.shape).float()
         for name in self.names:
             x = self.model.get_submodule(name)(x)
-        return _head(self.model, x)
+        return self.pool_and_classify(self.model, x)

@@ -25,11 +25,11 @@ from PIL import Image
 from finetune.config.catalog import STAGES
 from finetune.data.decode import load_image, printable
 from finetune.errors import DataError
-from finetune.evaluation.inference import Predictions
 from finetune.evaluation.intervals import RESAMPLES
 from finetune.evaluation.metrics import per_image_loss
 from finetune.evaluation.scorecard import Scorecard
 from finetune.files import read_table, read_text_table, write_text
+from finetune.inference.predictions import Predictions
 from finetune.reporting.summary import calibration_sentence, coverage_sentence, split_sentence
 from finetune.run_dir import RunDir
 

@@ -13,10 +13,9 @@ import pandas as pd
 from finetune.data.decode import load_image
 from finetune.data.transforms import ImageConfig, load_pipeline, preview_augmentations
 from finetune.evaluation.calibration import BINS, expected_calibration_error
-from finetune.evaluation.inference import Predictions
-from finetune.evaluation.metrics import predictions_table
 from finetune.evaluation.scorecard import Scorecard, score
 from finetune.files import read_table, read_text_table, write_table, write_text
+from finetune.inference.predictions import Predictions, predictions_table
 from finetune.reporting.html import Explain, RunContext, render_html
 from finetune.reporting.plots import (
     plot_confusion_matrix,

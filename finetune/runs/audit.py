@@ -20,12 +20,11 @@ from finetune.data.doctor import duplicate_pairs, examine_all
 from finetune.data.facts import FactsCache
 from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
 from finetune.files import check_writable_folder, default_cache_dir, write_table, write_text
+from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.reporting.audit_html import WEAK_MODEL_ACCURACY, AuditPage, render_audit
-from finetune.run_dir import RunDir
+from finetune.run_dir import RunDir, removed_if_unstarted
 from finetune.runs.cv import CVResult, cross_validate
-from finetune.runs.prepare import prepare_model
-from finetune.runs.train import refuse_changed_recipe, removed_if_unstarted
-from finetune.training.device import autocast_dtype, resolve_device
+from finetune.runs.prepare import prepare_model, refuse_changed_recipe
 from finetune.training.feature_cache import ComputeOptions, pooled_features
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from finetune.config.schema import Recipe
 from finetune.data.split import evaluation_split
 from finetune.errors import UsageError
 from finetune.evaluation.intervals import paired_difference
-from finetune.files import check_writable_folder, read_text_table, write_table, write_text
+from finetune.files import check_writable_folder, path_key, read_text_table, write_table, write_text
 from finetune.models.inspect import inspect_model
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir
@@ -92,7 +92,7 @@ def _predictions(run: RunDir) -> pd.DataFrame:
     data as given, later ones the manifest)."""
     table = run.oof / "predictions.csv" if run.folds.exists() else run.report / "predictions.csv"
     frame = read_text_table(table)
-    frame["path"] = [str(Path(p).resolve()) for p in frame["path"]]
+    frame["path"] = [path_key(p) for p in frame["path"]]
     return frame
 
 
@@ -209,7 +209,7 @@ def _train_all(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, prog
         result = train(recipe=recipe, data=manifest if manifest.exists() else data, out=out / name, progress=progress)
         if not manifest.exists():  # every later recipe sees exactly this split
             splits = read_text_table(RunDir(result.run_dir).splits)
-            splits["path"] = [str(Path(p).resolve()) for p in splits["path"]]
+            splits["path"] = [path_key(p) for p in splits["path"]]
             write_table(splits, manifest)
         rows.append(_row(name, recipe, result, time.perf_counter() - started))
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, rows[-1]["accuracy"], rows[-1]["macro_f1"])

@@ -26,14 +26,14 @@ from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude, assign_folds, fold_manifest
 from finetune.data.scan import read_samples
 from finetune.errors import CheckpointError, RunDirError
-from finetune.evaluation.inference import Predictions
-from finetune.files import check_writable_folder, read_text_table, write_table, write_text
+from finetune.files import path_key, read_text_table, write_table, write_text
+from finetune.inference.checkpoint import read_record
+from finetune.inference.predictions import Predictions
 from finetune.reporting.html import RunContext
 from finetune.reporting.report import Report, write_report
-from finetune.run_dir import RunDir, locked
-from finetune.runs.prepare import check_cheap_things
-from finetune.runs.train import removed_if_unstarted, resolve_recipe, train
-from finetune.training.checkpoint import checkpoint_meta, load_checkpoint
+from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted
+from finetune.runs.prepare import check_cheap_things, resolve_recipe
+from finetune.runs.train import train
 
 log = logging.getLogger(__name__)
 FOLD_FIGURES = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -74,7 +74,7 @@ def cross_validate(
         chosen, table = _read_cv(run)
     else:
         chosen = resolve_recipe(recipe, overrides=overrides, data=data)
-        _refuse_used(run)
+        claim_output(run, marker=run.folds, holds="cross-validation")
         check_cheap_things(chosen)
         with removed_if_unstarted(run), locked(run):
             table, facts = _start(run, chosen, folds, assignment, progress=progress)
@@ -84,16 +84,6 @@ def cross_validate(
             _run_fold(run, chosen, number, count, facts, progress=progress, cache_dir=cache_dir)
         summary, oof, class_names, report = _summarise(run, chosen, count)
     return CVResult(run.root, summary, oof, class_names, report, facts, time.perf_counter() - started)
-
-
-def _refuse_used(run: RunDir) -> None:
-    check_writable_folder(run.root)
-    if run.folds.exists():
-        raise RunDirError(
-            f"{run.root} already holds a cross-validation; continue it with --resume {run.root} or choose another --out"
-        )
-    if run.root.exists() and any(p.name != run.lock.name for p in run.root.iterdir()):
-        raise RunDirError(f"output folder {run.root} is not empty; choose a new --out folder")
 
 
 def _read_cv(run: RunDir) -> tuple[Recipe, pd.DataFrame]:
@@ -112,8 +102,8 @@ def _start(
     """Screen once, assign the folds, write every fold's manifest; recipe.yaml last (it marks a resumable folder)."""
     samples, excluded = apply_exclude(read_samples(recipe.data), recipe.data.exclude)
     screened = screen_samples(samples, policy=recipe.data.bad_images, progress=progress, cache=FactsCache.default())
-    kept = screened.samples.assign(path=[str(Path(p).resolve()) for p in screened.samples["path"]])
-    facts = {str(Path(p).resolve()): f for p, f in screened.facts.items()}
+    kept = screened.samples.assign(path=[path_key(p) for p in screened.samples["path"]])
+    facts = {path_key(p): f for p, f in screened.facts.items()}
     if assignment is None:
         cfg = recipe.data
         table = assign_folds(
@@ -168,16 +158,14 @@ def _run_fold(
 
 def fold_predictions(fold: RunDir) -> Predictions:
     """The fold model's calibrated predictions of its val split (the held-out fold), from its best.pt."""
-    payload = load_checkpoint(fold.best)
+    record = read_record(fold.best)
     rows = read_text_table(fold.splits)
     rows = rows[rows["split"] == "val"]
-    names = [str(c) for c in payload["class_names"]]
-    targets = np.array([names.index(label) for label in rows["label"]])
-    stored = payload["val_targets"].numpy()
-    if len(stored) != len(targets) or (stored != targets).any():
+    targets = np.array([record.class_names.index(label) for label in rows["label"]])
+    if record.validation is None or len(record.validation[1]) != len(targets) or (record.validation[1] != targets).any():
         raise CheckpointError(f"{fold.best} holds predictions for other images than {fold.splits}'s val split; retrain the fold")
-    logits = payload["val_logits"].numpy()
-    return Predictions.from_logits(list(rows["path"]), logits, targets, temperature=float(payload.get("temperature", 1.0)))
+    logits = record.validation[0]
+    return Predictions.from_logits(list(rows["path"]), logits, targets, temperature=record.temperature, task=record.task)
 
 
 def _concatenate(parts: list[Predictions]) -> Predictions:
@@ -209,10 +197,10 @@ def _summarise(run: RunDir, recipe: Recipe, count: int) -> tuple[pd.DataFrame, P
     summary = pd.concat([folds, spread], ignore_index=True)
     write_table(summary, run.cv_summary, float_format="%.6f")
     oof = _concatenate([fold_predictions(run.fold(k)) for k in range(1, count + 1)])
-    payload = load_checkpoint(run.fold(1).best)
-    class_names = [str(c) for c in payload["class_names"]]
+    record = read_record(run.fold(1).best)
+    class_names = record.class_names
     note = f"{count} folds; each image predicted by the fold model that did not train on it (that model's early stopping saw it)"
-    context = RunContext(meta=checkpoint_meta(payload), split="out-of-fold", selection=True, extra={"cross-validation": note})
+    context = RunContext(meta=record.meta, split="out-of-fold", selection=True, extra={"cross-validation": note})
     title = f"{recipe.model.name}: {count}-fold out-of-fold predictions ({len(oof.paths)} images)"
     report = write_report(oof, class_names, run.oof, top_k=recipe.eval.top_k, title=title, context=context)
     write_text(run.root / "cv_summary.md", _summary_markdown(summary, report, count))

@@ -16,9 +16,8 @@ from finetune.data.doctor import screen_samples
 from finetune.errors import DataError, UsageError, did_you_mean
 from finetune.evaluation.explain import Explainer
 from finetune.files import check_writable_folder, write_table
-from finetune.runs.evaluate import checkpoint_path, predict_paths
-from finetune.runs.predict import check_inputs_exist, input_paths
-from finetune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from finetune.inference.inputs import check_inputs_exist, input_paths
+from finetune.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 BORDER_WARNING = 0.5  # more than half of the heat in the outer tenth of the frame (a third of the area)
@@ -60,13 +59,14 @@ def explain(
     check_inputs_exist(inputs)
     folder = Path(out)
     check_writable_folder(folder)
-    loaded = model_from_checkpoint(load_checkpoint(checkpoint_path(Path(run))))
+    predictor = Predictor(run)
+    loaded = predictor.trained
     wanted = _class_index(loaded.class_names, target_class)
     frame = pd.DataFrame({"path": input_paths(inputs, loaded.recipe.data.extensions), "label": "", "split": ""})
     paths = list(screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress).samples["path"])
     if not paths:
         raise DataError("none of the input images could be decoded")
-    preds = predict_paths(loaded, paths, [-1] * len(paths), progress=progress, desc="predict")
+    preds = predictor.predictions(paths, progress=progress, desc="predict")
     classes = [wanted if wanted is not None else int(c) for c in preds.predicted]
     explainer = Explainer(loaded.bundle, loaded.image)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,17 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.data.split import evaluation_split
 from finetune.deploy import onnx_format, torchscript_format
 from finetune.deploy.metadata import contract
 from finetune.deploy.package import PackagedClassifier, image_batches
 from finetune.deploy.parity import FP32_TOLERANCE, Parity, measure
 from finetune.errors import CheckpointError, ParityError, RunDirError, UsageError
 from finetune.files import check_writable_folder, read_text_table, write_text
+from finetune.inference.checkpoint import TrainedModel, load_trained, read_record
 from finetune.run_dir import RunDir
-from finetune.training.checkpoint import LoadedModel, load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
-FORMATS = ("onnx", "torchscript", "both")
+FORMATS = ("onnx", "torchscript", "pt2", "both")
+FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
+EXPORTERS = {"torchscript": "torch.jit.trace", "pt2": "torch.export (ExportedProgram)"}
 CALIBRATION_IMAGES = 256  # training images that calibrate int8 activations
 
 
@@ -46,10 +49,10 @@ def _checkpoint(run: RunDir, which: str) -> Path:
     if not path.exists():
         raise CheckpointError(f"{run.root} has no checkpoints/{path.name}: it never finished an epoch; train it first")
     if run.last.exists():
-        state = load_checkpoint(run.last).get("training_state", {})
-        if state.get("finished") is False:
+        last = read_record(run.last)
+        if last.finished is False:
             raise RunDirError(
-                f"{run.root} has not finished training (epoch {state.get('epoch')}); "
+                f"{run.root} has not finished training (epoch {last.epoch}); "
                 f"finish it with 'finetune train --resume {run.root}', then export"
             )
     return path
@@ -66,13 +69,12 @@ def _out_folder(run: RunDir, out: str | Path | None, overwrite: bool) -> Path:
     return folder
 
 
-def _held_out(run: RunDir, loaded: LoadedModel) -> tuple[list[str], np.ndarray, str]:
+def _held_out(run: RunDir, loaded: TrainedModel) -> tuple[list[str], np.ndarray, str]:
     """The run's test images (else val) and their class indices: the real images parity is proven on."""
     splits = read_text_table(run.splits)
-    split = "test" if (splits["split"] == "test").any() else "val"
+    split = evaluation_split(splits)
     rows = splits[splits["split"] == split]
-    index = {name: i for i, name in enumerate(loaded.class_names)}
-    return list(rows["path"]), np.array([index[label] for label in rows["label"]]), split
+    return list(rows["path"]), np.array(loaded.class_indices(rows["label"])), split
 
 
 def _reference(package: PackagedClassifier) -> Any:
@@ -86,7 +88,7 @@ def _reference(package: PackagedClassifier) -> Any:
 
 def _check_options(formats: str, quantize: str | None) -> list[str]:
     if formats not in FORMATS:
-        raise UsageError(f"--format {formats}: choose onnx, torchscript or both")
+        raise UsageError(f"--format {formats}: choose onnx, torchscript, pt2 or both (onnx and torchscript)")
     if quantize not in (None, "int8"):
         raise UsageError(f"--quantize {quantize}: the only choice is int8")
     wanted = ["onnx", "torchscript"] if formats == "both" else [formats]
@@ -116,16 +118,16 @@ def export(
     folder_run = RunDir(Path(run))
     path = _checkpoint(folder_run, checkpoint)
     folder = _out_folder(folder_run, out, overwrite)
-    loaded = model_from_checkpoint(load_checkpoint(path))
-    package = PackagedClassifier(loaded.bundle.model, loaded.image, loaded.temperature)
+    loaded = load_trained(path)
+    package = PackagedClassifier(loaded.bundle.model, loaded.image, loaded.temperature, loaded.task)
     paths, targets, split = _held_out(folder_run, loaded)
     result = ExportResult(folder=folder)
-    exporter = f"torch.onnx.export (TorchScript-based, opset {opset})"
     for kind in wanted:
-        meta = contract(loaded, exporter=exporter if kind == "onnx" else "torch.jit.trace", weights="float32")
-        file = folder / ("model.onnx" if kind == "onnx" else "model.torchscript.pt")
+        exporter = onnx_format.exporter_name(opset) if kind == "onnx" else EXPORTERS[kind]
+        meta = contract(loaded, exporter=exporter, weights="float32")
+        file = folder / FILES[kind]
         _write(kind, package, file, loaded, meta, opset)
-        runner = onnx_format.OnnxRunner(file) if kind == "onnx" else torchscript_format.TorchScriptRunner(file)
+        runner = _runner(kind, file)
         parity = _parity(package, runner, paths, targets, loaded)
         _stamp(kind, file, meta, parity, split)
         result.files[kind], result.parity[kind] = file, parity.to_dict()
@@ -136,14 +138,21 @@ def export(
     return result
 
 
-def _write(kind: str, package: PackagedClassifier, file: Path, loaded: LoadedModel, meta: dict[str, Any], opset: int) -> None:
+def _write(kind: str, package: PackagedClassifier, file: Path, loaded: TrainedModel, meta: dict[str, Any], opset: int) -> None:
     if kind == "onnx":
         onnx_format.export_onnx(package, file, size=loaded.image.input_size, opset=opset)
     else:
-        torchscript_format.export_torchscript(package, file, size=loaded.image.input_size, meta=meta)
+        export = torchscript_format.export_torchscript if kind == "torchscript" else torchscript_format.export_program
+        export(package, file, size=loaded.image.input_size, meta=meta)
 
 
-def _parity(package: PackagedClassifier, runner: Any, paths: list[str], targets: np.ndarray, loaded: LoadedModel) -> Parity:
+def _runner(kind: str, file: Path) -> Any:
+    if kind == "onnx":
+        return onnx_format.OnnxRunner(file)
+    return torchscript_format.TorchScriptRunner(file) if kind == "torchscript" else torchscript_format.ProgramRunner(file)
+
+
+def _parity(package: PackagedClassifier, runner: Any, paths: list[str], targets: np.ndarray, loaded: TrainedModel) -> Parity:
     return measure(_reference(package), runner, image_batches(paths, loaded.image), targets, len(loaded.class_names))
 
 
@@ -159,7 +168,7 @@ def _stamp(kind: str, file: Path, meta: dict[str, Any], parity: Parity, split: s
 def _int8(
     result: ExportResult,
     package: PackagedClassifier,
-    loaded: LoadedModel,
+    loaded: TrainedModel,
     run: RunDir,
     paths: list[str],
     targets: np.ndarray,

@@ -12,13 +12,13 @@ import pandas as pd
 from finetune.config.loading import load_recipe
 from finetune.data.loader import ImageDataset, make_loader
 from finetune.files import check_writable_folder, write_table
-from finetune.models.stages import FreezePlan, apply_freeze, batchnorm_trains, set_train_mode
+from finetune.inference.device import resolve_device
+from finetune.models.stages import set_train_mode
 from finetune.reporting.plots import plot_lr_curve
 from finetune.runs.prepare import prepare_run
-from finetune.training.device import resolve_device
 from finetune.training.loss import build_criterion
 from finetune.training.lr_find import lr_range_test, suggest_lr, unreliable
-from finetune.training.optim import build_optimizer
+from finetune.training.phase import set_up_phase
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +52,20 @@ def find_lr(
     rows = index.split("train")
     dataset = ImageDataset(rows["path"], index.targets(rows), prepared.model.train_pipeline)
     phase = loaded.train.resolved_phases()[0]
-    plan = FreezePlan(trainable=phase.trainable_stages(), bn=phase.bn)
-    lone = batchnorm_trains(plan, bundle.stages)
-    cfg = loaded.data
-    loader = make_loader(
-        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=loaded.seed, drop_lone_last=lone
-    )
-    apply_freeze(bundle.model, plan, bundle.stages)
     device = resolve_device(loaded.train.device)
     model = bundle.model.to(device)
-    set_train_mode(model, plan, bundle.stages)
-    optimizer = build_optimizer(model, phase, loaded.train, bundle.stages)
+    setup = set_up_phase(bundle, phase, loaded.train)  # as training's first phase sets itself up
+    cfg = loaded.data
+    loader = make_loader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        shuffle=True,
+        seed=loaded.seed,
+        drop_lone_last=setup.lone_batch_fails,
+    )
+    set_train_mode(model, setup.plan, bundle.stages)
+    optimizer = setup.optimizer
     criterion = build_criterion(loaded.loss, prepared.class_weights).to(device)
     curve = lr_range_test(
         model, loader, optimizer, criterion, device=device, start_lr=start_lr, end_lr=end_lr, steps=steps, progress=progress

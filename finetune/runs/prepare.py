@@ -7,15 +7,16 @@ over every image; then the images are screened, split and checked for leakage; t
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import pandas as pd
 
 from finetune.config.catalog import STAGES
+from finetune.config.loading import flatten, load_recipe, recipe_from_dict
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.decode import load_image, printable
 from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
@@ -24,10 +25,12 @@ from finetune.data.folds import apply_exclude
 from finetune.data.scan import read_samples
 from finetune.data.split import DatasetIndex, make_index
 from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, check_pipeline, resolve_image_config
-from finetune.errors import DataError, WeightsError
+from finetune.errors import DataError, RunDirError, UsageError, WeightsError
+from finetune.files import recorded_path
+from finetune.inference.device import check_device
 from finetune.models.build import ModelBundle, build_model
 from finetune.models.weights import check_hub_reachable
-from finetune.training.device import check_device
+from finetune.run_dir import RunDir
 from finetune.training.loss import class_weights
 from finetune.training.seeding import seed_everything
 from finetune.training.tracking import check_trackers
@@ -101,7 +104,7 @@ def prepare_data(cfg: DataConfig, *, seed: int, progress: bool, known: Mapping[s
     and look for duplicates across the splits."""
     samples, excluded = apply_exclude(read_samples(cfg), cfg.exclude)
     # absolute paths in the run (splits.csv, predictions): valid from any working directory, for a resume or an eval
-    samples = samples.assign(path=[os.path.abspath(p) for p in samples["path"]])
+    samples = samples.assign(path=[recorded_path(p) for p in samples["path"]])
     screened = screen_samples(samples, policy=cfg.bad_images, progress=progress, known=known, cache=FactsCache.default())
     index = make_index(screened.samples, cfg, seed=seed)
     if not (index.samples["split"] == "val").any():
@@ -143,3 +146,55 @@ def prepare_run(recipe: Recipe, *, progress: bool, known: Mapping[str, ImageFact
         recipe.loss, class_names=data.index.class_names, targets=data.index.targets(data.index.split("train"))
     )
     return PreparedRun(data=data, model=model, class_weights=weights)
+
+
+RESUME_FREE = {"data.num_workers"}  # settings a resumed run may change without changing its result
+
+
+def resolve_recipe(
+    recipe: Recipe | dict[str, Any] | str | Path | None, *, overrides: Sequence[str] = (), data: str | Path | None = None
+) -> Recipe:
+    """A validated recipe from a file, a dict (as the YAML would read) or a Recipe, with `--set` overrides and
+    `--data` applied."""
+    if recipe is None:
+        raise UsageError("train needs a recipe (e.g. recipes/quickstart.yaml), or resume=True with an existing run")
+    if isinstance(recipe, dict):
+        recipe = recipe_from_dict(recipe, overrides=overrides)
+    elif not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides=overrides)
+    elif overrides:
+        recipe = recipe_from_dict(recipe.to_dict(), overrides=overrides)
+    return recipe.with_data(data) if data is not None else recipe
+
+
+def changed_settings(old: Recipe, new: Recipe) -> str:
+    """'key: old -> new, ...' for up to three settings that differ (those in RESUME_FREE never count); '' if none."""
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_FREE)
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:3])
+
+
+def refuse_changed_recipe(
+    stored: Recipe,
+    recipe: Recipe | dict[str, Any] | str | Path | None,
+    overrides: Sequence[str],
+    data: str | Path | None,
+    run: RunDir,
+) -> None:
+    """--resume with a recipe, overrides or --data: they must be the run's own (up to settings that do not change results)."""
+    if data is not None and Path(data).resolve() != Path(stored.data.path or "").resolve():
+        raise RunDirError(
+            f"--resume {run.root} --data {data}: the run trains on {stored.data.path}; resume without --data, "
+            f"or start a new run on {data}"
+        )
+    if recipe is None and not overrides:
+        return
+    if recipe is None:
+        candidate = recipe_from_dict(stored.to_dict(), overrides=overrides)
+    else:
+        candidate = resolve_recipe(recipe, overrides=overrides).with_data(stored.data.path)
+    edits = changed_settings(stored, candidate)
+    if edits:
+        raise RunDirError(
+            f"--resume {run.root}: the recipe differs from the run's ({edits}); resume without a recipe, or start a new run"
+        )

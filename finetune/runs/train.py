@@ -2,33 +2,39 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from finetune.config.loading import flatten, load_recipe, read_yaml, recipe_from_dict, save_recipe
+from finetune.config.loading import read_yaml, recipe_from_dict, save_recipe
 from finetune.config.schema import EvalConfig, Recipe
 from finetune.data.doctor import ImageFacts
 from finetune.data.loader import ImageDataset
 from finetune.data.split import DatasetIndex
 from finetune.data.transforms import save_pipeline
-from finetune.errors import CheckpointError, RunDirError, UsageError
+from finetune.errors import CheckpointError, RunDirError
 from finetune.evaluation.calibration import calibration_summary, fit_temperature
-from finetune.evaluation.inference import Predictions
-from finetune.files import check_writable_folder, default_cache_dir, read_text_table, write_table, write_text
+from finetune.files import default_cache_dir, read_text_table, write_table, write_text
+from finetune.inference.checkpoint import RESUMABLE_FROM, VALIDATION_KEYS, load_checkpoint, save_checkpoint
+from finetune.inference.predictions import Predictions
 from finetune.reporting.report import Report
-from finetune.run_dir import RunDir, locked
-from finetune.runs.evaluate import report_for_run
-from finetune.runs.prepare import PreparedData, PreparedModel, prepare_model, prepare_run
-from finetune.training.checkpoint import RESUMABLE_FROM, VALIDATION_KEYS, load_checkpoint, save_checkpoint
+from finetune.reporting.run_report import report_for_run
+from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted
+from finetune.runs.prepare import (
+    PreparedData,
+    PreparedModel,
+    changed_settings,
+    prepare_model,
+    prepare_run,
+    refuse_changed_recipe,
+    resolve_recipe,
+)
 from finetune.training.distributed import Ranks, barrier, setup, teardown
 from finetune.training.history import epoch_table, read_history, truncate_history
 from finetune.training.loop import FitContext, FitState, fit
@@ -36,7 +42,6 @@ from finetune.training.loss import class_weights
 from finetune.training.tracking import Trackers
 
 log = logging.getLogger(__name__)
-RESUME_FREE = {"data.num_workers"}  # settings a resumed run may change without changing its result
 
 
 @dataclass
@@ -70,47 +75,6 @@ class _Start:
     ranks: Ranks
 
 
-def resolve_recipe(
-    recipe: Recipe | dict[str, Any] | str | Path | None, *, overrides: Sequence[str] = (), data: str | Path | None = None
-) -> Recipe:
-    """A validated recipe from a file, a dict (as the YAML would read) or a Recipe, with `--set` overrides and
-    `--data` applied."""
-    if recipe is None:
-        raise UsageError("train needs a recipe (e.g. recipes/quickstart.yaml), or resume=True with an existing run")
-    if isinstance(recipe, dict):
-        recipe = recipe_from_dict(recipe, overrides=overrides)
-    elif not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides=overrides)
-    elif overrides:
-        recipe = recipe_from_dict(recipe.to_dict(), overrides=overrides)
-    return recipe.with_data(data) if data is not None else recipe
-
-
-def refuse_used_folder(run: RunDir) -> None:
-    """Never overwrite work: a finished or running run is resumed, anything else needs a new folder."""
-    check_writable_folder(run.root)
-    if run.root.exists() and any(p.name != run.lock.name for p in run.root.iterdir()):
-        if run.last.exists():
-            raise RunDirError(f"{run.root} already holds a run; continue it with --resume {run.root} or choose another --out")
-        if not run.is_run():
-            raise RunDirError(f"output folder {run.root} is not empty; choose a new --out folder")
-        log.info("%s holds a run that never finished an epoch; starting it again", run.root)
-
-
-@contextlib.contextmanager
-def removed_if_unstarted(run: RunDir, *, marker: Path | None = None) -> Iterator[None]:
-    """A start that fails before `marker` (recipe.yaml) is written leaves no folder behind, so the same command can
-    be retried."""
-    existed = run.root.exists()
-    started = marker or run.recipe
-    try:
-        yield
-    except BaseException:
-        if not existed and run.root.exists() and not started.exists():
-            shutil.rmtree(run.root, ignore_errors=True)  # everything in it was written by this call
-        raise
-
-
 def write_run_files(run: RunDir, recipe: Recipe, data: PreparedData) -> None:
     """splits, classes, skipped and leaked files; recipe.yaml last, atomically: a folder with recipe.yaml can be resumed."""
     run.root.mkdir(parents=True, exist_ok=True)
@@ -141,13 +105,6 @@ def _start_new(
     )
 
 
-def _changed(old: Recipe, new: Recipe) -> str:
-    """'key: old -> new, ...' for up to three settings that differ (those in RESUME_FREE never count); '' if none."""
-    a, b = flatten(old.to_dict()), flatten(new.to_dict())
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_FREE)
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:3])
-
-
 def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
     """The run's recipe, split and last checkpoint (None when it was stopped inside its first epoch).
 
@@ -167,7 +124,7 @@ def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
                 f"{payload.get('format_version', 1)}); evaluate or predict with it, or start a new run"
             )
         stored = recipe_from_dict(payload["recipe"], source=f"stored in {run.last}")
-        edits = _changed(stored, recipe)
+        edits = changed_settings(stored, recipe)
         if edits:
             raise RunDirError(
                 f"cannot resume {run.root}: recipe.yaml was edited after the last checkpoint ({edits}); "
@@ -177,32 +134,6 @@ def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
     samples = read_text_table(run.splits)
     index = DatasetIndex(samples=samples, class_names=[str(c) for c in json.loads(run.classes.read_text(encoding="utf-8"))])
     return recipe, index, payload
-
-
-def refuse_changed_recipe(
-    stored: Recipe,
-    recipe: Recipe | dict[str, Any] | str | Path | None,
-    overrides: Sequence[str],
-    data: str | Path | None,
-    run: RunDir,
-) -> None:
-    """--resume with a recipe, overrides or --data: they must be the run's own (up to settings that do not change results)."""
-    if data is not None and Path(data).resolve() != Path(stored.data.path or "").resolve():
-        raise RunDirError(
-            f"--resume {run.root} --data {data}: the run trains on {stored.data.path}; resume without --data, "
-            f"or start a new run on {data}"
-        )
-    if recipe is None and not overrides:
-        return
-    if recipe is None:
-        candidate = recipe_from_dict(stored.to_dict(), overrides=overrides)
-    else:
-        candidate = resolve_recipe(recipe, overrides=overrides).with_data(stored.data.path)
-    edits = _changed(stored, candidate)
-    if edits:
-        raise RunDirError(
-            f"--resume {run.root}: the recipe differs from the run's ({edits}); resume without a recipe, or start a new run"
-        )
 
 
 def _start_resume(run: RunDir, stored: Recipe, index: DatasetIndex, payload: dict[str, Any] | None, ranks: Ranks) -> _Start:
@@ -337,7 +268,9 @@ def train(
         target = stored
     else:
         target = resolve_recipe(recipe, overrides=overrides, data=data)
-        refuse_used_folder(run)
+        claim_output(run, marker=run.last, holds="run", restartable=True)
+        if run.is_run():
+            log.info("%s holds a run that never finished an epoch; starting it again", run.root)
     ranks = setup(target.train.device)
     try:
         barrier()  # every rank has looked at the folder before rank 0 locks it

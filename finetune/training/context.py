@@ -15,6 +15,7 @@ from finetune.data.loader import ImageDataset
 from finetune.data.transforms import ImageConfig
 from finetune.models.stages import FreezePlan
 from finetune.run_dir import RunDir
+from finetune.training.addons import PROGRESS_FIELDS, AddOns
 from finetune.training.checkpoint import CheckpointSaver
 from finetune.training.distributed import Ranks
 from finetune.training.early_stopping import EarlyStopping
@@ -24,30 +25,30 @@ from finetune.training.mixup import Mixer
 from finetune.training.optim import Schedule
 from finetune.training.tracking import Trackers
 
-STATE_FIELDS = ("epoch", "phase", "phase_epoch", "finished", "stopping", "optimizer", "scheduler", "ema")
-
 
 @dataclass
 class FitState:
-    """Where training stands; stored in `last.pt` so `--resume` continues exactly."""
+    """Where training stands; stored in `last.pt` so `--resume` continues exactly.
+
+    In `last.pt` the progress fields and each add-on's state sit side by side: {"epoch": 3, ..., "stopping": {...},
+    "ema": {...}, "optimizer": {...}, "scheduler": {...}}.
+    """
 
     epoch: int = 0  # epochs completed over all phases
     phase: int = 0
     phase_epoch: int = 0  # epochs completed within `phase`
     finished: bool = False  # every phase has run (or stopped early): the run can be exported
-    stopping: dict[str, Any] = field(default_factory=dict)  # EarlyStopping.state_dict()
-    optimizer: dict[str, Any] = field(default_factory=dict)
-    scheduler: dict[str, Any] = field(default_factory=dict)
-    ema: dict[str, Any] = field(default_factory=dict)  # StageEma.state(): the averaged weights and their step count
+    addons: dict[str, Any] = field(default_factory=dict)  # each registered add-on's state_dict(), by its name
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in STATE_FIELDS}
+        return {name: getattr(self, name) for name in PROGRESS_FIELDS} | self.addons
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> FitState:
-        """The state stored in a `last.pt` payload."""
+        """The state stored in a `last.pt` payload: the progress fields, and every other entry as an add-on's state."""
         stored = payload["training_state"]
-        return cls(**{k: stored[k] for k in STATE_FIELDS if k in stored})
+        addons = {k: v for k, v in stored.items() if k not in PROGRESS_FIELDS}
+        return cls(**{k: stored[k] for k in PROGRESS_FIELDS if k in stored}, addons=addons)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class FitContext:
 
 @dataclass
 class Env:
-    """What stays fixed over a fit: device, precision, loss, processes, early stopping and the checkpoint writer."""
+    """What stays fixed over a fit: device, precision, loss, processes, the add-ons and the checkpoint writer."""
 
     device: torch.device
     dtype: torch.dtype | None
@@ -82,6 +83,7 @@ class Env:
     ema: StageEma | None  # the averaged weights (train.ema), updated after every step
     mixer: Mixer | None  # mixup / cutmix of training batches (train.mixup)
     mixed_criterion: nn.Module | None  # the loss against the mixer's soft targets
+    addons: AddOns  # every stateful add-on by name: what last.pt keeps besides the progress fields
 
 
 @dataclass

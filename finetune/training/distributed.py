@@ -1,9 +1,10 @@
 """Data-parallel training under torchrun: a thin layer over torch.distributed and DistributedDataParallel.
 
 `torchrun --nproc_per_node=N -m finetune train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; `setup` joins
-the process group (nccl on CUDA, gloo on CPU). Every rank reads the same data and recipe; training
-batches are sharded with a DistributedSampler, validation is split across ranks and gathered, and
-only rank 0 writes files.
+the process group (nccl on CUDA, gloo on CPU) and logs the rank, world size, backend and device. Every
+rank reads the same data and recipe; training batches are sharded with a DistributedSampler, validation
+is split across ranks and gathered, and only rank 0 writes files. With one process (N=1) there is no
+group to join: the run is a plain single-process one, and the log says so.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from finetune.data.loader import shard_indices
-from finetune.training.device import check_device
+from finetune.inference.device import check_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,22 @@ def _joined() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _training_device(device: str) -> torch.device:
+    """The device this process trains on, CUDA with its index (the one `torch.cuda.set_device` chose)."""
+    chosen = resolve_device(device)
+    if chosen.type == "cuda" and chosen.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return chosen
+
+
 def setup(device: str) -> Ranks:
-    """Join the torchrun process group (once per process); a no-op outside torchrun."""
+    """Join the torchrun process group (once per process); a no-op outside torchrun and for a lone process."""
     if _joined():
         return current()
     if not launched():
+        if "WORLD_SIZE" in os.environ:  # torchrun with one process: no group, and NCCL would gain nothing
+            check_device(device)
+            log.info("torchrun with one process: rank 0 of 1, no process group joined; training on %s", _training_device(device))
         return Ranks()
     check_device(device)
     cuda = device != "cpu" and torch.cuda.is_available()
@@ -60,7 +72,8 @@ def setup(device: str) -> Ranks:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     ranks = current()
-    log.info("rank %d of %d joined (%s)", ranks.rank, ranks.world, dist.get_backend())
+    where = _training_device(device) if cuda else torch.device("cpu")
+    log.info("rank %d of %d joined (%s) on %s", ranks.rank, ranks.world, dist.get_backend(), where)
     return ranks
 
 

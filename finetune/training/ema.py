@@ -25,13 +25,25 @@ def moving_tensors(model: nn.Module, plan: FreezePlan, stages: StageMap) -> set[
     return names | {n for n, _ in model.named_buffers() if stages.of_tensor[n] in moving_stages}
 
 
-class StageEma(ModelEmaV3):
-    """ModelEmaV3 whose update touches only `moving` tensors; `updates` counts optimizer steps for the warmup."""
+class StageEma:
+    """timm's ModelEmaV3 whose update touches only `moving` tensors; `updates` counts optimizer steps for the warmup.
+
+    It holds the ModelEmaV3 rather than being one: as a training add-on its `state_dict()` is what `last.pt` keeps
+    for an exact resume (the averaged weights and the step count), which an `nn.Module`'s own would not be.
+    """
 
     def __init__(self, model: nn.Module, cfg: EmaConfig) -> None:
-        super().__init__(model, decay=cfg.decay, use_warmup=cfg.warmup)
+        self.average = ModelEmaV3(model, decay=cfg.decay, use_warmup=cfg.warmup)
         self.updates = 0
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged copy of the model."""
+        return self.average.module
+
+    def get_decay(self, step: int) -> float:
+        return float(self.average.get_decay(step))
 
     def start_phase(self, model: nn.Module, moving: Iterable[str]) -> None:
         """Copy every tensor that stays still this phase from `model`, and remember the pairs that move."""
@@ -53,12 +65,12 @@ class StageEma(ModelEmaV3):
             if not ema_v.is_floating_point():
                 ema_v.copy_(model_v)  # BatchNorm's num_batches_tracked
         if floats:
-            self._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], weight=1.0 - decay)
+            self.average._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], weight=1.0 - decay)
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """What `last.pt` keeps for an exact resume."""
         return {"updates": self.updates, "state_dict": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = int(state["updates"])
         self.module.load_state_dict(state["state_dict"])

@@ -6,9 +6,9 @@ import logging
 import math
 from typing import Any
 
+from finetune.inference.checkpoint import load_checkpoint
 from finetune.models.build import ModelBundle
 from finetune.run_dir import RunDir
-from finetune.training.checkpoint import load_checkpoint
 from finetune.training.context import Env, FitContext, FitState, Phase
 from finetune.training.distributed import barrier
 from finetune.training.scoring import EpochScores, chosen_weights, select
@@ -81,14 +81,12 @@ def after_epoch(
     phase_done = state.phase_epoch >= phase.config.epochs
     if phase_done and stopping_cfg.restore_best and env.stopping.bad_epochs > 0:
         restore_phase_best(bundle, ctx.run, env)  # before last.pt, so a resume sees the same weights
-    state.stopping = env.stopping.state_dict()
     state.finished = phase_done and last_phase
-    state.ema = env.ema.state() if env.ema is not None else {}
+    next_phase = phase_done and not last_phase  # a resume starts the next phase afresh: no optimizer or schedule
+    state.addons = env.addons.state_dict(with_phase=not next_phase)
     saved = state.to_dict()
-    if phase_done and not last_phase:  # a resume starts the next phase afresh
+    if next_phase:
         saved.update(phase=phase.index + 1, phase_epoch=0)
-    else:
-        saved.update(optimizer=phase.optimizer.state_dict(), scheduler=phase.schedule.state_dict())
     env.saver.save(ctx.run.last, epoch=state.epoch, metrics=metrics, training_state=saved)
 
 

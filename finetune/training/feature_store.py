@@ -1,7 +1,8 @@
 """Cached features on disk: one validated .npy file per (image content, view), computed by a `Tap` of the model.
 
-The cache folder's name holds the hashes of the weights that compute the features and of the pipeline; the file
-name holds the image's SHA-256. A change of any of them is a miss, never a stale hit.
+The cache folder's name holds the hashes of the weights that compute the features and of the pipeline (with the
+versions of the libraries that decode, transform and compute: `versions.DECODING_LIBRARIES`); the file name holds the
+image's SHA-256. A change of any of them, an upgrade of Pillow or torch included, is a miss, never a stale hit.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from finetune.errors import TrainingError
 from finetune.files import atomic_write
 from finetune.models.build import ModelBundle
 from finetune.models.suffix import stage_input
+from finetune.versions import DECODING_LIBRARIES, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,11 @@ def backbone_key(bundle: ModelBundle, dtype: torch.dtype | None, *, upto: Stage 
 
 
 def pipeline_key(pipeline: A.Compose, *, seed: int | None) -> str:
-    """Hash of albumentations' own serialization of the pipeline (plus the seed for augmented views)."""
-    return _digest(json.dumps(A.to_dict(pipeline), sort_keys=True, default=str), str(seed))
+    """Hash of albumentations' own serialization of the pipeline (plus the seed for augmented views) and of the
+    versions of the libraries that decode, resize and compute: the same recipe under another Pillow, OpenCV,
+    albumentations, numpy, torch or timm may give other pixels or activations, so it gets another folder."""
+    versions = json.dumps(library_versions(DECODING_LIBRARIES), sort_keys=True)
+    return _digest(json.dumps(A.to_dict(pipeline), sort_keys=True, default=str), str(seed), versions)
 
 
 def file_key(path: str | Path) -> str:
@@ -252,6 +257,8 @@ class FeatureCache:
 
     def _write_meta(self, shape: tuple[int, ...]) -> None:
         if self.writable and self._shape() != shape:
-            text = json.dumps({"shape": list(shape)}).encode("utf-8")
+            # the versions are already in the folder's name; written here so a person can tell what made the entries
+            meta = {"shape": list(shape), "versions": library_versions(DECODING_LIBRARIES)}
+            text = json.dumps(meta, sort_keys=True).encode("utf-8")
             with contextlib.suppress(OSError):  # without meta.json the entries are recomputed next time: slower, never wrong
                 atomic_write(self.folder / "meta.json", lambda handle: handle.write(text))

@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 from finetune.config.catalog import STAGES
 from finetune.config.schema import PhaseConfig
 from finetune.data.loader import batches_per_epoch, make_loader
+from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.build import ModelBundle
-from finetune.models.stages import FreezePlan, apply_freeze, batchnorm_trains, set_train_mode
+from finetune.models.stages import set_train_mode
 from finetune.models.suffix import suffix_names
+from finetune.training.addons import AddOns
 from finetune.training.checkpoint import CheckpointSaver
 from finetune.training.context import Env, FitContext, FitState, Phase
-from finetune.training.device import autocast_dtype, resolve_device
 from finetune.training.distributed import barrier, current, mean_across
 from finetune.training.early_stopping import EarlyStopping
 from finetune.training.ema import StageEma, moving_tensors
@@ -29,7 +30,8 @@ from finetune.training.feature_cache import CachedPhase, cached_phase, why_not_c
 from finetune.training.history import append_history_row
 from finetune.training.loss import build_criterion
 from finetune.training.mixup import Mixer, soft_target_criterion
-from finetune.training.optim import build_optimizer, build_scheduler, stage_lrs
+from finetune.training.optim import build_scheduler, stage_lrs
+from finetune.training.phase import set_up_phase
 from finetune.training.scoring import EpochScores
 from finetune.training.seeding import epoch_seed, seed_epoch
 
@@ -44,18 +46,21 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
     dtype = autocast_dtype(cfg.amp, device)
     ranks = current()
     stopping = EarlyStopping.from_config(cfg.early_stopping)
-    if state.stopping:
-        stopping.load_state_dict(state.stopping)
     ema = StageEma(bundle.model, cfg.ema) if cfg.ema is not None else None
-    if ema is not None and state.ema:
-        ema.restore(state.ema)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    addons = AddOns()  # what last.pt keeps for the whole run; each phase adds its optimizer and schedule
+    addons.register("stopping", stopping)
+    addons.register("ema", ema)
+    addons.register("scaler", scaler if scaler.is_enabled() else None)  # fp16's loss scale and its growth count
+    if state.epoch > 0:  # a resumed run: every add-on continues where last.pt left it
+        addons.load_run_state(state.addons)
     mixer = None
     if cfg.mixup is not None:
         mixer = Mixer(cfg.mixup, label_smoothing=ctx.recipe.loss.label_smoothing, num_classes=len(ctx.class_names))
     return Env(
         device=device,
         dtype=dtype,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        scaler=scaler,
         criterion=build_criterion(ctx.recipe.loss, ctx.class_weights).to(device),
         ranks=ranks,
         stopping=stopping,
@@ -64,6 +69,7 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
         ema=ema,
         mixer=mixer,
         mixed_criterion=soft_target_criterion(ctx.class_weights).to(device) if mixer is not None else None,
+        addons=addons,
     )
 
 
@@ -91,18 +97,19 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
 
 def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: PhaseConfig, index: int, state: FitState) -> Phase:
     """Freeze, build the optimizer and schedule (restored when resuming inside this phase), pick what trains on what."""
-    plan = FreezePlan(trainable=config.trainable_stages(), bn=config.bn)
-    trainable = apply_freeze(bundle.model, plan, bundle.stages)
-    optimizer = build_optimizer(bundle.model, config, ctx.recipe.train, bundle.stages)
+    setup = set_up_phase(bundle, config, ctx.recipe.train)
+    plan, trainable, optimizer = setup.plan, setup.trainable, setup.optimizer
     if env.ema is not None:  # still tensors are copied into the average, moving ones averaged from now on
         env.ema.start_phase(bundle.model, moving_tensors(bundle.model, plan, bundle.stages))
     # a batch of one can be neither normalised nor mixed with another: left out of the epoch
-    lone = batchnorm_trains(plan, bundle.stages) or env.mixer is not None
+    lone = setup.lone_batch_fails or env.mixer is not None
     steps = max(1, batches_per_epoch(len(ctx.train_set), ctx.recipe.data.batch_size, world=env.ranks.world, drop_lone_last=lone))
     schedule = build_scheduler(optimizer, ctx.recipe.train, total_steps=config.epochs * steps, steps_per_epoch=steps)
-    if state.phase == index and state.phase_epoch > 0 and state.optimizer:
-        optimizer.load_state_dict(state.optimizer)
-        schedule.load_state_dict(state.scheduler)
+    env.addons.start_phase()
+    env.addons.register("optimizer", optimizer, per_phase=True)
+    env.addons.register("scheduler", schedule, per_phase=True)  # after the optimizer: it sets the restored rates
+    if state.phase == index and state.phase_epoch > 0:  # resumed inside this phase
+        env.addons.load_phase_state(state.addons)
     else:
         state.phase, state.phase_epoch = index, 0
         env.stopping.start_phase()

@@ -1,14 +1,15 @@
-"""The loss: cross-entropy with label smoothing and per-class weights from the training labels."""
+"""The loss: the task's criterion (cross-entropy for one label per image) with label smoothing and per-class weights
+from the training labels."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from finetune.config.schema import LossConfig
 from finetune.errors import RecipeError, did_you_mean
+from finetune.inference.task import SingleLabel, Task
 
 
 def class_weights(cfg: LossConfig, *, class_names: list[str], targets: list[int]) -> list[float] | None:
@@ -31,7 +32,6 @@ def class_weights(cfg: LossConfig, *, class_names: list[str], targets: list[int]
     return [float(w) for w in weights]
 
 
-def build_criterion(cfg: LossConfig, weights: list[float] | None = None) -> nn.Module:
-    """Cross-entropy with the recipe's label smoothing and optional class weights."""
-    tensor = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
-    return nn.CrossEntropyLoss(weight=tensor, label_smoothing=cfg.label_smoothing)
+def build_criterion(cfg: LossConfig, weights: list[float] | None = None, *, task: Task | None = None) -> nn.Module:
+    """The task's loss with the recipe's label smoothing and optional class weights."""
+    return (task or SingleLabel()).criterion(weights, label_smoothing=cfg.label_smoothing)

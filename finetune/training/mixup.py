@@ -7,6 +7,7 @@ from timm.data import Mixup
 from torch import nn
 
 from finetune.config.train_schema import MixupConfig
+from finetune.inference.task import SingleLabel, Task
 
 
 class Mixer:
@@ -36,10 +37,9 @@ class Mixer:
         return mixed, soft
 
 
-def soft_target_criterion(weights: list[float] | None) -> nn.Module:
-    """Cross-entropy against class-probability targets (torch's CrossEntropyLoss takes them), with the class weights.
+def soft_target_criterion(weights: list[float] | None, *, task: Task | None = None) -> nn.Module:
+    """The task's loss against mixed (soft) targets, with the class weights.
 
     The smoothing is already in the targets (timm's `mixup_target`), so the loss adds none.
     """
-    tensor = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
-    return nn.CrossEntropyLoss(weight=tensor)
+    return (task or SingleLabel()).criterion(weights)

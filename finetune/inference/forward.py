@@ -1,8 +1,9 @@
-"""Test-time augmentation: the eval-pipeline tensor seen through several views, calibrated probabilities averaged.
+"""The forward pass of a trained model over batches, with test-time views: the one loop that turns images into logits.
 
-Views are combined in the recipe's order: `[hflip]` is 2 views (as is, mirrored), `[hflip, vflip]` 4, `five_crop`
-replaces each view by its four corner and centre crops (87.5% of the side, resized back), so `[hflip, five_crop]`
-is 10. The temperature fitted on single-view validation logits is applied to every view before averaging.
+Validation during training, eval, predict, explain and export parity all run it. Test-time views are combined in
+the recipe's order: `[hflip]` is 2 views (as is, mirrored), `[hflip, vflip]` 4, `five_crop` replaces each view by
+its four corner and centre crops (87.5% of the side, resized back), so `[hflip, five_crop]` is 10. The temperature
+fitted on single-view validation logits is applied to every view before the probabilities are averaged.
 """
 
 from __future__ import annotations
@@ -15,9 +16,26 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
-from finetune.evaluation.inference import Predictions, softmax
-from finetune.training.validation import collect_logits
+from finetune.inference.predictions import Predictions
+from finetune.inference.task import SingleLabel, Task
+
+
+@torch.inference_mode()
+def collect_logits(
+    model: nn.Module, batches: Iterable[Any], *, device: torch.device, progress: bool = True, desc: str = "predict"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N x C float32 logits, N targets) for every batch of (images, targets), in order; the model is put in eval mode."""
+    model.eval()
+    logits, targets = [], []
+    for images, labels in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        logits.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
+        targets.append(np.asarray(labels, dtype=np.int64))
+    if not logits:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return np.concatenate(logits), np.concatenate(targets)
+
 
 View = Callable[[torch.Tensor], torch.Tensor]
 CROP_SHARE = 0.875
@@ -82,12 +100,13 @@ class ViewStack(nn.Module):
         return torch.cat([self.model(view(images)) for view in self.views], dim=1)
 
 
-def average_views(logits: np.ndarray, views: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(mean of softmax(view logits / T), log of the mean untempered softmax) from N x views*C logits."""
+def average_views(logits: np.ndarray, views: int, temperature: float, task: Task | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean of the views' calibrated probabilities, log of the mean uncalibrated ones) from N x views*C logits."""
+    task = task or SingleLabel()
     n = logits.shape[0]
     per_view = logits.reshape(n * views, -1)
-    tempered = softmax(per_view / temperature).reshape(n, views, -1).mean(axis=1)
-    plain = softmax(per_view).reshape(n, views, -1).mean(axis=1)
+    tempered = task.probs(per_view, temperature).reshape(n, views, -1).mean(axis=1)
+    plain = task.probs(per_view).reshape(n, views, -1).mean(axis=1)
     return tempered, np.log(np.maximum(plain, np.finfo(np.float32).tiny))
 
 
@@ -101,15 +120,17 @@ def run_tta(
     temperature: float,
     progress: bool = True,
     desc: str = "predict",
+    task: Task | None = None,
 ) -> Predictions:
     """Probabilities averaged over the views; `logits` are the log of the untempered average (the report's
     'before calibration'), `probs` the average of the calibrated ones."""
+    task = task or SingleLabel()
     views = tta_views(names)
     stacked, targets = collect_logits(ViewStack(model, views), batches, device=device, progress=progress, desc=desc)
     if stacked.size == 0:
-        return Predictions.from_logits(paths, stacked, targets, temperature=temperature)
-    probs, logits = average_views(stacked, len(views), temperature)
-    return Predictions(paths=list(paths), probs=probs, targets=targets, logits=logits, temperature=temperature)
+        return Predictions.from_logits(paths, stacked, targets, temperature=temperature, task=task)
+    probs, logits = average_views(stacked, len(views), temperature, task)
+    return Predictions(paths=list(paths), probs=probs, targets=targets, logits=logits, temperature=temperature, task=task)
 
 
 def view_pixels(batch: np.ndarray, view: View) -> np.ndarray:
@@ -117,3 +138,19 @@ def view_pixels(batch: np.ndarray, view: View) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
     viewed = view(tensor).round().clamp(0, 255).to(torch.uint8)
     return viewed.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def run_inference(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    device: torch.device,
+    paths: Sequence[str],
+    progress: bool = True,
+    desc: str = "predict",
+    temperature: float = 1.0,
+    task: Task | None = None,
+) -> Predictions:
+    """Calibrated probabilities (the task's, of logits / temperature) for every batch of (images, targets), in order."""
+    logits, targets = collect_logits(model, batches, device=device, progress=progress, desc=desc)
+    return Predictions.from_logits(paths, logits, targets, temperature=temperature, task=task)

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-UNKNOWN = "unknown"
-
 
 def risk_coverage(probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
     """One row per distinct confidence threshold t: coverage (share with confidence >= t), how many images that
