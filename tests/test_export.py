@@ -251,5 +251,5 @@ def test_export_writes_an_exported_program_through_the_command_and_the_cli_uses_
     assert meta["exporter"].startswith("torch.export") and meta["task"] == "single_label"
     default_opset = pyinspect.signature(export_command).parameters["opset"].default
     assert default_opset == onnx_format.DEFAULT_OPSET  # the CLI's default is the maintained exporter's
-    with pytest.raises(UsageError, match="choose onnx, torchscript, pt2 or both"):
+    with pytest.raises(UsageError, match=r"choose onnx, torchscript or both \(onnx and torchscript\), or pt2"):
         export(run=run, formats="tflite", out=tmp_path / "x", progress=False)

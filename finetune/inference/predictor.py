@@ -73,9 +73,8 @@ class Predictor:
         if isinstance(run, TrainedModel):
             self.trained = run
             return
-        checkpoint = checkpoint_path(run)
-        self.trained = load_trained(checkpoint)
-        self.run_dir = RunDir.of_checkpoint(checkpoint)
+        self.trained = load_trained(run)
+        self.run_dir = RunDir.of_checkpoint(checkpoint_path(run))
 
     @property
     def class_names(self) -> list[str]:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None, progress: bool = True) -> Report:
     """Evaluate a run's best checkpoint on labelled images; writes the report into `out` (default RUN/report)."""
     checkpoint = checkpoint_path(Path(run))
-    predictor = Predictor(checkpoint)
+    predictor = Predictor(run)
     trained = predictor.trained
     samples = scan_image_folder(Path(data), extensions=trained.recipe.data.extensions)
     if (samples["split"] != "").any():

@@ -88,7 +88,7 @@ def _reference(package: PackagedClassifier) -> Any:
 
 def _check_options(formats: str, quantize: str | None) -> list[str]:
     if formats not in FORMATS:
-        raise UsageError(f"--format {formats}: choose onnx, torchscript, pt2 or both (onnx and torchscript)")
+        raise UsageError(f"--format {formats}: choose onnx, torchscript or both (onnx and torchscript), or pt2 (torch.export)")
     if quantize not in (None, "int8"):
         raise UsageError(f"--quantize {quantize}: the only choice is int8")
     wanted = ["onnx", "torchscript"] if formats == "both" else [formats]
