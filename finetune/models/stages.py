@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from finetune.config.catalog import STAGES, BnPolicy, Stage
+from finetune.config.catalog import STAGES, NormPolicy, Stage
 from finetune.errors import ModelError
 from finetune.models.families import Family, family_for
 
@@ -54,10 +54,11 @@ class StageMap:
 
 @dataclass(frozen=True)
 class FreezePlan:
-    """Which stages train, and whether BatchNorm in frozen stages keeps its statistics fixed."""
+    """Which stages train, and whether BatchNorm in frozen stages keeps its statistics fixed (the recipe's `norm:`;
+    parameters of frozen stages, BatchNorm's, LayerNorm's and GroupNorm's affine ones included, never train)."""
 
     trainable: tuple[Stage, ...]
-    bn: BnPolicy = "frozen"
+    bn: NormPolicy = "frozen"
 
     @property
     def frozen(self) -> tuple[Stage, ...]:
@@ -102,5 +103,4 @@ def set_train_mode(model: nn.Module, plan: FreezePlan, stages: StageMap) -> None
 
 def last_block(stages: StageMap, stage: Stage = "layer4") -> nn.Module:
     """The block Grad-CAM hooks in a stage (its last; layer4's is the usual target), as the model's family says."""
-    _, module = stages.modules[stage][0]
-    return stages.family.cam_target(module)
+    return stages.family.cam_target([module for _, module in stages.modules[stage]])
