@@ -195,3 +195,26 @@ def test_bn_train_policy_updates_statistics_but_not_weights(tmp_path, image_fold
     assert torch.equal(trained["layer1.0.bn1.weight"], loaded["layer1.0.bn1.weight"])
     assert torch.equal(trained["layer1.0.conv1.weight"], loaded["layer1.0.conv1.weight"])
     assert not torch.equal(trained["layer1.0.bn1.running_mean"], loaded["layer1.0.bn1.running_mean"])
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("resnet18", "batchnorm"),
+        ("resnetv2_50x1_bit", "groupnorm"),  # BiT: GroupNorm + weight standardisation, in a BatchNorm family
+        ("efficientnet_b0_gn", "groupnorm"),
+        ("convnext_atto", "layernorm"),
+        ("deit_tiny_patch16_224", "layernorm"),
+        ("mobilenetv4_hybrid_medium", "batchnorm"),  # attention blocks among BatchNorm ones: the statistics matter
+    ],
+)
+def test_the_model_s_own_layers_name_its_normalisation(name, kind):
+    from finetune.models.families import policy_note
+
+    stages = _meta_bundle(name).stages
+    assert stages.normalisation == kind
+    frozen, train = policy_note(kind, "frozen"), policy_note(kind, "train")
+    if kind == "batchnorm":
+        assert (frozen, train) == ("BatchNorm statistics of frozen stages fixed", "BatchNorm statistics of frozen stages update")
+    else:
+        assert train == frozen + ": norm: train changes nothing"

@@ -52,6 +52,33 @@ NORMALISATION_NAMES: Mapping[Normalisation, str] = MappingProxyType(
 NOTHING = r"(?!)"  # a pattern no module name matches
 
 
+def normalisation_of(model: nn.Module, rule: Normalisation) -> Normalisation:
+    """What `model`'s normalisation layers are: BatchNorm when it has any (their statistics are what `norm:` is
+    about), else GroupNorm or LayerNorm; `rule` (its family's) when it has none of them."""
+    kinds = {type(m) for m in model.modules()}
+    if any(issubclass(k, nn.modules.batchnorm._NormBase) for k in kinds):
+        return "batchnorm"
+    if any(issubclass(k, nn.GroupNorm) for k in kinds):
+        return "groupnorm"
+    return "layernorm" if any(issubclass(k, nn.LayerNorm) for k in kinds) else rule
+
+
+def normalisation_note(kind: Normalisation) -> str:
+    """What the recipe's `norm:` policy means for normalisation layers of this kind."""
+    name = NORMALISATION_NAMES[kind]
+    if kind == "batchnorm":
+        return f"{name}: norm: frozen keeps the running statistics of frozen stages fixed, norm: train updates them"
+    return f"{name}: no running statistics; frozen stages keep their affine parameters fixed, whatever norm: says"
+
+
+def policy_note(kind: Normalisation, policy: NormPolicy) -> str:
+    """What `norm: policy` does to frozen stages of this kind, in a few words for the training log."""
+    name = NORMALISATION_NAMES[kind]
+    if kind == "batchnorm":
+        return f"{name} statistics of frozen stages {'fixed' if policy == 'frozen' else 'update'}"
+    return f"{name}, no statistics" + ("" if policy == "frozen" else ": norm: train changes nothing")
+
+
 @dataclass(frozen=True)
 class Family:
     """How one backbone family names its stem, stages and head, and how finetune adapts it."""
@@ -65,7 +92,7 @@ class Family:
     forward_head: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # pooling + classifier on layer4's output
     cam_target: Callable[[Sequence[nn.Module]], nn.Module]  # of a stage's modules, the one Grad-CAM hooks
     small_input_stem: SmallInputStem | None  # CIFAR-style stem in place (or a refusal that says why); None: not offered
-    normalisation: Normalisation = "batchnorm"  # what its layers use as a rule (variants may differ: *_gn, BiT)
+    normalisation: Normalisation = "batchnorm"  # as a rule; a model's own layers decide (*_gn, BiT: GroupNorm)
     # Modules that run, in order, between the pooling and the classifier (ConvNeXt's head.norm, MobileNetV3's 1x1
     # conv_head): with the classifier they make the head stage, and a head-only phase caches the first one's input.
     head_chain: tuple[str, ...] = ()
@@ -76,21 +103,6 @@ class Family:
     def describe(self) -> str:
         """'name (what it covers)', for error messages."""
         return self.names.describe(self.name)
-
-    @property
-    def normalisation_note(self) -> str:
-        """What the recipe's `norm:` policy means for this family's normalisation layers."""
-        kind = NORMALISATION_NAMES[self.normalisation]
-        if self.normalisation == "batchnorm":
-            return f"{kind}: norm: frozen keeps the running statistics of frozen stages fixed, norm: train updates them"
-        return f"{kind}: no running statistics; frozen stages keep their affine parameters fixed, whatever norm: says"
-
-    def policy_note(self, policy: NormPolicy) -> str:
-        """What `norm: policy` does to this family's frozen stages, in a few words for the training log."""
-        kind = NORMALISATION_NAMES[self.normalisation]
-        if self.normalisation == "batchnorm":
-            return f"{kind} statistics of frozen stages {'fixed' if policy == 'frozen' else 'update'}"
-        return f"{kind}, no statistics" + ("" if policy == "frozen" else ": norm: train changes nothing")
 
     def head_modules(self, classifier: str) -> list[str]:
         """The head stage's modules in forward order: the head chain, then the classifier."""

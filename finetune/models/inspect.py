@@ -13,6 +13,7 @@ from finetune.config.loading import model_config_for
 from finetune.config.schema import Recipe
 from finetune.errors import UsageError
 from finetune.models.build import build_model
+from finetune.models.families import normalisation_note
 
 # He et al. 2016, Table 1: multiply-adds at 224 px for the ImageNet ResNets.
 PAPER_GFLOPS = {"resnet18": 1.8, "resnet34": 3.6, "resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}
@@ -99,8 +100,8 @@ def inspect_model(
         total_gmacs=counter.get_total_flops() / 2e9,
         paper_gflops=PAPER_GFLOPS.get(name.removeprefix("tv:")),
         family=bundle.stages.family.name,
-        normalisation=bundle.stages.family.normalisation_note,
-        batchnorm=bundle.stages.family.normalisation == "batchnorm",
+        normalisation=normalisation_note(bundle.stages.normalisation),
+        batchnorm=bundle.stages.normalisation == "batchnorm",
     )
 
 

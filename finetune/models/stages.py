@@ -13,7 +13,7 @@ from torch import nn
 
 from finetune.config.catalog import STAGES, NormPolicy, Stage
 from finetune.errors import ModelError
-from finetune.models.families import Family, family_for
+from finetune.models.families import Family, Normalisation, family_for, normalisation_of
 
 
 def _stage_of(name: str, patterns: dict[Stage, str]) -> Stage | None:
@@ -27,6 +27,7 @@ class StageMap:
     of_tensor: dict[str, Stage]  # every parameter and buffer name
     modules: dict[Stage, list[tuple[str, nn.Module]]]  # top-level modules of each stage, in forward order
     family: Family  # the backbone family whose patterns made this map
+    normalisation: Normalisation  # what its normalisation layers are (BatchNorm when it has any)
 
     @classmethod
     def of(cls, model: nn.Module, classifier: str) -> StageMap:
@@ -46,7 +47,9 @@ class StageMap:
             stage = _stage_of(name, patterns) if name and not re.match(family.pooling, name) else None
             if stage and not any(name.startswith(prev + ".") for prev, _ in modules[stage]):
                 modules[stage].append((name, module))
-        return cls(of_tensor=of_tensor, modules=modules, family=family)
+        return cls(
+            of_tensor=of_tensor, modules=modules, family=family, normalisation=normalisation_of(model, family.normalisation)
+        )
 
     def parameters(self, model: nn.Module, stage: Stage) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if self.of_tensor[n] == stage]

@@ -16,6 +16,7 @@ from finetune.config.schema import PhaseConfig
 from finetune.data.loader import batches_per_epoch, make_loader
 from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.build import ModelBundle
+from finetune.models.families import policy_note
 from finetune.models.stages import set_train_mode
 from finetune.training.addons import AddOns
 from finetune.training.checkpoint import CheckpointSaver
@@ -121,7 +122,7 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: Phase
         config.epochs,
         config.lr,
         config.norm,
-        bundle.stages.family.policy_note(config.norm),
+        policy_note(bundle.stages.normalisation, config.norm),
     )
     started = time.perf_counter()
     net, val_net, train_set, val_batches, cached = _phase_inputs(bundle, ctx, env, config)
