@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune import export, train
-from finetune.config.schema import ModelConfig
+from finetune.config.schema import ModelConfig, PhaseConfig, TrainConfig
 from finetune.errors import ModelError, WeightsError
 from finetune.evaluation.explain import Explainer
 from finetune.inference.checkpoint import load_checkpoint, load_trained
@@ -25,6 +25,7 @@ from finetune.models import weights as weights_module
 from finetune.models.build import build_model
 from finetune.training.feature_cache import cache_reader, cached_modules, entry_module
 from finetune.training.feature_store import Tap
+from finetune.training.optim import stage_param_groups
 
 from conftest import REPO, make_folder
 
@@ -245,3 +246,25 @@ def test_a_convnext_linear_probe_trains_head_norm_on_cached_features(tmp_path, d
     assert state["head.fc.weight"].shape == (3, 320)  # a new classifier for the 3 classes
     moved = {k for k in loaded if not k.startswith("head.fc.") and not torch.equal(state[k], loaded[k])}
     assert moved == {"head.norm.weight", "head.norm.bias"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_layer_wise_decay_groups_cover_every_parameter_of_each_family(name):
+    """layer_decay: head 1, layer4 d, layer3 d^2, ... for any family; biases, norms and what timm exempts (a ViT's
+    position embedding and class token) get no weight decay."""
+    bundle = build_model(ModelConfig(name=name), num_classes=N)
+    phase = PhaseConfig(epochs=1, lr=0.1, trainable="all", layer_decay=0.5)
+    groups = stage_param_groups(bundle.model, phase, TrainConfig(weight_decay=0.05), bundle.stages)
+    params = {id(p): n for n, p in bundle.model.named_parameters()}
+    grouped = [params[id(p)] for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(params.values())  # each parameter in exactly one group
+    assert {g["stage"]: g["lr_scale"] for g in groups} == {
+        "stem": 0.5**5,
+        "layer1": 0.5**4,
+        "layer2": 0.5**3,
+        "layer3": 0.5**2,
+        "layer4": 0.5,
+        "head": 1.0,
+    }
+    undecayed = {params[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert ({"pos_embed", "cls_token"} <= undecayed) == (name == "deit_tiny_patch16_224")
