@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -172,3 +173,45 @@ def test_epochs_scale_and_cap_keep_every_phase(scale, cap, expected):
     assert [p.epochs for p in recipe.with_epochs(scale=scale, cap=cap).train.phases] == expected
     with pytest.raises(ValueError, match="the recipe has 2 phases; at most 1 epochs cannot give each one epoch"):
         recipe.with_epochs(cap=1)
+
+
+def test_compare_one_recipe_over_models_of_several_families(tmp_path, image_folder):
+    """`finetune compare RECIPE --models a,b`: one leaderboard over backbones, with their size and time."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    recipe = _write(tmp_path / "probe.yaml", tiny_recipe(train={"trainable": ["head"]}))
+    args = [
+        "compare",
+        str(recipe),
+        "--models",
+        "resnet18,convnext_atto",
+        "--data",
+        str(image_folder),
+        "--out",
+        str(tmp_path / "cmp"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    board = pd.read_csv(tmp_path / "cmp" / "leaderboard.csv").set_index("recipe")
+    assert sorted(board.index) == ["convnext_atto", "resnet18"] and set(board["model"]) == {"resnet18", "convnext_atto"}
+    assert board.loc["resnet18", "params"] == 11_178_051 and board.loc["convnext_atto", "params"] == 3_375_483
+    assert board.loc["resnet18", "trainable_params"] == 512 * 3 + 3  # the head
+    assert board.loc["convnext_atto", "trainable_params"] == 320 * 2 + 320 * 3 + 3  # head.norm + head.fc
+    assert board.loc["resnet18", "gmacs"] == pytest.approx(1.82 * (32 / 224) ** 2, rel=0.05)
+    assert (board["seconds"] > 0).all() and board["accuracy_lo"].le(board["accuracy"]).all()
+    markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
+    assert re.search(r"\|\s*GMACs\s*\|", markdown) and re.search(r"\|\s*3\.4M\s*\|\s*0\.01\s*\|\s*1,603\s*\|", markdown)
+    assert "[report.html](convnext_atto/report/report.html)" in markdown
+
+
+def test_compare_over_models_refuses_one_weights_file_for_several(tmp_path):
+    recipe = _write(tmp_path / "r.yaml", tiny_recipe(model={"pretrained": str(tmp_path / "w.pth")}))
+    with pytest.raises(UsageError, match=r"fits one architecture, not 2; --set model.pretrained=true .* or false"):
+        compare(recipes=[recipe], models=["resnet18", "regnety_002"], data=tmp_path, out=tmp_path / "o")
+    with pytest.raises(UsageError, match=r"or one recipe and --models"):
+        compare(recipes=[recipe], models=["resnet18"], data=tmp_path, out=tmp_path / "o")
+    plain = _write(tmp_path / "plain.yaml", tiny_recipe())
+    with pytest.raises(RecipeError, match=r"unknown model 'convnext_atoo' \(did you mean 'convnext_atto'\?\)"):
+        compare(recipes=[plain], models=["resnet18", "convnext_atoo"], data=tmp_path, out=tmp_path / "o")

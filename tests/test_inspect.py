@@ -65,3 +65,25 @@ def test_input_size_must_be_a_size():
         assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
             f"error: --input-size {size}: give the image size in pixels, from 16 to 4096"
         ]
+
+
+# GMACs and parameters (M) at 224 px (timm's model cards round them: 0.55, 0.39, 0.06, 0.2, 1.3) and the
+# normalisation each family's layers use.
+FAMILY_TABLE = {
+    "convnext_atto": (0.55, 3.70, "LayerNorm", "stages.3, norm_pre"),
+    "efficientnet_b0": (0.39, 5.29, "BatchNorm", "blocks.5, blocks.6, conv_head, bn2"),
+    "mobilenetv3_small_100": (0.057, 2.54, "BatchNorm", "blocks.4, blocks.5"),
+    "regnety_002": (0.20, 3.16, "BatchNorm", "s4, final_conv"),
+    "deit_tiny_patch16_224": (1.25, 5.72, "LayerNorm", "blocks.9, blocks.10, blocks.11, norm"),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY_TABLE)
+def test_other_families_print_their_stage_map_and_normalisation(name):
+    gmacs, mparams, kind, layer4 = FAMILY_TABLE[name]
+    info = inspect_model(name=name, recipe=load_recipe(REPO / "recipes" / "last_stage.yaml"))
+    assert info.total_gmacs == pytest.approx(gmacs, rel=0.05) and info.total_params / 1e6 == pytest.approx(mparams, rel=0.01)
+    assert sum(s.params for s in info.stages) == info.total_params
+    text = format_inspection(info)
+    assert f"normalisation: {kind}" in text and f"; {info.family} family" in text
+    assert ", ".join(info.stages[4].modules) == layer4 and ("frozen bn:frozen" in text) == (kind == "BatchNorm")

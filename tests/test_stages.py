@@ -37,7 +37,22 @@ def _meta_bundle(name, **model):
 
 
 @pytest.mark.parametrize(
-    ("name", "family"), [("resnet18", "resnet"), ("resnetv2_50x1_bit", "resnetv2"), ("tv:resnet18", "tv_resnet")]
+    ("name", "family"),
+    [
+        ("resnet18", "resnet"),
+        ("resnetv2_50x1_bit", "resnetv2"),
+        ("tv:resnet18", "tv_resnet"),
+        ("convnext_atto", "convnext"),
+        ("convnextv2_atto", "convnext"),
+        ("efficientnet_b0", "efficientnet"),
+        ("tf_efficientnetv2_b0", "efficientnet"),
+        ("mobilenetv3_small_100", "mobilenetv3"),
+        ("mobilenetv4_conv_small", "mobilenetv3"),
+        ("regnety_002", "regnet"),
+        ("regnetx_002", "regnet"),
+        ("deit_tiny_patch16_224", "vit"),
+        ("vit_small_patch14_dinov2", "vit"),  # an encoder timm makes without a classifier, with register-free prefix
+    ],
 )
 def test_each_family_puts_every_tensor_in_exactly_one_stage(name, family):
     bundle = _meta_bundle(name)
@@ -72,6 +87,11 @@ def test_timm_stage_names_come_from_timms_own_grouping():
         ("resnet18", "layer4.1", "layer1.1"),
         ("resnetv2_18", "stages.3.blocks.1", "stages.0.blocks.1"),
         ("tv:resnet18", "layer4.1", "layer1.1"),
+        ("convnext_atto", "stages.3.blocks.1", "stages.0.blocks.1"),
+        ("efficientnet_b0", "blocks.6.0", "blocks.1.1"),  # not conv_head/bn2; layer1 folds blocks.0 and blocks.1
+        ("mobilenetv3_small_100", "blocks.5.0", "blocks.0.0"),
+        ("regnety_002", "s4.b7", "s1.b1"),
+        ("deit_tiny_patch16_224", "blocks.11.norm1", "blocks.2.norm1"),  # a token mixer's input norm
     ],
 )
 def test_gradcam_target_is_the_family_s_last_block_of_a_stage(name, layer4, layer1):
@@ -84,11 +104,12 @@ def test_another_timm_family_is_one_entry():
     """ConvNeXt's stages derive from timm's grouping as ResNetV2's do; only its head stage also holds head.norm."""
     with torch.device("meta"):
         model = timm.create_model("convnext_atto", num_classes=7)
-    convnext = dataclasses.replace(families()["resnetv2"], name="convnext", head=r"^head\.(norm|fc)(\.|$)")
+    convnext = families()["convnext"]
     patterns = convnext.patterns(model, timm_classifier(model))
     for tensor, _ in model.named_parameters():
         assert sum(bool(re.match(p, tensor)) for p in patterns.values()) == 1, tensor
     assert re.match(patterns["head"], "head.norm.weight") and re.match(patterns["layer4"], "stages.3.blocks.1.mlp.fc1.weight")
+    assert dataclasses.replace(convnext, name="copy").patterns(model, "head.fc") == patterns  # the entry is all it takes
 
 
 def test_family_registry_refuses_duplicates_and_matches_the_catalog():
@@ -101,9 +122,15 @@ def test_family_registry_refuses_duplicates_and_matches_the_catalog():
 
 
 def test_a_model_of_no_family_is_one_clear_line():
-    known = r"finetune knows: resnet \(timm resnet\); resnetv2 \(timm resnetv2\); tv_resnet \(tv:resnet\*, tv:wide_resnet\*, tv:resnext\*\)$"
-    with pytest.raises(ModelError, match=rf"^model 'convnext_tiny' belongs to no backbone family; {known}"):
-        family_of("convnext_tiny")
+    known = (
+        r"finetune knows: resnet \(timm resnet\); resnetv2 \(timm resnetv2\); tv_resnet \(tv:resnet\*, tv:wide_resnet\*, "
+        r"tv:resnext\*\); convnext \(timm convnext\); efficientnet \(timm efficientnet\); mobilenetv3 \(timm mobilenetv3\); "
+        r"regnet \(timm regnet\); vit \(timm vision_transformer, timm deit, not \*distilled\*\)$"
+    )
+    with pytest.raises(ModelError, match=rf"^model 'densenet121' belongs to no backbone family; {known}"):
+        family_of("densenet121")
+    with pytest.raises(ModelError, match=rf"^model 'deit_tiny_distilled_patch16_224' belongs to no backbone family; {known}"):
+        family_of("deit_tiny_distilled_patch16_224")
     with pytest.raises(
         ModelError, match=rf"^model class torch\.nn\.modules\.linear\.Linear belongs to no backbone family; {known}"
     ):
@@ -168,3 +195,26 @@ def test_bn_train_policy_updates_statistics_but_not_weights(tmp_path, image_fold
     assert torch.equal(trained["layer1.0.bn1.weight"], loaded["layer1.0.bn1.weight"])
     assert torch.equal(trained["layer1.0.conv1.weight"], loaded["layer1.0.conv1.weight"])
     assert not torch.equal(trained["layer1.0.bn1.running_mean"], loaded["layer1.0.bn1.running_mean"])
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("resnet18", "batchnorm"),
+        ("resnetv2_50x1_bit", "groupnorm"),  # BiT: GroupNorm + weight standardisation, in a BatchNorm family
+        ("efficientnet_b0_gn", "groupnorm"),
+        ("convnext_atto", "layernorm"),
+        ("deit_tiny_patch16_224", "layernorm"),
+        ("mobilenetv4_hybrid_medium", "batchnorm"),  # attention blocks among BatchNorm ones: the statistics matter
+    ],
+)
+def test_the_model_s_own_layers_name_its_normalisation(name, kind):
+    from finetune.models.families import policy_note
+
+    stages = _meta_bundle(name).stages
+    assert stages.normalisation == kind
+    frozen, train = policy_note(kind, "frozen"), policy_note(kind, "train")
+    if kind == "batchnorm":
+        assert (frozen, train) == ("BatchNorm statistics of frozen stages fixed", "BatchNorm statistics of frozen stages update")
+    else:
+        assert train == frozen + ": norm: train changes nothing"

@@ -89,7 +89,7 @@ def demo(
 
 @app.command()
 def compare(
-    recipes: Annotated[list[Path], typer.Argument(help="Two or more recipe YAML files.")],
+    recipes: Annotated[list[Path], typer.Argument(help="Two or more recipe YAML files (one with --models).")],
     data: Annotated[Path, typer.Option(help="Image folder or CSV manifest; every recipe gets the same split.")],
     out: Annotated[Path | None, typer.Option(help="Folder for the runs and leaderboard (default runs/compare-TIME).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every recipe (repeatable).")] = None,
@@ -101,10 +101,13 @@ def compare(
     ] = None,
     seeds: Annotated[int, typer.Option(help="Train each recipe with seeds 0..N-1; adds mean ± sd per recipe.")] = 1,
     folds: Annotated[int | None, typer.Option(help="Cross-validate every recipe on the same K folds; rank out of fold.")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated model names: every recipe trains once per model (any family).")
+    ] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Train several recipes on the same split and rank them: leaderboard.csv and leaderboard.md."""
+    """Train several recipes (or one over several models) on the same split and rank them: leaderboard.csv and .md."""
     with session(quiet, debug):
         from finetune import api
 
@@ -118,6 +121,7 @@ def compare(
             max_epochs=max_epochs,
             seeds=seeds,
             folds=folds,
+            models=[m.strip() for m in models.split(",") if m.strip()] if models else [],
         )
         typer.echo(result.leaderboard.drop(columns="report").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         typer.echo(f"leaderboard: {result.folder / 'leaderboard.md'}")

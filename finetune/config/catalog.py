@@ -7,6 +7,7 @@ only when a list is first asked for.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import inspect
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from typing import Any, Literal, NamedTuple, get_args
 
 Stage = Literal["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 STAGES: tuple[Stage, ...] = get_args(Stage)
-BnPolicy = Literal["frozen", "train"]
+NormPolicy = Literal["frozen", "train"]  # the recipe's `norm:` (older spelling `bn:`)
 TrainPreset = Literal["none", "light", "standard", "strong"]
 TRAIN_PRESETS: tuple[str, ...] = get_args(TrainPreset)
 TV_PREFIX = "tv:"
@@ -38,6 +39,17 @@ class FamilyNames(NamedTuple):
 
     timm_modules: tuple[str, ...] = ()  # as `timm.list_models(module=...)` takes them
     tv_prefixes: tuple[str, ...] = ()  # torchvision builder names starting so, written `tv:` + name
+    exclude: tuple[str, ...] = ()  # timm names in those modules the family does not cover (fnmatch patterns)
+
+    def excludes(self, model_name: str) -> bool:
+        """Whether `model_name` is one of the timm names this family leaves out."""
+        return any(fnmatch.fnmatchcase(model_name, pattern) for pattern in self.exclude)
+
+    def describe(self, family: str) -> str:
+        """'family (what it covers)', for messages that list the families."""
+        covered = [f"timm {m}" for m in self.timm_modules] + [f"{TV_PREFIX}{p}*" for p in self.tv_prefixes]
+        covered += [f"not {pattern}" for pattern in self.exclude]
+        return f"{family} ({', '.join(covered)})"
 
 
 # The model names of each backbone family, as plain data so that the schema can list them without importing
@@ -48,8 +60,19 @@ FAMILY_NAMES: Mapping[str, FamilyNames] = MappingProxyType(
         "resnet": FamilyNames(timm_modules=("resnet",)),  # timm's ResNet, wide ResNet, ResNeXt, -D, SE, ...
         "resnetv2": FamilyNames(timm_modules=("resnetv2",)),  # timm's pre-activation ResNet (and BiT)
         "tv_resnet": FamilyNames(tv_prefixes=("resnet", "wide_resnet", "resnext")),
+        "convnext": FamilyNames(timm_modules=("convnext",)),  # ConvNeXt v1 and v2
+        "efficientnet": FamilyNames(timm_modules=("efficientnet",)),  # EfficientNet, -V2, -Lite, MixNet, MnasNet, ...
+        "mobilenetv3": FamilyNames(timm_modules=("mobilenetv3",)),  # MobileNetV3 and V4, LCNet, FBNetV3
+        "regnet": FamilyNames(timm_modules=("regnet",)),  # RegNetX, RegNetY, RegNetV
+        # ViT and DeiT; the distilled DeiTs classify with two heads (timm's VisionTransformerDistilled)
+        "vit": FamilyNames(timm_modules=("vision_transformer", "deit"), exclude=("*distilled*",)),
     }
 )
+
+
+def family_listing() -> str:
+    """Every backbone family and the names it covers, for messages about unknown models."""
+    return "; ".join(names.describe(family) for family, names in FAMILY_NAMES.items())
 
 
 @functools.cache
@@ -58,7 +81,13 @@ def known_model_names() -> tuple[str, ...]:
     import timm
     import torchvision
 
-    timm_names = timm.list_models(module=[m for names in FAMILY_NAMES.values() for m in names.timm_modules])
+    timm_names = [
+        name
+        for names in FAMILY_NAMES.values()
+        if names.timm_modules
+        for name in timm.list_models(module=list(names.timm_modules))
+        if not names.excludes(name)
+    ]
     tv_prefixes = tuple(p for names in FAMILY_NAMES.values() for p in names.tv_prefixes)
     tv_names = [TV_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(tv_prefixes)]
     return tuple(sorted(timm_names) + sorted(tv_names))

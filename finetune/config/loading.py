@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from yaml.constructor import ConstructorError
 
 from finetune.config.schema import ModelConfig, Recipe
+from finetune.config.train_schema import SPELLINGS
 from finetune.errors import RecipeError, did_you_mean
 from finetune.files import atomic_write
 
@@ -161,6 +162,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
             raise RecipeError(f"--set {dotted}={raw}: '{keys[depth - 1]}' is a value, not a section")
         if depth == len(keys) - 1:
             node[index] = parse_value(dotted, raw)
+            if isinstance(node, dict):  # `--set train.norm=...` over a file's `bn:` replaces it, and the other way
+                for name, older in SPELLINGS:
+                    if key in (name, older):
+                        node.pop(older if key == name else name, None)
         else:
             if isinstance(node, dict) and node.get(index) is None:
                 node[index] = {}

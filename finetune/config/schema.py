@@ -13,6 +13,7 @@ from finetune.config.catalog import (
     STAGES,
     TRAIN_PRESETS,
     TrainPreset,
+    family_listing,
     known_model_names,
     transform_arguments,
     transform_classes,
@@ -168,7 +169,7 @@ class ModelConfig(Strict):
         names = known_model_names()
         if value not in names:
             raise ValueError(
-                f"unknown model '{value}'{did_you_mean(value, names)}; ResNet-family timm names or 'tv:' + a torchvision ResNet"
+                f"unknown model '{value}'{did_you_mean(value, names)}; the backbone families are: {family_listing()}"
             )
         return value
 
@@ -256,8 +257,8 @@ class Recipe(Strict):
             return "every stage trains, so no frozen prefix's output can be cached"
         if stages != STAGES[STAGES.index(stages[0]) :]:
             return f"the phase trains {', '.join(stages)}: a frozen stage comes after a trainable one"
-        if phase.bn != "frozen":
-            return "bn: train lets the frozen stages' BatchNorm statistics move, so their outputs change every step"
+        if phase.norm != "frozen":
+            return "norm: train (the older bn: train) lets the frozen stages' BatchNorm statistics move, so their outputs change every step"
         if self.transforms.train != "none" and self.train.cache_views == 0:
             return "the train pipeline augments; set train.cache_views: K to cache K augmented views, or transforms.train: none"
         return None

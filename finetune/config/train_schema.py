@@ -4,15 +4,34 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from finetune.config.catalog import STAGES, BnPolicy, Stage
+from finetune.config.catalog import STAGES, NormPolicy, Stage
 from finetune.config.strict import Strict
 
-SINGLE_PHASE_FIELDS = ("epochs", "lr", "trainable", "freeze", "bn")  # the one-phase shorthand; phases replace them
+SINGLE_PHASE_FIELDS = ("epochs", "lr", "trainable", "freeze", "norm")  # the one-phase shorthand; phases replace them
 SCHEDULER_FIELDS = {"decay_epochs": ("step",), "decay_rate": ("step", "plateau"), "patience_epochs": ("plateau",)}
 
 Trainable = Literal["all"] | list[Stage]
+# (field, older spelling): both are read, one at a time; a `--set` of either replaces the other
+SPELLINGS: tuple[tuple[str, str], ...] = (("norm", "bn"),)
+NORM_DESCRIPTION = (
+    "frozen: BatchNorm running statistics stay fixed in frozen stages (their affine parameters, and LayerNorm's, "
+    "always do); train: BatchNorm statistics of frozen stages update. Older spelling: bn."
+)
+
+
+def _norm_field() -> Any:
+    return Field("frozen", validation_alias=AliasChoices("norm", "bn"), description=NORM_DESCRIPTION)
+
+
+def _one_spelling(data: Any) -> Any:
+    """Refuse a section that gives a field under both its names (`norm` and its older `bn`)."""
+    if isinstance(data, dict):
+        for name, older in SPELLINGS:
+            if name in data and older in data:
+                raise ValueError(f"give '{name}' (or its older name '{older}'), not both")
+    return data
 
 
 def _nonempty(value: Any) -> Any:
@@ -34,11 +53,12 @@ class PhaseConfig(Strict):
     lr: float = Field(gt=0.0, le=10.0)
     lr_mult: dict[Stage, float] = Field(default_factory=dict)
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)
-    bn: BnPolicy = "frozen"
+    norm: NormPolicy = _norm_field()
 
     @model_validator(mode="before")
     @classmethod
     def _train_alias(cls, data: Any) -> Any:
+        data = _one_spelling(data)
         if isinstance(data, dict) and "train" in data:
             if "trainable" in data:
                 raise ValueError("give 'trainable' (or its older name 'train'), not both")
@@ -49,6 +69,11 @@ class PhaseConfig(Strict):
 
     def trainable_stages(self) -> tuple[Stage, ...]:
         return stages_of(self.trainable)
+
+    @property
+    def bn(self) -> NormPolicy:
+        """`norm` under its older name."""
+        return self.norm
 
 
 class EarlyStoppingConfig(Strict):
@@ -91,7 +116,7 @@ class MixupConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Optimisation: `epochs`/`lr`/`trainable`/`bn` (one phase) or a list of `phases`.
+    """Optimisation: `epochs`/`lr`/`trainable`/`norm` (one phase) or a list of `phases`.
 
     `freeze: [stem, layer1]` is the one-phase alias of `trainable:`: every stage it does not list trains.
     """
@@ -100,7 +125,7 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     trainable: Trainable | None = Field(None, description="Stages that train (default: all).")
     freeze: list[Stage] | None = Field(None, description="Alias: the stages that do not train.")
-    bn: BnPolicy = "frozen"
+    norm: NormPolicy = _norm_field()
     phases: list[PhaseConfig] | None = None
     optimizer: Literal["adamw", "sgd", "lamb", "lion"] = Field("adamw", description="timm's optimizers of these names.")
     weight_decay: float = Field(0.01, ge=0.0)
@@ -127,6 +152,11 @@ class TrainConfig(Strict):
 
     _trainable_nonempty = field_validator("trainable")(_nonempty)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _norm_once(cls, data: Any) -> Any:
+        return _one_spelling(data)
+
     @model_validator(mode="after")
     def _phases_or_single(self) -> TrainConfig:
         if self.phases is not None:
@@ -134,7 +164,7 @@ class TrainConfig(Strict):
                 raise ValueError("phases is an empty list; remove it or give at least one phase")
             set_here = self.model_fields_set & set(SINGLE_PHASE_FIELDS)
             if set_here:
-                raise ValueError(f"{sorted(set_here)} conflict with phases; set epochs/lr/trainable/bn per phase instead")
+                raise ValueError(f"{sorted(set_here)} conflict with phases; set epochs/lr/trainable/norm per phase instead")
         if self.trainable is not None and self.freeze is not None:
             raise ValueError("give 'trainable' or 'freeze' (the stages that do not train), not both")
         if self.freeze is not None and set(self.freeze) == set(STAGES):
@@ -148,6 +178,11 @@ class TrainConfig(Strict):
                 raise ValueError(f"{name} is used by scheduler {' or '.join(schedulers)}, not '{self.scheduler}'; remove it")
         return self
 
+    @property
+    def bn(self) -> NormPolicy:
+        """`norm` under its older name."""
+        return self.norm
+
     def single_phase_stages(self) -> tuple[Stage, ...]:
         """The trainable stages of the one-phase form (`trainable`, else every stage not in `freeze`)."""
         if self.freeze is not None:
@@ -159,7 +194,9 @@ class TrainConfig(Strict):
         if self.phases is not None:
             return list(self.phases)
         stages = self.single_phase_stages()
-        return [PhaseConfig(epochs=self.epochs, lr=self.lr, trainable="all" if stages == STAGES else list(stages), bn=self.bn)]
+        return [
+            PhaseConfig(epochs=self.epochs, lr=self.lr, trainable="all" if stages == STAGES else list(stages), norm=self.norm)
+        ]
 
     def phase_epochs(self) -> list[range]:
         """The epochs (counted from 1 over the whole run) of each resolved phase."""

@@ -1,4 +1,5 @@
-"""Why the model decided: Grad-CAM heatmaps (the `grad-cam` package) at the last residual block of layer4.
+"""Why the model decided: Grad-CAM heatmaps (the `grad-cam` package) at the last block of layer4, as the backbone
+family names it (a ViT's tokens are laid out as their patch grid first).
 
 A heatmap shows where, in the image the model saw (resized and centre-cropped), the evidence for a class lies.
 `border_share` is the part of the heat in the outer tenth of the frame: a model that keys on frames, watermarks
@@ -7,7 +8,8 @@ or background shows it there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,14 +49,25 @@ class Explanation:
         return float((total - inner) / total) if total > 0 else 0.0
 
 
+def as_map(bundle: ModelBundle) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How the hooked block's output becomes an (N, C, h, w) map: None when it is one (a CNN's), else the family's
+    reshape (a ViT's tokens to their patch grid)."""
+    reshape = bundle.stages.family.cam_reshape
+    return functools.partial(reshape, bundle.model) if reshape is not None else None
+
+
 def target_stage(bundle: ModelBundle, input_size: int, *, device: torch.device) -> tuple[Stage, tuple[int, int]]:
     """layer4, or the deepest stage whose map is still at least MIN_MAP x MIN_MAP at this input size (a 1 x 1 map
     has nowhere to point: layer4 of a 32 px image), with that map's size."""
     sizes: dict[Stage, tuple[int, int]] = {}
+    reshape = as_map(bundle)
+
+    def record(stage: Stage, output: torch.Tensor) -> None:
+        height, width = (reshape(output) if reshape is not None else output).shape[-2:]
+        sizes[stage] = (int(height), int(width))
+
     hooks = [
-        last_block(bundle.stages, stage).register_forward_hook(
-            lambda module, args, output, stage=stage: sizes.__setitem__(stage, tuple(output.shape[-2:]))
-        )
+        last_block(bundle.stages, stage).register_forward_hook(lambda module, args, output, stage=stage: record(stage, output))
         for stage in CAM_STAGES
     ]
     try:
@@ -77,7 +90,9 @@ class Explainer:
         device = device or next(self.model.parameters()).device
         self.model.to(device)
         self.stage, self.map_size = target_stage(bundle, image.input_size, device=device)
-        self.cam = GradCAM(model=self.model, target_layers=[last_block(bundle.stages, self.stage)])
+        self.cam = GradCAM(
+            model=self.model, target_layers=[last_block(bundle.stages, self.stage)], reshape_transform=as_map(bundle)
+        )
 
     @property
     def where(self) -> str:

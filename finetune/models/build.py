@@ -13,7 +13,7 @@ from torch import nn
 from finetune.config.catalog import TV_PREFIX
 from finetune.config.schema import HeadConfig, ModelConfig
 from finetune.errors import ModelError
-from finetune.models.families import family_of
+from finetune.models.families import Family, family_of
 from finetune.models.stages import StageMap
 from finetune.models.weights import hub_state_dict, load_weights, read_state_dict
 
@@ -42,10 +42,10 @@ class ModelBundle:
         return self.model.get_submodule(self.classifier)
 
 
-def _create(name: str) -> tuple[nn.Module, dict[str, Any]]:
+def _create(name: str, family: Family) -> tuple[nn.Module, dict[str, Any]]:
     if name.startswith(TV_PREFIX):
         return torchvision.models.get_model(name[len(TV_PREFIX) :], weights=None), dict(TV_DATA_CONFIG)
-    model = timm.create_model(name, pretrained=False)
+    model = timm.create_model(name, pretrained=False, **dict(family.create_kwargs))
     return model, timm.data.resolve_model_data_config(model)
 
 
@@ -67,6 +67,9 @@ def _replace_head(model: nn.Module, classifier: str, num_classes: int, cfg: Head
         in_features, conv = old.in_features, False
     elif isinstance(old, nn.Conv2d):  # timm ResNetV2 classifies with a 1x1 conv
         in_features, conv = old.in_channels, True
+    elif isinstance(old, nn.Identity) and hasattr(model, "num_features"):  # a timm encoder made without a classifier
+        timm_model: Any = model
+        in_features, conv = int(getattr(timm_model, "head_hidden_size", None) or timm_model.num_features), False
     else:
         raise ModelError(f"cannot replace classifier '{classifier}' of type {type(old).__name__}")
     parent_name, _, attr = classifier.rpartition(".")
@@ -79,7 +82,7 @@ def build_model(cfg: ModelConfig, *, num_classes: int, load_pretrained: bool = T
     if num_classes < 2:
         raise ModelError(f"need at least 2 classes, got {num_classes}")
     family = family_of(cfg.name)
-    model, data_config = _create(cfg.name)
+    model, data_config = _create(cfg.name, family)
     classifier = family.classifier(model)
     if load_pretrained and cfg.pretrained is True:
         load_weights(model, hub_state_dict(cfg.name), classifier=classifier, source=f"hub weights of {cfg.name}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
@@ -19,103 +19,64 @@ import timm
 import torch
 from torch import nn
 
-from finetune.config.catalog import FAMILY_NAMES, TV_PREFIX, FamilyNames, Stage
+from finetune.config.catalog import FAMILY_NAMES, TV_PREFIX, FamilyNames, NormPolicy, Stage, family_listing
 from finetune.errors import ModelError
+from finetune.models.adapters import (
+    SMALL_INPUT_REFUSED,
+    SmallInputStem,
+    avgpool_fc_head,
+    fc_classifier,
+    last_child,
+    last_of_blocks,
+    last_of_sequences,
+    last_token_mixer,
+    refused_small_input,
+    single_conv_stem,
+    stride_one_stem,
+    timm_classifier,
+    timm_forward_head,
+    tokens_to_map,
+)
+from finetune.models.stage_patterns import (
+    StagePatterns,
+    anchored,
+    even_block_patterns,
+    fixed_stage_patterns,
+    timm_stage_patterns,
+)
 
 Normalisation = Literal["batchnorm", "groupnorm", "layernorm"]
-LAYERS: tuple[Stage, ...] = ("layer1", "layer2", "layer3", "layer4")
-# timm's MATCH_PREV_GROUP (timm/models/_manipulate.py): a group_matcher pattern that joins the last block's group,
-# such as ResNetV2's final pre-activation `norm`.
-_WITH_LAST_BLOCK = (99999,)
+NORMALISATION_NAMES: Mapping[Normalisation, str] = MappingProxyType(
+    {"batchnorm": "BatchNorm", "groupnorm": "GroupNorm", "layernorm": "LayerNorm"}
+)
+NOTHING = r"(?!)"  # a pattern no module name matches
 
 
-def _anchored(patterns: Iterable[str]) -> str:
-    """One pattern for a module or tensor name that starts with any of `patterns` and ends there or at a dot."""
-    return "^(?:" + "|".join(f"(?:{p})" for p in patterns) + r")(?:\.|$)"
+def normalisation_of(model: nn.Module, rule: Normalisation) -> Normalisation:
+    """What `model`'s normalisation layers are: BatchNorm when it has any (their statistics are what `norm:` is
+    about), else GroupNorm or LayerNorm; `rule` (its family's) when it has none of them."""
+    kinds = {type(m) for m in model.modules()}
+    if any(issubclass(k, nn.modules.batchnorm._NormBase) for k in kinds):
+        return "batchnorm"
+    if any(issubclass(k, nn.GroupNorm) for k in kinds):
+        return "groupnorm"
+    return "layernorm" if any(issubclass(k, nn.LayerNorm) for k in kinds) else rule
 
 
-def _split_matcher(value: Any) -> tuple[list[str], list[str]]:
-    """(own patterns, patterns that join the last block) of one `group_matcher` entry: a regex, or (regex, group) pairs."""
-    if isinstance(value, str):
-        return [value], []
-    own = [pattern for pattern, group in value if group != _WITH_LAST_BLOCK]
-    return own, [pattern for pattern, group in value if group == _WITH_LAST_BLOCK]
+def normalisation_note(kind: Normalisation) -> str:
+    """What the recipe's `norm:` policy means for normalisation layers of this kind."""
+    name = NORMALISATION_NAMES[kind]
+    if kind == "batchnorm":
+        return f"{name}: norm: frozen keeps the running statistics of frozen stages fixed, norm: train updates them"
+    return f"{name}: no running statistics; frozen stages keep their affine parameters fixed, whatever norm: says"
 
 
-def timm_stage_patterns(model: nn.Module) -> dict[Stage, str]:
-    """stem and layer1..layer4 from timm's own grouping of `model`.
-
-    `group_matcher(coarse=True)` names the stem, and which `feature_info` taps are stages (the four, in order, are
-    layer1..layer4); taps before the first stage (ResNet's `act1`) belong to the stem; what timm groups with the
-    last block (ResNetV2's final `norm`, in either matcher) belongs to layer4.
-    """
-    timm_model: Any = model  # group_matcher and feature_info are timm's, not nn.Module's
-    coarse = timm_model.group_matcher(coarse=True)
-    stem, _ = _split_matcher(coarse["stem"])
-    blocks, after = _split_matcher(coarse["blocks"])
-    _, fine_after = _split_matcher(timm_model.group_matcher(coarse=False)["blocks"])
-    taps = [str(info["module"]) for info in timm_model.feature_info]
-    stages = [tap for tap in taps if any(re.match(p, tap) for p in blocks)]
-    if len(stages) != len(LAYERS):
-        raise ModelError(
-            f"{type(model).__name__} has {len(stages)} stages in timm's feature_info ({', '.join(stages)}); "
-            f"finetune names exactly {len(LAYERS)} ({', '.join(LAYERS)}): give its family explicit stage patterns"
-        )
-    patterns: dict[Stage, str] = {"stem": _anchored(stem + [re.escape(t) for t in taps[: taps.index(stages[0])]])}
-    patterns.update({layer: _anchored([re.escape(stage)]) for layer, stage in zip(LAYERS, stages)})
-    patterns["layer4"] = _anchored([re.escape(stages[-1]), *dict.fromkeys(after + fine_after)])
-    return patterns
-
-
-def fixed_stage_patterns(patterns: Mapping[Stage, str]) -> Callable[[nn.Module], dict[Stage, str]]:
-    """Stage patterns spelled out, for a family timm does not describe."""
-    return lambda model: dict(patterns)
-
-
-def timm_classifier(model: nn.Module) -> str:
-    """The classifier's dotted path, as the model's pretrained config names it ('fc', 'head.fc', ...)."""
-    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
-    return str(pretrained_cfg.get("classifier", "fc"))
-
-
-def timm_forward_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Pooling and classifier on the last stage's output: timm's own `forward_head`."""
-    timm_model: Any = model
-    return timm_model.forward_head(x)
-
-
-def avgpool_fc_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """torchvision ResNet's head: avgpool, flatten, fc."""
-    pooled = torch.flatten(model.get_submodule("avgpool")(x), 1)
-    return model.get_submodule("fc")(pooled)
-
-
-def fc_classifier(model: nn.Module) -> str:
-    """torchvision ResNet's classifier."""
-    return "fc"
-
-
-def last_child(stage: nn.Module) -> nn.Module:
-    """The last block of a stage that is a sequence of blocks (ResNet's layerN)."""
-    children = list(stage.children())
-    return children[-1] if children else stage
-
-
-def last_of_blocks(stage: nn.Module) -> nn.Module:
-    """The last block of a stage that keeps its blocks in `.blocks` (ResNetV2, ConvNeXt)."""
-    return last_child(stage.get_submodule("blocks"))
-
-
-SMALL_INPUT_REFUSED = "model.small_input needs a single-conv stem (resnet18..152, wide/resnext, tv:*); {name} has another stem"
-
-
-def single_conv_stem(model: nn.Module, name: str) -> None:
-    """CIFAR-style stem: 3x3 stride-1 conv and no max-pool, so 32-64 px images keep their resolution."""
-    conv = getattr(model, "conv1", None)
-    if not isinstance(conv, nn.Conv2d):
-        raise ModelError(SMALL_INPUT_REFUSED.format(name=name))
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+def policy_note(kind: Normalisation, policy: NormPolicy) -> str:
+    """What `norm: policy` does to frozen stages of this kind, in a few words for the training log."""
+    name = NORMALISATION_NAMES[kind]
+    if kind == "batchnorm":
+        return f"{name} statistics of frozen stages {'fixed' if policy == 'frozen' else 'update'}"
+    return f"{name}, no statistics" + ("" if policy == "frozen" else ": norm: train changes nothing")
 
 
 @dataclass(frozen=True)
@@ -125,30 +86,40 @@ class Family:
     name: str
     names: FamilyNames  # the model names it covers: config.catalog.FAMILY_NAMES[name]
     classes: tuple[str, ...]  # dotted names of its model classes: how a built model is recognised
-    stage_patterns: Callable[[nn.Module], dict[Stage, str]]  # stem, layer1..layer4 (module/tensor name regexes)
-    pooling: str  # modules between layer4 and the classifier, in no stage (they hold no tensors)
+    stage_patterns: StagePatterns  # stem, layer1..layer4 (module/tensor name regexes)
+    pooling: str  # modules between layer4 and the head stage, in no stage (they hold no tensors)
     classifier: Callable[[nn.Module], str]  # dotted path of the classification layer the head replaces
     forward_head: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # pooling + classifier on layer4's output
-    cam_target: Callable[[nn.Module], nn.Module]  # in a stage module, the block Grad-CAM hooks (its last one)
-    small_input_stem: Callable[[nn.Module, str], None] | None  # CIFAR-style stem in place; None: not offered
-    normalisation: Normalisation = "batchnorm"  # what its layers use as a rule (variants may differ: *_gn, BiT)
-    head: str | None = None  # head stage pattern when it holds more than the classifier; None: the classifier
+    cam_target: Callable[[Sequence[nn.Module]], nn.Module]  # of a stage's modules, the one Grad-CAM hooks
+    small_input_stem: SmallInputStem | None  # CIFAR-style stem in place (or a refusal that says why); None: not offered
+    normalisation: Normalisation = "batchnorm"  # as a rule; a model's own layers decide (*_gn, BiT: GroupNorm)
+    # Modules that run, in order, between the pooling and the classifier (ConvNeXt's head.norm, MobileNetV3's 1x1
+    # conv_head): with the classifier they make the head stage, and a head-only phase caches the first one's input.
+    head_chain: tuple[str, ...] = ()
+    cam_reshape: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None  # tokens -> (N, C, h, w) map
+    create_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments (a ViT's dynamic_img_size)
 
     @property
     def describe(self) -> str:
         """'name (what it covers)', for error messages."""
-        covered = [f"timm {m}" for m in self.names.timm_modules] + [f"{TV_PREFIX}{p}*" for p in self.names.tv_prefixes]
-        return f"{self.name} ({', '.join(covered)})"
+        return self.names.describe(self.name)
+
+    def head_modules(self, classifier: str) -> list[str]:
+        """The head stage's modules in forward order: the head chain, then the classifier."""
+        return [*self.head_chain, classifier]
 
     def patterns(self, model: nn.Module, classifier: str) -> dict[Stage, str]:
         """Name patterns of all six stages of `model`, whose classifier is `classifier`."""
-        return {**self.stage_patterns(model), "head": self.head or _anchored([re.escape(classifier)])}
+        head = anchored([re.escape(name) for name in self.head_modules(classifier)])
+        return {**self.stage_patterns(model), "head": head}
 
     def covers(self, model_name: str) -> bool:
         """Whether `model_name` (a timm name, or `tv:` + a torchvision one) belongs to this family."""
         if model_name.startswith(TV_PREFIX):
             return model_name[len(TV_PREFIX) :].startswith(self.names.tv_prefixes)
-        return bool(self.names.timm_modules) and timm.models.is_model_in_modules(model_name, self.names.timm_modules)
+        if not self.names.timm_modules or self.names.excludes(model_name):
+            return False
+        return timm.models.is_model_in_modules(model_name, self.names.timm_modules)
 
     def builds(self, model: nn.Module) -> bool:
         """Whether `model` is an instance of one of this family's classes."""
@@ -168,6 +139,18 @@ _TV_RESNET_STAGES: dict[Stage, str] = {
     "layer3": r"^layer3(\.|$)",
     "layer4": r"^layer4(\.|$)",
 }
+
+
+def regnet_stage_patterns(model: nn.Module) -> dict[Stage, str]:
+    """RegNet's from timm's grouping, with `final_conv` (a 1x1 conv in some variants) after s4 in layer4."""
+    return timm_stage_patterns(model, layer4_extra=[r"final_conv"])
+
+
+def vit_stage_patterns(model: nn.Module) -> dict[Stage, str]:
+    """A ViT's blocks in four equal groups; timm puts the final `norm` with the last block, and the attention
+    pooling of `global_pool='map'` models, which pools the tokens layer4 made, joins it there."""
+    return even_block_patterns(model, layer4_extra=[r"attn_pool"])
+
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -203,6 +186,70 @@ FAMILIES: tuple[Family, ...] = (
         cam_target=last_child,
         small_input_stem=single_conv_stem,
     ),
+    Family(
+        name="convnext",
+        names=FAMILY_NAMES["convnext"],
+        classes=("timm.models.convnext.ConvNeXt",),
+        stage_patterns=timm_stage_patterns,
+        pooling=r"^head\.global_pool(\.|$)",
+        classifier=timm_classifier,
+        forward_head=timm_forward_head,
+        cam_target=last_of_blocks,
+        small_input_stem=refused_small_input("its stem is a 4 x 4 stride-4 patchify conv, which a 3 x 3 conv cannot replace"),
+        normalisation="layernorm",
+        head_chain=("head.norm", "head.flatten", "head.pre_logits", "head.drop"),
+    ),
+    Family(
+        name="efficientnet",
+        names=FAMILY_NAMES["efficientnet"],
+        classes=("timm.models.efficientnet.EfficientNet",),
+        stage_patterns=timm_stage_patterns,
+        pooling=r"^global_pool(\.|$)",
+        classifier=timm_classifier,
+        forward_head=timm_forward_head,
+        cam_target=last_of_sequences,
+        small_input_stem=stride_one_stem("conv_stem"),
+    ),
+    Family(
+        name="mobilenetv3",
+        names=FAMILY_NAMES["mobilenetv3"],
+        classes=("timm.models.mobilenetv3.MobileNetV3",),
+        stage_patterns=timm_stage_patterns,
+        pooling=r"^global_pool(\.|$)",
+        classifier=timm_classifier,
+        forward_head=timm_forward_head,
+        cam_target=last_of_sequences,
+        small_input_stem=stride_one_stem("conv_stem"),
+        head_chain=("conv_head", "norm_head", "act2", "flatten"),  # the 1x1 conv runs on the pooled features
+    ),
+    Family(
+        name="regnet",
+        names=FAMILY_NAMES["regnet"],
+        classes=("timm.models.regnet.RegNet",),
+        stage_patterns=regnet_stage_patterns,
+        pooling=r"^head\.(global_pool|drop|flatten)(\.|$)",
+        classifier=timm_classifier,
+        forward_head=timm_forward_head,
+        cam_target=last_child,
+        small_input_stem=stride_one_stem("stem.conv"),
+    ),
+    Family(
+        name="vit",
+        names=FAMILY_NAMES["vit"],
+        classes=("timm.models.vision_transformer.VisionTransformer",),
+        stage_patterns=vit_stage_patterns,
+        pooling=NOTHING,  # the class token is taken (or tokens averaged) without a module
+        classifier=timm_classifier,
+        forward_head=timm_forward_head,
+        cam_target=last_token_mixer,
+        small_input_stem=refused_small_input(
+            "a ViT takes transforms.input_size as it is (its position embeddings are resized to the patch grid)"
+        ),
+        normalisation="layernorm",
+        head_chain=("fc_norm", "head_drop"),
+        cam_reshape=tokens_to_map,
+        create_kwargs=(("dynamic_img_size", True),),  # any input size: position embeddings resized per forward
+    ),
 )
 
 
@@ -236,15 +283,11 @@ def families() -> Mapping[str, Family]:
     return registry
 
 
-def _listing() -> str:
-    return "; ".join(family.describe for family in families().values())
-
-
 def family_of(model_name: str) -> Family:
     """The family a model name belongs to; a clear error for a name no family covers."""
     found = next((family for family in families().values() if family.covers(model_name)), None)
     if found is None:
-        raise ModelError(f"model '{model_name}' belongs to no backbone family; finetune knows: {_listing()}")
+        raise ModelError(f"model '{model_name}' belongs to no backbone family; finetune knows: {family_listing()}")
     return found
 
 
@@ -253,5 +296,5 @@ def family_for(model: nn.Module) -> Family:
     found = next((family for family in families().values() if family.builds(model)), None)
     if found is None:
         kind = f"{type(model).__module__}.{type(model).__qualname__}"
-        raise ModelError(f"model class {kind} belongs to no backbone family; finetune knows: {_listing()}")
+        raise ModelError(f"model class {kind} belongs to no backbone family; finetune knows: {family_listing()}")
     return found

@@ -13,6 +13,7 @@ from finetune.config.loading import model_config_for
 from finetune.config.schema import Recipe
 from finetune.errors import UsageError
 from finetune.models.build import build_model
+from finetune.models.families import normalisation_note
 
 # He et al. 2016, Table 1: multiply-adds at 224 px for the ImageNet ResNets.
 PAPER_GFLOPS = {"resnet18": 1.8, "resnet34": 3.6, "resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}
@@ -32,7 +33,7 @@ class StageInfo:
     params: int
     gmacs: float
     trainable: list[bool] = field(default_factory=list)  # one entry per phase
-    bn: list[str] = field(default_factory=list)
+    bn: list[str] = field(default_factory=list)  # per phase: 'train', or the recipe's norm: policy for a frozen stage
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Inspection:
     total_params: int
     total_gmacs: float
     paper_gflops: float | None
+    family: str = ""  # the backbone family
+    normalisation: str = ""  # its normalisation layers and what norm: means for them
+    batchnorm: bool = True  # whether its norm: policy has statistics to keep fixed
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "paper_note": self.paper_note}
@@ -84,7 +88,7 @@ def inspect_model(
                 params=params,
                 gmacs=flops / 2e9,
                 trainable=[stage in phase.trainable_stages() for phase in phases],
-                bn=[("train" if stage in phase.trainable_stages() else phase.bn) for phase in phases],
+                bn=[("train" if stage in phase.trainable_stages() else phase.norm) for phase in phases],
             )
         )
     return Inspection(
@@ -95,6 +99,9 @@ def inspect_model(
         total_params=sum(p.numel() for p in model.parameters()),
         total_gmacs=counter.get_total_flops() / 2e9,
         paper_gflops=PAPER_GFLOPS.get(name.removeprefix("tv:")),
+        family=bundle.stages.family.name,
+        normalisation=normalisation_note(bundle.stages.normalisation),
+        batchnorm=bundle.stages.normalisation == "batchnorm",
     )
 
 
@@ -106,9 +113,17 @@ def format_inspection(info: Inspection) -> str:
         + "".join(f"  {'phase ' + str(i + 1):>14}" for i in range(phases))
         + "  modules"
     )
-    lines = [f"{info.model} at {info.input_size}x{info.input_size}, {info.num_classes} classes", header, "-" * len(header)]
+    lines = [
+        f"{info.model} at {info.input_size}x{info.input_size}, {info.num_classes} classes; {info.family} family",
+        f"normalisation: {info.normalisation}",
+        header,
+        "-" * len(header),
+    ]
     for s in info.stages:
-        cells = "".join(f"  {('train' if t else 'frozen') + ('' if t else ' bn:' + b):>14}" for t, b in zip(s.trainable, s.bn))
+        cells = "".join(
+            f"  {('train' if t else 'frozen') + ('' if t or not info.batchnorm else ' bn:' + b):>14}"
+            for t, b in zip(s.trainable, s.bn)
+        )
         lines.append(f"{s.stage:<8} {s.params:>12,} {s.gmacs:>8.3f}{cells}  {', '.join(s.modules)}")
     lines.append(f"{'total':<8} {info.total_params:>12,} {info.total_gmacs:>8.3f}")
     if info.paper_gflops is not None:

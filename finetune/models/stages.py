@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from finetune.config.catalog import STAGES, BnPolicy, Stage
+from finetune.config.catalog import STAGES, NormPolicy, Stage
 from finetune.errors import ModelError
-from finetune.models.families import Family, family_for
+from finetune.models.families import Family, Normalisation, family_for, normalisation_of
 
 
 def _stage_of(name: str, patterns: dict[Stage, str]) -> Stage | None:
@@ -27,6 +27,7 @@ class StageMap:
     of_tensor: dict[str, Stage]  # every parameter and buffer name
     modules: dict[Stage, list[tuple[str, nn.Module]]]  # top-level modules of each stage, in forward order
     family: Family  # the backbone family whose patterns made this map
+    normalisation: Normalisation  # what its normalisation layers are (BatchNorm when it has any)
 
     @classmethod
     def of(cls, model: nn.Module, classifier: str) -> StageMap:
@@ -46,7 +47,9 @@ class StageMap:
             stage = _stage_of(name, patterns) if name and not re.match(family.pooling, name) else None
             if stage and not any(name.startswith(prev + ".") for prev, _ in modules[stage]):
                 modules[stage].append((name, module))
-        return cls(of_tensor=of_tensor, modules=modules, family=family)
+        return cls(
+            of_tensor=of_tensor, modules=modules, family=family, normalisation=normalisation_of(model, family.normalisation)
+        )
 
     def parameters(self, model: nn.Module, stage: Stage) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if self.of_tensor[n] == stage]
@@ -54,10 +57,11 @@ class StageMap:
 
 @dataclass(frozen=True)
 class FreezePlan:
-    """Which stages train, and whether BatchNorm in frozen stages keeps its statistics fixed."""
+    """Which stages train, and whether BatchNorm in frozen stages keeps its statistics fixed (the recipe's `norm:`;
+    parameters of frozen stages, BatchNorm's, LayerNorm's and GroupNorm's affine ones included, never train)."""
 
     trainable: tuple[Stage, ...]
-    bn: BnPolicy = "frozen"
+    bn: NormPolicy = "frozen"
 
     @property
     def frozen(self) -> tuple[Stage, ...]:
@@ -102,5 +106,4 @@ def set_train_mode(model: nn.Module, plan: FreezePlan, stages: StageMap) -> None
 
 def last_block(stages: StageMap, stage: Stage = "layer4") -> nn.Module:
     """The block Grad-CAM hooks in a stage (its last; layer4's is the usual target), as the model's family says."""
-    _, module = stages.modules[stage][0]
-    return stages.family.cam_target(module)
+    return stages.family.cam_target([module for _, module in stages.modules[stage]])

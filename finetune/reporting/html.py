@@ -142,7 +142,7 @@ def _phases(recipe: dict[str, Any]) -> str:
         {
             "epochs": train.get("epochs"),
             "lr": train.get("lr"),
-            "bn": train.get("bn"),
+            "norm": train.get("norm", train.get("bn")),
             "trainable": train.get("trainable") or _complement(train.get("freeze")),
         }
     ]
@@ -150,10 +150,13 @@ def _phases(recipe: dict[str, Any]) -> str:
     for phase in phases:
         trainable = phase.get("trainable", "all")
         stages = "all stages" if trainable in ("all", None) else " + ".join(trainable)
-        described.append(
-            f"{phase.get('epochs')} epoch(s) training {stages} at lr {phase.get('lr'):g}, BN {phase.get('bn', 'frozen')}"
-        )
+        described.append(f"{phase.get('epochs')} epoch(s) training {stages} at lr {phase.get('lr'):g}, norm {_norm(phase)}")
     return "; then ".join(described)
+
+
+def _norm(phase: dict[str, Any]) -> str:
+    """A phase's norm: policy, in a recipe written before (`bn:`) or after it was renamed."""
+    return str(phase.get("norm") or phase.get("bn") or "frozen")
 
 
 def _complement(frozen: list[str] | None) -> list[str] | str:

@@ -1,4 +1,5 @@
-"""`finetune compare`: train several recipes on the same data and split, then rank them in a leaderboard."""
+"""`finetune compare`: train several recipes (or one recipe over several models) on the same data and split, then
+rank them in a leaderboard with their size (parameters, GMACs), accuracy with its interval, and wall time."""
 
 from __future__ import annotations
 
@@ -34,19 +35,21 @@ class CompareResult:
     leaderboard: pd.DataFrame
 
 
-def _run_names(recipes: Sequence[Path]) -> list[str]:
+def _run_names(stems: Sequence[str]) -> list[str]:
     names: list[str] = []
-    for path in recipes:
-        name, n = path.stem, 2
+    for stem in stems:
+        name, n = stem, 2
         while name in names:
-            name, n = f"{path.stem}-{n}", n + 1
+            name, n = f"{stem}-{n}", n + 1
         names.append(name)
     return names
 
 
-def _trainable_params(recipe: Recipe, classes: int) -> int:
+def _size(recipe: Recipe, classes: int) -> dict[str, Any]:
+    """Parameters (all, and the most any phase trains) and GMACs of one forward at the recipe's input size."""
     info = inspect_model(name=recipe.model.name, recipe=recipe, num_classes=classes)
-    return max(sum(s.params for s in info.stages if s.trainable[i]) for i in range(len(info.stages[0].trainable)))
+    trainable = max(sum(s.params for s in info.stages if s.trainable[i]) for i in range(len(info.stages[0].trainable)))
+    return {"params": info.total_params, "gmacs": info.total_gmacs, "trainable_params": trainable}
 
 
 def _scores(name: str, recipe: Recipe, report: Report) -> dict[str, Any]:
@@ -63,7 +66,7 @@ def _scores(name: str, recipe: Recipe, report: Report) -> dict[str, Any]:
         "macro_f1": metrics["macro_f1"],
         "worst_class": worst["class"],
         "worst_class_recall": float(worst["recall"]),
-        "trainable_params": _trainable_params(recipe, len(classes)),
+        **_size(recipe, len(classes)),
     }
 
 
@@ -124,6 +127,10 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m {rest:02d}s" if minutes else f"{rest}s"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
 def _markdown(board: pd.DataFrame, *, data: str | Path, split: str) -> str:
     shown = pd.DataFrame(
         {
@@ -144,7 +151,9 @@ def _markdown(board: pd.DataFrame, *, data: str | Path, split: str) -> str:
                 else {}
             ),
             "worst class (recall)": [f"{c} ({r:.0%})" for c, r in zip(board["worst_class"], board["worst_class_recall"])],
-            "trainable params": board["trainable_params"].map(lambda n: f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"),
+            "params": board["params"].map(_count),
+            "GMACs": board["gmacs"].map("{:.2f}".format),
+            "trainable params": board["trainable_params"].map(_count),
             "epochs": board["epochs"],
             "time": board["seconds"].map(_duration),
             "report": [f"[report.html]({r})" for r in board["report"]],
@@ -169,8 +178,12 @@ def compare(
     max_epochs: int | None = None,
     seeds: int = 1,
     folds: int | None = None,
+    models: Sequence[str] = (),
 ) -> CompareResult:
     """Train each recipe into `out/<recipe>/` on the split made by the first; write leaderboard.csv/.md.
+
+    `models` trains every recipe once per model name (`model.name` overridden, `out/<model>/`, or
+    `out/<recipe>-<model>/` with several recipes): one recipe over backbones of any families in one leaderboard.
 
     `epochs_scale` multiplies every phase's epochs and `max_epochs` caps each recipe's total (phases shrink in
     proportion), so phase-based and one-phase recipes shorten together. `seeds` > 1 trains each recipe with seeds
@@ -178,14 +191,18 @@ def compare(
     on the same folds (`out/<recipe>/fold_k/`) and ranks them by their out-of-fold predictions.
     """
     paths = [Path(r) for r in recipes]
-    if len(paths) < 2:
-        raise UsageError("compare needs at least two recipes, e.g. recipes/linear_probe.yaml recipes/last_stage.yaml")
+    if len(paths) * max(len(models), 1) < 2:
+        raise UsageError(
+            "compare needs at least two recipes, e.g. recipes/linear_probe.yaml recipes/last_stage.yaml, "
+            "or one recipe and --models, e.g. --models resnet18,convnext_atto"
+        )
     if folds is not None and seeds > 1:
         raise UsageError("give --folds K or --seeds N, not both (folds already train every recipe K times)")
-    loaded = [_shortened(load_recipe(r, overrides=list(overrides)), r, epochs_scale, max_epochs) for r in paths]
+    read, stems = _recipes_over_models(paths, models, overrides)
+    loaded = [_shortened(recipe, path, epochs_scale, max_epochs) for recipe, path in read]
     out = Path(out)
     check_writable_folder(out)
-    runs = _runs(loaded, _run_names(paths), seeds)
+    runs = _runs(loaded, _run_names(stems), seeds)
     rows = _train_folds(runs, data, out, folds, progress) if folds is not None else _train_all(runs, data, out, progress)
     board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
     board["vs_leader"] = _versus_leader(out, board)
@@ -228,6 +245,29 @@ def _train_folds(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, fo
         rows.append(_cv_row(name, recipe, result, time.perf_counter() - started))
         log.info("%s: out-of-fold accuracy %.4f, macro-F1 %.4f", name, rows[-1]["accuracy"], rows[-1]["macro_f1"])
     return rows
+
+
+def _recipes_over_models(
+    paths: list[Path], models: Sequence[str], overrides: Sequence[str]
+) -> tuple[list[tuple[Recipe, Path]], list[str]]:
+    """(recipe, its file) per run and the run's folder stem: each recipe, or each recipe with each model name."""
+    if len(set(models)) != len(models):
+        raise UsageError(f"--models {','.join(models)}: each model once")
+    if not models:
+        return [(load_recipe(p, overrides=list(overrides)), p) for p in paths], [p.stem for p in paths]
+    loaded, stems = [], []
+    for path in paths:
+        for model in models:
+            recipe = load_recipe(path, overrides=[*overrides, f"model.name={model}"])
+            if isinstance(recipe.model.pretrained, Path) and len(models) > 1:
+                raise UsageError(
+                    f"{path}: model.pretrained is the file {recipe.model.pretrained}, which fits one architecture, not "
+                    f"{len(models)}; --set model.pretrained=true (each model's hub weights) or false"
+                )
+            loaded.append((recipe, path))
+            folder = model.replace(":", "_")  # tv:resnet18 -> tv_resnet18
+            stems.append(folder if len(paths) == 1 else f"{path.stem}-{folder}")
+    return loaded, stems
 
 
 def _shortened(recipe: Recipe, path: Path, scale: float | None, cap: int | None) -> Recipe:

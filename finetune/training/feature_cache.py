@@ -3,7 +3,8 @@
 A phase qualifies when its trainable stages are a suffix of the network (head; layer4 + head; ...) and the frozen
 stages keep their BatchNorm statistics: the prefix is then a fixed function, and its output for an image depends
 only on (image bytes, prefix weights, pipeline), the names of the cache entries. Head-only phases cache the pooled
-features (the classifier's input, float32); longer suffixes cache the activation entering their first stage
+features (the head stage's input, float32: the classifier's, or for a family whose head stage holds more, such as
+ConvNeXt's head.norm, the first of those modules'); longer suffixes cache the activation entering their first stage
 (`train.cache_precision`, float16 by default, within `train.cache_budget_gb`) and train the suffix on it. With
 `cache_views: K` each image gets K augmented views of the train pipeline (view v is drawn with a seed from the
 image hash and v), and every epoch picks one view per image.
@@ -40,20 +41,31 @@ def why_not_cached(recipe: Recipe, phase: PhaseConfig, *, distributed: bool) -> 
 
 
 class HeadOnFeatures(nn.Module):
-    """The model's own classifier module applied to cached classifier inputs (same parameters, no copy)."""
+    """The model's own head-stage modules (the classifier, after any the family runs on the pooled features before
+    it) applied in order to cached pooled features (same parameters, no copy)."""
 
-    def __init__(self, head: nn.Module, shape: tuple[int, ...]) -> None:
+    def __init__(self, head: list[nn.Module], shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.head = head
+        self.head = nn.ModuleList(head)
         self.shape = shape
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.view(features.size(0), *self.shape).float()).flatten(1)
+        x = features.view(features.size(0), *self.shape).float()
+        for module in self.head:
+            x = module(x)
+        return x.flatten(1)
+
+
+def cached_modules(bundle: ModelBundle, first: Stage) -> list[str]:
+    """The modules that run on the cache when `first` is the first stage that trains, in forward order."""
+    if first == "head":
+        return bundle.stages.family.head_modules(bundle.classifier)
+    return suffix_names(bundle.stages, first)
 
 
 def entry_module(bundle: ModelBundle, first: Stage) -> str:
     """The module whose input is cached when `first` is the first stage that trains."""
-    return bundle.classifier if first == "head" else suffix_names(bundle.stages, first)[0]
+    return cached_modules(bundle, first)[0]
 
 
 def feature_cache(
@@ -84,28 +96,38 @@ class CachedPhase:
     first: Stage
     shape: tuple[int, ...]
 
-    def network(self, model: nn.Module, classifier: str, names: list[str]) -> nn.Module:
-        """The same reader over another model of the same architecture (the EMA's weights)."""
-        if self.first == "head":
-            return HeadOnFeatures(model.get_submodule(classifier), self.shape)
-        return SuffixNet(model, names, self.shape)
+    def network(self, model: nn.Module, names: list[str]) -> nn.Module:
+        """The same reader over `model` or another of the same architecture (the EMA's weights); `names`: the
+        modules that run on the cache (`cached_modules`)."""
+        return cache_reader(model, names, self.first, self.shape)
+
+
+def cache_reader(model: nn.Module, names: list[str], first: Stage, shape: tuple[int, ...]) -> nn.Module:
+    """The network that reads cached inputs of `first` of shape `shape`: the modules `names` of `model` in order."""
+    if first == "head":
+        return HeadOnFeatures([model.get_submodule(name) for name in names], shape)
+    return SuffixNet(model, names, shape)
 
 
 def _prefix_blocker(bundle: ModelBundle, tap: Tap, recipe: Recipe, first: Stage, image: torch.Tensor, rows: int) -> str | None:
-    """Before any caching pass, on one image in fp32 (whatever the run's precision): None when the suffix from
-    `first` on the prefix's output gives the whole model's logits (the forward is a plain chain of its stages) and
-    `rows` such outputs fit `train.cache_budget_gb`; else why the cache is not used."""
+    """Before any caching pass, on one image in fp32 (whatever the run's precision): None when the modules from
+    `first` on the prefix's output give the whole model's logits (the forward is a plain chain of its stages) and
+    `rows` such outputs fit `train.cache_budget_gb` (pooled features for the head are not counted); else why the
+    cache is not used."""
     was_training = bundle.model.training
     bundle.model.eval()
     try:
         with torch.no_grad(), torch.autocast(image.device.type, enabled=False):
             activation = tap(image).float()
-            suffix = SuffixNet(bundle.model, suffix_names(bundle.stages, first), tuple(activation.shape[1:]))
-            same = torch.allclose(bundle.model(image).float(), suffix(activation.flatten(1)).float(), rtol=1e-4, atol=1e-4)
+            rest = cache_reader(bundle.model, cached_modules(bundle, first), first, tuple(activation.shape[1:]))
+            same = torch.allclose(bundle.model(image).float(), rest(activation.flatten(1)).float(), rtol=1e-4, atol=1e-4)
     finally:
         bundle.model.train(was_training)
     if not same:
-        return f"{bundle.name}'s forward is not a plain chain of its stages"
+        what = "head stage" if first == "head" else "stages"
+        return f"{bundle.name}'s forward is not a plain chain of its {what}"
+    if first == "head":
+        return None
     size = rows * activation.numel() * (2 if recipe.train.cache_precision == "fp16" else 4)
     if size > recipe.train.cache_budget_gb * GIB:
         return (
@@ -137,12 +159,11 @@ def cached_phase(
         device=device, dtype=dtype, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, progress=progress
     )
     tap = Tap(bundle.model, entry_module(bundle, first))
-    if first != "head":
-        image = eval_pipeline(image=load_image(val_paths[0]))["image"].unsqueeze(0).to(device)
-        reason = _prefix_blocker(bundle, tap, recipe, first, image, len(train_paths) * max(views, 1) + len(val_paths))
-        if reason:
-            log.info("feature cache not used: %s", reason)
-            return None
+    image = eval_pipeline(image=load_image((val_paths or train_paths)[0]))["image"].unsqueeze(0).to(device)
+    reason = _prefix_blocker(bundle, tap, recipe, first, image, len(train_paths) * max(views, 1) + len(val_paths))
+    if reason:
+        log.info("feature cache not used: %s", reason)
+        return None
     half = recipe.train.cache_precision == "fp16"
     eval_cache = feature_cache(bundle, first, eval_pipeline, views=0, seed=recipe.seed, dtype=dtype, root=root, half=half)
     train_cache = eval_cache
@@ -155,7 +176,7 @@ def cached_phase(
     cached = CachedPhase(
         FeatureSet(train_features, train_targets), FeatureSet(val_features, val_targets), nn.Identity(), first, shape
     )
-    cached.head = cached.network(bundle.model, bundle.classifier, suffix_names(bundle.stages, first) if first != "head" else [])
+    cached.head = cached.network(bundle.model, cached_modules(bundle, first))
     return cached
 
 
@@ -165,5 +186,5 @@ def pooled_features(
     """The classifier's input (pooled backbone features) for every image through the eval pipeline, as N x dim;
     the same cache entries a head-only phase of this backbone uses."""
     cache = feature_cache(bundle, "head", eval_pipeline, views=0, seed=0, dtype=options.dtype, root=root, half=False)
-    features, _ = cache.features(Tap(bundle.model, bundle.classifier), paths, eval_pipeline, options)
+    features, _ = cache.features(Tap(bundle.model, entry_module(bundle, "head")), paths, eval_pipeline, options)
     return features.flatten(1).numpy()

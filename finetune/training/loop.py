@@ -16,8 +16,8 @@ from finetune.config.schema import PhaseConfig
 from finetune.data.loader import batches_per_epoch, make_loader
 from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.build import ModelBundle
+from finetune.models.families import policy_note
 from finetune.models.stages import set_train_mode
-from finetune.models.suffix import suffix_names
 from finetune.training.addons import AddOns
 from finetune.training.checkpoint import CheckpointSaver
 from finetune.training.context import Env, FitContext, FitState, Phase
@@ -26,7 +26,7 @@ from finetune.training.early_stopping import EarlyStopping
 from finetune.training.ema import StageEma, moving_tensors
 from finetune.training.epoch import Stepper, train_one_epoch
 from finetune.training.epoch_end import after_epoch, log_epoch, validate_epoch
-from finetune.training.feature_cache import CachedPhase, cached_phase, why_not_cached
+from finetune.training.feature_cache import CachedPhase, cached_modules, cached_phase, why_not_cached
 from finetune.training.history import append_history_row
 from finetune.training.loss import build_criterion
 from finetune.training.mixup import Mixer, soft_target_criterion
@@ -114,14 +114,15 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: Phase
         state.phase, state.phase_epoch = index, 0
         env.stopping.start_phase()
     log.info(
-        "phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, BN %s",
+        "phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, norm %s (%s)",
         index + 1,
         len(ctx.recipe.train.resolved_phases()),
         ", ".join(plan.trainable),
         f"{trainable:,}",
         config.epochs,
         config.lr,
-        config.bn,
+        config.norm,
+        policy_note(bundle.stages.normalisation, config.norm),
     )
     started = time.perf_counter()
     net, val_net, train_set, val_batches, cached = _phase_inputs(bundle, ctx, env, config)
@@ -129,8 +130,7 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: Phase
     if env.ema is not None:
         ema_val_net = env.ema.module
         if cached is not None:
-            names = suffix_names(bundle.stages, cached.first) if cached.first != "head" else []
-            ema_val_net = cached.network(env.ema.module, bundle.classifier, names)
+            ema_val_net = cached.network(env.ema.module, cached_modules(bundle, cached.first))
     return Phase(
         index=index,
         config=config,

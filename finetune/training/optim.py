@@ -25,16 +25,21 @@ def stage_lr_multipliers(phase: PhaseConfig) -> dict[Stage, float]:
 
 
 def stage_param_groups(model: nn.Module, phase: PhaseConfig, cfg: TrainConfig, stages: StageMap) -> list[dict[str, Any]]:
-    """One group per (trainable stage, decay / no-decay); biases and norm weights get no weight decay.
+    """One group per (trainable stage, decay / no-decay); biases, norm weights and what the model exempts (timm's
+    `no_weight_decay()`: a ViT's position embedding and class token) get no weight decay.
 
     A group's LR factor is timm's `lr_scale`, which timm's schedulers multiply into every rate they set.
     (timm's own layer-decay groups decay per residual block; a recipe's `layer_decay` is per stage.)
     """
     mults = stage_lr_multipliers(phase)
+    timm_model: Any = model
+    # timm's own exemptions beside biases and norms: a ViT's position embedding and class token
+    exempt = set(timm_model.no_weight_decay()) if hasattr(timm_model, "no_weight_decay") else set()
     groups = []
     for stage in phase.trainable_stages():
         params = [(n, p) for n, p in stages.parameters(model, stage) if p.requires_grad]
-        for decay, chosen in ((True, [p for _, p in params if p.ndim > 1]), (False, [p for _, p in params if p.ndim <= 1])):
+        decayed = [p for n, p in params if p.ndim > 1 and n not in exempt]
+        for decay, chosen in ((True, decayed), (False, [p for n, p in params if p.ndim <= 1 or n in exempt])):
             if chosen:
                 groups.append(
                     {

@@ -23,7 +23,7 @@ class PhaseSetup:
 
 def set_up_phase(bundle: ModelBundle, config: PhaseConfig, train: TrainConfig) -> PhaseSetup:
     """Freeze per the phase, then build its optimizer (layer-wise rates) over the model as it now is."""
-    plan = FreezePlan(trainable=config.trainable_stages(), bn=config.bn)
+    plan = FreezePlan(trainable=config.trainable_stages(), bn=config.norm)
     trainable = apply_freeze(bundle.model, plan, bundle.stages)
     optimizer = build_optimizer(bundle.model, config, train, bundle.stages)
     return PhaseSetup(plan=plan, trainable=trainable, optimizer=optimizer, lone_batch_fails=batchnorm_trains(plan, bundle.stages))
