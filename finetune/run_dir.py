@@ -6,12 +6,18 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import RunDirError
 from finetune.files import check_writable_folder
+
+
+def timestamped_run(prefix: str) -> Path:
+    """The default output folder of a command: runs/PREFIX-YYYYmmdd-HHMMSS in the working folder."""
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @dataclass(frozen=True)

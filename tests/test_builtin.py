@@ -1,20 +1,24 @@
 """Built-in recipes (finetune/config/builtin.py): by name from any folder, listed and shown by the CLI, shipped in
-the wheel as the very files of recipes/."""
+the wheel as the very files of recipes/; and train's quick-try options (a default recipe, --model, --epochs)."""
 
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.config.builtin import RECIPES, builtin_recipes
+from finetune.config.builtin import DEFAULT_RECIPE, RECIPES, builtin_recipes
 from finetune.config.loading import load_recipe
 from finetune.data.demo import default_paths
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, UsageError
+from finetune.runs.prepare import QuickTry, resolve_recipe
 
-from conftest import REPO
+from conftest import REPO, tiny_recipe
 
 SHIPPED = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
@@ -70,3 +74,54 @@ def test_the_demo_needs_no_checkout(tmp_path, monkeypatch):
     recipe, folder = default_paths()
     assert recipe == RECIPES / "quickstart.yaml" and recipe.is_file()
     assert folder.resolve() == (tmp_path / "data_examples" / "digits").resolve()  # beside runs/, in the working folder
+
+
+def test_no_recipe_trains_the_default_and_says_so(tmp_path, caplog):
+    caplog.set_level("INFO", logger="finetune")
+    recipe = resolve_recipe(None, data=tmp_path)
+    assert recipe == load_recipe(DEFAULT_RECIPE).with_data(tmp_path)
+    assert "no recipe given: training the built-in 'last_stage' (fine-tune layer4" in caplog.text
+    with pytest.raises(UsageError, match="train needs a recipe"):
+        resolve_recipe(None)
+
+
+def test_quick_tries_change_the_model_and_the_length():
+    unfreeze = load_recipe("gradual_unfreeze")
+    assert [p.epochs for p in unfreeze.train.resolved_phases()] == [3, 3, 4]
+    three = QuickTry(epochs=3, model="resnet18").apply(unfreeze, "gradual_unfreeze")
+    assert [p.epochs for p in three.train.resolved_phases()] == [1, 1, 1] and three.model.name == "resnet18"
+    assert three.model.pretrained == unfreeze.model.pretrained  # only the name changes
+    assert [p.epochs for p in QuickTry(epochs=20).apply(unfreeze, "g").train.resolved_phases()] == [6, 6, 8]
+    assert [p.epochs for p in QuickTry(epochs_scale=0.2).apply(unfreeze, "g").train.resolved_phases()] == [1, 1, 1]
+    assert [p.epochs for p in QuickTry(max_epochs=5).apply(unfreeze, "g").train.resolved_phases()] == [2, 1, 2]
+    assert QuickTry(epochs=4).apply(load_recipe("last_stage"), "last_stage").train.epochs == 4
+    with pytest.raises(UsageError, match=r"gradual_unfreeze: the recipe has 3 phases; 2 epoch\(s\) in all cannot give"):
+        QuickTry(epochs=2).apply(unfreeze, "gradual_unfreeze")
+    with pytest.raises(UsageError, match=r"--epochs 0: at least 1"):
+        QuickTry(epochs=0).apply(unfreeze, "g")
+    with pytest.raises(RecipeError, match=r"model\.name.*resnet5"):
+        QuickTry(model="resnet5").apply(unfreeze, "g")
+    assert QuickTry(model="resnet18", max_epochs=2).given() == ["--model", "--max-epochs"]
+
+
+def test_one_liner_trains_and_load_says_what_it_is(tmp_path, image_folder, monkeypatch):
+    import finetune
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(train={"epochs": 5})))
+    monkeypatch.chdir(tmp_path)
+    result = finetune.train(data=image_folder, recipe=recipe, epochs=2)  # no out: runs/tiny-TIME here
+    assert result.run_dir.parent == Path("runs") and result.run_dir.name.startswith("tiny-")
+    assert list(result.history["epoch"]) == [1, 2]
+    accuracy = result.report.metrics["accuracy"]
+    assert repr(finetune.load(result.run_dir)) == (
+        f"Predictor(resnet18, single_label, 3 classes ['cat', 'dog', 'eel'], val accuracy {accuracy:.4f} on 6 images)"
+    )
+    assert repr(finetune.load(result.run_dir / "checkpoints" / "last.pt")).endswith("on 6 images, the report of best.pt)")
+    cli = CliRunner().invoke(
+        app,
+        ["train", str(recipe), "--data", str(image_folder), "--out", "cli", "--max-epochs", "1", "--model", "resnet10t", "-q"],
+    )
+    assert cli.exit_code == 0, cli.output
+    assert yaml.safe_load(Path("cli/recipe.yaml").read_text())["model"]["name"] == "resnet10t"
+    assert len(pd.read_csv("cli/metrics.csv")) == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -72,4 +71,6 @@ def session(quiet: bool, debug: bool) -> Iterator[None]:
 
 
 def timestamped(prefix: str) -> Path:
-    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from finetune.run_dir import timestamped_run
+
+    return timestamped_run(prefix)
