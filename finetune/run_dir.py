@@ -67,6 +67,16 @@ class RunDir:
         return self.root / "metrics.csv"
 
     @property
+    def progress(self) -> Path:
+        """The live view: a self-contained page that reloads itself, redrawn after every epoch."""
+        return self.root / "progress.html"
+
+    @property
+    def curves(self) -> Path:
+        """Loss, accuracy and learning rate per epoch with the kept epoch marked, redrawn after every epoch."""
+        return self.root / "training_curves.png"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from finetune import __version__
 from finetune.errors import FinetuneError
@@ -52,7 +53,8 @@ def session(quiet: bool, debug: bool) -> Iterator[None]:
     logging.basicConfig(level=max(level, logging.WARNING), format="%(message)s", force=True)
     ours.setLevel(level)
     try:
-        yield
+        with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
+            yield
     except FinetuneError as exc:
         if debug:
             raise

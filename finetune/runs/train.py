@@ -23,6 +23,7 @@ from finetune.evaluation.calibration import calibration_summary, fit_temperature
 from finetune.files import default_cache_dir, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import RESUMABLE_FROM, VALIDATION_KEYS, load_checkpoint, save_checkpoint
 from finetune.inference.predictions import Predictions
+from finetune.reporting.progress import Standing, write_progress
 from finetune.reporting.report import Report
 from finetune.reporting.run_report import report_for_run
 from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted, timestamped_run
@@ -205,10 +206,36 @@ def _fit_context(
         class_weights=start.class_weights,
         cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
         progress=progress,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=_live_view(run, recipe, on_epoch_end) if start.ranks.main else on_epoch_end,
         train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline, keep_decoded_mb=keep),
         val_set=ImageDataset(val_rows["path"], index.targets(val_rows), model.eval_pipeline, keep_decoded_mb=keep),
     )
+
+
+def _standing(recipe: Recipe, state: FitState | None, *, finished: bool = False) -> Standing:
+    """What progress.html says of the run: epochs planned, the kept epoch (early stopping's best) and its metric."""
+    kept = int((state.addons.get("stopping") or {}).get("best_epoch", 0)) if state is not None else 0
+    total = sum(p.epochs for p in recipe.train.resolved_phases())
+    return Standing(total_epochs=total, kept_epoch=kept or None, metric=recipe.train.early_stopping.metric, finished=finished)
+
+
+def _redraw(run: RunDir, standing: Standing) -> None:
+    """progress.html and training_curves.png; a live view that cannot be written is a warning, never a stop."""
+    try:
+        write_progress(run, standing)
+    except OSError as exc:
+        log.warning("progress.html not updated (%s); training goes on", exc.strerror or exc)
+
+
+def _live_view(run: RunDir, recipe: Recipe, then: Callable[[FitState], None] | None) -> Callable[[FitState], None]:
+    """The epoch-end callback of rank 0: redraw the live view, then call the caller's own callback."""
+
+    def after_epoch(state: FitState) -> None:
+        _redraw(run, _standing(recipe, state))
+        if then is not None:
+            then(state)
+
+    return after_epoch
 
 
 def _fit_and_report(run: RunDir, start: _Start, ctx: FitContext, timings: dict[str, float]) -> Report | None:
@@ -218,11 +245,15 @@ def _fit_and_report(run: RunDir, start: _Start, ctx: FitContext, timings: dict[s
     ctx.trackers = Trackers(start.recipe.log, run.root, first_epoch=first_epoch) if start.ranks.main else None
     try:
         begun = time.perf_counter()
+        if start.ranks.main:
+            _redraw(run, _standing(start.recipe, start.state))  # a page to open before the first epoch ends
         state = fit(start.model.bundle, ctx, state=start.state)
         timings["train"] = time.perf_counter() - begun
         if not start.ranks.main:
             return None
-        log.info("\n%s", epoch_table(read_history(run)))
+        standing = _standing(start.recipe, state, finished=True)
+        _redraw(run, standing)
+        log.info("\n%s", epoch_table(read_history(run), kept_epoch=standing.kept_epoch))
         begun = time.perf_counter()
         calibrate_best(run, start.recipe.eval)
         report = report_for_run(run, start.index, progress=ctx.progress)
