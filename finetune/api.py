@@ -7,6 +7,7 @@ The commands are listed once, in `finetune.commands.COMMANDS`; this module impor
 
 from __future__ import annotations
 
+from finetune.config.builtin import BuiltinRecipe
 from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.doctor import CheckResult
@@ -25,10 +26,12 @@ from finetune.runs.export import ExportResult, export
 from finetune.runs.inspect import inspect
 from finetune.runs.lr_find import LRFindResult, find_lr
 from finetune.runs.predict import load, predict
+from finetune.runs.recipes import recipes, show_recipe
 from finetune.runs.train import TrainResult, train
 
 __all__ = [
     "AuditResult",
+    "BuiltinRecipe",
     "CVResult",
     "CheckResult",
     "CompareResult",
@@ -55,5 +58,7 @@ __all__ = [
     "load",
     "load_recipe",
     "predict",
+    "recipes",
+    "show_recipe",
     "train",
 ]

@@ -6,12 +6,18 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import RunDirError
 from finetune.files import check_writable_folder
+
+
+def timestamped_run(prefix: str) -> Path:
+    """The default output folder of a command: runs/PREFIX-YYYYmmdd-HHMMSS in the working folder."""
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,16 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.csv"
+
+    @property
+    def progress(self) -> Path:
+        """The live view: a self-contained page that reloads itself, redrawn after every epoch."""
+        return self.root / "progress.html"
+
+    @property
+    def curves(self) -> Path:
+        """Loss, accuracy and learning rate per epoch with the kept epoch marked, redrawn after every epoch."""
+        return self.root / "training_curves.png"
 
     @property
     def checkpoints(self) -> Path:

@@ -83,7 +83,7 @@ def test_a_mistyped_command_line_is_one_line():
 
     for argv, expected in (
         (["eval", "runs/x"], "error: Missing option '--data'. See 'finetune eval --help'."),
-        (["train", "--epochs", "3"], "error: No such option: --epochs. See 'finetune train --help'."),
+        (["train", "--gpus", "3"], "error: No such option: --gpus. See 'finetune train --help'."),  # --epochs is one now
         (["nonsense"], "error: No such command 'nonsense'. See 'finetune --help'."),
     ):
         done = subprocess.run([sys.executable, "-m", "finetune", *argv], capture_output=True, text=True)

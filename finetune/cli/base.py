@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from finetune import __version__
 from finetune.errors import FinetuneError
@@ -53,7 +53,8 @@ def session(quiet: bool, debug: bool) -> Iterator[None]:
     logging.basicConfig(level=max(level, logging.WARNING), format="%(message)s", force=True)
     ours.setLevel(level)
     try:
-        yield
+        with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
+            yield
     except FinetuneError as exc:
         if debug:
             raise
@@ -72,4 +73,6 @@ def session(quiet: bool, debug: bool) -> Iterator[None]:
 
 
 def timestamped(prefix: str) -> Path:
-    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from finetune.run_dir import timestamped_run
+
+    return timestamped_run(prefix)

@@ -5,41 +5,55 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from finetune.cli.base import Debug, Overrides, Quiet, app, session, timestamped
 from finetune.errors import UsageError
 
+Model = Annotated[str | None, typer.Option(help="Another backbone for a quick try, e.g. resnet18 (model.name).")]
+Epochs = Annotated[int | None, typer.Option(help="Train this many epochs in all (phases change in proportion).")]
+EpochsScale = Annotated[float | None, typer.Option(help="Multiply every phase's epochs (e.g. 0.2), each keeping >= 1.")]
+MaxEpochs = Annotated[int | None, typer.Option(help="At most this many epochs in all (phases shrink in proportion).")]
+
 
 @app.command()
 def train(
-    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML, e.g. recipes/last_stage.yaml.")] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Argument(help="Recipe YAML or a built-in name (finetune recipes); default: last_stage.", show_default=False),
+    ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder to create (default runs/RECIPE-TIME).")] = None,
     set_: Overrides = None,
+    model: Model = None,
+    epochs: Epochs = None,
+    epochs_scale: EpochsScale = None,
+    max_epochs: MaxEpochs = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run (or cross-validation) folder.")] = None,
     folds: Annotated[int | None, typer.Option(help="K-fold cross-validation: K runs in RUN/fold_k, cv_summary, oof/.")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Train from a recipe; writes checkpoints, metrics.csv and report/ into the run folder."""
+    """Train from a recipe; writes checkpoints, metrics.csv, progress.html (live) and report/ into the run folder."""
     with session(quiet, debug):
-        if resume is None and recipe is None:
-            raise UsageError("give a recipe (e.g. recipes/quickstart.yaml) or --resume RUN")
+        if resume is None and recipe is None and data is None:
+            raise UsageError("give a recipe (e.g. last_stage; 'finetune recipes' lists them) and --data D, or --resume RUN")
         if resume is None and out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("under torchrun every process must write to the same run folder: pass --out RUN")
         from finetune import api
+        from finetune.config.builtin import DEFAULT_RECIPE
 
-        run_dir = resume or out or timestamped(recipe.stem if recipe else "run")
+        run_dir = resume or out or timestamped(recipe.stem if recipe else DEFAULT_RECIPE)
+        quick: dict[str, Any] = {"model": model, "epochs": epochs, "epochs_scale": epochs_scale, "max_epochs": max_epochs}
         if folds is not None or (resume is not None and (resume / "folds.csv").exists()):
-            _cross_validate(recipe, data, run_dir, set_ or [], folds, resume=resume is not None, quiet=quiet)
+            _cross_validate(recipe, data, run_dir, set_ or [], folds, quick, resume=resume is not None, quiet=quiet)
             return
         result = api.train(
-            recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet
+            recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet, **quick
         )
         if result.report is not None:  # None on torchrun ranks other than 0
             typer.echo(
@@ -49,14 +63,22 @@ def train(
 
 
 def _cross_validate(
-    recipe: Path | None, data: Path | None, out: Path, overrides: list[str], folds: int | None, *, resume: bool, quiet: bool
+    recipe: Path | None,
+    data: Path | None,
+    out: Path,
+    overrides: list[str],
+    folds: int | None,
+    quick: dict[str, Any],
+    *,
+    resume: bool,
+    quiet: bool,
 ) -> None:
     from finetune import api
 
     if resume and folds is not None:
         raise UsageError("--resume continues the folds the run was started with; leave out --folds")
     result = api.cross_validate(
-        recipe=recipe, data=data, out=out, folds=folds or 5, overrides=overrides, resume=resume, progress=not quiet
+        recipe=recipe, data=data, out=out, folds=folds or 5, overrides=overrides, resume=resume, progress=not quiet, **quick
     )
     mean, std = result.summary.set_index("fold").loc["mean"], result.summary.set_index("fold").loc["std"]
     typer.echo(
@@ -93,9 +115,7 @@ def compare(
     data: Annotated[Path, typer.Option(help="Image folder or CSV manifest; every recipe gets the same split.")],
     out: Annotated[Path | None, typer.Option(help="Folder for the runs and leaderboard (default runs/compare-TIME).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every recipe (repeatable).")] = None,
-    epochs_scale: Annotated[
-        float | None, typer.Option(help="Multiply every phase's epochs (e.g. 0.2), each keeping >= 1.")
-    ] = None,
+    epochs_scale: EpochsScale = None,
     max_epochs: Annotated[
         int | None, typer.Option(help="At most this many epochs per recipe (phases shrink in proportion).")
     ] = None,

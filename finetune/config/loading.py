@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from yaml.constructor import ConstructorError
 
+from finetune.config.builtin import builtin_recipes, find_recipe_file
 from finetune.config.schema import ModelConfig, Recipe
 from finetune.config.train_schema import SPELLINGS
 from finetune.errors import RecipeError, did_you_mean
@@ -205,8 +206,16 @@ def recipe_from_dict(tree: dict[str, Any], *, overrides: Sequence[str] = (), sou
 
 
 def load_recipe(path: str | Path, *, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe file, apply `--set` style overrides and validate it."""
-    path = Path(path)
+    """Read a YAML recipe file (or a built-in recipe by name: 'last_stage'), apply `--set` style overrides and
+    validate it."""
+    found = find_recipe_file(path)
+    if found is None:
+        names = [recipe.name for recipe in builtin_recipes()]
+        raise RecipeError(
+            f"recipe file {path} not found{did_you_mean(Path(path).stem, names)}; pass a YAML file or a built-in "
+            f"recipe: {', '.join(names)} ('finetune recipes' lists them)"
+        )
+    path = found
     if path.is_dir():
         raise RecipeError(f"recipe {path} is a folder; pass a YAML file such as recipes/quickstart.yaml")
     if not path.is_file():

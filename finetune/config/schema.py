@@ -276,10 +276,14 @@ class Recipe(Strict):
         """The same recipe reading its images from `path` (the `--data` option)."""
         return self.model_copy(update={"data": self.data.model_copy(update={"path": Path(path) if path is not None else None})})
 
-    def with_epochs(self, *, scale: float | None = None, cap: int | None = None) -> Recipe:
-        """The same recipe trained shorter: every phase's epochs times `scale`, then at most `cap` epochs in all
-        (phases shrink in proportion, each keeping at least one epoch)."""
+    def with_epochs(self, *, scale: float | None = None, cap: int | None = None, total: int | None = None) -> Recipe:
+        """The same recipe trained shorter (or longer): `total` epochs in all, or every phase's epochs times `scale`,
+        then at most `cap` epochs in all (phases change in proportion, each keeping at least one epoch)."""
         epochs = [p.epochs for p in self.train.resolved_phases()]
+        if total is not None:
+            if total < len(epochs):
+                raise ValueError(f"the recipe has {len(epochs)} phases; {total} epoch(s) in all cannot give each one epoch")
+            epochs = _shrink(epochs, total)
         if scale is not None:
             epochs = [max(1, round(e * scale)) for e in epochs]
         if cap is not None and sum(epochs) > cap:

@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.errors import DataError
+from finetune.config.builtin import builtin_recipe
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_digits_folder(folder: Path, *, size: int = 32) -> Path:
@@ -37,13 +35,9 @@ def build_digits_folder(folder: Path, *, size: int = 32) -> Path:
 
 
 def default_paths() -> tuple[Path, Path]:
-    """(quickstart recipe, digits folder) of this checkout; the demo needs the repository's recipes/."""
-    recipe = REPO_ROOT / "recipes" / "quickstart.yaml"
-    if not recipe.is_file():
-        raise DataError(
-            f"{recipe} not found; run the demo from a clone of the finetune repository installed with 'pip install -e .'"
-        )
-    return recipe, REPO_ROOT / "data_examples" / "digits"
+    """(quickstart recipe, digits folder): the built-in recipe, and data_examples/digits in the working folder (beside
+    the runs/ that commands write by default), so an installed finetune runs the demo from any folder."""
+    return builtin_recipe("quickstart").path, Path("data_examples") / "digits"
 
 
 def demo_out_dir(base: Path = Path("runs")) -> Path:

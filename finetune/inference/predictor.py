@@ -70,11 +70,13 @@ class Predictor:
 
     def __init__(self, run: str | Path | TrainedModel) -> None:
         self.run_dir: RunDir | None = None  # where `predict --reject auto` keeps its threshold
+        self.checkpoint: Path | None = None
         if isinstance(run, TrainedModel):
             self.trained = run
             return
-        self.trained = load_trained(run)
-        self.run_dir = RunDir.of_checkpoint(checkpoint_path(run))
+        self.checkpoint = checkpoint_path(run)
+        self.trained = load_trained(run)  # resolved again: a run without best.pt says so, not 'run does not exist'
+        self.run_dir = RunDir.of_checkpoint(self.checkpoint)
 
     @property
     def class_names(self) -> list[str]:
@@ -153,5 +155,23 @@ class Predictor:
             write_text(self.run_dir.reject, json.dumps(rule.to_dict(), indent=1))
 
     def __repr__(self) -> str:
+        """What a notebook shows for `finetune.load(RUN)`: model, task, classes and the run's reported accuracy."""
         recipe = self.trained.recipe
-        return f"Predictor({recipe.model.name}, {self.trained.task.name}, classes={self.class_names})"
+        classes = self.class_names if len(self.class_names) <= 12 else [*self.class_names[:10], "..."]
+        return (
+            f"Predictor({recipe.model.name}, {self.trained.task.name}, {len(self.class_names)} classes {classes}, "
+            f"{self._reported_accuracy()})"
+        )
+
+    def _reported_accuracy(self) -> str:
+        """'test accuracy 0.9412 on 34 images' from the run's report/metrics.json, or why there is none."""
+        metrics = self.run_dir.report / "metrics.json" if self.run_dir is not None else None
+        if metrics is None or not metrics.is_file():
+            return "no report beside the checkpoint"
+        try:
+            figures = json.loads(metrics.read_text(encoding="utf-8"))
+            split = figures.get("evaluated_on", {}).get("split", "eval")
+            whose = "" if self.checkpoint is None or self.checkpoint.name == "best.pt" else ", the report of best.pt"
+            return f"{split} accuracy {float(figures['accuracy']):.4f} on {int(figures['num_images'])} images{whose}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return "report/metrics.json unreadable"

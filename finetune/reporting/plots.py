@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 MIN_ANSWERED = 10  # the accuracy-vs-coverage curve starts where this many images are answered
 CELL_TEXT_LIMIT = 30  # beyond this many classes numbers in cells are unreadable; colours carry the information
 PERCENT_LIMIT = 12  # up to this many classes a cell shows its count and its row percentage
+KEPT_COLOUR = "#f2b600"  # the epoch best.pt holds: gold, apart from the curves' own colours
 
 
 def _square_figure(n: int) -> tuple[Figure, Axes]:
@@ -23,9 +25,9 @@ def _square_figure(n: int) -> tuple[Figure, Axes]:
     return fig, fig.subplots()
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path | BinaryIO) -> None:
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
 
 
 def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: Path, *, title: str) -> None:
@@ -90,8 +92,9 @@ def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> 
     _save(fig, path)
 
 
-def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
-    """Loss, accuracy / macro-F1 and learning rate per epoch; dotted lines mark phase boundaries."""
+def plot_training_curves(history: pd.DataFrame, path: Path | BinaryIO, *, kept_epoch: int | None = None) -> None:
+    """Loss, accuracy / macro-F1 and learning rate per epoch; dotted lines mark phase boundaries, a gold band and
+    stars the kept epoch (the one best.pt holds)."""
     fig = Figure(figsize=(14, 3.8), dpi=110)
     axes = fig.subplots(1, 3)
     epochs = history["epoch"]
@@ -113,9 +116,20 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    if kept_epoch is not None and (epochs == kept_epoch).any():
+        _mark_kept(axes, history, kept_epoch)
     axes[0].legend()
     axes[1].legend(loc="lower right")
     _save(fig, path)
+
+
+def _mark_kept(axes: Sequence[Axes], history: pd.DataFrame, epoch: int) -> None:
+    """A gold band over the kept epoch in every panel, and stars on its validation loss and accuracy."""
+    row = history.loc[history["epoch"] == epoch].iloc[-1]
+    for ax in axes:
+        ax.axvspan(epoch - 0.35, epoch + 0.35, color=KEPT_COLOUR, alpha=0.2, lw=0)
+    axes[0].plot([epoch], [row["val_loss"]], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
+    axes[1].plot([epoch], [row["val_accuracy"]], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
 
 
 def _reliability_panel(top: Axes, bottom: Axes, table: pd.DataFrame, title: str) -> None:

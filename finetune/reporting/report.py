@@ -80,7 +80,10 @@ def _write_figures(folder: Path, card: Scorecard, *, title: str, context: RunCon
         "augmentation": None,
     }
     if context is not None and context.run is not None and context.run.metrics.exists():
-        plot_training_curves(read_table(context.run.metrics), folder / "training_curves.png")
+        kept = context.meta.get("epoch")  # the epoch the evaluated checkpoint holds
+        plot_training_curves(
+            read_table(context.run.metrics), folder / "training_curves.png", kept_epoch=int(kept) if kept else None
+        )
         figures["curves"] = folder / "training_curves.png"
     if context is not None:
         figures["augmentation"] = _augmentation_preview(context, folder / "augmentation_preview.png")

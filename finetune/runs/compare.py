@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import ValidationError
 
-from finetune.config.loading import format_validation_error, load_recipe
+from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.split import evaluation_split
 from finetune.errors import UsageError
@@ -24,6 +23,7 @@ from finetune.models.inspect import inspect_model
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir
 from finetune.runs.cv import CVResult, cross_validate
+from finetune.runs.prepare import QuickTry
 from finetune.runs.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,8 @@ def compare(
     if folds is not None and seeds > 1:
         raise UsageError("give --folds K or --seeds N, not both (folds already train every recipe K times)")
     read, stems = _recipes_over_models(paths, models, overrides)
-    loaded = [_shortened(recipe, path, epochs_scale, max_epochs) for recipe, path in read]
+    shorter = QuickTry(epochs_scale=epochs_scale, max_epochs=max_epochs)
+    loaded = [shorter.apply(recipe, path) for recipe, path in read]
     out = Path(out)
     check_writable_folder(out)
     runs = _runs(loaded, _run_names(stems), seeds)
@@ -268,21 +269,6 @@ def _recipes_over_models(
             folder = model.replace(":", "_")  # tv:resnet18 -> tv_resnet18
             stems.append(folder if len(paths) == 1 else f"{path.stem}-{folder}")
     return loaded, stems
-
-
-def _shortened(recipe: Recipe, path: Path, scale: float | None, cap: int | None) -> Recipe:
-    if scale is None and cap is None:
-        return recipe
-    if scale is not None and scale <= 0:
-        raise UsageError(f"--epochs-scale {scale}: a factor above 0, e.g. 0.2 for a fifth of every recipe's epochs")
-    if cap is not None and cap < 1:
-        raise UsageError(f"--max-epochs {cap}: at least 1")
-    try:
-        return recipe.with_epochs(scale=scale, cap=cap)
-    except ValidationError as exc:  # the shorter phases break a rule of the recipe (mixup before a cached phase)
-        raise UsageError(format_validation_error(exc, f"{path} shortened")) from None
-    except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
 
 
 def _runs(recipes: list[Recipe], names: list[str], seeds: int) -> list[tuple[Recipe, str]]:

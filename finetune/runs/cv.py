@@ -25,14 +25,14 @@ from finetune.data.doctor import ImageFacts, screen_samples
 from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude, assign_folds, fold_manifest
 from finetune.data.scan import read_samples
-from finetune.errors import CheckpointError, RunDirError
+from finetune.errors import CheckpointError, RunDirError, UsageError
 from finetune.files import path_key, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import read_record
 from finetune.inference.predictions import Predictions
 from finetune.reporting.html import RunContext
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted
-from finetune.runs.prepare import check_cheap_things, resolve_recipe
+from finetune.runs.prepare import QuickTry, check_cheap_things, resolve_recipe
 from finetune.runs.train import train
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,17 @@ def cross_validate(
     out: str | Path,
     folds: int = 5,
     overrides: Sequence[str] = (),
+    model: str | None = None,
+    epochs: int | None = None,
+    epochs_scale: float | None = None,
+    max_epochs: int | None = None,
     resume: bool = False,
     progress: bool = True,
     cache_dir: str | Path | None = None,
     assignment: pd.DataFrame | None = None,
 ) -> CVResult:
-    """Train `recipe` K times, each fold once the validation split; `resume=True` continues `out`.
+    """Train `recipe` K times, each fold once the validation split; `resume=True` continues `out`. `model`, `epochs`,
+    `epochs_scale` and `max_epochs` are train's quick-try options.
 
     Folds are stratified, seeded with the recipe's seed and keep `data.group_pattern` groups whole; a test split
     stays out of them. `assignment` (a folds.csv table) imposes the folds of another run (compare uses one set).
@@ -70,10 +75,13 @@ def cross_validate(
     started = time.perf_counter()
     run = RunDir(Path(out))
     facts: Mapping[str, ImageFacts] = {}
+    quick = QuickTry(model=model, epochs=epochs, epochs_scale=epochs_scale, max_epochs=max_epochs)
     if resume:
+        if quick.given():
+            raise UsageError(f"--resume continues {run.root} as it started; leave out {', '.join(quick.given())}")
         chosen, table = _read_cv(run)
     else:
-        chosen = resolve_recipe(recipe, overrides=overrides, data=data)
+        chosen = resolve_recipe(recipe, overrides=overrides, data=data, quick=quick)
         claim_output(run, marker=run.folds, holds="cross-validation")
         check_cheap_things(chosen)
         with removed_if_unstarted(run), locked(run):

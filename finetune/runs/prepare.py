@@ -14,9 +14,11 @@ from typing import Any
 
 import albumentations as A
 import pandas as pd
+from pydantic import ValidationError
 
+from finetune.config.builtin import DEFAULT_RECIPE, builtin_recipe
 from finetune.config.catalog import STAGES
-from finetune.config.loading import flatten, load_recipe, recipe_from_dict
+from finetune.config.loading import flatten, format_validation_error, load_recipe, model_config_for, recipe_from_dict
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.decode import load_image, printable
 from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
@@ -151,20 +153,78 @@ def prepare_run(recipe: Recipe, *, progress: bool, known: Mapping[str, ImageFact
 RESUME_FREE = {"data.num_workers"}  # settings a resumed run may change without changing its result
 
 
+@dataclass(frozen=True)
+class QuickTry:
+    """The quick-try options of train and compare: another backbone (`--model`) and another length (`--epochs N` in
+    all, `--epochs-scale F` per phase, `--max-epochs N` at most), phases changing in proportion."""
+
+    model: str | None = None
+    epochs: int | None = None
+    epochs_scale: float | None = None
+    max_epochs: int | None = None
+
+    def given(self) -> list[str]:
+        """The options set, as the CLI spells them."""
+        return [f"--{name.replace('_', '-')}" for name, value in vars(self).items() if value is not None]
+
+    def apply(self, recipe: Recipe, source: str | Path) -> Recipe:
+        """`recipe` with the model and length asked for; a length no recipe can take is a UsageError."""
+        if self.model is not None:
+            model_config_for(self.model)  # an unknown name: one line with a suggestion
+            tree = recipe.to_dict()
+            tree["model"]["name"] = self.model
+            recipe = recipe_from_dict(tree, source=f"{source} with --model {self.model}")
+        if self.epochs is None and self.epochs_scale is None and self.max_epochs is None:
+            return recipe
+        for option, value, lowest in (("--epochs", self.epochs, 1), ("--max-epochs", self.max_epochs, 1)):
+            if value is not None and value < lowest:
+                raise UsageError(f"{option} {value}: at least {lowest}")
+        if self.epochs_scale is not None and self.epochs_scale <= 0:
+            raise UsageError(
+                f"--epochs-scale {self.epochs_scale}: a factor above 0, e.g. 0.2 for a fifth of every phase's epochs"
+            )
+        try:
+            return recipe.with_epochs(total=self.epochs, scale=self.epochs_scale, cap=self.max_epochs)
+        except ValidationError as exc:  # the new phase lengths break a rule of the recipe (mixup before a cached phase)
+            raise UsageError(format_validation_error(exc, f"{source} shortened")) from None
+        except ValueError as exc:
+            raise UsageError(f"{source}: {exc}") from None
+
+
 def resolve_recipe(
-    recipe: Recipe | dict[str, Any] | str | Path | None, *, overrides: Sequence[str] = (), data: str | Path | None = None
+    recipe: Recipe | dict[str, Any] | str | Path | None,
+    *,
+    overrides: Sequence[str] = (),
+    data: str | Path | None = None,
+    quick: QuickTry | None = None,
 ) -> Recipe:
-    """A validated recipe from a file, a dict (as the YAML would read) or a Recipe, with `--set` overrides and
-    `--data` applied."""
-    if recipe is None:
+    """A validated recipe from a file, a built-in name, a dict (as the YAML would read) or a Recipe, with `--set`
+    overrides, the quick-try options and `--data` applied. Without a recipe but with data: the built-in default."""
+    if recipe is None and data is None:
         raise UsageError("train needs a recipe (e.g. recipes/quickstart.yaml), or resume=True with an existing run")
+    if recipe is None:
+        default = builtin_recipe(DEFAULT_RECIPE)
+        log.info(
+            "no recipe given: training the built-in '%s' (%s); 'finetune recipes' lists the others", default.name, default.summary
+        )
+        recipe = default.path
+    source = recipe if isinstance(recipe, (str, Path)) else "the recipe"
     if isinstance(recipe, dict):
         recipe = recipe_from_dict(recipe, overrides=overrides)
     elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides=overrides)
     elif overrides:
         recipe = recipe_from_dict(recipe.to_dict(), overrides=overrides)
+    if quick is not None:
+        recipe = quick.apply(recipe, source)
     return recipe.with_data(data) if data is not None else recipe
+
+
+def run_name(recipe: Recipe | dict[str, Any] | str | Path | None) -> str:
+    """The name a run folder gets from its recipe: the file's stem, the built-in default's name, else 'run'."""
+    if recipe is None:
+        return DEFAULT_RECIPE
+    return Path(recipe).stem if isinstance(recipe, (str, Path)) else "run"
 
 
 def changed_settings(old: Recipe, new: Recipe) -> str:

@@ -18,22 +18,25 @@ from finetune.data.doctor import ImageFacts
 from finetune.data.loader import ImageDataset
 from finetune.data.split import DatasetIndex
 from finetune.data.transforms import save_pipeline
-from finetune.errors import CheckpointError, RunDirError
+from finetune.errors import CheckpointError, RunDirError, UsageError
 from finetune.evaluation.calibration import calibration_summary, fit_temperature
 from finetune.files import default_cache_dir, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import RESUMABLE_FROM, VALIDATION_KEYS, load_checkpoint, save_checkpoint
 from finetune.inference.predictions import Predictions
+from finetune.reporting.progress import Standing, write_progress
 from finetune.reporting.report import Report
 from finetune.reporting.run_report import report_for_run
-from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted
+from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted, timestamped_run
 from finetune.runs.prepare import (
     PreparedData,
     PreparedModel,
+    QuickTry,
     changed_settings,
     prepare_model,
     prepare_run,
     refuse_changed_recipe,
     resolve_recipe,
+    run_name,
 )
 from finetune.training.distributed import Ranks, barrier, setup, teardown
 from finetune.training.history import epoch_table, read_history, truncate_history
@@ -181,7 +184,7 @@ def write_training_files(run: RunDir, start: _Start) -> None:
 
 
 def _fit_context(
-    run: RunDir, start: _Start, *, progress: bool, on_epoch_end: Callable[[FitState], None] | None, cache_dir: Path
+    run: RunDir, start: _Start, *, progress: bool, on_epoch_end: Callable[[FitState], None] | None, cache_dir: str | Path | None
 ) -> FitContext:
     """The training and validation datasets, and everything else `fit` reads."""
     recipe, index, model = start.recipe, start.index, start.model
@@ -201,12 +204,38 @@ def _fit_context(
         image=model.image,
         run=run,
         class_weights=start.class_weights,
-        cache_dir=cache_dir,
+        cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
         progress=progress,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=_live_view(run, recipe, on_epoch_end) if start.ranks.main else on_epoch_end,
         train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline, keep_decoded_mb=keep),
         val_set=ImageDataset(val_rows["path"], index.targets(val_rows), model.eval_pipeline, keep_decoded_mb=keep),
     )
+
+
+def _standing(recipe: Recipe, state: FitState | None, *, finished: bool = False) -> Standing:
+    """What progress.html says of the run: epochs planned, the kept epoch (early stopping's best) and its metric."""
+    kept = int((state.addons.get("stopping") or {}).get("best_epoch", 0)) if state is not None else 0
+    total = sum(p.epochs for p in recipe.train.resolved_phases())
+    return Standing(total_epochs=total, kept_epoch=kept or None, metric=recipe.train.early_stopping.metric, finished=finished)
+
+
+def _redraw(run: RunDir, standing: Standing) -> None:
+    """progress.html and training_curves.png; a live view that cannot be written is a warning, never a stop."""
+    try:
+        write_progress(run, standing)
+    except OSError as exc:
+        log.warning("progress.html not updated (%s); training goes on", exc.strerror or exc)
+
+
+def _live_view(run: RunDir, recipe: Recipe, then: Callable[[FitState], None] | None) -> Callable[[FitState], None]:
+    """The epoch-end callback of rank 0: redraw the live view, then call the caller's own callback."""
+
+    def after_epoch(state: FitState) -> None:
+        _redraw(run, _standing(recipe, state))
+        if then is not None:
+            then(state)
+
+    return after_epoch
 
 
 def _fit_and_report(run: RunDir, start: _Start, ctx: FitContext, timings: dict[str, float]) -> Report | None:
@@ -216,11 +245,15 @@ def _fit_and_report(run: RunDir, start: _Start, ctx: FitContext, timings: dict[s
     ctx.trackers = Trackers(start.recipe.log, run.root, first_epoch=first_epoch) if start.ranks.main else None
     try:
         begun = time.perf_counter()
+        if start.ranks.main:
+            _redraw(run, _standing(start.recipe, start.state))  # a page to open before the first epoch ends
         state = fit(start.model.bundle, ctx, state=start.state)
         timings["train"] = time.perf_counter() - begun
         if not start.ranks.main:
             return None
-        log.info("\n%s", epoch_table(read_history(run)))
+        standing = _standing(start.recipe, state, finished=True)
+        _redraw(run, standing)
+        log.info("\n%s", epoch_table(read_history(run), kept_epoch=standing.kept_epoch))
         begun = time.perf_counter()
         calibrate_best(run, start.recipe.eval)
         report = report_for_run(run, start.index, progress=ctx.progress)
@@ -242,12 +275,35 @@ def _final_scores(report: Report) -> dict[str, float]:
     return {f"{split}_{k}": float(report.metrics[k]) for k in keys if isinstance(report.metrics.get(k), (int, float))}
 
 
+def _read_resumed(
+    run: RunDir, recipe: Any, overrides: Sequence[str], data: str | Path | None, quick: QuickTry
+) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
+    """The run to continue, with any recipe, override, data or quick-try option checked against it."""
+    if quick.given():
+        raise UsageError(f"--resume continues {run.root} as it started; leave out {', '.join(quick.given())}")
+    stored, index, payload = read_run(run)
+    refuse_changed_recipe(stored, recipe, overrides, data, run)
+    return stored, index, payload
+
+
+def _claim_new(run: RunDir, recipe: Recipe) -> Recipe:
+    """The output folder checked (and taken over when it holds a run stopped inside its first epoch)."""
+    claim_output(run, marker=run.last, holds="run", restartable=True)
+    if run.is_run():
+        log.info("%s holds a run that never finished an epoch; starting it again", run.root)
+    return recipe
+
+
 def train(
     *,
     recipe: Recipe | dict[str, Any] | str | Path | None = None,
     data: str | Path | None = None,
-    out: str | Path,
+    out: str | Path | None = None,
     overrides: Sequence[str] = (),
+    model: str | None = None,
+    epochs: int | None = None,
+    epochs_scale: float | None = None,
+    max_epochs: int | None = None,
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[FitState], None] | None = None,
@@ -256,34 +312,35 @@ def train(
 ) -> TrainResult:
     """Fine-tune per `recipe` on `data`, writing the run folder `out`; `resume=True` continues `out`.
 
+    `recipe` is a YAML file, a built-in name ('last_stage'; `finetune recipes` lists them), a dict or a Recipe;
+    without one, `data` trains the built-in last_stage. `model` swaps the backbone; `epochs` sets the run's epochs
+    in all, `epochs_scale` multiplies every phase's and `max_epochs` caps them (phases change in proportion).
+    `out` defaults to runs/RECIPE-TIME. `on_epoch_end(state)` runs after every epoch (metrics.csv has its row).
+
     Under `torchrun --nproc_per_node=N` every process calls this; they train data-parallel and rank 0 writes.
     `cache_dir` holds feature caches (default: `default_cache_dir()`, i.e. $FINETUNE_CACHE_DIR or ~/.cache).
     `known_images` are screening facts already gathered (cross-validation folds screen the images once).
     """
     started = time.perf_counter()
-    run = RunDir(Path(out))
+    quick = QuickTry(model=model, epochs=epochs, epochs_scale=epochs_scale, max_epochs=max_epochs)
+    if out is None and resume:
+        raise UsageError("resume=True continues a run folder: pass it as out")
+    run = RunDir(Path(out) if out is not None else timestamped_run(run_name(recipe)))
     if resume:
-        stored, index, payload = read_run(run)
-        refuse_changed_recipe(stored, recipe, overrides, data, run)
+        stored, index, payload = _read_resumed(run, recipe, overrides, data, quick)
         target = stored
     else:
-        target = resolve_recipe(recipe, overrides=overrides, data=data)
-        claim_output(run, marker=run.last, holds="run", restartable=True)
-        if run.is_run():
-            log.info("%s holds a run that never finished an epoch; starting it again", run.root)
+        target = _claim_new(run, resolve_recipe(recipe, overrides=overrides, data=data, quick=quick))
     ranks = setup(target.train.device)
     try:
         barrier()  # every rank has looked at the folder before rank 0 locks it
         with removed_if_unstarted(run), locked(run, enabled=ranks.main):
-            if resume:
-                start = _start_resume(run, stored, index, payload, ranks)
-            else:
-                start = _start_new(run, target, ranks, progress=progress, known=known_images)
+            resumed = _start_resume(run, stored, index, payload, ranks) if resume else None
+            start = resumed or _start_new(run, target, ranks, progress=progress, known=known_images)
             progress = progress and ranks.main
             if ranks.main:
                 write_training_files(run, start)
-            folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-            ctx = _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end, cache_dir=folder)
+            ctx = _fit_context(run, start, progress=progress, on_epoch_end=on_epoch_end, cache_dir=cache_dir)
             timings = {"prepare": time.perf_counter() - started}
             report = _fit_and_report(run, start, ctx, timings)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from finetune.inference.checkpoint import load_checkpoint
@@ -11,6 +10,7 @@ from finetune.models.build import ModelBundle
 from finetune.run_dir import RunDir
 from finetune.training.context import Env, FitContext, FitState, Phase
 from finetune.training.distributed import barrier
+from finetune.training.history import live_row
 from finetune.training.scoring import EpochScores, chosen_weights, select
 from finetune.training.validation import validate
 
@@ -36,21 +36,9 @@ def validate_epoch(ctx: FitContext, env: Env, phase: Phase) -> EpochScores:
     return select(runs[0], runs[1] if len(runs) > 1 else None, train.ema, metric=train.early_stopping.metric)
 
 
-def log_epoch(row: dict[str, Any], scores: EpochScores) -> None:
-    accuracy = row["train_accuracy"]
-    train_acc = f"{accuracy:.4f}" if math.isfinite(accuracy) else "- (images mixed)"
-    ema = f" | EMA acc {scores.ema.metrics['val_accuracy']:.4f} ({scores.selected} kept)" if scores.ema is not None else ""
-    log.info(
-        "epoch %d: train loss %.4f acc %s | val loss %.4f acc %.4f macro-F1 %.4f%s (%.1fs)",
-        row["epoch"],
-        row["train_loss"],
-        train_acc,
-        row["val_loss"],
-        row["val_accuracy"],
-        row["val_macro_f1"],
-        ema,
-        row["seconds"],
-    )
+def log_epoch(row: dict[str, Any], *, best: bool) -> None:
+    """The epoch's line of the table that `live_header` heads, as fastai grows its table during fit."""
+    log.info("%s", live_row(row, best=best))
 
 
 def after_epoch(

@@ -8,6 +8,7 @@ val_loss / val_accuracy / val_macro_f1 of the raw weights, with `train.ema` the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
@@ -53,12 +54,67 @@ def truncate_history(run: RunDir, *, after_epoch: int) -> None:
         write_table(history[history["epoch"] <= after_epoch], run.metrics, float_format="%.6g")
 
 
-def epoch_table(history: pd.DataFrame) -> str:
-    """The run's epochs as a fixed-width table (as fastai prints after fit): losses, accuracies, macro-F1, time."""
+def epoch_table(history: pd.DataFrame, *, kept_epoch: int | None = None) -> str:
+    """The run's epochs as a fixed-width table (as fastai prints after fit): losses, accuracies, macro-F1, time;
+    `kept` marks the epoch best.pt holds."""
     columns = [
         c for c in ("epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1") if c in history
     ]
     columns += [c for c in ("ema_val_accuracy", "selected") if c in history]
     table = history[columns].copy()
-    table["time"] = [f"{int(s) // 60:02d}:{int(s) % 60:02d}" for s in history["seconds"]]
+    if kept_epoch is not None:
+        table["kept"] = ["*" if e == kept_epoch else "" for e in history["epoch"]]
+    table["time"] = [clock(s) for s in history["seconds"]]
     return table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
+
+
+def clock(seconds: float) -> str:
+    """mm:ss (h:mm:ss from an hour on), as fastai shows an epoch's time."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+LIVE_COLUMNS = (  # (header, metrics.csv key, width): the table the terminal grows by one row per epoch
+    ("epoch", "epoch", 5),
+    ("phase", "phase", 5),
+    ("train_loss", "train_loss", 10),
+    ("train_acc", "train_accuracy", 9),
+    ("val_loss", "val_loss", 8),
+    ("val_acc", "val_accuracy", 7),
+    ("val_f1", "val_macro_f1", 6),
+)
+
+
+def live_header(*, ema: bool) -> str:
+    """The header of the epoch table printed as training goes (the time column is 'duration', mm:ss)."""
+    names = [f"{name:>{width}}" for name, _, width in LIVE_COLUMNS]
+    names += ["ema_acc", "kept"] if ema else []
+    return "  ".join([*names, "duration", "best"])
+
+
+def live_row(row: dict[str, Any], *, best: bool) -> str:
+    """One epoch's line under `live_header`: '*' under best when best.pt now holds this epoch; train_acc says
+    'mixed' in epochs that mix images (a blend has no single right class)."""
+    cells = []
+    for _, key, width in LIVE_COLUMNS:
+        value = row[key]
+        if key in ("epoch", "phase"):
+            cells.append(f"{int(value):>{width}d}")
+        else:
+            cells.append(f"{value:>{width}.4f}" if math.isfinite(value) else f"{'mixed':>{width}}")  # images mixed
+    if "ema_val_accuracy" in row:
+        cells += [f"{row['ema_val_accuracy']:>7.4f}", f"{row['selected']:>4}"]
+    return "  ".join([*cells, f"{clock(row['seconds']):>8}", f"{'*' if best else '':>4}"])
+
+
+def seconds_left(history: pd.DataFrame, total_epochs: int) -> float | None:
+    """The run's remaining time from the epochs behind it. A phase's first epoch pays for caching and warm-up, so
+    the estimate uses the last three epochs that are not a phase's first, or, while there are none, the phases'
+    first epochs once there are two; after a single epoch there is no honest estimate yet (None)."""
+    later = history[history["phase_epoch"] > 1] if len(history) else history
+    steady = later if len(later) else history if len(history) >= 2 else None
+    if steady is None:
+        return None
+    per_epoch = float(steady["seconds"].tail(3).mean())
+    return max(0, total_epochs - int(history["epoch"].iloc[-1])) * per_epoch

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -27,7 +28,7 @@ from finetune.training.ema import StageEma, moving_tensors
 from finetune.training.epoch import Stepper, train_one_epoch
 from finetune.training.epoch_end import after_epoch, log_epoch, validate_epoch
 from finetune.training.feature_cache import CachedPhase, cached_modules, cached_phase, why_not_cached
-from finetune.training.history import append_history_row
+from finetune.training.history import append_history_row, clock, live_header, seconds_left
 from finetune.training.loss import build_criterion
 from finetune.training.mixup import Mixer, soft_target_criterion
 from finetune.training.optim import build_scheduler, stage_lrs
@@ -38,6 +39,7 @@ from finetune.training.seeding import epoch_seed, seed_epoch
 __all__ = ["FitContext", "FitState", "fit"]
 
 log = logging.getLogger(__name__)
+RUN_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's own ETA would count the caching first epoch
 
 
 def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
@@ -84,13 +86,20 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
         bundle.model.to(memory_format=torch.channels_last)
     env = _environment(bundle, ctx, state)
     phases = ctx.recipe.train.resolved_phases()
-    with tqdm(total=env.total_epochs, initial=state.epoch, desc="run", unit="epoch", disable=not ctx.progress) as bar:
+    rows: list[dict[str, Any]] = []  # this process's epochs, for the run's ETA
+    with tqdm(
+        total=env.total_epochs, initial=state.epoch, desc="run", unit="epoch", disable=not ctx.progress, bar_format=RUN_BAR
+    ) as bar:
         for index in range(state.phase, len(phases)):
             phase = _prepare_phase(bundle, ctx, env, phases[index], index, state)
             while state.phase_epoch < phase.config.epochs:
-                scores = _run_epoch(bundle, ctx, env, phase, state, last_phase=index == len(phases) - 1)
+                scores, row = _run_epoch(bundle, ctx, env, phase, state, last_phase=index == len(phases) - 1)
+                rows.append(row)
+                left = seconds_left(pd.DataFrame(rows), env.total_epochs)
+                # the postfix first: update() redraws, and the bar shows this epoch's accuracy, not the last one's
+                estimate = f"left ~{clock(left)}" if left is not None else "left: after epoch 2"
+                bar.set_postfix_str(f"val_acc={scores.chosen.metrics['val_accuracy']:.4f}, {estimate}", refresh=False)
                 bar.update(state.epoch - bar.n)
-                bar.set_postfix(val_acc=f"{scores.chosen.metrics['val_accuracy']:.4f}", refresh=False)
     barrier()  # every checkpoint is on disk before any rank goes on
     return state
 
@@ -121,9 +130,10 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: Phase
         f"{trainable:,}",
         config.epochs,
         config.lr,
-        config.norm,
+        config.norm if set(plan.trainable) != set(STAGES) else "trains (no stage is frozen)",
         policy_note(bundle.stages.normalisation, config.norm),
     )
+    log.info("%s", live_header(ema=env.ema is not None))
     started = time.perf_counter()
     net, val_net, train_set, val_batches, cached = _phase_inputs(bundle, ctx, env, config)
     ema_val_net: nn.Module | None = None
@@ -198,8 +208,10 @@ def _phase_inputs(
     return net, bundle.model, ctx.train_set, val_loader, None
 
 
-def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: Env, phase: Phase, state: FitState, *, last_phase: bool) -> EpochScores:
-    """Train one epoch, validate, log a metrics row, decide early stopping, write checkpoints."""
+def _run_epoch(
+    bundle: ModelBundle, ctx: FitContext, env: Env, phase: Phase, state: FitState, *, last_phase: bool
+) -> tuple[EpochScores, dict[str, Any]]:
+    """Train one epoch, validate, write its metrics row, decide early stopping, write checkpoints, log its line."""
     epoch = state.epoch + 1
     started, phase.setup_started = phase.setup_started or time.perf_counter(), None
     set_train_mode(bundle.model, phase.plan, bundle.stages)
@@ -223,13 +235,13 @@ def _run_epoch(bundle: ModelBundle, ctx: FitContext, env: Env, phase: Phase, sta
         append_history_row(ctx.run, row)
         if ctx.trackers is not None:
             ctx.trackers.epoch(epoch, row, lrs)
-    log_epoch(row, scores)
     state.epoch, state.phase_epoch = epoch, state.phase_epoch + 1
     metrics = {k: float(v) for k, v in row.items() if k != "selected"} | scores.chosen.metrics
     after_epoch(bundle, ctx, env, phase, state, metrics=metrics, scores=scores, last_phase=last_phase)
+    log_epoch(row, best=env.stopping.best_epoch == epoch)
     if ctx.on_epoch_end is not None:
         ctx.on_epoch_end(state)
-    return scores
+    return scores, row
 
 
 def _train_epoch(ctx: FitContext, env: Env, phase: Phase, epoch: int) -> tuple[float, float]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from finetune.config.train_schema import EmaConfig
+from finetune.training.early_stopping import TIEBREAK, lower_is_better
 from finetune.training.validation import Validation
 
 EMA_PREFIX = "ema_"
@@ -39,7 +40,10 @@ class EpochScores:
 
 
 def _better(a: dict[str, float], b: dict[str, float], metric: str) -> bool:
-    return a[metric] < b[metric] if metric == "val_loss" else a[metric] > b[metric]
+    """Whether `a` validates better than `b` on `metric`, a tie going to the better TIEBREAK metric (lower loss)."""
+    if a[metric] == b[metric]:
+        metric = TIEBREAK[metric]
+    return a[metric] < b[metric] if lower_is_better(metric) else a[metric] > b[metric]
 
 
 def select(raw: Validation, ema: Validation | None, cfg: EmaConfig | None, *, metric: str) -> EpochScores:
