@@ -17,17 +17,19 @@ import torch
 from safetensors.torch import save_file
 
 from finetune import export, train
+from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import ModelConfig, PhaseConfig, TrainConfig
 from finetune.errors import ModelError, WeightsError
 from finetune.evaluation.explain import Explainer
 from finetune.inference.checkpoint import load_checkpoint, load_trained
 from finetune.models import weights as weights_module
-from finetune.models.build import build_model
-from finetune.training.feature_cache import cache_reader, cached_modules, entry_module
+from finetune.models.build import ModelBundle, build_model
+from finetune.models.stages import StageMap
+from finetune.training.feature_cache import _prefix_blocker, cache_reader, cached_modules, entry_module
 from finetune.training.feature_store import Tap
 from finetune.training.optim import stage_param_groups
 
-from conftest import REPO, make_folder
+from conftest import REPO, make_folder, tiny_recipe
 
 N = 7  # never the default 1000
 FROZEN = ("stem", "layer1", "layer2", "layer3")
@@ -268,3 +270,17 @@ def test_layer_wise_decay_groups_cover_every_parameter_of_each_family(name):
     }
     undecayed = {params[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     assert ({"pos_embed", "cls_token"} <= undecayed) == (name == "deit_tiny_patch16_224")
+
+
+def test_the_chain_check_accepts_a_vit_that_pools_with_attention():
+    """A `global_pool='map'` ViT pools layer4's tokens with attention inside forward_head: its tensors train with
+    layer4, no stage runs it, so the frozen prefix's cache (and the head's) reproduce the model's logits."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", global_pool="map", num_classes=N, dynamic_img_size=True).eval()
+    stages = StageMap.of(model, "head")
+    assert stages.of_tensor["attn_pool.latent"] == "layer4" and [n for n, _ in stages.modules["layer4"]][-1] == "norm"
+    bundle = ModelBundle(model=model, name="deit_tiny_map", classifier="head", data_config={}, stages=stages)
+    recipe = recipe_from_dict(tiny_recipe(train={"freeze": list(FROZEN)}))
+    image = torch.rand(1, 3, 64, 64)
+    for first in ("layer4", "head"):
+        assert _prefix_blocker(bundle, Tap(model, entry_module(bundle, first)), recipe, first, image, rows=10) is None

@@ -49,7 +49,6 @@ Normalisation = Literal["batchnorm", "groupnorm", "layernorm"]
 NORMALISATION_NAMES: Mapping[Normalisation, str] = MappingProxyType(
     {"batchnorm": "BatchNorm", "groupnorm": "GroupNorm", "layernorm": "LayerNorm"}
 )
-NOTHING = r"(?!)"  # a pattern no module name matches
 
 
 def normalisation_of(model: nn.Module, rule: Normalisation) -> Normalisation:
@@ -87,7 +86,7 @@ class Family:
     names: FamilyNames  # the model names it covers: config.catalog.FAMILY_NAMES[name]
     classes: tuple[str, ...]  # dotted names of its model classes: how a built model is recognised
     stage_patterns: StagePatterns  # stem, layer1..layer4 (module/tensor name regexes)
-    pooling: str  # modules between layer4 and the head stage, in no stage (they hold no tensors)
+    pooling: str  # modules that pool layer4's output for the head stage: no stage runs them (forward_head does)
     classifier: Callable[[nn.Module], str]  # dotted path of the classification layer the head replaces
     forward_head: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # pooling + classifier on layer4's output
     cam_target: Callable[[Sequence[nn.Module]], nn.Module]  # of a stage's modules, the one Grad-CAM hooks
@@ -147,8 +146,8 @@ def regnet_stage_patterns(model: nn.Module) -> dict[Stage, str]:
 
 
 def vit_stage_patterns(model: nn.Module) -> dict[Stage, str]:
-    """A ViT's blocks in four equal groups; timm puts the final `norm` with the last block, and the attention
-    pooling of `global_pool='map'` models, which pools the tokens layer4 made, joins it there."""
+    """A ViT's blocks in four equal groups; timm puts the final `norm` with the last block, and the tensors of the
+    attention pooling of `global_pool='map'` models, which pools the tokens layer4 made, join it there."""
     return even_block_patterns(model, layer4_extra=[r"attn_pool"])
 
 
@@ -238,7 +237,8 @@ FAMILIES: tuple[Family, ...] = (
         names=FAMILY_NAMES["vit"],
         classes=("timm.models.vision_transformer.VisionTransformer",),
         stage_patterns=vit_stage_patterns,
-        pooling=NOTHING,  # the class token is taken (or tokens averaged) without a module
+        pooling=r"^attn_pool(\.|$)",  # the class token is taken (or tokens averaged) without a module, but 'map'
+        # models pool with attention: forward_head runs it, its tensors train with layer4
         classifier=timm_classifier,
         forward_head=timm_forward_head,
         cam_target=last_token_mixer,
