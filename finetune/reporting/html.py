@@ -149,10 +149,10 @@ def _phases(recipe: dict[str, Any]) -> str:
     described = []
     for phase in phases:
         trainable = phase.get("trainable", "all")
-        stages = "all stages" if trainable in ("all", None) else " + ".join(trainable)
-        described.append(
-            f"{phase.get('epochs')} epoch(s) training {stages} at lr {phase.get('lr'):g}, BN {phase.get('bn', 'frozen')}"
-        )
+        every = trainable in ("all", None) or set(trainable) == set(STAGES)
+        stages = "all stages" if every else " + ".join(trainable)
+        bn = "trains (no stage is frozen)" if every else phase.get("bn", "frozen")  # the policy is for frozen stages
+        described.append(f"{phase.get('epochs')} epoch(s) training {stages} at lr {phase.get('lr'):g}, BN {bn}")
     return "; then ".join(described)
 
 

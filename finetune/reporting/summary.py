@@ -95,7 +95,9 @@ def summary_markdown(card: Scorecard, title: str, *, split: str | None, selectio
             per_class_with_intervals(card.per_class).to_markdown(index=False),
             "",
             f"Weakest class: **{worst['class']}** (F1 {worst['f1']:.3f}). "
-            "See report.html, confusion_matrix.png and predictions.csv for where its images went.",
+            "See report.html, confusion_matrix.png and predictions.csv for where its images went."
+            if worst["f1"] < 1.0
+            else f"Every class is right on all {m['num_images']} images (F1 1.000 each): no weakest class here.",
             "",
             *[f"- {key}: {value}" for key, value in notes.items()],
             "",
