@@ -62,6 +62,7 @@ class RunContext:
     selection: bool | str = False  # the split chose the best epoch (or why else the images are not new): optimistic
     extra: dict[str, Any] = field(default_factory=dict)
     tta: tuple[str, ...] = ()  # test-time views averaged into the probabilities
+    leaks: pd.DataFrame | None = None  # the run's duplicate pairs across splits (leakage.csv): the banner says so
 
 
 def png_b64(path: Path) -> str:
@@ -231,8 +232,8 @@ def render_html(
         sections=SECTIONS,
         summary=summary,
         split_counts=split_counts,
-        split_note=split_sentence(ctx.split, ctx.selection) if ctx else None,
-        selection=bool(ctx and ctx.selection),
+        split_note=split_sentence(ctx.split, ctx.selection, ctx.leaks) if ctx else None,
+        selection=bool(ctx and (ctx.selection or (ctx.leaks is not None and len(ctx.leaks)))),  # a warning banner
         recipe_yaml=yaml.safe_dump(meta.get("recipe", {}), sort_keys=False),
         versions=meta.get("versions", {}),
         versions_text="\n".join(f"{k}: {v}" for k, v in meta.get("versions", {}).items()),
