@@ -1,4 +1,5 @@
 import pickle
+import re
 
 import pytest
 import timm
@@ -176,3 +177,17 @@ def test_cached_hub_file_is_used_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(weights_module, "_host_reachable", lambda url, timeout=3.0: pytest.fail("no network call when cached"))
     bundle = build_model(ModelConfig(name="resnet18", pretrained=True), num_classes=N)
     assert _backbone_equal(bundle.model, state)
+
+
+def test_a_weights_mismatch_names_only_what_is_there():
+    from finetune.models.weights import load_weights
+
+    model = timm.create_model("resnet18", num_classes=3)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("layer4.1.")}
+    with pytest.raises(WeightsError) as caught:
+        load_weights(model, state, classifier="fc", source="w.pth")
+    message = str(caught.value)
+    assert re.search(
+        r"architecture: \d+ missing key\(s\) \(e\.g\. layer4\.1\.\S+, layer4\.1\.\S+\), 0 unexpected; is the", message
+    )
+    assert "[]" not in message  # no empty example list

@@ -129,3 +129,15 @@ def test_debug_shows_the_exception(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["eval", "no_run", "--data", ".", "--debug"])
     assert isinstance(result.exception, FinetuneError) and "no_run does not exist" in str(result.exception)
+
+
+def test_help_shows_no_python_types_on_flags_and_keeps_brackets():
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    shown = CliRunner().invoke(app, ["train", "--help"]).output
+    assert "<bool>" not in shown and "<list[str]>" not in shown and "<str>" not in shown
+    assert "--set KEY=VALUE" in shown and "--model NAME" in shown and "--epochs N" in shown
+    assert "train/ val/ [test/])" in shown  # plain help: brackets are text, not markup
+    assert "<bool>" not in CliRunner().invoke(app, ["predict", "--help"]).output

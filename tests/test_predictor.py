@@ -84,3 +84,34 @@ def test_a_folder_streams_in_one_decoding_pass_leaving_unreadable_files_out(trai
     assert sorted(table["path"].map(lambda p: p.rsplit("/", 1)[-1])) == ["good_0.png", "good_1.png", "good_2.png"]
     assert sorted(decoded) == sorted(str(p) for p in folder.iterdir())  # each file decoded once: no screening pass
     assert any("skipped 2 unreadable image(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_reject_auto_says_how_many_images_its_accuracy_rests_on(trained, caplog):
+    run, root = trained
+    caplog.set_level("INFO", logger="finetune")
+    predictor = finetune.load(run)
+    logits, targets = predictor.trained.validation
+    predictor.predict([_picture(4)], reject="auto", target_accuracy=0.5)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("reject below confidence"))
+    share, answered = (float(x) for x in __import__("re").search(r"([\d.]+)% of images \((\d+)\) answered", line).groups())
+    assert answered == round(share / 100 * len(targets)) and answered <= len(targets) < 10
+    assert line.endswith(", too few to trust")  # a handful of validation images cannot vouch for an accuracy
+
+
+def test_a_summary_of_perfect_answers_names_no_weakest_class(tmp_path):
+    from finetune.inference.predictions import Predictions
+    from finetune.reporting.report import write_report
+
+    probs = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.9 + 0.1 / 3
+    write_report(
+        Predictions(paths=list("abcdef"), probs=probs, targets=np.array([0, 1, 2, 0, 1, 2])),
+        ["x", "y", "z"],
+        tmp_path,
+        top_k=1,
+        title="t",
+    )
+    summary = (tmp_path / "summary.md").read_text()
+    assert (
+        "Weakest class" not in summary
+        and "Every class is right on all 6 images (F1 1.000 each): no weakest class here." in summary
+    )

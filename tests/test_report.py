@@ -179,3 +179,50 @@ def test_a_run_records_absolute_paths_so_eval_elsewhere_still_knows_its_images(t
     monkeypatch.chdir(tmp_path / "run")  # somewhere else
     report = evaluate(run=run, data=image_folder, out=tmp_path / "seen", progress=False)
     assert report.metrics["evaluated_on"]["selection_split"] is True
+
+
+def test_the_banner_names_known_leakage(tmp_path, preds):
+    from finetune.config.loading import recipe_from_dict
+    from finetune.reporting.html import RunContext
+
+    from conftest import tiny_recipe
+
+    meta = {"recipe": recipe_from_dict(tiny_recipe()).to_dict()}
+    leaks = pd.DataFrame({"path_a": ["a", "b", "c"], "path_b": ["d", "e", "f"]})
+    leaks = leaks.assign(split_a=["train", "train", "val"], split_b=["test", "val", "test"])
+    write_report(preds, CLASSES, tmp_path / "r", top_k=2, title="t", context=RunContext(meta=meta, split="test", leaks=leaks))
+    said = (
+        "Computed on the test split, which nothing during training saw: not early stopping, not the best epoch, not the "
+        "temperature. Known leakage: 3 duplicate pair(s) cross the splits (leakage.csv), 2 of them reach the test split, so "
+        "these figures may be inflated; remove the copies or set data.group_pattern, and train again."
+    )
+    assert f"> **{said}**" in (tmp_path / "r" / "summary.md").read_text()
+    assert f'<div class="banner warn"><b>{said}</b></div>' in (tmp_path / "r" / "report.html").read_text()
+    write_report(
+        preds, CLASSES, tmp_path / "s", top_k=2, title="t", context=RunContext(meta=meta, split="test", leaks=leaks[1:2])
+    )
+    assert (
+        "Known leakage: 1 duplicate pair(s) cross the splits (leakage.csv), none reaches the test split, though"
+        in (tmp_path / "s" / "summary.md").read_text()
+    )
+    write_report(preds, CLASSES, tmp_path / "u", top_k=2, title="t", context=RunContext(meta=meta, split="test"))
+    page = (tmp_path / "u" / "report.html").read_text()
+    assert "Known leakage" not in page and '<div class="banner ok">' in page
+
+
+def test_a_run_with_leakage_says_so_in_its_report(tmp_path, image_folder):
+    from finetune import train
+
+    from conftest import tiny_recipe
+
+    run = train(recipe=tiny_recipe(data={"test_fraction": 0.25}), data=image_folder, out=tmp_path / "run", progress=False)
+    leaks = pd.read_csv(tmp_path / "run" / "leakage.csv")  # the tiny folder repeats a pattern under two classes
+    reach = int(((leaks["split_a"] == "test") | (leaks["split_b"] == "test")).sum())
+    assert (
+        len(leaks)
+        and f"Known leakage: {len(leaks)} duplicate pair(s) cross the splits (leakage.csv)"
+        in (run.report.folder / "summary.md").read_text()
+    )
+    assert (f"{reach} of them reach the test split" if reach else "none reaches the test split") in (
+        run.report.folder / "report.html"
+    ).read_text()

@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -15,16 +15,21 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from finetune import __version__
 from finetune.errors import FinetuneError
 
+HELP_STYLE: dict[str, Any] = {"rich_markup_mode": None}  # plain help: no '<bool>' on flags, '[test/]' stays text
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    **HELP_STYLE,
     help="Fine-tune ResNets on image folders from YAML recipes; evaluate and predict with the result.",
 )
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
-Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set train.epochs=3 (repeatable).")]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe field: --set train.epochs=3 (repeatable)."),
+]
 
 
 def _version(value: bool) -> None:

@@ -6,11 +6,12 @@ from typing import Annotated
 
 import typer
 
-from finetune.cli.base import Debug, app, session
+from finetune.cli.base import HELP_STYLE, Debug, app, session
 
 recipes_app = typer.Typer(
     help="The built-in recipes: any name works where a recipe file does (finetune train last_stage --data D).",
     invoke_without_command=True,
+    **HELP_STYLE,
 )
 app.add_typer(recipes_app, name="recipes")
 

@@ -12,10 +12,14 @@ import typer
 from finetune.cli.base import Debug, Overrides, Quiet, app, session, timestamped
 from finetune.errors import UsageError
 
-Model = Annotated[str | None, typer.Option(help="Another backbone for a quick try, e.g. resnet18 (model.name).")]
-Epochs = Annotated[int | None, typer.Option(help="Train this many epochs in all (phases change in proportion).")]
-EpochsScale = Annotated[float | None, typer.Option(help="Multiply every phase's epochs (e.g. 0.2), each keeping >= 1.")]
-MaxEpochs = Annotated[int | None, typer.Option(help="At most this many epochs in all (phases shrink in proportion).")]
+Model = Annotated[str | None, typer.Option(metavar="NAME", help="Another backbone for a quick try, e.g. resnet18 (model.name).")]
+Epochs = Annotated[int | None, typer.Option(metavar="N", help="Train this many epochs in all (phases change in proportion).")]
+EpochsScale = Annotated[
+    float | None, typer.Option(metavar="F", help="Multiply every phase's epochs (e.g. 0.2), each keeping >= 1.")
+]
+MaxEpochs = Annotated[
+    int | None, typer.Option(metavar="N", help="At most this many epochs in all (phases shrink in proportion).")
+]
 
 
 @app.command()
@@ -93,7 +97,7 @@ def demo(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Build data_examples/digits (scikit-learn's handwritten digits) and train recipes/quickstart.yaml on it."""
+    """Build data_examples/digits (scikit-learn's handwritten digits) and its leak-free split digits.csv; train quickstart."""
     with session(quiet, debug):
         begun = time.perf_counter()
         from finetune import api
@@ -111,13 +115,15 @@ def demo(
 
 @app.command()
 def compare(
-    recipes: Annotated[list[Path], typer.Argument(help="Two or more recipe YAML files (one with --models).")],
+    recipes: Annotated[list[Path], typer.Argument(help="Two or more recipes: built-in names or YAML files (one with --models).")],
     data: Annotated[Path, typer.Option(help="Image folder or CSV manifest; every recipe gets the same split.")],
     out: Annotated[Path | None, typer.Option(help="Folder for the runs and leaderboard (default runs/compare-TIME).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every recipe (repeatable).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override applied to every recipe (repeatable).")
+    ] = None,
     epochs_scale: EpochsScale = None,
     max_epochs: Annotated[
-        int | None, typer.Option(help="At most this many epochs per recipe (phases shrink in proportion).")
+        int | None, typer.Option(metavar="N", help="At most this many epochs per recipe (phases shrink in proportion).")
     ] = None,
     seeds: Annotated[int, typer.Option(help="Train each recipe with seeds 0..N-1; adds mean ± sd per recipe.")] = 1,
     folds: Annotated[int | None, typer.Option(help="Cross-validate every recipe on the same K folds; rank out of fold.")] = None,

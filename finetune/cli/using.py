@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from finetune.cli.base import Debug, Quiet, app, session
+from finetune.cli.base import HELP_STYLE, Debug, Quiet, app, session
 
 
 @app.command("eval")
@@ -167,7 +167,7 @@ def export(
         typer.echo(f"files: {', '.join(str(p) for p in result.files.values())} | parity: {result.folder / 'parity.json'}")
 
 
-report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True)
+report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True, **HELP_STYLE)
 app.add_typer(report_app, name="report")
 
 

@@ -1,4 +1,9 @@
-"""`finetune demo`: build a small real dataset (scikit-learn's handwritten digits) and train the quickstart recipe on it."""
+"""`finetune demo`: build a small real dataset (scikit-learn's handwritten digits) and train the quickstart recipe on it.
+
+The digits hold near-identical pictures (34 pairs within perceptual-hash distance 4); split at random, some land on
+both sides of a split and flatter the test score. The demo's manifest splits them as `train` would split the folder
+(stratified, seeded, the same sizes) but keeps each group of look-alikes in one split.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from finetune.config.builtin import builtin_recipe
+from finetune.data.doctor import duplicate_pairs, examine_all
+from finetune.data.facts import FactsCache
+from finetune.data.split import split_samples
+from finetune.files import write_table
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +42,54 @@ def build_digits_folder(folder: Path, *, size: int = 32) -> Path:
         )
     log.info("wrote %d digit images to %s", len(digits.target), folder)
     return folder
+
+
+def digits_manifest(folder: Path, *, seed: int, val_fraction: float, test_fraction: float) -> Path:
+    """FOLDER.csv beside the digits folder: path (relative to the CSV), label and split of every digit, with no
+    duplicate pair across splits (see the module's docstring)."""
+    folder = Path(folder)
+    paths = sorted(folder.glob("*/*.png"))
+    samples = pd.DataFrame({"path": [str(p) for p in paths], "label": [p.parent.name for p in paths], "split": ""})
+    samples = split_samples(samples, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    facts = examine_all(list(samples["path"]), progress=False, cache=FactsCache.default())  # training reuses them
+    pairs = duplicate_pairs(samples, facts)
+    samples["split"] = keep_groups_whole(samples, pairs, seed=seed)
+    manifest = folder.parent / f"{folder.name}.csv"
+    write_table(samples.assign(path=[p.relative_to(folder.parent).as_posix() for p in paths]), manifest)
+    log.info("%s: %d look-alike pair(s) kept within one split", manifest, len(pairs))
+    return manifest
+
+
+def keep_groups_whole(samples: pd.DataFrame, pairs: pd.DataFrame, *, seed: int) -> list[str]:
+    """The splits of `samples` with every group of duplicates (connected by `pairs`) moved into the split most of it
+    is in; each moved image trades places with a lone image of its class there, so every class keeps its split sizes."""
+    position = {path: i for i, path in enumerate(samples["path"])}
+    parent = list(range(len(samples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in zip(pairs["path_a"], pairs["path_b"]):
+        parent[root(position[a])] = root(position[b])
+    groups: dict[int, list[int]] = {}
+    for i in range(len(samples)):
+        groups.setdefault(root(i), []).append(i)
+    split, labels = list(samples["split"]), list(samples["label"])
+    taken = {i for members in groups.values() if len(members) > 1 for i in members}
+    rng = np.random.default_rng(seed)
+    for members in (m for m in groups.values() if len(m) > 1):
+        target = max(("train", "val", "test"), key=[split[i] for i in members].count)  # on a tie the first of these
+        for i in (i for i in members if split[i] != target):
+            lone = [j for j in range(len(samples)) if j not in taken and split[j] == target and labels[j] == labels[i]]
+            if lone:
+                partner = lone[int(rng.integers(len(lone)))]
+                split[partner] = split[i]
+                taken.add(partner)
+            split[i] = target
+    return split
 
 
 def default_paths() -> tuple[Path, Path]:

@@ -27,6 +27,7 @@ from finetune.inference.reject import RejectRule, risk_coverage, threshold_for_a
 from finetune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
+TRUSTED_COUNT = 10  # fewer answered validation images than this: their accuracy is too few to trust (as the report says)
 
 
 def check_reject_options(min_confidence: float | None, reject: str | None, target_accuracy: float | None) -> None:
@@ -145,11 +146,14 @@ class Predictor:
 
     def _remember(self, rule: RejectRule) -> None:
         """Keep the chosen threshold with the run (RUN/reject.json), so later calls and people can see it."""
+        answered = round((rule.coverage or 0) * len(self.trained.validation[1])) if self.trained.validation else 0
         log.info(
-            "reject below confidence %.4f: on the validation split %.1f%% of images answered at %.1f%% accuracy",
+            "reject below confidence %.4f: on the validation split %.1f%% of images (%d) answered at %.1f%% accuracy%s",
             rule.threshold,
             100 * (rule.coverage or 0),
+            answered,
             100 * (rule.accuracy or 0),
+            ", too few to trust" if answered < TRUSTED_COUNT else "",
         )
         if self.run_dir is not None:
             write_text(self.run_dir.reject, json.dumps(rule.to_dict(), indent=1))

@@ -140,6 +140,11 @@ def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[
     return state
 
 
+def _examples(keys: list[str]) -> str:
+    """' (e.g. a, b)' for a non-empty list of state-dict keys, else nothing."""
+    return f" (e.g. {', '.join(keys[:2])})" if keys else ""
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, classifier: str, source: str) -> None:
     """Load backbone weights strictly; classifier tensors are kept only when their shapes match."""
     own = model.state_dict()
@@ -153,8 +158,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, classifier
     unexpected = [k for k in state if not is_head(k) and k not in own]
     if missing or unexpected:
         raise WeightsError(
-            f"weights {source} do not fit this architecture: {len(missing)} missing key(s) (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); is the file for another model than model.name?"
+            f"weights {source} do not fit this architecture: {len(missing)} missing key(s){_examples(missing)}, "
+            f"{len(unexpected)} unexpected{_examples(unexpected)}; is the file for another model than model.name?"
         )
     wrong = [k for k in own if not is_head(k) and tuple(state[k].shape) != tuple(own[k].shape)]
     if wrong:

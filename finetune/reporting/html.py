@@ -62,6 +62,7 @@ class RunContext:
     selection: bool | str = False  # the split chose the best epoch (or why else the images are not new): optimistic
     extra: dict[str, Any] = field(default_factory=dict)
     tta: tuple[str, ...] = ()  # test-time views averaged into the probabilities
+    leaks: pd.DataFrame | None = None  # the run's duplicate pairs across splits (leakage.csv): the banner says so
 
 
 def png_b64(path: Path) -> str:
@@ -149,8 +150,10 @@ def _phases(recipe: dict[str, Any]) -> str:
     described = []
     for phase in phases:
         trainable = phase.get("trainable", "all")
-        stages = "all stages" if trainable in ("all", None) else " + ".join(trainable)
-        described.append(f"{phase.get('epochs')} epoch(s) training {stages} at lr {phase.get('lr'):g}, norm {_norm(phase)}")
+        every = trainable in ("all", None) or set(trainable) == set(STAGES)
+        stages = "all stages" if every else " + ".join(trainable)
+        norm = "trains (no stage is frozen)" if every else _norm(phase)  # the policy is for frozen stages
+        described.append(f"{phase.get('epochs')} epoch(s) training {stages} at lr {phase.get('lr'):g}, norm {norm}")
     return "; then ".join(described)
 
 
@@ -234,8 +237,8 @@ def render_html(
         sections=SECTIONS,
         summary=summary,
         split_counts=split_counts,
-        split_note=split_sentence(ctx.split, ctx.selection) if ctx else None,
-        selection=bool(ctx and ctx.selection),
+        split_note=split_sentence(ctx.split, ctx.selection, ctx.leaks) if ctx else None,
+        selection=bool(ctx and (ctx.selection or (ctx.leaks is not None and len(ctx.leaks)))),  # a warning banner
         recipe_yaml=yaml.safe_dump(meta.get("recipe", {}), sort_keys=False),
         versions=meta.get("versions", {}),
         versions_text="\n".join(f"{k}: {v}" for k, v in meta.get("versions", {}).items()),

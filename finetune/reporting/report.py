@@ -119,7 +119,14 @@ def write_report(
     notes = context.extra if context else {}
     write_text(
         folder / "summary.md",
-        summary_markdown(card, title, split=split, selection=context.selection if context else False, notes=notes),
+        summary_markdown(
+            card,
+            title,
+            split=split,
+            selection=context.selection if context else False,
+            notes=notes,
+            leaks=context.leaks if context else None,
+        ),
     )
     render_html(
         path=folder / "report.html",

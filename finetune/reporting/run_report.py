@@ -53,13 +53,21 @@ def write_run_report(
     selection: bool | str,
     skipped: pd.DataFrame,
     run: RunDir | None,
+    leaks: pd.DataFrame | None = None,
 ) -> Report:
-    """The report of `preds` into `folder`, with the run's context (training curves, splits, Grad-CAM galleries)."""
+    """The report of `preds` into `folder`, with the run's context (training curves, splits, Grad-CAM galleries);
+    `leaks`, the run's duplicate pairs across its own splits, go in the banner of a report on those splits."""
     title = f"{trained.recipe.model.name} on the {split} split ({len(preds.paths)} images)"
     explain, where = explainer_for(trained)
     notes = _report_notes(trained, run, len(skipped)) | ({"Grad-CAM layer": where} if where else {})
     context = RunContext(
-        meta=trained.meta, run=run, split=split, selection=selection, extra=notes, tta=tuple(trained.recipe.eval.tta)
+        meta=trained.meta,
+        run=run,
+        split=split,
+        selection=selection,
+        extra=notes,
+        tta=tuple(trained.recipe.eval.tta),
+        leaks=leaks,
     )
     folder.mkdir(parents=True, exist_ok=True)
     write_table(skipped, folder / "skipped.csv")
@@ -84,4 +92,7 @@ def report_for_run(run: RunDir, index: DatasetIndex, *, progress: bool) -> Repor
             list(rows["path"]), trained.class_indices(rows["label"]), progress=progress, desc="evaluate"
         )
     skipped = pd.DataFrame(columns=[*rows.columns, "reason"])  # the run's images were screened before training
-    return write_run_report(trained, preds, run.report, split=split, selection=split == "val", skipped=skipped, run=run)
+    leaks = read_text_table(run.leakage) if run.leakage.exists() else None
+    return write_run_report(
+        trained, preds, run.report, split=split, selection=split == "val", skipped=skipped, run=run, leaks=leaks
+    )

@@ -18,9 +18,26 @@ def interval(metrics: dict[str, Any], name: str) -> str:
     return f"{value:.1%} (95% CI {bounds[0]:.1%}-{bounds[1]:.1%})"
 
 
-def split_sentence(split: str, selection: bool | str) -> str:
+def split_sentence(split: str, selection: bool | str, leaks: pd.DataFrame | None = None) -> str:
     """What the numbers can be trusted for, given the split they were computed on (`selection`: True when it chose
-    the best epoch, or the reason in words when the images are not new to the run for another cause)."""
+    the best epoch, or the reason in words when the images are not new to the run for another cause), and the known
+    leakage: the run's duplicate pairs across splits (leakage.csv), when there are any."""
+    said = _split_words(split, selection)
+    return f"{said} {leakage_sentence(leaks, split)}" if leaks is not None and len(leaks) else said
+
+
+def leakage_sentence(leaks: pd.DataFrame, split: str) -> str:
+    """'Known leakage: 34 duplicate pair(s) cross the splits, 22 of them reach the test split ...' (leakage.csv)."""
+    reach = int(((leaks["split_a"] == split) | (leaks["split_b"] == split)).sum())
+    where = f"{reach} of them reach the {split} split" if reach else f"none reaches the {split} split"
+    return (
+        f"Known leakage: {len(leaks)} duplicate pair(s) cross the splits (leakage.csv), {where}"
+        + (", so these figures may be inflated" if reach else ", though the epoch and temperature choice may be flattered")
+        + "; remove the copies or set data.group_pattern, and train again."
+    )
+
+
+def _split_words(split: str, selection: bool | str) -> str:
     if selection:
         why = (
             selection
@@ -71,8 +88,16 @@ def per_class_with_intervals(per_class: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-def summary_markdown(card: Scorecard, title: str, *, split: str | None, selection: bool | str, notes: dict[str, Any]) -> str:
-    """The short human summary with the tables."""
+def summary_markdown(
+    card: Scorecard,
+    title: str,
+    *,
+    split: str | None,
+    selection: bool | str,
+    notes: dict[str, Any],
+    leaks: pd.DataFrame | None = None,
+) -> str:
+    """The short human summary with the tables (`leaks`: the run's duplicate pairs across splits, said in the banner)."""
     m = card.metrics
     worst = card.per_class.sort_values("f1").iloc[0]
     headline = {k: v for k, v in m.items() if isinstance(v, float)}
@@ -80,7 +105,7 @@ def summary_markdown(card: Scorecard, title: str, *, split: str | None, selectio
         [
             f"# {title}",
             "",
-            *([f"> **{split_sentence(split, selection)}**", ""] if split else []),
+            *([f"> **{split_sentence(split, selection, leaks)}**", ""] if split else []),
             f"{m['num_images']} images, {m['num_classes']} classes: accuracy **{interval(m, 'accuracy')}**, balanced accuracy "
             f"{interval(m, 'balanced_accuracy')}, macro-F1 {interval(m, 'macro_f1')}.",
             "",
@@ -95,7 +120,9 @@ def summary_markdown(card: Scorecard, title: str, *, split: str | None, selectio
             per_class_with_intervals(card.per_class).to_markdown(index=False),
             "",
             f"Weakest class: **{worst['class']}** (F1 {worst['f1']:.3f}). "
-            "See report.html, confusion_matrix.png and predictions.csv for where its images went.",
+            "See report.html, confusion_matrix.png and predictions.csv for where its images went."
+            if worst["f1"] < 1.0
+            else f"Every class is right on all {m['num_images']} images (F1 1.000 each): no weakest class here.",
             "",
             *[f"- {key}: {value}" for key, value in notes.items()],
             "",

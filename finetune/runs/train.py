@@ -147,7 +147,10 @@ def _start_resume(run: RunDir, stored: Recipe, index: DatasetIndex, payload: dic
     if payload is not None:
         model.bundle.model.load_state_dict(payload["state_dict"])
     weights = class_weights(stored.loss, class_names=index.class_names, targets=index.targets(index.split("train")))
-    log.info("resuming %s after epoch %d", run.root, state.epoch if state else 0)
+    if state is not None and state.finished:
+        log.info("%s had finished all its epochs (%d): only calibration and the report are done again", run.root, state.epoch)
+    else:
+        log.info("resuming %s after epoch %d", run.root, state.epoch if state else 0)
     return _Start(recipe=stored, index=index, model=model, class_weights=weights, state=state, ranks=ranks)
 
 
