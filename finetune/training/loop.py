@@ -123,15 +123,16 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: Phase
         state.phase, state.phase_epoch = index, 0
         env.stopping.start_phase()
     log.info(
-        "phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, norm %s (%s)",
+        "phase %d/%d: training %s (%s parameters), %d epoch(s), lr %g, norm %s",
         index + 1,
         len(ctx.recipe.train.resolved_phases()),
         ", ".join(plan.trainable),
         f"{trainable:,}",
         config.epochs,
         config.lr,
-        config.norm if set(plan.trainable) != set(STAGES) else "trains (no stage is frozen)",
-        policy_note(bundle.stages.normalisation, config.norm),
+        "trains (no stage is frozen)"
+        if set(plan.trainable) == set(STAGES)
+        else f"{config.norm} ({policy_note(bundle.stages.normalisation, config.norm)})",
     )
     log.info("%s", live_header(ema=env.ema is not None))
     started = time.perf_counter()
