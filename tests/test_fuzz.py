@@ -23,6 +23,10 @@ MUTANTS = 300
 TRAINED_AT_MOST = 12  # mutants that validate train for real; the rest stop after validation (the suite stays short)
 ODD_VALUES = [
     None,
+    True,
+    float("inf"),
+    float("nan"),
+    2**40,
     -1,
     0,
     1,

@@ -253,3 +253,74 @@ def test_norm_policy_and_its_older_spelling_bn(tmp_path):
         recipe_from_dict(tiny_recipe(train={"phases": [{"epochs": 1, "lr": 0.1, "bn": "train", "norm": "train"}]}))
     with pytest.raises(RecipeError, match=r"recipe\.train\.norm: Input should be 'frozen' or 'train'"):
         recipe_from_dict(tiny_recipe(train={"norm": "fixed"}))
+
+
+NUMERIC_FIELDS = [  # (dotted key, a valid value): each gets inf, -inf, NaN and true below
+    ("seed", 3),
+    ("train.lr", 0.01),
+    ("train.weight_decay", 0.01),
+    ("train.warmup_epochs", 1.0),
+    ("train.grad_clip", 1.0),
+    ("train.epochs", 2),
+    ("data.val_fraction", 0.2),
+    ("data.batch_size", 8),
+    ("transforms.crop_pct", 0.9),
+    ("loss.label_smoothing", 0.1),
+    ("model.head.dropout", 0.1),
+    ("model.head.hidden", 32),
+]
+
+
+def _tree_with(dotted: str, value):
+    tree = tiny_recipe()
+    node = tree
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return tree
+
+
+@pytest.mark.parametrize(("dotted", "good"), NUMERIC_FIELDS)
+def test_numbers_are_finite_and_never_booleans(dotted, good):
+    recipe_from_dict(_tree_with(dotted, good))  # the field itself is fine
+    is_int = isinstance(good, int)
+    for bad in (True, False) if is_int else (float("inf"), float("-inf"), float("nan"), True):
+        with pytest.raises(
+            RecipeError, match=rf"recipe\.{dotted}: (Input should be a finite number|true/false is not a number)"
+        ) as caught:
+            recipe_from_dict(_tree_with(dotted, bad))
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "pattern"),
+    [
+        ("seed", 2**32, r"recipe\.seed: Input should be less than or equal to 4294967295"),
+        ("seed", -1, r"recipe\.seed: Input should be greater than or equal to 0"),
+        ("model.head.hidden", 10**9, r"recipe\.model\.head\.hidden: Input should be less than or equal to 65536"),
+        ("transforms.mean", [0.5, float("nan"), 0.5], r"recipe\.transforms\.mean\.1: Input should be a finite number"),
+        ("transforms.std", [0.2, 0.2, float("inf")], r"recipe\.transforms\.std\.2: Input should be a finite number"),
+        ("transforms.mean", [True, 0.5, 0.5], r"recipe\.transforms\.mean: true/false is not a number"),
+        ("loss.class_weights", {"a": float("nan"), "b": 1.0}, r"recipe\.loss\.class_weights\.a: Input should be a finite number"),
+        ("loss.class_weights", {"a": True, "b": 1.0}, r"recipe\.loss\.class_weights: true/false is not a number"),
+    ],
+)
+def test_numbers_are_bounded_where_libraries_stop(dotted, value, pattern):
+    with pytest.raises(RecipeError, match=pattern):
+        recipe_from_dict(_tree_with(dotted, value))
+
+
+def test_booleans_stay_booleans_and_phases_check_their_numbers():
+    recipe = recipe_from_dict(_tree_with("eval.gradcam", False))
+    assert recipe.eval.gradcam is False
+    tree = tiny_recipe()
+    tree["train"] = {"phases": [{"epochs": True, "lr": 0.01}]}
+    with pytest.raises(RecipeError, match=r"recipe\.train\.phases\.0\.epochs: true/false is not a number"):
+        recipe_from_dict(tree)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, -1.0])
+def test_epochs_scale_must_be_finite_and_positive(scale):
+    with pytest.raises(ValueError, match="the epochs scale must be a finite number above 0"):
+        recipe_from_dict(tiny_recipe()).with_epochs(scale=scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -154,7 +155,7 @@ class TransformsConfig(Strict):
 
 class HeadConfig(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    hidden: int | None = Field(None, ge=1)
+    hidden: int | None = Field(None, ge=1, le=65536)
 
 
 class ModelConfig(Strict):
@@ -221,7 +222,7 @@ def _csv_only() -> list[LogSink]:
 class Recipe(Strict):
     """A complete, validated training recipe."""
 
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy and scikit-learn take seeds below 2**32.")
     data: DataConfig = Field(default_factory=DataConfig)
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -280,6 +281,8 @@ class Recipe(Strict):
         """The same recipe trained shorter (or longer): `total` epochs in all, or every phase's epochs times `scale`,
         then at most `cap` epochs in all (phases change in proportion, each keeping at least one epoch)."""
         epochs = [p.epochs for p in self.train.resolved_phases()]
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"the epochs scale must be a finite number above 0 (got {scale})")
         if total is not None:
             if total < len(epochs):
                 raise ValueError(f"the recipe has {len(epochs)} phases; {total} epoch(s) in all cannot give each one epoch")
