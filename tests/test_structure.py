@@ -14,6 +14,7 @@ PACKAGE = REPO / "finetune"
 FLOORS = {
     "finetune.errors": 0,
     "finetune.commands": 0,
+    "finetune.bars": 0,
     "finetune.files": 1,
     "finetune.versions": 1,
     "finetune.run_dir": 2,

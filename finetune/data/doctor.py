@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from finetune.bars import progress as progress_bar
 from finetune.config.catalog import EXTENSION_FORMATS
 from finetune.data.facts import FLAT_LOOK, FactsCache, ImageFacts, examine_image
 from finetune.data.scan import class_folders, scan_image_folder, split_folders
@@ -48,7 +48,7 @@ def _rare_placeholders(facts: list[ImageFacts]) -> list[ImageFacts]:
 
 def examine_all(paths: Sequence[str], *, progress: bool = True, cache: FactsCache | None = None) -> list[ImageFacts]:
     """`examine_image` for every path, placeholders judged against the whole set."""
-    looked = [examine_image(p, cache) for p in tqdm(paths, desc="check images", disable=not progress, leave=False)]
+    looked = [examine_image(p, cache) for p in progress_bar(paths, desc="check images", disable=not progress, leave=False)]
     return _rare_placeholders(looked)
 
 

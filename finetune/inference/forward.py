@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
+from finetune.bars import progress as progress_bar
 from finetune.inference.predictions import Predictions
 from finetune.inference.task import SingleLabel, Task
 
@@ -29,7 +29,7 @@ def collect_logits(
     """(N x C float32 logits, N targets) for every batch of (images, targets), in order; the model is put in eval mode."""
     model.eval()
     logits, targets = [], []
-    for images, labels in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for images, labels in progress_bar(batches, desc=desc, disable=not progress, leave=False):
         logits.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
         targets.append(np.asarray(labels, dtype=np.int64))
     if not logits:

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from finetune.bars import progress as progress_bar
 from finetune.errors import TrainingError
 from finetune.training.optim import Schedule
 
@@ -83,7 +83,7 @@ def train_one_epoch(
     The accuracy is NaN when batches are mixed (mixup/cutmix): a blend of two images has no single right class.
     """
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(batches, desc=desc, disable=not progress, leave=False)
     for index, (images, targets) in enumerate(bar):
         done = stepper.step(net, images, targets, epoch=epoch, index=index)
         count = done.targets.size(0)

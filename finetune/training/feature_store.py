@@ -20,8 +20,8 @@ import albumentations as A
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from finetune.bars import progress as progress_bar
 from finetune.config.catalog import STAGES, Stage
 from finetune.data.decode import load_image
 from finetune.errors import TrainingError
@@ -200,7 +200,7 @@ class FeatureCache:
         self, tap: Tap, paths: Sequence[str], pipeline: A.Compose, options: ComputeOptions
     ) -> tuple[torch.Tensor, tuple[int, ...]]:
         """(images x views x dim) features for `paths`, computing only what the cache lacks."""
-        keys = [file_key(p) for p in tqdm(paths, desc="hash images", disable=not options.progress, leave=False)]
+        keys = [file_key(p) for p in progress_bar(paths, desc="hash images", disable=not options.progress, leave=False)]
         views = max(self.views, 1)
         files = {(i, v): self._file(keys[i], v) for i in range(len(paths)) for v in range(views)}
         shape = self._shape()
@@ -237,7 +237,7 @@ class FeatureCache:
         rows: list[np.ndarray] = [np.empty(0, self.dtype)] * len(jobs)
         shape: tuple[int, ...] = ()
         with tap.evaluating():
-            for images, indices in tqdm(loader, desc="cache features", disable=not options.progress, leave=False):
+            for images, indices in progress_bar(loader, desc="cache features", disable=not options.progress, leave=False):
                 with torch.autocast(options.device.type, dtype=options.dtype, enabled=options.dtype is not None):
                     batch = tap(images.to(options.device)).float().cpu()
                 if not shape:  # meta.json before the first entry: a pass killed later keeps what it stored
