@@ -24,10 +24,10 @@ from finetune.cli import app
 from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import ModelConfig
 from finetune.data.decode import load_image
+from finetune.data.transforms import ImageConfig
 from finetune.deploy import hub_format, hub_push
 from finetune.errors import HubError, ModelError, UsageError
 from finetune.files import read_text_table
-from finetune.data.transforms import ImageConfig
 from finetune.inference.checkpoint import CheckpointRecord, TrainedModel, load_trained
 from finetune.inference.task import SingleLabel
 from finetune.models.build import build_model
@@ -77,7 +77,13 @@ def test_config_json_is_timms_with_the_runs_image_contract(run, hub):
     assert cfg["input_size"] == [3, 32, 32] and cfg["mean"] == list(loaded.image.mean) and cfg["std"] == list(loaded.image.std)
     assert cfg["crop_pct"] == loaded.image.crop_pct and cfg["interpolation"] == loaded.image.interpolation
     assert not {"tag", "license", "hf_hub_id", "origin_url"} & set(cfg)  # the source weights' provenance is not ours
-    assert {p.name for p in hub.folder.iterdir()} == {"model.safetensors", "config.json", "model.onnx", "parity.json", "README.md"}
+    assert {p.name for p in hub.folder.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "model.onnx",
+        "parity.json",
+        "README.md",
+    }
     parity = json.loads((hub.folder / "parity.json").read_text())
     assert parity["timm"]["top1_agreement"] == 1.0 and parity["timm"]["max_abs_prob_diff"] <= 1e-4
     assert parity["onnx"]["top1_agreement"] == 1.0 and parity["timm_transform"]["images"] == 6
@@ -209,7 +215,9 @@ def test_push_without_a_reachable_hub_fails_fast_in_one_line(run, hub, monkeypat
     with pytest.raises(HubError, match=r"could not push .* to the Hub repository me/ants: .*check the network") as caught:
         hub_push.push_folder(hub.folder, "me/ants")
     assert time.perf_counter() - started < 5 and "\n" not in str(caught.value)
-    result = CliRunner().invoke(app, ["export", str(run), "--format", "hub", "--out", str(hub.folder), "--overwrite", "--push", "me/ants", "-q"])
+    result = CliRunner().invoke(
+        app, ["export", str(run), "--format", "hub", "--out", str(hub.folder), "--overwrite", "--push", "me/ants", "-q"]
+    )
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "could not push" in lines[0] and "Traceback" not in result.output
     assert (hub.folder / "README.md").is_file()  # the folder stays complete for a later upload

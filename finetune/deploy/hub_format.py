@@ -31,8 +31,10 @@ from finetune.models.families import family_of
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # the source weights' provenance in timm's pretrained_cfg: not true of weights finetune trained
-PROVENANCE_KEYS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "license", "origin_url", "paper_ids")
-PROVENANCE_KEYS += ("paper_name", "notes", "description", "state_dict", "label_names", "label_descriptions")
+PROVENANCE_KEYS = frozenset(
+    {"tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "license", "origin_url", "paper_ids", "paper_name"}
+    | {"notes", "description", "state_dict", "label_names", "label_descriptions"}
+)
 
 
 def timm_name(model_name: str) -> str:
@@ -83,7 +85,9 @@ def timm_model(loaded: TrainedModel) -> nn.Module:
         target.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))[:200]
-        raise ModelError(f"cannot write {name} as timm's {timm_name(name)} for the Hub: the weights do not fit ({first})") from None
+        raise ModelError(
+            f"cannot write {name} as timm's {timm_name(name)} for the Hub: the weights do not fit ({first})"
+        ) from None
     return target.eval()
 
 
@@ -104,8 +108,8 @@ def write_timm_folder(loaded: TrainedModel, folder: Path, *, extra: dict[str, An
     """model.safetensors and config.json into `folder`; `extra` goes into config.json under "finetune" (temperature,
     task: what timm does not know). Returns the timm model written."""
     model = timm_model(loaded)
-    cfg = getattr(model, "pretrained_cfg", {})
-    setattr(model, "pretrained_cfg", {k: v for k, v in cfg.items() if k not in PROVENANCE_KEYS})  # noqa: B010 (a plain dict attribute timm reads)
+    timm_net: Any = model  # pretrained_cfg: a plain dict attribute of timm's models
+    timm_net.pretrained_cfg = {k: v for k, v in timm_net.pretrained_cfg.items() if k not in PROVENANCE_KEYS}
     save_for_hf(
         model,
         str(folder),

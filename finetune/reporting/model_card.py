@@ -56,7 +56,8 @@ class CardFacts:
     repo_id: str | None = None
 
 
-def gather(run: RunDir, loaded: TrainedModel, *, name: str, license: str, parity: dict[str, Any], files: list[tuple[str, str]]
+def gather(
+    run: RunDir, loaded: TrainedModel, *, name: str, license: str, parity: dict[str, Any], files: list[tuple[str, str]]
 ) -> CardFacts:
     """Read the run's report (metrics.json, per_class.csv), splits, leakage and reject threshold."""
     metrics_file, per_class_file = run.report / "metrics.json", run.report / "per_class.csv"
@@ -150,7 +151,9 @@ def _limitations(facts: CardFacts) -> list[str]:
         "often confidently. The reject threshold helps with doubt between known classes, not with unknown ones."
     )
     if recipe.eval.tta:
-        said.append(f"The reported numbers average test-time views ({', '.join(recipe.eval.tta)}); one plain forward pass differs a little.")
+        said.append(
+            f"The reported numbers average test-time views ({', '.join(recipe.eval.tta)}); one plain forward pass differs a little."
+        )
     return said
 
 
@@ -207,7 +210,7 @@ def card_text(facts: CardFacts) -> str:
         classes=loaded.class_names,
         split=split,
         trust=split_sentence(split, metrics.get("evaluated_on", {}).get("selection_split", False), facts.leaks),
-        headline=[(title.lower(), interval(metrics, k)) for k, (_, title) in INDEX_METRICS.items() if k in metrics],
+        headline=[(title[0].lower() + title[1:], interval(metrics, k)) for k, (_, title) in INDEX_METRICS.items() if k in metrics],
         per_class=_per_class_rows(facts.per_class),
         calibration=calibration_sentence(metrics),
         coverage=coverage_sentence(metrics),

@@ -93,7 +93,7 @@ def _reference(package: PackagedClassifier) -> Any:
 def _check_options(formats: str, quantize: str | None, push: str | None) -> list[str]:
     if formats not in FORMATS:
         raise UsageError(
-            f"--format {formats}: choose onnx, torchscript or both (onnx and torchscript), pt2 (torch.export), "
+            f"--format {formats}: choose onnx, torchscript or both (onnx and torchscript), or pt2 (torch.export) "
             "or hub (a Hugging Face Hub folder)"
         )
     if push is not None and formats != "hub":
@@ -187,6 +187,8 @@ def _card(result: ExportResult, run: RunDir, loaded: TrainedModel, *, license: s
         ("model.onnx", "the same model as ONNX: uint8 images in, logits and calibrated probabilities out"),
         ("parity.json", "the exported files against PyTorch on the held-out images"),
     ]
+    if "onnx-int8" in result.files:
+        files.insert(3, ("model.int8.onnx", "the ONNX model with int8 weights and activations (see parity.json)"))
     facts = model_card.gather(run, loaded, name=name, license=license, parity=result.parity, files=files)
     facts.repo_id = repo_id
     card = result.folder / model_card.CARD
