@@ -210,7 +210,9 @@ def card_text(facts: CardFacts) -> str:
         classes=loaded.class_names,
         split=split,
         trust=split_sentence(split, metrics.get("evaluated_on", {}).get("selection_split", False), facts.leaks),
-        headline=[(title[0].lower() + title[1:], interval(metrics, k)) for k, (_, title) in INDEX_METRICS.items() if k in metrics],
+        headline=[
+            (title[0].lower() + title[1:], interval(metrics, k)) for k, (_, title) in INDEX_METRICS.items() if k in metrics
+        ],
         per_class=_per_class_rows(facts.per_class),
         calibration=calibration_sentence(metrics),
         coverage=coverage_sentence(metrics),
