@@ -26,7 +26,7 @@ from finetune.config.schema import ModelConfig
 from finetune.data.decode import load_image
 from finetune.data.transforms import ImageConfig
 from finetune.deploy import hub_format, hub_push
-from finetune.errors import HubError, ModelError, UsageError
+from finetune.errors import HubError, ModelError, RunDirError, UsageError
 from finetune.files import read_text_table
 from finetune.inference.checkpoint import CheckpointRecord, TrainedModel, load_trained
 from finetune.inference.task import SingleLabel
@@ -126,7 +126,9 @@ def test_markdown_names_are_escaped_and_no_test_split_is_called_optimistic(run, 
     loaded = load_trained(run)
     facts = model_card.gather(RunDir(run), loaded, name="x|y", license="mit", parity={}, files=[])
     facts.metrics = {**facts.metrics, "evaluated_on": {"split": "val", "selection_split": True, "tta": []}}
+    facts.reject = {"threshold": 0.8123, "target_accuracy": 0.95, "coverage": 0.5, "accuracy": 0.96}
     text = model_card.card_text(facts)
+    assert "below **0.8123**, chosen on the validation split for 95% accuracy (50% of its images answered)" in text
     assert "# x\\|y" in text and "there was no test split" in text.lower() and "optimistic" in text
     assert "license: mit" in text and "split: val" in text
 
@@ -173,6 +175,10 @@ def test_bad_options_are_refused_before_any_work(run, tmp_path):
     with pytest.raises(UsageError, match="not a Hub repository id"):
         export(run=run, formats="hub", push="me/bad name!", out=tmp_path / "c", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(
+        RunDirError, match=r"has no report/metrics.json and per_class.csv for the model card; write them with 'finetune eval"
+    ):
+        model_card.check_report(RunDir(tmp_path))
 
 
 class FakeHfApi:

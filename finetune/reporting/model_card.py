@@ -56,13 +56,22 @@ class CardFacts:
     repo_id: str | None = None
 
 
+def check_report(run: RunDir) -> tuple[Path, Path]:
+    """The run's report/metrics.json and per_class.csv, whose numbers the card quotes (train writes them)."""
+    metrics_file, per_class_file = run.report / "metrics.json", run.report / "per_class.csv"
+    if not metrics_file.is_file() or not per_class_file.is_file():
+        raise RunDirError(
+            f"{run.root} has no report/metrics.json and per_class.csv for the model card; "
+            f"write them with 'finetune eval {run.root} --data FOLDER', then export again"
+        )
+    return metrics_file, per_class_file
+
+
 def gather(
     run: RunDir, loaded: TrainedModel, *, name: str, license: str, parity: dict[str, Any], files: list[tuple[str, str]]
 ) -> CardFacts:
     """Read the run's report (metrics.json, per_class.csv), splits, leakage and reject threshold."""
-    metrics_file, per_class_file = run.report / "metrics.json", run.report / "per_class.csv"
-    if not metrics_file.is_file() or not per_class_file.is_file():
-        raise RunDirError(f"{run.root} has no report/metrics.json to put on the model card; run 'finetune eval {run.root}' first")
+    metrics_file, per_class_file = check_report(run)
     splits = read_text_table(run.splits)
     leaks = read_text_table(run.leakage) if run.leakage.is_file() and run.leakage.stat().st_size else None
     reject = json.loads(run.reject.read_text(encoding="utf-8")) if run.reject.is_file() else None

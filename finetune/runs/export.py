@@ -135,6 +135,8 @@ def export(
     wanted = _check_options(formats, quantize, push)
     folder_run = RunDir(Path(run))
     path = _checkpoint(folder_run, checkpoint)
+    if formats == "hub":
+        model_card.check_report(folder_run)
     folder = _out_folder(folder_run, out, overwrite)
     loaded = load_trained(path)
     package = PackagedClassifier(loaded.bundle.model, loaded.image, loaded.temperature, loaded.task)
