@@ -22,6 +22,7 @@ from timm.models._hub import save_for_hf
 from torch import nn
 
 from finetune.config.catalog import TV_PREFIX
+from finetune.config.schema import ModelConfig
 from finetune.data.decode import load_image
 from finetune.errors import ModelError
 from finetune.inference.checkpoint import TrainedModel
@@ -42,15 +43,20 @@ def timm_name(model_name: str) -> str:
     return model_name[len(TV_PREFIX) :] if model_name.startswith(TV_PREFIX) else model_name
 
 
-def _refusal(loaded: TrainedModel) -> str | None:
-    model = loaded.recipe.model
+def check_timm_architecture(model: ModelConfig) -> None:
+    """ModelError, saying why, when the run's model is no plain timm architecture."""
+    why = None
     if model.small_input:
-        return "its small-input stem (a 3 x 3 stride-1 conv, no max-pool) is no timm architecture"
-    if model.head.hidden is not None:
-        return f"its head has a hidden layer (model.head.hidden: {model.head.hidden}), which timm's plain classifier has not"
-    if not timm.is_model(timm_name(model.name)):
-        return f"timm has no architecture named {timm_name(model.name)}"
-    return None
+        why = "its small-input stem (a 3 x 3 stride-1 conv, no max-pool) is no timm architecture"
+    elif model.head.hidden is not None:
+        why = f"its head has a hidden layer (model.head.hidden: {model.head.hidden}), which timm's plain classifier has not"
+    elif not timm.is_model(timm_name(model.name)):
+        why = f"timm has no architecture named {timm_name(model.name)}"
+    if why is not None:
+        raise ModelError(
+            f"cannot write {model.name} as a timm model for the Hub: {why}; export --format onnx instead, "
+            "or train without it for a timm folder"
+        )
 
 
 def _plain_head(state: dict[str, torch.Tensor], classifier: str, target: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,12 +78,7 @@ def timm_model(loaded: TrainedModel) -> nn.Module:
     """A fresh timm model by name, with the run's weights in it, in eval mode; ModelError when the run's model is
     not a plain timm model (why, and what to train instead)."""
     name = loaded.recipe.model.name
-    why = _refusal(loaded)
-    if why is not None:
-        raise ModelError(
-            f"cannot write {name} as a timm model for the Hub: {why}; export --format onnx instead, "
-            "or train without it for a timm folder"
-        )
+    check_timm_architecture(loaded.recipe.model)
     kwargs = dict(family_of(name).create_kwargs)
     target = timm.create_model(timm_name(name), pretrained=False, num_classes=len(loaded.class_names), **kwargs)
     state = _plain_head(loaded.bundle.model.state_dict(), loaded.bundle.classifier, target)

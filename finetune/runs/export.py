@@ -135,10 +135,11 @@ def export(
     wanted = _check_options(formats, quantize, push)
     folder_run = RunDir(Path(run))
     path = _checkpoint(folder_run, checkpoint)
-    if formats == "hub":
-        model_card.check_report(folder_run)
-    folder = _out_folder(folder_run, out, overwrite)
     loaded = load_trained(path)
+    if formats == "hub":  # what would stop the Hub folder half-way is checked before anything is written
+        model_card.check_report(folder_run)
+        hub_format.check_timm_architecture(loaded.recipe.model)
+    folder = _out_folder(folder_run, out, overwrite)
     package = PackagedClassifier(loaded.bundle.model, loaded.image, loaded.temperature, loaded.task)
     paths, targets, split = _held_out(folder_run, loaded)
     result = ExportResult(folder=folder)
