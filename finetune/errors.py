@@ -44,6 +44,10 @@ class TrainingError(FinetuneError):
     """Training cannot go on (for example a non-finite loss)."""
 
 
+class HubError(FinetuneError):
+    """The Hugging Face Hub cannot be reached, or refused the upload (the folder is written and kept)."""
+
+
 class ParityError(FinetuneError):
     """An exported model disagrees with PyTorch beyond the tolerance (its files are kept for inspection)."""
 

@@ -127,7 +127,12 @@ def explain(
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by 'finetune train'.")],
     format_: Annotated[
-        str, typer.Option("--format", help="onnx, torchscript, pt2 (torch.export) or both (onnx and torchscript).")
+        str,
+        typer.Option(
+            "--format",
+            help="onnx, torchscript, pt2 (torch.export), both (onnx and torchscript), or hub (a timm folder for the "
+            "Hugging Face Hub: weights, config, ONNX, model card).",
+        ),
     ] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Folder for the files and parity.json (default RUN/export).")] = None,
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
@@ -141,6 +146,10 @@ def export(
     max_accuracy_drop: Annotated[
         float, typer.Option(help="int8: largest accuracy loss (0.01 = 1 point) before it is refused.")
     ] = 0.01,
+    push: Annotated[
+        str | None, typer.Option(help="hub: upload the folder to this Hub model repository (USER/NAME), created if needed.")
+    ] = None,
+    license: Annotated[str, typer.Option(help="hub: the model card's license (a Hub license id such as apache-2.0).")] = "other",
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -157,6 +166,8 @@ def export(
             opset=opset,
             overwrite=overwrite,
             max_accuracy_drop=max_accuracy_drop,
+            push=push,
+            license=license,
             progress=not quiet,
         )
         for kind, figures in result.parity.items():
@@ -165,6 +176,8 @@ def export(
                 f"accuracy {figures['accuracy_exported']:.4f} ({figures['accuracy_delta']:+.4f}) on {figures['images']} images"
             )
         typer.echo(f"files: {', '.join(str(p) for p in result.files.values())} | parity: {result.folder / 'parity.json'}")
+        if result.pushed:
+            typer.echo(f"pushed to the Hub: {result.pushed}")
 
 
 report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True, **HELP_STYLE)

@@ -44,7 +44,11 @@ def measure(reference: Runner, exported: Runner, batches: Iterable[np.ndarray], 
     for batch in batches:
         ref.append(reference(batch)[1])
         exp.append(exported(batch)[1])
-    a, b = np.concatenate(ref), np.concatenate(exp)
+    return compare(np.concatenate(ref), np.concatenate(exp), targets, classes)
+
+
+def compare(a: np.ndarray, b: np.ndarray, targets: np.ndarray, classes: int) -> Parity:
+    """Reference probabilities `a` against `b` for the same images."""
     diff = np.abs(a - b)
     labels = list(range(classes))
 

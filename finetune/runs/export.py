@@ -1,5 +1,6 @@
 """`finetune export`: the run's model as ONNX and/or TorchScript, with its preprocessing contract inside, and parity
-with PyTorch measured on the run's own held-out images every time (export/parity.json)."""
+with PyTorch measured on the run's own held-out images every time (export/parity.json); `--format hub` writes the
+folder the Hugging Face Hub expects of a timm model (plus the ONNX file and a model card), `--push` uploads it."""
 
 from __future__ import annotations
 
@@ -16,19 +17,21 @@ import numpy as np
 import torch
 
 from finetune.data.split import evaluation_split
-from finetune.deploy import onnx_format, torchscript_format
+from finetune.deploy import hub_format, hub_push, onnx_format, torchscript_format
 from finetune.deploy.metadata import contract
 from finetune.deploy.package import PackagedClassifier, image_batches
-from finetune.deploy.parity import FP32_TOLERANCE, Parity, measure
+from finetune.deploy.parity import FP32_TOLERANCE, Parity, compare, measure
 from finetune.errors import CheckpointError, ParityError, RunDirError, UsageError
 from finetune.files import check_writable_folder, read_text_table, write_text
 from finetune.inference.checkpoint import TrainedModel, load_trained, read_record
+from finetune.reporting import model_card
 from finetune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
-FORMATS = ("onnx", "torchscript", "pt2", "both")
+FORMATS = ("onnx", "torchscript", "pt2", "both", "hub")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
 EXPORTERS = {"torchscript": "torch.jit.trace", "pt2": "torch.export (ExportedProgram)"}
+INFORMATIVE = ("timm_transform",)  # parity entries reported, not enforced: another preprocessing, by design
 CALIBRATION_IMAGES = 256  # training images that calibrate int8 activations
 
 
@@ -38,6 +41,7 @@ class ExportResult:
     files: dict[str, Path] = field(default_factory=dict)  # onnx / onnx-int8 / torchscript -> file
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    pushed: str | None = None  # the Hub commit's URL, after --push
 
 
 def _checkpoint(run: RunDir, which: str) -> Path:
@@ -86,12 +90,21 @@ def _reference(package: PackagedClassifier) -> Any:
     return run
 
 
-def _check_options(formats: str, quantize: str | None) -> list[str]:
+def _check_options(formats: str, quantize: str | None, push: str | None) -> list[str]:
     if formats not in FORMATS:
-        raise UsageError(f"--format {formats}: choose onnx, torchscript or both (onnx and torchscript), or pt2 (torch.export)")
+        raise UsageError(
+            f"--format {formats}: choose onnx, torchscript or both (onnx and torchscript), or pt2 (torch.export) "
+            "or hub (a Hugging Face Hub folder)"
+        )
+    if push is not None and formats != "hub":
+        raise UsageError(f"--push uploads a Hub folder: add --format hub (not {formats})")
+    if formats == "hub":
+        hub_push.require_hub()
+        if push is not None:
+            hub_push.check_repo_id(push)
     if quantize not in (None, "int8"):
         raise UsageError(f"--quantize {quantize}: the only choice is int8")
-    wanted = ["onnx", "torchscript"] if formats == "both" else [formats]
+    wanted = {"both": ["onnx", "torchscript"], "hub": ["onnx"]}.get(formats, [formats])
     if quantize and "onnx" not in wanted:
         raise UsageError("--quantize int8 quantizes the ONNX file: use --format onnx or both")
     if "onnx" in wanted:
@@ -109,16 +122,24 @@ def export(
     opset: int = onnx_format.DEFAULT_OPSET,
     overwrite: bool = False,
     max_accuracy_drop: float = 0.01,
+    push: str | None = None,
+    license: str = "other",
     progress: bool = True,
 ) -> ExportResult:
     """Export the run's checkpoint; parity on the run's test (else val) images is written to parity.json and enforced:
-    fp32 files must agree on every top-1 and within 1e-4 in probability; int8 must lose at most `max_accuracy_drop`."""
+    fp32 files must agree on every top-1 and within 1e-4 in probability; int8 must lose at most `max_accuracy_drop`.
+
+    `formats="hub"`: timm's Hub layout (model.safetensors, config.json), model.onnx, parity.json and README.md, a
+    model card under `license`; `push` ("user/name") uploads the folder to that Hub model repository."""
     started = time.perf_counter()
-    wanted = _check_options(formats, quantize)
+    wanted = _check_options(formats, quantize, push)
     folder_run = RunDir(Path(run))
     path = _checkpoint(folder_run, checkpoint)
-    folder = _out_folder(folder_run, out, overwrite)
     loaded = load_trained(path)
+    if formats == "hub":  # what would stop the Hub folder half-way is checked before anything is written
+        model_card.check_report(folder_run)
+        hub_format.check_timm_architecture(loaded.recipe.model)
+    folder = _out_folder(folder_run, out, overwrite)
     package = PackagedClassifier(loaded.bundle.model, loaded.image, loaded.temperature, loaded.task)
     paths, targets, split = _held_out(folder_run, loaded)
     result = ExportResult(folder=folder)
@@ -133,9 +154,49 @@ def export(
         result.files[kind], result.parity[kind] = file, parity.to_dict()
     if quantize:
         _int8(result, package, loaded, folder_run, paths, targets, split, opset, max_accuracy_drop)
+    if formats == "hub":
+        _timm_folder(result, package, loaded, paths, targets, split)
     result.seconds = time.perf_counter() - started
     _finish(result, split, max_accuracy_drop)
+    if formats == "hub":
+        _card(result, folder_run, loaded, license=license, repo_id=push)
+        if push is not None:
+            result.pushed = hub_push.push_folder(folder, push)
     return result
+
+
+def _timm_folder(
+    result: ExportResult, package: PackagedClassifier, loaded: TrainedModel, paths: list[str], targets: np.ndarray, split: str
+) -> None:
+    """model.safetensors + config.json, loaded back by timm and held to fp32 parity on finetune's prepared images; how
+    timm's own transform agrees is measured too (reported, not enforced)."""
+    extra = {"temperature": loaded.temperature, "task": loaded.task.name, "probabilities": loaded.task.probability_rule}
+    hub_format.write_timm_folder(loaded, result.folder, extra=extra)
+    timm_model = hub_format.load_timm_folder(result.folder)
+    reloaded = PackagedClassifier(timm_model, loaded.image, loaded.temperature, loaded.task)
+    parity = _parity(package, _reference(reloaded), paths, targets, loaded)
+    result.files["timm"], result.parity["timm"] = result.folder / hub_format.WEIGHTS, parity.to_dict()
+    result.files["config"] = result.folder / hub_format.CONFIG
+    reference = np.concatenate([_reference(package)(batch)[1] for batch in image_batches(paths, loaded.image)])
+    theirs = hub_format.timm_probabilities(timm_model, paths, temperature=loaded.temperature, task=loaded.task)
+    result.parity["timm_transform"] = {**compare(reference, theirs, targets, len(loaded.class_names)).to_dict(), "split": split}
+
+
+def _card(result: ExportResult, run: RunDir, loaded: TrainedModel, *, license: str, repo_id: str | None) -> None:
+    name = repo_id.split("/")[-1] if repo_id else result.folder.resolve().name
+    files = [
+        (hub_format.WEIGHTS, "the weights, as timm's `" + hub_format.timm_name(loaded.recipe.model.name) + "` loads them"),
+        (hub_format.CONFIG, "timm's config: architecture, classes, label names, preprocessing (and finetune's temperature)"),
+        ("model.onnx", "the same model as ONNX: uint8 images in, logits and calibrated probabilities out"),
+        ("parity.json", "the exported files against PyTorch on the held-out images"),
+    ]
+    if "onnx-int8" in result.files:
+        files.insert(3, ("model.int8.onnx", "the ONNX model with int8 weights and activations (see parity.json)"))
+    facts = model_card.gather(run, loaded, name=name, license=license, parity=result.parity, files=files)
+    facts.repo_id = repo_id
+    card = result.folder / model_card.CARD
+    write_text(card, model_card.card_text(facts))
+    result.files["card"] = card
 
 
 def _write(kind: str, package: PackagedClassifier, file: Path, loaded: TrainedModel, meta: dict[str, Any], opset: int) -> None:
@@ -199,6 +260,8 @@ def _finish(result: ExportResult, split: str, max_accuracy_drop: float) -> None:
     report = {"split": split, "fp32_tolerance": FP32_TOLERANCE, "max_accuracy_drop": max_accuracy_drop, **result.parity}
     write_text(result.folder / "parity.json", json.dumps(report, indent=2))
     for kind, figures in result.parity.items():
+        if kind in INFORMATIVE:
+            continue
         if kind == "onnx-int8":
             if "onnx-int8" not in result.files:
                 drop, images = -figures["accuracy_delta"], figures["images"]
