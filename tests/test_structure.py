@@ -25,7 +25,7 @@ FLOORS = {
     "finetune.evaluation": 6,
     "finetune.reporting": 7,
     "finetune.deploy": 7,
-    "finetune.serve": 8,
+    "finetune.server": 8,
     "finetune.runs": 9,
     "finetune.api": 10,
     "finetune.cli": 11,

@@ -46,9 +46,9 @@ def serve(
     _check_options(run=Path(run), port=port, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=(max_bytes, max_pixels, max_files))
     import uvicorn
 
-    from finetune.serve.app import make_app
-    from finetune.serve.model import open_model
-    from finetune.serve.uploads import Limits
+    from finetune.server.app import make_app
+    from finetune.server.model import open_model
+    from finetune.server.uploads import Limits
 
     model = open_model(Path(run), min_confidence=min_confidence, reject=reject, target_accuracy=target_accuracy)
     limits = Limits(max_bytes=max_bytes, max_pixels=max_pixels, max_files=max_files)

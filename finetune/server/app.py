@@ -15,10 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
-from finetune.serve.batcher import MicroBatcher
-from finetune.serve.model import ServedModel
-from finetune.serve.page import render_page
-from finetune.serve.uploads import Limits, UploadError, decode_upload, too_large
+from finetune.server.batcher import MicroBatcher
+from finetune.server.model import ServedModel
+from finetune.server.page import render_page
+from finetune.server.uploads import Limits, UploadError, decode_upload, too_large
 
 PREDICT_BODY = {  # what /docs shows for POST /predict: the three ways to send images
     "required": True,

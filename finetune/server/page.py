@@ -14,7 +14,7 @@ PAGE = """<!doctype html>
 <style>
 body{font:16px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:760px;margin:2rem auto;padding:0 1rem;color:#1d232a}
 h1{font-size:1.4rem;margin:0 0 .2rem} .muted{color:#5b6570;font-size:.92rem}
-#drop{margin:1.2rem 0;border:2px dashed #8a96a3;border-radius:10px;padding:1.6rem;text-align:center;cursor:pointer;background:#f7f9fb}
+#drop{display:block;margin:1.2rem 0;border:2px dashed #8a96a3;border-radius:10px;padding:1.6rem;text-align:center;cursor:pointer;background:#f7f9fb}
 #drop.over{border-color:#2f6fdd;background:#eef4ff}
 #result{display:none;gap:1.2rem;align-items:flex-start} #result.shown{display:flex}
 #preview{max-width:240px;max-height:240px;border-radius:8px;border:1px solid #d5dbe1}
