@@ -5,6 +5,7 @@ stops cleanly (SIGTERM too), and its page works in a real headless Chromium."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import select
@@ -24,8 +25,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import HYMENOPTERA, REPO, make_folder, tiny_recipe
 from PIL import Image
+
+from conftest import HYMENOPTERA, REPO, make_folder, tiny_recipe
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -47,7 +49,9 @@ def images(tmp_path_factory) -> list[Path]:
     folder = make_folder(tmp_path_factory.mktemp("serve") / "data", per_class=8)
     files = sorted(p for p in folder.rglob("*") if p.is_file())[:8]
     if HYMENOPTERA.is_dir():
-        files += sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:3] + sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[:3]
+        files += (
+            sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:3] + sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[:3]
+        )
     return files
 
 
@@ -83,7 +87,9 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
         for name, data in files
     ]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
@@ -299,10 +305,8 @@ class DevTools:
         raise AssertionError(f"{expression} stayed empty for {timeout} s")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(AssertionError, OSError):
             self.send("Browser.close", timeout=10)
-        except (AssertionError, OSError):
-            pass
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -320,7 +324,9 @@ def test_page_in_headless_chromium_uploads_an_image_and_shows_the_label(server, 
         try:
             target = browser.send("Target.createTarget", url=server.url)["targetId"]
             browser.session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-            assert "accuracy" in browser.wait_for("document.readyState === 'complete' && document.getElementById('facts').textContent")
+            assert "accuracy" in browser.wait_for(
+                "document.readyState === 'complete' && document.getElementById('facts').textContent"
+            )
             root = browser.send("DOM.getDocument")["root"]["nodeId"]
             node = browser.send("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
             browser.send("DOM.setFileInputFiles", files=[str(photo)], nodeId=node)

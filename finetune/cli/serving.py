@@ -20,7 +20,9 @@ def serve(
     max_bytes: Annotated[int, typer.Option(help="Largest image file accepted, in bytes.")] = 20 * 2**20,
     max_pixels: Annotated[int, typer.Option(help="Most pixels (width x height) accepted, read from the header.")] = 50_000_000,
     max_files: Annotated[int, typer.Option(help="Most images in one request.")] = 64,
-    min_confidence: Annotated[float | None, typer.Option(help="Answer 'unknown' below this (calibrated) top probability.")] = None,
+    min_confidence: Annotated[
+        float | None, typer.Option(help="Answer 'unknown' below this (calibrated) top probability.")
+    ] = None,
     reject: Annotated[str | None, typer.Option(help="'auto': choose the threshold on the validation split.")] = None,
     target_accuracy: Annotated[float | None, typer.Option(help="With --reject auto: the accuracy to reach.")] = None,
     quiet: Quiet = False,

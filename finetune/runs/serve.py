@@ -43,7 +43,9 @@ def serve(
     drop an image on; GET /metadata, /health and /docs (OpenAPI) describe the server.
     """
     require_serve()
-    _check_options(run=Path(run), port=port, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=(max_bytes, max_pixels, max_files))
+    _check_options(
+        run=Path(run), port=port, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=(max_bytes, max_pixels, max_files)
+    )
     import uvicorn
 
     from finetune.server.app import make_app

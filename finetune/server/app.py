@@ -77,7 +77,9 @@ def make_app(model: ServedModel, *, max_batch: int = 16, batch_window_ms: float 
     async def predict(request: Request) -> dict[str, Any]:
         """Classify one or more images: multipart field `files`, a raw image body, or JSON {"image": base64}."""
         uploads = await read_uploads(request, limits)
-        images = await asyncio.gather(*(asyncio.to_thread(decode_upload, data, file=name, limits=limits) for name, data in uploads))
+        images = await asyncio.gather(
+            *(asyncio.to_thread(decode_upload, data, file=name, limits=limits) for name, data in uploads)
+        )
         names = [name for name, _ in uploads]
         return {"predictions": await batcher.submit(list(images), names)}
 
@@ -154,4 +156,3 @@ def _from_json(body: bytes, name: str) -> tuple[str, bytes]:
             reason="bad_request",
             status=400,
         ) from None
-

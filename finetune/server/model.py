@@ -54,8 +54,8 @@ class ServedModel:
                 {
                     "file": name,
                     "label": label,
-                    "confidence": float(row.confidence),  # type: ignore[arg-type]
-                    "unknown": bool(self.min_confidence is not None and float(row.confidence) < self.min_confidence),  # type: ignore[arg-type]
+                    "confidence": float(row.confidence),
+                    "unknown": bool(self.min_confidence is not None and float(row.confidence) < self.min_confidence),
                     "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)},
                     "top_k": [{"label": self.class_names[i], "probability": float(probs[i])} for i in np.argsort(-probs)[:k]],
                 }
