@@ -186,7 +186,10 @@ def test_metadata_and_page(server, run):
         page = response.read().decode()
     assert "<script src" not in page and "<link" not in page and "http://" not in page and "https://" not in page
     assert "innerHTML" not in page and "test accuracy" in page
-    assert "/docs" in _get(server.url + "openapi.json")["paths"] or _get(server.url + "openapi.json")["paths"]["/predict"]
+    body = _get(server.url + "openapi.json")["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json", "application/octet-stream"} <= set(body)
+    with urllib.request.urlopen(server.url + "docs", timeout=30) as response:
+        assert response.status == 200 and b"swagger" in response.read().lower()
 
 
 def test_page_escapes_names():
@@ -215,6 +218,17 @@ def test_options_are_checked_before_loading(run):
         serve(run=run, batch_window_ms=-1)
     with pytest.raises(UsageError, match="not both"):
         serve(run=run, min_confidence=0.5, reject="auto", target_accuracy=0.9)
+
+
+def test_without_the_serve_extra_the_message_names_it(monkeypatch):
+    import importlib.util
+
+    from finetune.runs.serve import require_serve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "multipart" else real(name, *a))
+    with pytest.raises(UsageError, match=r"needs python-multipart: pip install -e '\.\[serve\]'"):
+        require_serve()
 
 
 def _free_port() -> int:
