@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -56,7 +57,9 @@ def serve(
     limits = Limits(max_bytes=max_bytes, max_pixels=max_pixels, max_files=max_files)
     app = make_app(model, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits)
     log.info("serving %s on http://%s:%d/ (page), /predict, /metadata, /docs; Ctrl-C stops", run, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way out
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    log.info("stopped serving %s", run)
 
 
 def _check_options(*, run: Path, port: int, max_batch: int, batch_window_ms: float, limits: tuple[int, int, int]) -> None:
