@@ -27,6 +27,7 @@ from finetune.runs.inspect import inspect
 from finetune.runs.lr_find import LRFindResult, find_lr
 from finetune.runs.predict import load, predict
 from finetune.runs.recipes import recipes, show_recipe
+from finetune.runs.serve import serve
 from finetune.runs.train import TrainResult, train
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "load_recipe",
     "predict",
     "recipes",
+    "serve",
     "show_recipe",
     "train",
 ]

@@ -34,6 +34,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("inspect", "finetune.runs.inspect", "inspect", ("Inspection",)),
     Command("explain", "finetune.runs.explain", "explain", ("ExplainResult",)),
     Command("export", "finetune.runs.export", "export", ("ExportResult",)),
+    Command("serve", "finetune.runs.serve", "serve"),
     Command("recipes", "finetune.runs.recipes", "recipes", ("BuiltinRecipe",)),
     Command("show_recipe", "finetune.runs.recipes", "recipes show"),
     Command("diff_reports", "finetune.reporting.diff", "report diff", ("ReportDiff",)),

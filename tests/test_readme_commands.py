@@ -63,6 +63,8 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     (tmp_path / "weights.safetensors").write_bytes(b"")  # named by a --set that the harness overrides
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(loading, "recipe_from_dict", _shrunk(loading.recipe_from_dict))
+    served = []  # `finetune serve` runs until stopped: here it builds its app and returns (tests/test_serve.py serves)
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: served.append(app))
     for command in commands:
         for placeholder, real in PLACEHOLDERS.items():
             command = command.replace(placeholder, real)
@@ -73,4 +75,5 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
         assert result.exit_code in allowed, f"{command}: exit {result.exit_code}\n{result.output[-3000:]}"
     assert (tmp_path / "runs" / "ants" / "export" / "model.onnx").is_file()
     assert (tmp_path / "runs" / "diff" / "diff.md").is_file() and (tmp_path / "preds.csv").is_file()
+    assert served and served[0].title == "finetune: resnet18"
     shutil.rmtree(tmp_path / "runs")

@@ -26,10 +26,11 @@ FLOORS = {
     "finetune.evaluation": 6,
     "finetune.reporting": 7,
     "finetune.deploy": 7,
-    "finetune.runs": 8,
-    "finetune.api": 9,
-    "finetune.cli": 10,
-    "finetune.__main__": 11,
+    "finetune.server": 8,
+    "finetune.runs": 9,
+    "finetune.api": 10,
+    "finetune.cli": 11,
+    "finetune.__main__": 12,
 }
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import typer
 
-from finetune.cli import recipes, training, using
+from finetune.cli import recipes, serving, training, using
 from finetune.cli.base import app
 
-__all__ = ["app", "main", "recipes", "training", "using"]
+__all__ = ["app", "main", "recipes", "serving", "training", "using"]
 
 
 def _usage_errors() -> tuple[type[Exception], tuple[type[Exception], ...]]:

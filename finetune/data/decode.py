@@ -40,6 +40,11 @@ def load_image(path: str | Path) -> np.ndarray:
         data = Path(path).read_bytes()  # bytes, not a path, go to the decoders: any file name works (OpenCV crashes on some)
     except OSError as exc:
         raise DataError(f"cannot read image {printable(path)}: {exc.strerror}") from None
+    return decode_bytes(data, where=printable(path))
+
+
+def decode_bytes(data: bytes, *, where: str) -> np.ndarray:
+    """The pixels `load_image` gives for a file holding `data` (an upload, say); `where` names it in the error."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format == "JPEG" and img.mode in ("RGB", "L"):  # the header alone: cheap
@@ -48,7 +53,7 @@ def load_image(path: str | Path) -> np.ndarray:
                     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             return pil_to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {printable(path)}: {exc}") from None
+        raise DataError(f"cannot decode image {where}: {exc}") from None
 
 
 def as_rgb(picture: Any, *, where: str) -> np.ndarray:

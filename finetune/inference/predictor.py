@@ -92,14 +92,17 @@ class Predictor:
         desc: str = "predict",
         names: Sequence[str] | None = None,
         unreadable: str = "fail",
+        workers: int | None = None,
     ) -> Predictions:
         """Calibrated probabilities for image files (or RGB arrays, then called `names`), through the run's own eval
-        pipeline and its test-time views (`eval.tta`, probabilities averaged)."""
+        pipeline and its test-time views (`eval.tta`, probabilities averaged); `workers` loader processes (None: the
+        recipe's `data.num_workers`; a server predicting a few decoded images at a time passes 0)."""
         trained = self.trained
         labels = list(targets) if targets is not None else [-1] * len(sources)
         dataset = PictureDataset(sources, labels, build_eval_pipeline(trained.image), unreadable=unreadable)
         data = trained.recipe.data
-        loader = make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False, seed=0)
+        num_workers = data.num_workers if workers is None else workers
+        loader = make_loader(dataset, batch_size=data.batch_size, num_workers=num_workers, shuffle=False, seed=0)
         device = resolve_device(trained.recipe.train.device)
         model = trained.bundle.model.to(device)
         paths = list(names) if names is not None else [str(p) for p in sources]

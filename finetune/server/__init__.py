@@ -1,0 +1,1 @@
+"""The trained model behind HTTP, for `finetune serve` (FastAPI + uvicorn, the optional extra `serve`)."""
