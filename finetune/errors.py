@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -58,3 +59,16 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return " (did you mean 'x'?)" for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why `torch.load(weights_only=True)` refused a file, in one plain line: the pickled object it met, never
+    torch's own advice to re-run with weights_only=False (which would run the file's code)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a pickled Python object ({found.group(1)}), which a safe load refuses to run"
+    if "Weights only load failed" in text:
+        return "it holds pickled Python objects, which a safe load refuses to run"
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

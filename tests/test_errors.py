@@ -111,3 +111,64 @@ def test_an_empty_weights_file_and_random_frozen_stages(tmp_path, image_folder, 
     caplog.clear()
     warn_random_frozen_stages(recipe_from_dict(tiny_recipe()))  # every stage trains: nothing to say
     assert "never train" not in caplog.text
+
+
+class _Pickled:  # any class: a safe load refuses to build it
+    pass
+
+
+def test_a_refused_pickle_is_one_plain_line_without_torchs_unsafe_advice(run, tmp_path):
+    from finetune.errors import WeightsError
+    from finetune.models.weights import read_state_dict
+
+    payload = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    payload["extra"] = _Pickled()
+    torch.save(payload, tmp_path / "pickled.pt")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": _Pickled()}, tmp_path / "weights.pt")
+    for error, load, pattern in [
+        (CheckpointError, lambda: load_checkpoint(tmp_path / "pickled.pt"), r"pickled.pt is not a readable checkpoint: it holds"),
+        (WeightsError, lambda: read_state_dict(tmp_path / "weights.pt"), r"weights.pt cannot be loaded safely .*: it holds"),
+    ]:
+        with pytest.raises(error, match=pattern) as caught:
+            load()
+        message = str(caught.value)
+        assert "a pickled Python object (test_errors._Pickled), which a safe load refuses to run" in message
+        assert "weights_only=False" not in message and "likely succeed" not in message
+        assert "\n" not in message and "\x1b" not in message
+
+
+def test_a_fifo_or_device_given_to_predict_is_refused_not_read(run, tmp_path):
+    import os
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    for item in (fifo, "/dev/zero"):
+        with pytest.raises(DataError, match=r"is not a regular file or folder \(a FIFO, socket or device\?\)"):
+            predict(run=run, inputs=[item], progress=False)
+
+
+def test_ctrl_c_talks_about_resuming_only_where_a_command_can_resume(run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from finetune import api
+    from finetune.cli import app
+
+    def interrupted(**_):
+        raise KeyboardInterrupt
+
+    for name in ("export", "predict", "train"):
+        monkeypatch.setattr(api, name, interrupted)
+    for args, resume in [(["export", str(run)], False), (["predict", str(run), str(run)], False), (["train", "x.yaml"], True)]:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 130, result.output
+        assert ("--resume" in result.output) is resume, result.output
+
+
+def test_train_with_zero_folds_is_refused_like_compare():
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    result = CliRunner().invoke(app, ["train", "last_stage", "--data", ".", "--folds", "0"])
+    assert result.exit_code == 2
+    assert "--folds 0: cross-validation needs at least 2 folds (5 is usual)" in result.output

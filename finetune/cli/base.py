@@ -48,8 +48,9 @@ def _main(
 
 
 @contextlib.contextmanager
-def session(quiet: bool, debug: bool) -> Iterator[None]:
-    """Logging for the command, and every FinetuneError as a single line with exit code 2."""
+def session(quiet: bool, debug: bool, *, resumable: bool = False) -> Iterator[None]:
+    """Logging for the command, and every FinetuneError as a single line with exit code 2; Ctrl-C exits 130, with
+    how to continue for a command that can (`resumable`: train) and without training advice for the others."""
     follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
     level = logging.ERROR if follower else logging.WARNING if quiet else logging.INFO
     root, ours = logging.getLogger(), logging.getLogger("finetune")
@@ -66,7 +67,10 @@ def session(quiet: bool, debug: bool) -> Iterator[None]:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted; completed epochs are checkpointed: continue with 'finetune train --resume RUN'", err=True)
+        if resumable:
+            typer.echo("interrupted; completed epochs are checkpointed: continue with 'finetune train --resume RUN'", err=True)
+        else:
+            typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     finally:  # called in-process (tests, notebooks), the command leaves logging as it found it
         for handler in root.handlers[:]:

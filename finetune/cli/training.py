@@ -43,7 +43,7 @@ def train(
     debug: Debug = False,
 ) -> None:
     """Train from a recipe; writes checkpoints, metrics.csv, progress.html (live) and report/ into the run folder."""
-    with session(quiet, debug):
+    with session(quiet, debug, resumable=True):
         if resume is None and recipe is None and data is None:
             raise UsageError("give a recipe (e.g. last_stage; 'finetune recipes' lists them) and --data D, or --resume RUN")
         if resume is None and out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -82,7 +82,14 @@ def _cross_validate(
     if resume and folds is not None:
         raise UsageError("--resume continues the folds the run was started with; leave out --folds")
     result = api.cross_validate(
-        recipe=recipe, data=data, out=out, folds=folds or 5, overrides=overrides, resume=resume, progress=not quiet, **quick
+        recipe=recipe,
+        data=data,
+        out=out,
+        folds=5 if folds is None else folds,
+        overrides=overrides,
+        resume=resume,
+        progress=not quiet,
+        **quick,
     )
     mean, std = result.summary.set_index("fold").loc["mean"], result.summary.set_index("fold").loc["std"]
     typer.echo(

@@ -17,7 +17,7 @@ import torch
 from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import Recipe
 from finetune.data.transforms import ImageConfig
-from finetune.errors import CheckpointError, DataError, RunDirError
+from finetune.errors import CheckpointError, DataError, RunDirError, load_failure
 from finetune.files import atomic_write
 from finetune.inference.task import DEFAULT_TASK, Task, task_named
 from finetune.models.build import ModelBundle, build_model
@@ -71,8 +71,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unpickling error types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {load_failure(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a finetune checkpoint; to start from plain weights use model.pretrained: {path}")
     if payload.get("format_version", 0) > FORMAT_VERSION:

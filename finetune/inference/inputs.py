@@ -32,6 +32,15 @@ def check_inputs_exist(inputs: Sequence[ImageInput]) -> None:
     missing = next((Path(item) for item in inputs if isinstance(item, (str, Path)) and not Path(item).exists()), None)
     if missing is not None:
         raise DataError(f"input {missing} does not exist; pass image files or folders")
+    special = next((Path(item) for item in inputs if isinstance(item, (str, Path)) and not _file_or_folder(Path(item))), None)
+    if special is not None:  # reading a FIFO would wait for a writer forever; a device could be endless
+        raise DataError(
+            f"input {special} is not a regular file or folder (a FIFO, socket or device?); pass image files or folders"
+        )
+
+
+def _file_or_folder(path: Path) -> bool:
+    return path.is_file() or path.is_dir()
 
 
 def input_paths(inputs: Sequence[str | Path], extensions: Sequence[str]) -> list[str]:

@@ -14,7 +14,7 @@ from timm.models import clean_state_dict
 from torch import nn
 
 from finetune.config.catalog import TV_PREFIX
-from finetune.errors import WeightsError
+from finetune.errors import WeightsError, load_failure
 
 log = logging.getLogger(__name__)
 WRAPPER_PREFIXES = ("model.", "backbone.", "encoder.")  # besides DDP's module. (timm's clean_state_dict strips that)
@@ -97,11 +97,6 @@ def hub_state_dict(name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file (plain, {'state_dict': ...}, {'model': ...} or a finetune checkpoint)."""
     path = Path(path)
@@ -120,7 +115,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/unpickling errors vary by torch version
         raise WeightsError(
-            f"{path} cannot be loaded safely with torch.load(weights_only=True): {_first_line(exc)}; "
+            f"{path} cannot be loaded safely with torch.load(weights_only=True): {load_failure(exc)}; "
             "save a plain state dict (torch.save(model.state_dict(), file)) or use .safetensors"
         ) from None
     for key in STATE_DICT_KEYS:

@@ -73,6 +73,8 @@ def cross_validate(
     stays out of them. `assignment` (a folds.csv table) imposes the folds of another run (compare uses one set).
     """
     started = time.perf_counter()
+    if folds < 2 and not resume:  # before any weights are fetched or images screened
+        raise UsageError(f"--folds {folds}: cross-validation needs at least 2 folds (5 is usual)")
     run = RunDir(Path(out))
     facts: Mapping[str, ImageFacts] = {}
     quick = QuickTry(model=model, epochs=epochs, epochs_scale=epochs_scale, max_epochs=max_epochs)
