@@ -35,6 +35,12 @@ class RunDir:
         return self.root / "recipe.yaml"
 
     @property
+    def started_recipe(self) -> Path:
+        """The recipe as the run started, written before recipe.yaml: --resume refuses a recipe.yaml edited since,
+        even when the run was stopped before its first checkpoint (which also stores the recipe)."""
+        return self.root / ".recipe_at_start.yaml"
+
+    @property
     def splits(self) -> Path:
         return self.root / "splits.csv"
 

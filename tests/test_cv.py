@@ -11,7 +11,7 @@ import torch
 from finetune import cross_validate, predict
 from finetune.data import doctor
 from finetune.data.folds import assign_folds
-from finetune.errors import DataError
+from finetune.errors import DataError, RunDirError
 from finetune.run_dir import RunDir
 from finetune.runs.compare import compare
 
@@ -145,6 +145,20 @@ def test_an_interrupted_cross_validation_resumes_and_keeps_finished_folds(cv_run
     assert (copy / "fold_1" / "checkpoints" / "best.pt").stat().st_mtime_ns == kept
     pd.testing.assert_frame_equal(again.summary, result.summary)
     torch.testing.assert_close(torch.from_numpy(again.oof.probs), torch.from_numpy(result.oof.probs))
+
+
+def test_a_cross_validation_resumed_after_its_recipe_was_edited_is_refused(cv_run, tmp_path):
+    import shutil
+
+    result, _, _ = cv_run
+    copy = tmp_path / "cv"
+    shutil.copytree(result.run_dir, copy)
+    shutil.rmtree(copy / "fold_3")  # killed between folds, then recipe.yaml edited: fold 3 would train another recipe
+    recipe = copy / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("lr: 0.05", "lr: 0.02"))
+    with pytest.raises(RunDirError, match=r"recipe.yaml was edited after the run started \(train.lr: 0.05 -> 0.02\)"):
+        cross_validate(out=copy, resume=True, progress=False)
+    assert not (copy / "fold_3").exists()
 
 
 def test_exclude_leaves_listed_images_out_and_records_them(tmp_path, image_folder):

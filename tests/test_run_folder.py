@@ -48,6 +48,22 @@ def test_resume_trusts_the_checkpoint_not_an_edited_recipe_yaml(tmp_path, image_
     assert len(train(out=run.root, resume=True, data=image_folder, progress=False).history) == 2  # its own data is fine
 
 
+def test_resume_refuses_a_recipe_edited_before_the_first_checkpoint(tmp_path, image_folder):
+    import shutil
+
+    run = RunDir(tmp_path / "run")
+    train(recipe=_recipe(), data=image_folder, out=run.root, progress=False)
+    shutil.rmtree(run.root / "checkpoints")  # killed inside the first epoch: no last.pt holds the recipe
+    text = run.recipe.read_text()
+    run.recipe.write_text(text.replace("lr: 0.001", "lr: 0.05"))
+    with pytest.raises(
+        RunDirError, match=r"recipe.yaml was edited after the run started \(train.lr: 0.001 -> 0.05\); put it back"
+    ):
+        train(out=run.root, resume=True, progress=False)
+    run.recipe.write_text(text.replace("num_workers: 0", "num_workers: 1"))  # a setting that changes no result is fine
+    assert len(train(out=run.root, resume=True, progress=False).history) == 1
+
+
 def test_destinations_are_checked_before_any_work(tmp_path, image_folder):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(RunDirError, match=r"--out .*afile is a file, not a folder; choose a folder path"):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from finetune.config.loading import load_recipe, save_recipe
+from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.doctor import ImageFacts, screen_samples
 from finetune.data.facts import FactsCache
@@ -32,7 +32,7 @@ from finetune.inference.predictions import Predictions
 from finetune.reporting.html import RunContext
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted
-from finetune.runs.prepare import QuickTry, check_cheap_things, resolve_recipe
+from finetune.runs.prepare import QuickTry, check_cheap_things, refuse_edited_since_start, resolve_recipe, save_run_recipe
 from finetune.runs.train import train
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ def _read_cv(run: RunDir) -> tuple[Recipe, pd.DataFrame]:
         )
     table = read_text_table(run.folds)
     table["fold"] = table["fold"].astype(int)
-    return load_recipe(run.recipe), table
+    recipe = load_recipe(run.recipe)
+    refuse_edited_since_start(run, recipe)  # one summary never mixes two recipes
+    return recipe, table
 
 
 def _start(
@@ -130,7 +132,7 @@ def _start(
         run.fold_manifest(number).parent.mkdir(parents=True, exist_ok=True)
         write_table(fold_manifest(table, number), run.fold_manifest(number))
     write_table(table, run.folds)
-    save_recipe(recipe, run.recipe)
+    save_run_recipe(run, recipe)
     held = table[table["fold"] > 0]
     log.info(
         "%d-fold cross-validation of %d images (%d in the test split, kept out) -> %s",

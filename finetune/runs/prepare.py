@@ -18,7 +18,14 @@ from pydantic import ValidationError
 
 from finetune.config.builtin import DEFAULT_RECIPE, builtin_recipe
 from finetune.config.catalog import STAGES
-from finetune.config.loading import flatten, format_validation_error, load_recipe, model_config_for, recipe_from_dict
+from finetune.config.loading import (
+    flatten,
+    format_validation_error,
+    load_recipe,
+    model_config_for,
+    recipe_from_dict,
+    save_recipe,
+)
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.decode import load_image, printable
 from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
@@ -232,6 +239,24 @@ def changed_settings(old: Recipe, new: Recipe) -> str:
     a, b = flatten(old.to_dict()), flatten(new.to_dict())
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_FREE)
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:3])
+
+
+def save_run_recipe(run: RunDir, recipe: Recipe) -> None:
+    """The recipe at the start (kept aside), then recipe.yaml last: its presence marks a resumable folder."""
+    save_recipe(recipe, run.started_recipe)
+    save_recipe(recipe, run.recipe)
+
+
+def refuse_edited_since_start(run: RunDir, recipe: Recipe) -> None:
+    """--resume: recipe.yaml must still say what the run started with (folders from before this check have no copy)."""
+    if not run.started_recipe.is_file():
+        return
+    edits = changed_settings(load_recipe(run.started_recipe), recipe)
+    if edits:
+        raise RunDirError(
+            f"cannot resume {run.root}: recipe.yaml was edited after the run started ({edits}); "
+            "put it back as it was, or start a new run with the edited recipe"
+        )
 
 
 def refuse_changed_recipe(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from finetune.config.loading import read_yaml, recipe_from_dict, save_recipe
+from finetune.config.loading import read_yaml, recipe_from_dict
 from finetune.config.schema import EvalConfig, Recipe
 from finetune.data.doctor import ImageFacts
 from finetune.data.loader import ImageDataset
@@ -35,8 +35,10 @@ from finetune.runs.prepare import (
     prepare_model,
     prepare_run,
     refuse_changed_recipe,
+    refuse_edited_since_start,
     resolve_recipe,
     run_name,
+    save_run_recipe,
 )
 from finetune.training.distributed import Ranks, barrier, setup, teardown
 from finetune.training.history import epoch_table, read_history, truncate_history
@@ -88,7 +90,7 @@ def write_run_files(run: RunDir, recipe: Recipe, data: PreparedData) -> None:
         write_table(data.leaks, run.leakage)
     write_table(data.index.samples, run.splits)
     write_text(run.classes, json.dumps(data.index.class_names, indent=1))
-    save_recipe(recipe, run.recipe)
+    save_run_recipe(run, recipe)
 
 
 def _start_new(
@@ -120,6 +122,8 @@ def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
             )
     recipe = recipe_from_dict(read_yaml(run.recipe), source=str(run.recipe))
     payload = load_checkpoint(run.last) if run.last.exists() else None
+    if payload is None:  # no checkpoint holds the recipe yet: the copy made at the start does
+        refuse_edited_since_start(run, recipe)
     if payload is not None:
         if int(payload.get("format_version", 1)) < RESUMABLE_FROM:
             raise CheckpointError(
