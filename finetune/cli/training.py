@@ -196,5 +196,5 @@ def lr_find(
         result = api.find_lr(
             recipe=recipe, data=data, out=out or timestamped("lr-find"), overrides=set_ or [], steps=steps, progress=not quiet
         )
-        caution = f" (unreliable: {result.warning})" if result.warning else ""
+        caution = " (unreliable: see the warning above)" if result.warning else ""  # the reason is logged once
         typer.echo(f"suggested lr: {result.suggestion:.3g}{caution} | curve: {result.folder / 'lr_find.png'}")
