@@ -63,6 +63,8 @@ class RunContext:
     extra: dict[str, Any] = field(default_factory=dict)
     tta: tuple[str, ...] = ()  # test-time views averaged into the probabilities
     leaks: pd.DataFrame | None = None  # the run's duplicate pairs across splits (leakage.csv): the banner says so
+    # cross-validation: each fold's run folder and the epoch its best.pt holds; their curves are the report's
+    folds: list[tuple[RunDir, int | None]] = field(default_factory=list)
 
 
 def png_b64(path: Path) -> str:
@@ -188,6 +190,10 @@ def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list
     if ctx.run is not None and ctx.run.metrics.exists():
         history = read_table(ctx.run.metrics)
         rows.append(("training time", f"{history['seconds'].sum():.0f} s over {len(history)} epochs"))
+    histories = [read_table(run.metrics) for run, _ in ctx.folds if run.metrics.exists()]
+    if histories:
+        seconds, epochs = sum(h["seconds"].sum() for h in histories), sum(len(h) for h in histories)
+        rows.append(("training time", f"{seconds:.0f} s over {epochs} epochs in {len(histories)} folds"))
     return rows, split_counts
 
 
@@ -257,5 +263,6 @@ def render_html(
         coverage_note=coverage_sentence(card.metrics),
         bins=bins,
         images={name: png_b64(p) if p is not None and p.exists() else None for name, p in figures.items()},
+        folds=len(ctx.folds) if ctx else 0,
     )
     write_text(path, html)

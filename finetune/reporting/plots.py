@@ -123,6 +123,34 @@ def plot_training_curves(history: pd.DataFrame, path: Path | BinaryIO, *, kept_e
     _save(fig, path)
 
 
+def plot_fold_curves(folds: Sequence[tuple[str, pd.DataFrame, int | None]], path: Path | BinaryIO) -> None:
+    """Cross-validation's training curves, every fold in one figure: (name, its metrics.csv, its kept epoch) each.
+    Loss (val solid, train dashed) and val accuracy per epoch, one colour per fold, a star on each fold's kept epoch."""
+    fig = Figure(figsize=(13, 4.2), dpi=110)
+    loss, accuracy = fig.subplots(1, 2)
+    for number, (name, history, kept) in enumerate(folds):
+        colour, epochs = f"C{number % 10}", history["epoch"]
+        loss.plot(epochs, history["val_loss"], "o-", color=colour, label=f"{name} val")
+        loss.plot(epochs, history["train_loss"], "--", color=colour, alpha=0.6, label=f"{name} train")
+        accuracy.plot(epochs, history["val_accuracy"], "o-", color=colour, label=name)
+        row = history.loc[epochs == kept]
+        if len(row):
+            star = {"marker": "*", "color": KEPT_COLOUR, "ms": 15, "mec": colour, "mew": 1.5, "ls": "none", "zorder": 5}
+            loss.plot([kept], [row["val_loss"].iloc[-1]], **star)
+            accuracy.plot([kept], [row["val_accuracy"].iloc[-1]], **star)
+    accuracy.plot([], [], "*", color=KEPT_COLOUR, ms=15, mec="k", ls="none", label="kept epoch")
+    loss.set_title("loss (val solid, train dashed)")
+    accuracy.set_title("val accuracy")
+    accuracy.set_ylim(0, 1.02)
+    for ax in (loss, accuracy):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    loss.legend(fontsize=8, ncol=2)
+    accuracy.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
 def _mark_kept(axes: Sequence[Axes], history: pd.DataFrame, epoch: int) -> None:
     """A gold band over the kept epoch in every panel, and stars on its validation loss and accuracy."""
     row = history.loc[history["epoch"] == epoch].iloc[-1]
