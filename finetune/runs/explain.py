@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from finetune.data.decode import printable
-from finetune.data.doctor import screen_samples
+from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.errors import DataError, UsageError, did_you_mean
 from finetune.evaluation.explain import Explainer
 from finetune.files import check_writable_folder, write_table
@@ -63,7 +63,8 @@ def explain(
     loaded = predictor.trained
     wanted = _class_index(loaded.class_names, target_class)
     frame = pd.DataFrame({"path": input_paths(inputs, loaded.recipe.data.extensions), "label": "", "split": ""})
-    paths = list(screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress).samples["path"])
+    screened = screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress, advice=PREDICTION_ADVICE)
+    paths = list(screened.samples["path"])
     if not paths:
         raise DataError("none of the input images could be decoded")
     preds = predictor.predictions(paths, progress=progress, desc="predict")
