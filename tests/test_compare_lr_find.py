@@ -46,7 +46,10 @@ def test_compare_writes_a_leaderboard_on_one_split(tmp_path, image_folder):
     resolved = lambda frame: dict(zip(frame["path"].map(lambda p: str(Path(p).resolve())), frame["split"]))  # noqa: E731
     assert resolved(a) == resolved(b)
     markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
-    assert "[report.html](probe/report/report.html)" in markdown and "11.2M" in markdown and "1,539" in markdown
+    assert "[report.html](probe/report/report.html)" in markdown and "11.2 M" in markdown and "1,539" in markdown
+    page = (tmp_path / "cmp" / "leaderboard.html").read_text()  # the same table on a page, each report one click away
+    assert '<a href="probe/report/report.html">report.html</a>' in page and "11.2 M" in page and "1,539" in page
+    assert re.search(r"<td>\d+ s</td>|<td>\d+ min \d\d s</td>", page) and "http" not in page
     for name in board["report"]:
         assert (tmp_path / "cmp" / name).exists()
     assert board["vs_leader"].iloc[0] == "leader"
@@ -202,7 +205,9 @@ def test_compare_one_recipe_over_models_of_several_families(tmp_path, image_fold
     assert board.loc["resnet18", "gmacs"] == pytest.approx(1.82 * (32 / 224) ** 2, rel=0.05)
     assert (board["seconds"] > 0).all() and board["accuracy_lo"].le(board["accuracy"]).all()
     markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
-    assert re.search(r"\|\s*GMACs\s*\|", markdown) and re.search(r"\|\s*3\.4M\s*\|\s*0\.01\s*\|\s*1,603\s*\|", markdown)
+    assert re.search(r"\|\s*GMACs\s*\|", markdown) and re.search(r"\|\s*3\.4 M\s*\|\s*0\.01\s*\|\s*1,603\s*\|", markdown)
+    assert "3.4 M" in result.output and "3375483" not in result.output  # the terminal's table reads like the page's
+    assert re.search(r"\b\d+ s\b", result.output) and "leaderboard.html" in result.output
     assert "[report.html](convnext_atto/report/report.html)" in markdown
 
 

@@ -133,7 +133,7 @@ def compare(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Train several recipes (or one over several models) on the same split and rank them: leaderboard.csv and .md."""
+    """Train several recipes (or one over several models) on the same split and rank them: leaderboard.csv, .md and .html."""
     with session(quiet, debug):
         from finetune import api
 
@@ -149,8 +149,8 @@ def compare(
             folds=folds,
             models=[m.strip() for m in models.split(",") if m.strip()] if models else [],
         )
-        typer.echo(result.leaderboard.drop(columns="report").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        typer.echo(f"leaderboard: {result.folder / 'leaderboard.md'}")
+        typer.echo(result.readable().to_string(index=False))
+        typer.echo(f"leaderboard: {result.folder / 'leaderboard.html'} (and .md, .csv)")
 
 
 @app.command()

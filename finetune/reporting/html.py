@@ -47,6 +47,7 @@ SECTIONS = [
     ("augmentation", "Augmentation"),
 ]
 GALLERY_SIZE = 12
+F1_BAR = "F1 (0 to 1)"  # the per-class table's bar column
 SCORE_NAMES = {"ece": "ECE (calibration error)", "nll": "NLL (log loss)", "brier": "Brier score"}  # not percentages
 # overlays for (image paths, class indices): Grad-CAM pictures, RGB uint8, one per image
 Explain = Callable[[Sequence[str], Sequence[int]], list[np.ndarray]]
@@ -124,8 +125,11 @@ def _per_class_html(per_class: pd.DataFrame) -> str:
         shown[name] = table[name]
         shown[f"{name} 95% CI"] = [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(table[f"{name}_lo"], table[f"{name}_hi"])]
     shown["support"] = table["support"]
-    styler = escaped_table(shown, {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).hide(axis="index")
-    styler = styler.bar(subset=["f1"], vmin=0, vmax=1, color="#9ecae1")
+    shown[F1_BAR] = table["f1"]  # the bar gets a cell of its own: drawn behind the number, it hid it
+    formats = {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}", F1_BAR: lambda _: ""}
+    styler = escaped_table(shown, formats).hide(axis="index")
+    styler = styler.bar(subset=[F1_BAR], vmin=0, vmax=1, color="#9ecae1", height=60)
+    styler = styler.set_properties(subset=[F1_BAR], **{"min-width": "8em"})
     return styler.apply(lambda row: ["color:#b00;font-weight:600" if row.iloc[0] else "" for _ in row], axis=1).to_html()
 
 

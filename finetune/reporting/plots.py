@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -51,14 +52,16 @@ def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: 
                         fontsize=9 if n <= PERCENT_LIMIT else 7,
                         color="white" if value > 0.5 else "black",
                     )
-    _label_matrix(ax, title)
+    _label_matrix(fig, ax, title)
     _save(fig, path)
 
 
-def _label_matrix(ax: Axes, title: str) -> None:
+def _label_matrix(fig: Figure, ax: Axes, title: str) -> None:
+    """Axis names, and the title over the whole figure (wrapped to its width): an axes title of a matrix with a colour
+    bar runs on under the bar."""
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 8)))
 
 
 def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> None:
@@ -88,7 +91,7 @@ def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> 
                     )
     bar = fig.colorbar(image, ax=ax)  # the colour is the improvement, not the signed change printed in the cells
     bar.set_ticks([-limit, 0.0, limit], labels=[f"B worse\nby {limit:.0%}", "no change", f"B better\nby {limit:.0%}"])
-    _label_matrix(ax, title)
+    _label_matrix(fig, ax, title)
     _save(fig, path)
 
 
