@@ -244,7 +244,11 @@ def test_lr_find_steps_on_the_feature_cache_training_uses(tmp_path, image_folder
     step), gives the loss curve the images give, and leaves the cache training then reuses."""
     recipe = _write(
         tmp_path / "r.yaml",
-        tiny_recipe(transforms={"train": "none"}, train={"trainable": trainable, "cache_precision": "fp32"}),
+        tiny_recipe(
+            transforms={"train": "none"},
+            model={"head": {"dropout": 0.2}},  # dropout draws the same with and without a caching pass before
+            train={"trainable": trainable, "cache_precision": "fp32"},
+        ),
     )
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     runs = {}
@@ -257,6 +261,8 @@ def test_lr_find_steps_on_the_feature_cache_training_uses(tmp_path, image_folder
     assert image_calls == len(images.curve) >= 10  # every step runs the frozen stages ...
     assert cached_calls <= 6  # ... the cached run only while filling the cache: 18 train + 6 val images in batches of 8
     pd.testing.assert_frame_equal(cached.curve, images.curve, rtol=1e-4, atol=1e-5)
+    again = find_lr(recipe=recipe, data=image_folder, out=tmp_path / "again", steps=14, progress=False)
+    pd.testing.assert_frame_equal(again.curve, cached.curve)  # the cache filled now: the same curve, bit for bit
     features = [folder for folder in (tmp_path / "cache").iterdir() if folder.name != "screening"]
     assert len(features) == 1  # the eval pipeline's entries: what training's phase reads
 

@@ -28,7 +28,7 @@ from finetune.training.feature_cache import phase_cache
 from finetune.training.loss import build_criterion
 from finetune.training.lr_find import lr_range_test, suggest_lr, unreliable
 from finetune.training.phase import set_up_phase
-from finetune.training.seeding import epoch_seed
+from finetune.training.seeding import epoch_seed, seed_epoch
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def find_lr(
     )
     set_train_mode(bundle.model, setup.plan, bundle.stages)
     criterion = build_criterion(loaded.loss, prepared.class_weights).to(device)
+    seed_epoch(loaded.seed, 1)  # dropout draws as training's first epoch, whether or not a caching pass ran before
     curve = lr_range_test(
         net, loader, setup.optimizer, criterion, device=device, start_lr=start_lr, end_lr=end_lr, steps=steps, progress=progress
     )
