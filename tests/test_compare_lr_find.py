@@ -46,7 +46,10 @@ def test_compare_writes_a_leaderboard_on_one_split(tmp_path, image_folder):
     resolved = lambda frame: dict(zip(frame["path"].map(lambda p: str(Path(p).resolve())), frame["split"]))  # noqa: E731
     assert resolved(a) == resolved(b)
     markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
-    assert "[report.html](probe/report/report.html)" in markdown and "11.2M" in markdown and "1,539" in markdown
+    assert "[report.html](probe/report/report.html)" in markdown and "11.2 M" in markdown and "1,539" in markdown
+    page = (tmp_path / "cmp" / "leaderboard.html").read_text()  # the same table on a page, each report one click away
+    assert '<a href="probe/report/report.html">report.html</a>' in page and "11.2 M" in page and "1,539" in page
+    assert re.search(r"<td>\d+ s</td>|<td>\d+ min \d\d s</td>", page) and "http" not in page
     for name in board["report"]:
         assert (tmp_path / "cmp" / name).exists()
     assert board["vs_leader"].iloc[0] == "leader"
@@ -202,7 +205,9 @@ def test_compare_one_recipe_over_models_of_several_families(tmp_path, image_fold
     assert board.loc["resnet18", "gmacs"] == pytest.approx(1.82 * (32 / 224) ** 2, rel=0.05)
     assert (board["seconds"] > 0).all() and board["accuracy_lo"].le(board["accuracy"]).all()
     markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
-    assert re.search(r"\|\s*GMACs\s*\|", markdown) and re.search(r"\|\s*3\.4M\s*\|\s*0\.01\s*\|\s*1,603\s*\|", markdown)
+    assert re.search(r"\|\s*GMACs\s*\|", markdown) and re.search(r"\|\s*3\.4 M\s*\|\s*0\.01\s*\|\s*1,603\s*\|", markdown)
+    assert "3.4 M" in result.output and "3375483" not in result.output  # the terminal's table reads like the page's
+    assert re.search(r"\b\d+ s\b", result.output) and "leaderboard.html" in result.output
     assert "[report.html](convnext_atto/report/report.html)" in markdown
 
 
@@ -215,3 +220,80 @@ def test_compare_over_models_refuses_one_weights_file_for_several(tmp_path):
     plain = _write(tmp_path / "plain.yaml", tiny_recipe())
     with pytest.raises(RecipeError, match=r"unknown model 'convnext_atoo' \(did you mean 'convnext_atto'\?\)"):
         compare(recipes=[plain], models=["resnet18", "convnext_atoo"], data=tmp_path, out=tmp_path / "o")
+
+
+def _count_calls(monkeypatch, module: str) -> list[int]:
+    """How often the model's `module` runs during find_lr (a hook on the model prepare_run builds)."""
+    import finetune.runs.lr_find as lr_find_module
+
+    calls = [0]
+    original = lr_find_module.prepare_run
+
+    def prepare_and_hook(*args, **kwargs):
+        prepared = original(*args, **kwargs)
+        prepared.model.bundle.model.get_submodule(module).register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        return prepared
+
+    monkeypatch.setattr(lr_find_module, "prepare_run", prepare_and_hook)
+    return calls
+
+
+@pytest.mark.parametrize("trainable", [["head"], ["layer4", "head"]])
+def test_lr_find_steps_on_the_feature_cache_training_uses(tmp_path, image_folder, monkeypatch, trainable):
+    """A linear_probe / last_stage phase: lr-find runs on the frozen prefix's cached outputs (the prefix does not run per
+    step), gives the loss curve the images give, and leaves the cache training then reuses."""
+    recipe = _write(
+        tmp_path / "r.yaml",
+        tiny_recipe(
+            transforms={"train": "none"},
+            model={"head": {"dropout": 0.2}},  # dropout draws the same with and without a caching pass before
+            train={"trainable": trainable, "cache_precision": "fp32"},
+        ),
+    )
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    runs = {}
+    for name, overrides in (("images", ["train.feature_cache=off"]), ("cached", [])):
+        calls = _count_calls(monkeypatch, "layer1")
+        result = find_lr(recipe=recipe, data=image_folder, out=tmp_path / name, overrides=overrides, steps=14, progress=False)
+        runs[name] = (result, calls[0])
+    (images, image_calls), (cached, cached_calls) = runs["images"], runs["cached"]
+    assert not images.cached and cached.cached
+    assert image_calls == len(images.curve) >= 10  # every step runs the frozen stages ...
+    assert cached_calls <= 6  # ... the cached run only while filling the cache: 18 train + 6 val images in batches of 8
+    pd.testing.assert_frame_equal(cached.curve, images.curve, rtol=1e-4, atol=1e-5)
+    again = find_lr(recipe=recipe, data=image_folder, out=tmp_path / "again", steps=14, progress=False)
+    pd.testing.assert_frame_equal(again.curve, cached.curve)  # the cache filled now: the same curve, bit for bit
+    features = [folder for folder in (tmp_path / "cache").iterdir() if folder.name != "screening"]
+    assert len(features) == 1  # the eval pipeline's entries: what training's phase reads
+
+
+def test_lr_find_says_its_warning_once(tmp_path, image_folder, caplog):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    recipe = _write(tmp_path / "r.yaml", tiny_recipe())
+    args = ["lr-find", str(recipe), "--data", str(image_folder), "--out", str(tmp_path / "lr"), "--steps", "5", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = result.output + caplog.text
+    assert said.count("only 5 steps were recorded") == 1, said
+    assert "suggested lr:" in result.output and "(unreliable: see the warning above)" in result.output
+
+
+def test_lr_plot_points_at_the_divergence_inside_the_plot_without_minor_grid():
+    from finetune.reporting.plots import lr_curve_figure
+
+    lrs = [10 ** (-7 + i * 0.1) for i in range(75)]
+    smoothed = [2.0 - 1.5 / (1 + pow(10, -(i - 40) / 6)) for i in range(65)] + [0.6 * 2**k for k in range(1, 11)]
+    curve = pd.DataFrame({"lr": lrs, "loss": smoothed, "smoothed": smoothed})
+    fig = lr_curve_figure(curve, lrs[40])
+    ax = fig.axes[0]
+    (arrow,) = [text for text in ax.texts if text.get_text().startswith("diverges")]
+    x, y = arrow.xy
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    assert left <= x <= right and bottom <= y <= top  # the arrow ends on the plotted curve, not past it
+    assert (x, y) in set(zip(lrs, smoothed))
+    assert not any(tick.gridline.get_visible() for tick in ax.xaxis.get_minor_ticks())
+    raw = next(line for line in ax.get_lines() if line.get_label().startswith("loss"))
+    assert raw.get_visible() and raw.get_zorder() > max(g.get_zorder() for g in ax.get_xgridlines())

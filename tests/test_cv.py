@@ -132,6 +132,25 @@ def test_summary_mean_and_std_are_those_of_the_folds(cv_run):
     assert (run.oof / "confusion_matrix.png").exists() and (run.oof / "per_class.csv").exists()
 
 
+def test_the_out_of_fold_report_speaks_for_the_whole_run(cv_run):
+    """Not fold 1's manifest and best epoch as the run's; every fold's curves; counts as integers."""
+    import re
+
+    result, _, root = cv_run
+    run = RunDir(result.run_dir)
+    page = (run.oof / "report.html").read_text()
+    summary = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)</td></tr>", page))
+    assert summary["data"] == str(root / "data") and "manifests" not in page
+    assert re.fullmatch(r"fold 1: \d+, fold 2: \d+, fold 3: \d+", summary["best epoch"]), summary["best epoch"]
+    assert "in 3 folds" in summary["training time"]
+    assert "Not available" not in page.split('id="curves"')[1].split("<h2")[0]
+    assert "Every fold's own training run (3 folds" in page and (run.oof / "training_curves.png").stat().st_size > 10_000
+    table = pd.read_csv(run.cv_summary, dtype=str).set_index("fold")
+    assert list(table.loc[["1", "2", "3"], "images"]) == ["6", "6", "6"]  # the test split each fold is scored on
+    markdown = (run.root / "cv_summary.md").read_text()
+    assert re.search(r"\|\s+1 \| test\s+\|\s+6 \|", markdown) and "6.000" not in markdown, markdown
+
+
 def test_an_interrupted_cross_validation_resumes_and_keeps_finished_folds(cv_run, tmp_path):
     result, _, root = cv_run
     import shutil

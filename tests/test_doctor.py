@@ -256,3 +256,17 @@ def test_screening_warns_about_placeholder_pictures(tmp_path, caplog):
     assert len(screened.samples) == len(samples)
     assert "1 image(s) look like placeholder pictures rather than photos, e.g." in caplog.text
     assert "photo_17.png" in caplog.text and "data.exclude" in caplog.text
+
+
+def test_screening_for_prediction_gives_prediction_advice_not_training_advice(tmp_path, caplog):
+    """The deployed predictor and explain screen their inputs: no 'data.exclude', which only training reads."""
+    from finetune.inference.inputs import Pictures
+
+    root = make_folder(tmp_path / "d", classes=("ant",), per_class=3)
+    _placeholder_picture(root / "ant" / "photo_17.png")
+    (root / "ant" / "empty.png").write_bytes(b"")
+    pictures = Pictures.gather([root], [".png", ".jpg"], policy="skip", progress=False)
+    assert len(pictures.names) == 4  # three photos and the placeholder; the empty file left out
+    assert "data.exclude" not in caplog.text
+    assert "placeholder pictures rather than photos, e.g." in caplog.text and "they are classified as they are" in caplog.text
+    assert "skipping 1 unreadable image(s)" in caplog.text and "they get no prediction" in caplog.text

@@ -71,5 +71,18 @@ def test_explain_command_writes_pictures_and_a_table(corner_run, tmp_path):
     table = pd.read_csv(out / "explanations.csv")
     assert list(table["class"]) == ["marked", "plain"] and table["border_share"].between(0, 1).all()
     assert all((out / name).stat().st_size > 1000 for name in table["picture"])
+    with Image.open(out / table["picture"].iloc[0]) as picture:
+        assert picture.width >= 2 * 448 and picture.height >= 448  # two panels of 448 px or more, not 64 or 224 px
     bad = CliRunner().invoke(app, ["explain", str(result.run_dir), str(root / "data"), "--out", str(out), "--class", "markd"])
     assert bad.exit_code == 2 and "--class markd is not a class of this model (did you mean 'marked'?)" in bad.stderr
+
+
+@pytest.mark.parametrize("side", [32, 64, 224, 384, 600])
+def test_explain_pictures_have_panels_of_448_px_or_more(side):
+    from finetune.runs.explain import _side_by_side
+
+    seen = np.zeros((side, side, 3), np.uint8)
+    picture = _side_by_side(seen, seen, "caption")
+    panel = (picture.width - 8) // 2
+    assert panel >= 448 and picture.height - panel >= 24  # and a band below for the caption
+    assert panel == max(side, 448) or side <= 64  # large inputs keep their size; small ones enlarge by whole pixels

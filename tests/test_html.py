@@ -1,6 +1,7 @@
 """report.html and the extra report files: numbers checked, HTML parsed, rendered headless when Chromium exists."""
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -222,3 +223,81 @@ def test_class_and_file_names_are_escaped_in_report_html(tmp_path):
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<img src=x" not in html and "<script>" not in html and "<i>b</i>" not in html and "<h1>t</h1>" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html and "&lt;script&gt;alert(2)&lt;/script&gt;" in html
+
+
+def test_report_diff_writes_an_escaped_self_contained_page(tmp_path):
+    classes = ["<b>ant</b>", "bee", "wasp & co"]
+    for name, seed, boost in (("a", 0, 0.5), ("b", 1, 2.5)):
+        rng = np.random.default_rng(seed)
+        targets = np.repeat(np.arange(3), 20)
+        logits = rng.normal(size=(60, 3))
+        logits[np.arange(60), targets] += boost
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        preds = Predictions(paths=[f"{i}.png" for i in range(60)], probs=probs, targets=targets)
+        write_report(preds, classes, tmp_path / name / "report", top_k=2, title="t")
+    diff_reports(run_a=tmp_path / "a", run_b=tmp_path / "b", out=tmp_path / "diff")
+    page = tmp_path / "diff" / "diff.html"
+    text = page.read_text(encoding="utf-8")
+    assert "&lt;b&gt;ant&lt;/b&gt;" in text and "<b>ant</b>" not in text and "wasp &amp; co" in text
+    collected = _parse(page)
+    assert collected.srcs and all(src.startswith("data:image/png;base64,") for src in collected.srcs)  # nothing fetched
+    assert "Paired bootstrap on the same images" in text and "Fixed (F1 up by 0.02 or more)" in text
+    assert "Confusions that shrank most" in text and "Per class (worst F1 change first)" in text
+
+
+def test_leaderboard_times_and_sizes_read_as_people_write_them():
+    from finetune.reporting.leaderboard import count, duration
+
+    assert [duration(s) for s in (7.4, 86.3, 3725)] == ["7 s", "1 min 26 s", "1 h 02 min"]
+    assert [count(n) for n in (1539, 11_689_512, 3_375_483)] == ["1,539", "11.7 M", "3.4 M"]
+
+
+def test_matrix_titles_stay_clear_of_the_colour_bar(monkeypatch, tmp_path):
+    """A long title over the confusion matrix (and its difference) used to run under the colour bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from finetune.reporting import plots
+
+    drawn = []
+
+    def keep(fig, path):
+        FigureCanvasAgg(fig)  # what savefig draws with
+        fig.tight_layout()
+        drawn.append(fig)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    names = ["ant", "bee", "wasp"]
+    frame = pd.DataFrame(np.eye(3) * 0.5 + 0.1, index=names, columns=names)
+    title = "resnet50: 5-fold out-of-fold predictions (1,234 images) on a long folder name"
+    plots.plot_confusion_matrix(frame, (frame * 10).astype(int), tmp_path / "m.png", title=title)
+    plots.plot_confusion_difference(frame - 0.3, tmp_path / "d.png", title=title)
+    for fig in drawn:
+        renderer = fig.canvas.get_renderer()
+        (text,) = [t for t in fig.findobj(Text) if t.get_text() and t.get_text() == fig.get_suptitle()]
+        heading = text.get_window_extent(renderer)
+        bar = fig.axes[-1].get_window_extent(renderer)  # the colour bar's axes
+        assert not heading.overlaps(bar)
+        assert heading.x0 >= 0 and heading.x1 <= fig.bbox.width  # wrapped to the figure, not cut at its edge
+
+
+def test_per_class_f1_bar_has_its_own_cell(tmp_path):
+    """The F1 bar drew behind the F1 number and hid it: the bar now fills a cell of its own."""
+    from finetune.reporting.html import F1_BAR, _per_class_html
+
+    per_class = pd.DataFrame(
+        {
+            "class": ["a", "b"],
+            **{f"{m}{s}": [0.9, 0.5] for m in ("precision", "recall", "f1") for s in ("", "_lo", "_hi")},
+            "support": [10, 10],
+        }
+    )
+    html = _per_class_html(per_class)
+    cells = re.findall(r'<td id="(T_\w+_row\d+_col\d+)" class="data row\d+ col(\d+)" >([^<]*)</td>', html)
+    header = re.findall(r'<th id="T_\w+_level0_col(\d+)" class="col_heading level0 col\d+" >([^<]*)</th>', html)
+    columns = {name: col for col, name in header}
+    styles = dict(re.findall(r"#(T_\w+_row\d+_col\d+) \{([^}]*)\}", html))
+    f1_cells = [(cid, text) for cid, col, text in cells if col == columns["f1"]]
+    bar_cells = [(cid, text) for cid, col, text in cells if col == columns[F1_BAR]]
+    assert [text for _, text in f1_cells] == ["0.500", "0.900"] and all("gradient" not in styles.get(c, "") for c, _ in f1_cells)
+    assert [text for _, text in bar_cells] == ["", ""] and all("linear-gradient" in styles.get(c, "") for c, _ in bar_cells)

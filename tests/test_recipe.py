@@ -57,7 +57,11 @@ BAD = [
     ({"model": {"name": "resnet5O"}}, r"unknown model 'resnet5O' \(did you mean 'resnet50'\?\)"),
     ({"model": {"name": "densenet121"}}, r"unknown model 'densenet121'.*; the backbone families are: resnet \(timm resnet\);"),
     ({"model": {"name": "tv:resnet18x"}}, r"did you mean 'tv:resnet18'"),
-    ({"train": {"freeze": ["layer5"]}}, r"recipe\.train\.freeze\.0: Input should be 'stem', 'layer1'"),
+    (
+        {"train": {"freeze": ["layer5"]}},
+        r"recipe\.train\.freeze: 'layer5' is not a stage \(did you mean 'layer4'\?\); the stages are stem, layer1, layer2, "
+        r"layer3, layer4, head$",
+    ),
     ({"train": {"freeze": ["stem", "layer1", "layer2", "layer3", "layer4", "head"]}}, r"nothing would train"),
     ({"train": {"optimizer": "adam"}}, r"recipe\.train\.optimizer: Input should be 'adamw', 'sgd', 'lamb' or 'lion'"),
     ({"train": {"bn": "fixed"}}, r"recipe\.train\.bn: Input should be 'frozen' or 'train'"),
@@ -82,6 +86,22 @@ BAD = [
     ({"model": {"head": {"dropout": 1.0}}}, r"recipe\.model\.head\.dropout: Input should be less than 1"),
     ({"train": {"early_stopping": {"metric": "accuracy"}}}, r"early_stopping\.metric: Input should be 'val_accuracy'"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("train", "pattern"),
+    [
+        ({"trainable": ["layer5", "head"]}, r"'layer5' is not a stage \(did you mean 'layer4'\?\)"),
+        ({"trainable": "head"}, r"give a list of stages, e.g. \[head\], or 'all'"),
+        ({"phases": [{"epochs": 1, "lr": 0.1, "trainable": ["hed"]}]}, r"phases\.0\.trainable: 'hed' is not a stage"),
+    ],
+)
+def test_a_bad_stage_name_is_one_error_naming_the_stages_not_a_union_dump(train, pattern):
+    with pytest.raises(RecipeError, match=pattern) as info:
+        recipe_from_dict(tiny_recipe(train=train))
+    message = str(info.value)
+    assert message.count("; ") <= 2 and "Input should be 'all'" not in message  # one error, not one per union branch
+    assert "the stages are stem, layer1, layer2, layer3, layer4, head, or 'all' for every one" in message or "[head]" in message
 
 
 @pytest.mark.parametrize(("section", "pattern"), BAD, ids=[p for _, p in BAD])

@@ -140,7 +140,7 @@ def compare(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Train several recipes (or one over several models) on the same split and rank them: leaderboard.csv and .md."""
+    """Train several recipes (or one over several models) on the same split and rank them: leaderboard.csv, .md and .html."""
     with session(quiet, debug):
         from finetune import api
 
@@ -156,8 +156,8 @@ def compare(
             folds=folds,
             models=[m.strip() for m in models.split(",") if m.strip()] if models else [],
         )
-        typer.echo(result.leaderboard.drop(columns="report").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        typer.echo(f"leaderboard: {result.folder / 'leaderboard.md'}")
+        typer.echo(result.readable().to_string(index=False))
+        typer.echo(f"leaderboard: {result.folder / 'leaderboard.html'} (and .md, .csv)")
 
 
 @app.command()
@@ -203,5 +203,5 @@ def lr_find(
         result = api.find_lr(
             recipe=recipe, data=data, out=out or timestamped("lr-find"), overrides=set_ or [], steps=steps, progress=not quiet
         )
-        caution = f" (unreliable: {result.warning})" if result.warning else ""
+        caution = " (unreliable: see the warning above)" if result.warning else ""  # the reason is logged once
         typer.echo(f"suggested lr: {result.suggestion:.3g}{caution} | curve: {result.folder / 'lr_find.png'}")

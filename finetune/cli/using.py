@@ -188,7 +188,7 @@ app.add_typer(report_app, name="report")
 def report_diff(
     run_a: Annotated[Path, typer.Argument(help="Run (or report) folder A, the baseline.")],
     run_b: Annotated[Path, typer.Argument(help="Run (or report) folder B, the change.")],
-    out: Annotated[Path, typer.Option(help="Folder for diff.md, per_class_diff.csv, confusion_diff.csv/.png.")],
+    out: Annotated[Path, typer.Option(help="Folder for diff.html, diff.md, per_class_diff.csv, confusion_diff.csv/.png.")],
     debug: Debug = False,
 ) -> None:
     """Per-class metric deltas and confusion-matrix difference between two runs (B - A)."""
@@ -199,4 +199,4 @@ def report_diff(
         h = result.headline
         shown = h.assign(a=h["a"].map("{:.4f}".format), b=h["b"].map("{:.4f}".format), delta=h["delta"].map("{:+.4f}".format))
         typer.echo(shown[["metric", "a", "b", "delta", "verdict"]].to_string(index=False))
-        typer.echo(f"diff: {result.folder / 'diff.md'}")
+        typer.echo(f"diff: {result.folder / 'diff.html'} (and diff.md)")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 
 from finetune.config.catalog import STAGES, NormPolicy, Stage
 from finetune.config.strict import Strict
+from finetune.errors import did_you_mean
 
 SINGLE_PHASE_FIELDS = ("epochs", "lr", "trainable", "freeze", "norm")  # the one-phase shorthand; phases replace them
 SCHEDULER_FIELDS = {"decay_epochs": ("step",), "decay_rate": ("step", "plateau"), "patience_epochs": ("plateau",)}
@@ -40,6 +41,22 @@ def _nonempty(value: Any) -> Any:
     return value
 
 
+def _known_stages(value: Any, info: ValidationInfo) -> Any:
+    """Stage names checked before pydantic's own validation, so a misspelt one is one line that names the stages,
+    not an error per branch of `'all' | list of stages`."""
+    every = info.field_name == "trainable"  # `freeze: all` would leave nothing to train
+    if (every and value == "all") or value is None:
+        return value
+    names = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    stages = ", ".join(STAGES) + (", or 'all' for every one" if every else "")
+    for name in names:
+        if name not in STAGES:
+            raise ValueError(f"{name!r} is not a stage{did_you_mean(str(name), STAGES)}; the stages are {stages}")
+    if isinstance(value, str):
+        raise ValueError(f"give a list of stages, e.g. [{value}]" + (", or 'all'" if every else ""))
+    return value
+
+
 def stages_of(trainable: Trainable) -> tuple[Stage, ...]:
     """The trainable stages in forward order ('all' is every stage)."""
     return STAGES if trainable == "all" else tuple(s for s in STAGES if s in trainable)
@@ -66,6 +83,7 @@ class PhaseConfig(Strict):
         return data
 
     _trainable_nonempty = field_validator("trainable")(_nonempty)
+    _trainable_known = field_validator("trainable", mode="before")(_known_stages)
 
     def trainable_stages(self) -> tuple[Stage, ...]:
         return stages_of(self.trainable)
@@ -151,6 +169,7 @@ class TrainConfig(Strict):
     cache_budget_gb: float = Field(4.0, gt=0.0, description="Cached prefix activations above this size (GiB) are not cached.")
 
     _trainable_nonempty = field_validator("trainable")(_nonempty)
+    _stages_known = field_validator("trainable", "freeze", mode="before")(_known_stages)
 
     @model_validator(mode="before")
     @classmethod

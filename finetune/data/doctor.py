@@ -280,6 +280,27 @@ class Screened:
     facts: dict[str, ImageFacts]
 
 
+@dataclass(frozen=True)
+class Advice:
+    """What screening tells the user to do, by command: training's fix (data.exclude) means nothing to predict."""
+
+    skipped: str  # after "skipping N unreadable image(s), e.g. PATH (why)"; "" for nothing
+    placeholders: str  # after "... look like placeholder pictures rather than photos, e.g. PATH (why)"
+
+
+TRAINING_ADVICE = Advice(
+    skipped="", placeholders="they are used as they are: see 'finetune check', then remove them or list them in data.exclude"
+)
+PREDICTION_ADVICE = Advice(
+    skipped="they get no prediction: replace the files, or leave them out of the input",
+    placeholders="they are classified as they are: read their predictions with care, or leave them out",
+)
+EVALUATION_ADVICE = Advice(
+    skipped="they are left out of the scores: replace the files, or remove them from the evaluated folder",
+    placeholders="they are scored as they are: remove them from the evaluated folder if they are not real pictures",
+)
+
+
 def screen_samples(
     samples: pd.DataFrame,
     *,
@@ -287,8 +308,10 @@ def screen_samples(
     progress: bool = True,
     known: Mapping[str, ImageFacts] | None = None,
     cache: FactsCache | None = None,
+    advice: Advice = TRAINING_ADVICE,
 ) -> Screened:
-    """Decode every image once before training: skip (and list) or refuse the unreadable ones.
+    """Decode every image once: skip (and list) or refuse the unreadable ones; `advice` says what the user can do
+    (training's by default).
 
     `known` holds facts already gathered for some paths (cross-validation folds share one screening pass)."""
     known = known or {}
@@ -310,20 +333,24 @@ def screen_samples(
         )
     if len(skipped):
         log.warning(
-            "skipping %d unreadable image(s), e.g. %s (%s)", len(skipped), skipped["path"].iloc[0], skipped["reason"].iloc[0]
+            "skipping %d unreadable image(s), e.g. %s (%s)%s",
+            len(skipped),
+            skipped["path"].iloc[0],
+            skipped["reason"].iloc[0],
+            f"; {advice.skipped}" if advice.skipped else "",
         )
-    _warn_placeholders({p: f for p, f in zip(samples["path"], facts) if p not in known})  # `known`: warned already
+    _warn_placeholders({p: f for p, f in zip(samples["path"], facts) if p not in known}, advice)  # `known`: warned already
     return Screened(samples=kept, skipped=skipped.reset_index(drop=True), facts=dict(zip(samples["path"], facts)))
 
 
-def _warn_placeholders(facts: Mapping[str, ImageFacts]) -> None:
+def _warn_placeholders(facts: Mapping[str, ImageFacts], advice: Advice) -> None:
     looks = [(p, f.placeholder) for p, f in facts.items() if f.problem is None and f.placeholder]
     if looks:
         log.warning(
-            "%d image(s) look like placeholder pictures rather than photos, e.g. %s (%s); they are used as they are: "
-            "see 'finetune check', then remove them or list them in data.exclude",
+            "%d image(s) look like placeholder pictures rather than photos, e.g. %s (%s); %s",
             len(looks),
             *looks[0],
+            advice.placeholders,
         )
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from finetune.data.decode import as_rgb
-from finetune.data.doctor import screen_samples
+from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.data.facts import examine_image
 from finetune.data.loader import UNREADABLE
 from finetune.data.scan import list_images
@@ -90,7 +90,8 @@ class Pictures:
 def _readable(paths: list[str], policy: str, progress: bool) -> set[str]:
     if not paths:
         return set()
-    screened = screen_samples(pd.DataFrame({"path": paths, "label": "", "split": ""}), policy=policy, progress=progress)
+    frame = pd.DataFrame({"path": paths, "label": "", "split": ""})
+    screened = screen_samples(frame, policy=policy, progress=progress, advice=PREDICTION_ADVICE)
     if screened.samples.empty:
         first = screened.skipped.iloc[0]
         raise DataError(
@@ -110,8 +111,11 @@ def drop_unreadable(preds: Predictions, *, policy: str) -> Predictions:
     if bad.all():
         raise DataError(f"none of the {len(paths)} input image(s) could be decoded, e.g. {paths[0]} ({why})")
     if policy == "fail":
-        raise DataError(f"{len(paths)} input image(s) cannot be decoded and data.bad_images is 'fail': {', '.join(paths[:5])}")
-    log.warning("skipped %d unreadable image(s), e.g. %s (%s)", len(paths), paths[0], why)
+        raise DataError(
+            f"{len(paths)} input image(s) cannot be decoded and the run's data.bad_images is 'fail': {', '.join(paths[:5])}; "
+            "replace the files, or leave them out of the input"
+        )
+    log.warning("skipped %d unreadable image(s), e.g. %s (%s); %s", len(paths), paths[0], why, PREDICTION_ADVICE.skipped)
     kept = preds.subset(np.flatnonzero(~bad))
     kept.targets = np.full(len(kept.paths), -1)
     return kept

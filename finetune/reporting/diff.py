@@ -12,6 +12,7 @@ import pandas as pd
 from finetune.errors import DataError, RunDirError
 from finetune.evaluation.intervals import Difference, paired_difference
 from finetune.files import read_table, read_text_table, write_table, write_text
+from finetune.reporting.page import Section, write_page
 from finetune.reporting.plots import plot_confusion_difference
 from finetune.run_dir import RunDir
 
@@ -160,8 +161,65 @@ def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class:
     )
 
 
+def _cells_table(confusion: pd.DataFrame, *, grew: bool, limit: int = 5) -> pd.DataFrame | None:
+    cells = confusion.stack().rename("change").reset_index()
+    cells.columns = ["true", "predicted", "change"]
+    off = cells[cells["true"] != cells["predicted"]]
+    chosen = (off[off["change"] > 0] if grew else off[off["change"] < 0]).sort_values("change", ascending=not grew).head(limit)
+    return chosen.assign(change=chosen["change"].map("{:+.1%}".format)) if len(chosen) else None
+
+
+def _write_html(
+    path: Path, folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class: pd.DataFrame, confusion: pd.DataFrame
+) -> None:
+    """diff.html: diff.md's content on one self-contained page, the confusion change inline."""
+    tested = headline[headline["verdict"] != ""]
+    verdict = (
+        "; ".join(f"{r.metric} {r.delta:+.4f} [{r.delta_lo:+.4f}, {r.delta_hi:+.4f}]: {r.verdict}" for r in tested.itertuples())
+        if len(tested)
+        else "The two reports scored different images: no paired test; compare the intervals of each report."
+    )
+    metrics = pd.DataFrame(
+        {
+            "metric": headline["metric"],
+            "A": headline["a"].map("{:.4f}".format),
+            "B": headline["b"].map("{:.4f}".format),
+            "B - A": headline["delta"].map("{:+.4f}".format),
+            "verdict": headline["verdict"],
+        }
+    )
+    classes = per_class.assign(
+        **{c: per_class[c].map("{:+.3f}".format if c.endswith("delta") else "{:.3f}".format) for c in per_class.columns[1:-2]}
+    )
+    grew, shrank = _cells_table(confusion, grew=True), _cells_table(confusion, grew=False)
+    sections = [
+        Section("Headline", banner=f"Paired bootstrap on the same images (B - A, 95% interval): {verdict}", table=metrics),
+        Section(
+            "Fixed and broke",
+            paragraphs=[
+                f"Fixed (F1 up by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=True)}",
+                f"Broke (F1 down by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=False)}",
+                "Per-class moves are listed by size, not tested against noise: trust them as far as the paired verdict above.",
+            ],
+        ),
+        Section(
+            "Confusion change",
+            paragraphs=["Blue: B better (more right answers on the diagonal, fewer confusions off it); red: B worse."],
+            figure=path.parent / "confusion_diff.png",
+        ),
+        Section(
+            "Confusions that grew most (B sends more of the true class there)",
+            paragraphs=[] if grew is not None else ["none"],
+            table=grew,
+        ),
+        Section("Confusions that shrank most", paragraphs=[] if shrank is not None else ["none"], table=shrank),
+        Section("Per class (worst F1 change first)", table=classes),
+    ]
+    write_page(path, title="Report diff", intro=[f"A: {folder_a}", f"B: {folder_b}"], sections=sections)
+
+
 def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> ReportDiff:
-    """Per-class metric deltas (B - A), confusion difference and headline deltas, as CSV, PNG and Markdown."""
+    """Per-class metric deltas (B - A), confusion difference and headline deltas, as CSV, PNG, Markdown and HTML."""
     folder_a, folder_b = _report_folder(Path(run_a)), _report_folder(Path(run_b))
     per_class = _per_class_diff(folder_a, folder_b)
     confusion = _confusion_diff(folder_a, folder_b)
@@ -173,4 +231,5 @@ def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> Re
     write_table(headline, out / "metrics_diff.csv", float_format="%.6f")
     plot_confusion_difference(confusion, out / "confusion_diff.png", title="confusion change (B - A, row-normalised)")
     write_text(out / "diff.md", _markdown(folder_a, folder_b, headline, per_class, confusion))
+    _write_html(out / "diff.html", folder_a, folder_b, headline, per_class, confusion)
     return ReportDiff(folder=out, per_class=per_class, headline=headline)

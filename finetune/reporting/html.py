@@ -47,6 +47,7 @@ SECTIONS = [
     ("augmentation", "Augmentation"),
 ]
 GALLERY_SIZE = 12
+F1_BAR = "F1 (0 to 1)"  # the per-class table's bar column
 SCORE_NAMES = {"ece": "ECE (calibration error)", "nll": "NLL (log loss)", "brier": "Brier score"}  # not percentages
 # overlays for (image paths, class indices): Grad-CAM pictures, RGB uint8, one per image
 Explain = Callable[[Sequence[str], Sequence[int]], list[np.ndarray]]
@@ -63,6 +64,8 @@ class RunContext:
     extra: dict[str, Any] = field(default_factory=dict)
     tta: tuple[str, ...] = ()  # test-time views averaged into the probabilities
     leaks: pd.DataFrame | None = None  # the run's duplicate pairs across splits (leakage.csv): the banner says so
+    # cross-validation: each fold's run folder and the epoch its best.pt holds; their curves are the report's
+    folds: list[tuple[RunDir, int | None]] = field(default_factory=list)
 
 
 def png_b64(path: Path) -> str:
@@ -122,8 +125,11 @@ def _per_class_html(per_class: pd.DataFrame) -> str:
         shown[name] = table[name]
         shown[f"{name} 95% CI"] = [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(table[f"{name}_lo"], table[f"{name}_hi"])]
     shown["support"] = table["support"]
-    styler = escaped_table(shown, {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).hide(axis="index")
-    styler = styler.bar(subset=["f1"], vmin=0, vmax=1, color="#9ecae1")
+    shown[F1_BAR] = table["f1"]  # the bar gets a cell of its own: drawn behind the number, it hid it
+    formats = {"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}", F1_BAR: lambda _: ""}
+    styler = escaped_table(shown, formats).hide(axis="index")
+    styler = styler.bar(subset=[F1_BAR], vmin=0, vmax=1, color="#9ecae1", height=60)
+    styler = styler.set_properties(subset=[F1_BAR], **{"min-width": "8em"})
     return styler.apply(lambda row: ["color:#b00;font-weight:600" if row.iloc[0] else "" for _ in row], axis=1).to_html()
 
 
@@ -188,6 +194,10 @@ def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list
     if ctx.run is not None and ctx.run.metrics.exists():
         history = read_table(ctx.run.metrics)
         rows.append(("training time", f"{history['seconds'].sum():.0f} s over {len(history)} epochs"))
+    histories = [read_table(run.metrics) for run, _ in ctx.folds if run.metrics.exists()]
+    if histories:
+        seconds, epochs = sum(h["seconds"].sum() for h in histories), sum(len(h) for h in histories)
+        rows.append(("training time", f"{seconds:.0f} s over {epochs} epochs in {len(histories)} folds"))
     return rows, split_counts
 
 
@@ -257,5 +267,6 @@ def render_html(
         coverage_note=coverage_sentence(card.metrics),
         bins=bins,
         images={name: png_b64(p) if p is not None and p.exists() else None for name, p in figures.items()},
+        folds=len(ctx.folds) if ctx else 0,
     )
     write_text(path, html)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -51,14 +52,16 @@ def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: 
                         fontsize=9 if n <= PERCENT_LIMIT else 7,
                         color="white" if value > 0.5 else "black",
                     )
-    _label_matrix(ax, title)
+    _label_matrix(fig, ax, title)
     _save(fig, path)
 
 
-def _label_matrix(ax: Axes, title: str) -> None:
+def _label_matrix(fig: Figure, ax: Axes, title: str) -> None:
+    """Axis names, and the title over the whole figure (wrapped to its width): an axes title of a matrix with a colour
+    bar runs on under the bar."""
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 8)))
 
 
 def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> None:
@@ -88,7 +91,7 @@ def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> 
                     )
     bar = fig.colorbar(image, ax=ax)  # the colour is the improvement, not the signed change printed in the cells
     bar.set_ticks([-limit, 0.0, limit], labels=[f"B worse\nby {limit:.0%}", "no change", f"B better\nby {limit:.0%}"])
-    _label_matrix(ax, title)
+    _label_matrix(fig, ax, title)
     _save(fig, path)
 
 
@@ -120,6 +123,34 @@ def plot_training_curves(history: pd.DataFrame, path: Path | BinaryIO, *, kept_e
         _mark_kept(axes, history, kept_epoch)
     axes[0].legend()
     axes[1].legend(loc="lower right")
+    _save(fig, path)
+
+
+def plot_fold_curves(folds: Sequence[tuple[str, pd.DataFrame, int | None]], path: Path | BinaryIO) -> None:
+    """Cross-validation's training curves, every fold in one figure: (name, its metrics.csv, its kept epoch) each.
+    Loss (val solid, train dashed) and val accuracy per epoch, one colour per fold, a star on each fold's kept epoch."""
+    fig = Figure(figsize=(13, 4.2), dpi=110)
+    loss, accuracy = fig.subplots(1, 2)
+    for number, (name, history, kept) in enumerate(folds):
+        colour, epochs = f"C{number % 10}", history["epoch"]
+        loss.plot(epochs, history["val_loss"], "o-", color=colour, label=f"{name} val")
+        loss.plot(epochs, history["train_loss"], "--", color=colour, alpha=0.6, label=f"{name} train")
+        accuracy.plot(epochs, history["val_accuracy"], "o-", color=colour, label=name)
+        row = history.loc[epochs == kept]
+        if len(row):
+            star = {"marker": "*", "color": KEPT_COLOUR, "ms": 15, "mec": colour, "mew": 1.5, "ls": "none", "zorder": 5}
+            loss.plot([kept], [row["val_loss"].iloc[-1]], **star)
+            accuracy.plot([kept], [row["val_accuracy"].iloc[-1]], **star)
+    accuracy.plot([], [], "*", color=KEPT_COLOUR, ms=15, mec="k", ls="none", label="kept epoch")
+    loss.set_title("loss (val solid, train dashed)")
+    accuracy.set_title("val accuracy")
+    accuracy.set_ylim(0, 1.02)
+    for ax in (loss, accuracy):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    loss.legend(fontsize=8, ncol=2)
+    accuracy.legend(fontsize=8, loc="lower right")
     _save(fig, path)
 
 
@@ -224,26 +255,44 @@ def plot_image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path:
 
 def plot_lr_curve(curve: pd.DataFrame, suggestion: float, path: Path) -> None:
     """lr-find's loss against the learning rate (log scale), smoothed, with the suggestion marked."""
+    _save(lr_curve_figure(curve, suggestion), path)
+
+
+def lr_curve_figure(curve: pd.DataFrame, suggestion: float) -> Figure:
+    """The figure of `plot_lr_curve`: the raw loss visible under the smoothed one (major gridlines only, faint), and
+    where the loss blows up, an arrow to the last point still inside the plot (the curve leaves it there)."""
     fig = Figure(figsize=(7, 4.5), dpi=110)
     ax = fig.subplots()
-    ax.plot(curve["lr"], curve["loss"], color="0.75", lw=1, label="loss")
-    ax.plot(curve["lr"], curve["smoothed"], color="C0", lw=2, label="smoothed")
-    ax.axvline(suggestion, color="C3", ls="--", label=f"suggested lr {suggestion:.2g}")
+    lrs, smoothed = curve["lr"].to_numpy(float), curve["smoothed"].to_numpy(float)
+    ax.plot(lrs, curve["loss"], color="0.45", lw=0.9, alpha=0.7, label="loss (each step)", zorder=2)
+    ax.plot(lrs, smoothed, color="C0", lw=2, label="smoothed", zorder=3)
+    ax.axvline(suggestion, color="C3", ls="--", label=f"suggested lr {suggestion:.2g}", zorder=4)
     ax.set_xscale("log")
+    ax.set_xlim(lrs[0] / 1.5, lrs[-1] * 1.5)
     ax.set_xlabel("learning rate (first phase, head group)")
     ax.set_ylabel("training loss")
-    low, start, end = curve["smoothed"].min(), curve["smoothed"].iloc[0], curve["smoothed"].iloc[-1]
-    high = max(start, min(end, start + 3 * abs(start - low)))  # show where it diverges, without flattening the descent
-    ax.set_ylim(low - 0.1 * abs(high - low), high + 0.15 * abs(high - low) + 1e-6)
-    if end > start:
+    finite = smoothed[np.isfinite(smoothed)]
+    low, start, end = float(finite.min()), float(finite[0]), float(smoothed[-1])
+    # show where it diverges without flattening the descent (an infinite last loss counts as above everything)
+    high = max(start, min(end if np.isfinite(end) else np.inf, start + 3 * abs(start - low)))
+    top = high + 0.15 * abs(high - low) + 1e-6
+    ax.set_ylim(low - 0.1 * abs(high - low), top)
+    if not np.isfinite(end) or end > start:
+        inside = np.flatnonzero(np.isfinite(smoothed) & (smoothed <= top))
+        last = int(inside[-1])  # the curve leaves the plot after this point (or ends on it)
         ax.annotate(
-            f"diverges (stopped at lr {curve['lr'].iloc[-1]:.2g})",
-            xy=(curve["lr"].iloc[-1], min(end, high)),
-            xytext=(0.55, 0.9),
-            textcoords="axes fraction",
+            f"diverges (stopped at lr {lrs[-1]:.2g})",
+            xy=(lrs[last], smoothed[last]),
+            # left of the point (a range test diverges near its right end), clear of it in height
+            xytext=(lrs[last] / 8, 0.6 if smoothed[last] > (low + top) / 2 else 0.85),
+            textcoords=("data", "axes fraction"),
+            ha="right",
+            va="center",
+            bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "none", "alpha": 0.85},
             arrowprops={"arrowstyle": "->", "color": "C3"},
             color="C3",
+            zorder=5,
         )
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    _save(fig, path)
+    ax.legend(loc="lower left")
+    ax.grid(which="major", color="0.9", lw=0.6, zorder=0)  # no minor grid: on a log axis it hides the raw curve
+    return fig

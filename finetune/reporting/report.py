@@ -19,6 +19,7 @@ from finetune.inference.predictions import Predictions, predictions_table
 from finetune.reporting.html import Explain, RunContext, render_html
 from finetune.reporting.plots import (
     plot_confusion_matrix,
+    plot_fold_curves,
     plot_image_grid,
     plot_reliability,
     plot_risk_coverage,
@@ -85,6 +86,12 @@ def _write_figures(folder: Path, card: Scorecard, *, title: str, context: RunCon
             read_table(context.run.metrics), folder / "training_curves.png", kept_epoch=int(kept) if kept else None
         )
         figures["curves"] = folder / "training_curves.png"
+    if context is not None and context.folds:
+        runs = enumerate(context.folds, 1)
+        curves = [(f"fold {k}", read_table(run.metrics), kept) for k, (run, kept) in runs if run.metrics.exists()]
+        if curves:
+            plot_fold_curves(curves, folder / "training_curves.png")
+            figures["curves"] = folder / "training_curves.png"
     if context is not None:
         figures["augmentation"] = _augmentation_preview(context, folder / "augmentation_preview.png")
     return figures

@@ -20,6 +20,7 @@ from finetune.errors import UsageError
 from finetune.evaluation.intervals import paired_difference
 from finetune.files import check_writable_folder, path_key, read_text_table, write_table, write_text
 from finetune.models.inspect import inspect_model
+from finetune.reporting.leaderboard import leaderboard_markdown, leaderboard_table, write_leaderboard_html
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir
 from finetune.runs.cv import CVResult, cross_validate
@@ -32,7 +33,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class CompareResult:
     folder: Path
-    leaderboard: pd.DataFrame
+    leaderboard: pd.DataFrame  # leaderboard.csv: plain numbers (seconds, parameter counts)
+
+    def readable(self) -> pd.DataFrame:
+        """The leaderboard as people read it: '1 min 26 s', '11.2 M', accuracy with its interval."""
+        return leaderboard_table(self.leaderboard)
 
 
 def _run_names(stems: Sequence[str]) -> list[str]:
@@ -122,51 +127,6 @@ def _versus_leader(out: Path, board: pd.DataFrame) -> list[str]:
     return verdicts
 
 
-def _duration(seconds: float) -> str:
-    minutes, rest = divmod(int(round(seconds)), 60)
-    return f"{minutes}m {rest:02d}s" if minutes else f"{rest}s"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
-
-
-def _markdown(board: pd.DataFrame, *, data: str | Path, split: str) -> str:
-    shown = pd.DataFrame(
-        {
-            "recipe": board["recipe"],
-            "model": board["model"],
-            "accuracy (95% CI)": [
-                f"{a:.1%} ({lo:.1%}-{hi:.1%})" for a, lo, hi in zip(board["accuracy"], board["accuracy_lo"], board["accuracy_hi"])
-            ],
-            "macro-F1": board["macro_f1"].map("{:.3f}".format),
-            "macro-F1 vs leader (paired 95% CI)": board["vs_leader"],
-            **(
-                {
-                    "macro-F1 per fold (mean ± sd)": [
-                        f"{m:.3f} ± {s:.3f}" for m, s in zip(board["macro_f1_fold_mean"], board["macro_f1_fold_std"])
-                    ]
-                }
-                if "macro_f1_fold_mean" in board
-                else {}
-            ),
-            "worst class (recall)": [f"{c} ({r:.0%})" for c, r in zip(board["worst_class"], board["worst_class_recall"])],
-            "params": board["params"].map(_count),
-            "GMACs": board["gmacs"].map("{:.2f}".format),
-            "trainable params": board["trainable_params"].map(_count),
-            "epochs": board["epochs"],
-            "time": board["seconds"].map(_duration),
-            "report": [f"[report.html]({r})" for r in board["report"]],
-        }
-    )
-    return (
-        f"# Leaderboard\n\n{len(board)} recipes on {data}, every one on the same {split} split; best macro-F1 first. A "
-        "difference whose paired interval holds 0 is within the noise of this test set.\n\n"
-        + shown.to_markdown(index=False)
-        + "\n"
-    )
-
-
 def compare(
     *,
     recipes: Sequence[str | Path],
@@ -180,7 +140,7 @@ def compare(
     folds: int | None = None,
     models: Sequence[str] = (),
 ) -> CompareResult:
-    """Train each recipe into `out/<recipe>/` on the split made by the first; write leaderboard.csv/.md.
+    """Train each recipe into `out/<recipe>/` on the split made by the first; write leaderboard.csv/.md/.html.
 
     `models` trains every recipe once per model name (`model.name` overridden, `out/<model>/`, or
     `out/<recipe>-<model>/` with several recipes): one recipe over backbones of any families in one leaderboard.
@@ -209,12 +169,11 @@ def compare(
     board["vs_leader"] = _versus_leader(out, board)
     write_table(board, out / "leaderboard.csv", float_format="%.4f")
     split = f"{folds}-fold out-of-fold" if folds else evaluation_split(read_text_table(out / "split_manifest.csv"))
-    markdown = _markdown(board, data=data, split=split)
-    if seeds > 1:
-        means = seed_summary(board)
+    means = seed_summary(board) if seeds > 1 else None
+    if means is not None:
         write_table(means, out / "leaderboard_seeds.csv", float_format="%.4f")
-        markdown += _seeds_markdown(means, seeds)
-    write_text(out / "leaderboard.md", markdown)
+    write_text(out / "leaderboard.md", leaderboard_markdown(board, data=data, split=split, means=means, seeds=seeds))
+    write_leaderboard_html(board, out / "leaderboard.html", data=data, split=split, means=means, seeds=seeds)
     return CompareResult(folder=out, leaderboard=board)
 
 
@@ -295,23 +254,3 @@ def seed_summary(board: pd.DataFrame) -> pd.DataFrame:
         seconds_mean=("seconds", "mean"),
     )
     return summary.sort_values("macro_f1_mean", ascending=False).reset_index()
-
-
-def _seeds_markdown(means: pd.DataFrame, seeds: int) -> str:
-    shown = pd.DataFrame(
-        {
-            "recipe": means["recipe"],
-            f"accuracy, mean ± sd of {seeds} seeds": [
-                f"{m:.1%} ± {s:.1%}" for m, s in zip(means["accuracy_mean"], means["accuracy_std"])
-            ],
-            "mean 95% CI of one run": [
-                f"{lo:.1%}-{hi:.1%}" for lo, hi in zip(means["accuracy_ci_lo_mean"], means["accuracy_ci_hi_mean"])
-            ],
-            "macro-F1, mean ± sd": [f"{m:.3f} ± {s:.3f}" for m, s in zip(means["macro_f1_mean"], means["macro_f1_std"])],
-            "time per run": means["seconds_mean"].map(_duration),
-        }
-    )
-    return (
-        f"\n## Over seeds\n\nEach recipe trained with seeds 0..{seeds - 1} on the same split: the spread is training noise "
-        "alone; the interval is the test set's sampling noise for one run.\n\n" + shown.to_markdown(index=False) + "\n"
-    )

@@ -27,7 +27,7 @@ from finetune.data.folds import apply_exclude, assign_folds, fold_manifest
 from finetune.data.scan import read_samples
 from finetune.errors import CheckpointError, RunDirError, UsageError
 from finetune.files import path_key, read_text_table, write_table, write_text
-from finetune.inference.checkpoint import read_record
+from finetune.inference.checkpoint import CheckpointRecord, read_record
 from finetune.inference.predictions import Predictions
 from finetune.reporting.html import RunContext
 from finetune.reporting.report import Report, write_report
@@ -168,9 +168,10 @@ def _run_fold(
     )
 
 
-def fold_predictions(fold: RunDir) -> Predictions:
-    """The fold model's calibrated predictions of its val split (the held-out fold), from its best.pt."""
-    record = read_record(fold.best)
+def fold_predictions(fold: RunDir, record: CheckpointRecord | None = None) -> Predictions:
+    """The fold model's calibrated predictions of its val split (the held-out fold), from its best.pt (`record`, when
+    already read)."""
+    record = record if record is not None else read_record(fold.best)
     rows = read_text_table(fold.splits)
     rows = rows[rows["split"] == "val"]
     targets = np.array([record.class_names.index(label) for label in rows["label"]])
@@ -199,24 +200,37 @@ def _summarise(run: RunDir, recipe: Recipe, count: int) -> tuple[pd.DataFrame, P
         rows.append(
             {"fold": str(number), "evaluated_on": split, "images": metrics["num_images"], **{k: metrics[k] for k in FOLD_FIGURES}}
         )
-    folds = pd.DataFrame(rows)
+    folds = pd.DataFrame(rows).astype({"images": int})
     spread = pd.DataFrame(
         [
             {"fold": "mean", **folds[list(FOLD_FIGURES)].mean().to_dict()},
             {"fold": "std", **folds[list(FOLD_FIGURES)].std(ddof=1).to_dict()},
         ]
     )
-    summary = pd.concat([folds, spread], ignore_index=True)
+    summary = pd.concat([folds, spread], ignore_index=True).astype({"images": "Int64"})  # a count: 133, not 133.000
     write_table(summary, run.cv_summary, float_format="%.6f")
-    oof = _concatenate([fold_predictions(run.fold(k)) for k in range(1, count + 1)])
-    record = read_record(run.fold(1).best)
-    class_names = record.class_names
+    records = [read_record(run.fold(k).best) for k in range(1, count + 1)]
+    oof = _concatenate([fold_predictions(run.fold(k), record) for k, record in enumerate(records, 1)])
+    class_names = records[0].class_names
     note = f"{count} folds; each image predicted by the fold model that did not train on it (that model's early stopping saw it)"
-    context = RunContext(meta=record.meta, split="out-of-fold", selection=True, extra={"cross-validation": note})
+    context = RunContext(
+        meta=_run_meta(recipe, records),
+        split="out-of-fold",
+        selection=True,
+        extra={"cross-validation": note},
+        folds=[(run.fold(k), record.epoch) for k, record in enumerate(records, 1)],
+    )
     title = f"{recipe.model.name}: {count}-fold out-of-fold predictions ({len(oof.paths)} images)"
     report = write_report(oof, class_names, run.oof, top_k=recipe.eval.top_k, title=title, context=context)
     write_text(run.root / "cv_summary.md", _summary_markdown(summary, report, count))
     return summary, oof, class_names, report
+
+
+def _run_meta(recipe: Recipe, records: list[CheckpointRecord]) -> dict[str, Any]:
+    """What the out-of-fold report says of the run: the cross-validation's own recipe (its data, not fold 1's manifest)
+    and every fold's kept epoch, with the model, input and versions the folds share."""
+    epochs = ", ".join(f"fold {k}: {record.epoch or '?'}" for k, record in enumerate(records, 1))
+    return {**records[0].meta, "recipe": recipe.to_dict(), "epoch": epochs}
 
 
 def _summary_markdown(summary: pd.DataFrame, report: Report, count: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune.data.doctor import screen_samples
+from finetune.data.doctor import EVALUATION_ADVICE, screen_samples
 from finetune.data.facts import FactsCache
 from finetune.data.scan import scan_image_folder
 from finetune.data.split import evaluation_split
@@ -37,7 +37,11 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     folder = Path(out) if out is not None else (owner.report if owner is not None else checkpoint.parent / "report")
     check_writable_folder(folder, what="--out")
     screened = screen_samples(
-        samples.reset_index(drop=True), policy=trained.recipe.data.bad_images, progress=progress, cache=FactsCache.default()
+        samples.reset_index(drop=True),
+        policy=trained.recipe.data.bad_images,
+        progress=progress,
+        cache=FactsCache.default(),
+        advice=EVALUATION_ADVICE,
     )
     rows = screened.samples
     preds = predictor.predictions(list(rows["path"]), trained.class_indices(rows["label"]), progress=progress, desc="evaluate")

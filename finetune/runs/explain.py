@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from finetune.data.decode import printable
-from finetune.data.doctor import screen_samples
+from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.errors import DataError, UsageError, did_you_mean
 from finetune.evaluation.explain import Explainer
 from finetune.files import check_writable_folder, write_table
@@ -21,7 +21,8 @@ from finetune.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 BORDER_WARNING = 0.5  # more than half of the heat in the outer tenth of the frame (a third of the area)
-SHOWN = 256  # pixels per side of each half of a saved picture
+SHOWN = 448  # at least this many pixels per side of each half of a saved picture (a 224 px input, doubled)
+PIXELATED = 64  # inputs this small are enlarged by whole pixels (crisp blocks); larger ones smoothly
 
 
 @dataclass
@@ -32,15 +33,18 @@ class ExplainResult:
 
 def _side_by_side(seen: np.ndarray, overlay: np.ndarray, caption: str) -> Image.Image:
     """The image the model saw, its Grad-CAM overlay, and under them what the heat is evidence for."""
-    scale = max(1, SHOWN // max(seen.shape[:2]))
-    halves = [
-        Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.Resampling.NEAREST) for a in (seen, overlay)
-    ]
-    band = 24
+    side = max(seen.shape[:2])
+    if side <= PIXELATED:
+        scale, resample = float(max(1, -(-SHOWN // side))), Image.Resampling.NEAREST
+    else:
+        scale, resample = max(1.0, SHOWN / side), Image.Resampling.LANCZOS
+    size = (round(seen.shape[1] * scale), round(seen.shape[0] * scale))
+    halves = [Image.fromarray(a).resize(size, resample) for a in (seen, overlay)]
+    band = 30
     picture = Image.new("RGB", (halves[0].width * 2 + 8, halves[0].height + band), "white")
     picture.paste(halves[0], (0, 0))
     picture.paste(halves[1], (halves[0].width + 8, 0))
-    ImageDraw.Draw(picture).text((4, halves[0].height + 5), caption, fill="black", font=ImageFont.load_default(size=13))
+    ImageDraw.Draw(picture).text((6, halves[0].height + 7), caption, fill="black", font=ImageFont.load_default(size=16))
     return picture
 
 
@@ -63,7 +67,8 @@ def explain(
     loaded = predictor.trained
     wanted = _class_index(loaded.class_names, target_class)
     frame = pd.DataFrame({"path": input_paths(inputs, loaded.recipe.data.extensions), "label": "", "split": ""})
-    paths = list(screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress).samples["path"])
+    screened = screen_samples(frame, policy=loaded.recipe.data.bad_images, progress=progress, advice=PREDICTION_ADVICE)
+    paths = list(screened.samples["path"])
     if not paths:
         raise DataError("none of the input images could be decoded")
     preds = predictor.predictions(paths, progress=progress, desc="predict")

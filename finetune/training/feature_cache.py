@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.config.catalog import Stage
+from finetune.config.catalog import STAGES, Stage
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.decode import load_image
+from finetune.data.loader import ImageDataset
 from finetune.models.build import ModelBundle
 from finetune.models.suffix import SuffixNet, suffix_names
 from finetune.training.feature_store import ComputeOptions, FeatureCache, FeatureSet, Tap, backbone_key, pipeline_key
@@ -178,6 +179,43 @@ def cached_phase(
     )
     cached.head = cached.network(bundle.model, cached_modules(bundle, first))
     return cached
+
+
+def phase_cache(
+    bundle: ModelBundle,
+    recipe: Recipe,
+    phase: PhaseConfig,
+    *,
+    train_set: ImageDataset,
+    val_set: ImageDataset,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    distributed: bool,
+    progress: bool,
+    root: Path,
+) -> CachedPhase | None:
+    """The cached inputs `phase` trains on when it can (`why_not_cached`), else None with the reason in the log; what
+    training's phases and lr-find both use, so lr-find fills the very entries training then reuses."""
+    reason = why_not_cached(recipe, phase, distributed=distributed)
+    if reason is not None:
+        if phase.trainable_stages() != STAGES:  # every stage training needs no explanation
+            log.info("feature cache not used: %s", reason)
+        return None
+    return cached_phase(
+        bundle,
+        recipe,
+        first=phase.trainable_stages()[0],
+        train_paths=train_set.paths,
+        train_targets=train_set.targets,
+        val_paths=val_set.paths,
+        val_targets=val_set.targets,
+        train_pipeline=train_set.transform,
+        eval_pipeline=val_set.transform,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        root=root,
+    )
 
 
 def pooled_features(

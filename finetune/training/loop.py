@@ -27,7 +27,7 @@ from finetune.training.early_stopping import EarlyStopping
 from finetune.training.ema import StageEma, moving_tensors
 from finetune.training.epoch import Stepper, train_one_epoch
 from finetune.training.epoch_end import after_epoch, log_epoch, validate_epoch
-from finetune.training.feature_cache import CachedPhase, cached_modules, cached_phase, why_not_cached
+from finetune.training.feature_cache import CachedPhase, cached_modules, phase_cache
 from finetune.training.history import append_history_row, clock, live_header, seconds_left
 from finetune.training.loss import build_criterion
 from finetune.training.mixup import Mixer, soft_target_criterion
@@ -164,29 +164,21 @@ def _phase_inputs(
 ) -> tuple[nn.Module, nn.Module, Any, Any, CachedPhase | None]:
     """(training net, validation net, training set, validation batches, feature cache or None) for one phase."""
     data = ctx.recipe.data
-    reason = why_not_cached(ctx.recipe, config, distributed=env.ranks.enabled)
-    cached = None
-    if reason is None:  # the trainable suffix trains on the frozen prefix's cached outputs: no image decoding
-        cached = cached_phase(
-            bundle,
-            ctx.recipe,
-            first=config.trainable_stages()[0],
-            train_paths=ctx.train_set.paths,
-            train_targets=ctx.train_set.targets,
-            val_paths=ctx.val_set.paths,
-            val_targets=ctx.val_set.targets,
-            train_pipeline=ctx.train_set.transform,
-            eval_pipeline=ctx.val_set.transform,
-            device=env.device,
-            dtype=env.dtype,
-            progress=ctx.progress,
-            root=ctx.cache_dir,
-        )
-    if cached is not None:
+    cached = phase_cache(
+        bundle,
+        ctx.recipe,
+        config,
+        train_set=ctx.train_set,
+        val_set=ctx.val_set,
+        device=env.device,
+        dtype=env.dtype,
+        distributed=env.ranks.enabled,
+        progress=ctx.progress,
+        root=ctx.cache_dir,
+    )
+    if cached is not None:  # the trainable suffix trains on the frozen prefix's cached outputs: no image decoding
         val_batches = make_loader(cached.val, batch_size=data.batch_size, num_workers=0, shuffle=False, seed=0)
         return cached.head, cached.head, cached.train, val_batches, cached
-    if reason is not None and config.trainable_stages() != STAGES:
-        log.info("feature cache not used: %s", reason)
     val_loader = make_loader(
         ctx.val_set,
         batch_size=data.batch_size,
