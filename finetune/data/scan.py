@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -145,5 +146,22 @@ def read_samples(cfg: DataConfig) -> pd.DataFrame:
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise DataError(f"manifest {path} does not exist; check --data")
-        return read_manifest(path)
-    return scan_image_folder(path, extensions=cfg.extensions)
+        samples = read_manifest(path)
+    else:
+        samples = scan_image_folder(path, extensions=cfg.extensions)
+    check_label_spellings(samples["label"], source=path)
+    return samples
+
+
+def check_label_spellings(labels: Iterable[str], *, source: Path | str) -> None:
+    """Two class names that are one name in another Unicode normalisation ('café' typed on macOS (NFD) and on
+    Linux (NFC)) look equal everywhere but are two classes: refuse them up front, naming both spellings."""
+    seen: dict[str, str] = {}
+    for label in dict.fromkeys(str(x) for x in labels):
+        key = unicodedata.normalize("NFC", label)
+        other = seen.setdefault(key, label)
+        if other != label:
+            raise DataError(
+                f"{source}: class names {ascii(other)} and {ascii(label)} are both '{key}' written in two Unicode forms "
+                "(NFC and NFD); rename one folder or label so they are one class (or two clearly different names)"
+            )

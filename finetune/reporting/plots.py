@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -20,6 +22,21 @@ PERCENT_LIMIT = 12  # up to this many classes a cell shows its count and its row
 KEPT_COLOUR = "#f2b600"  # the epoch best.pt holds: gold, apart from the curves' own colours
 
 
+Draw = TypeVar("Draw", bound=Callable[..., Any])
+
+
+def _plain_text(draw: Draw) -> Draw:
+    """Names are data, never markup: a '$' in a class or file name (`cost_$1_to_$2`) is drawn as typed instead of
+    being parsed as mathtext (which fails on it and breaks the whole report)."""
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn  # type: ignore[return-value]
+
+
 def _square_figure(n: int) -> tuple[Figure, Axes]:
     side = min(max(5.0, 0.45 * n + 3.0), 40.0)  # grows with the class count so labels stay legible
     fig = Figure(figsize=(side, side * 0.9), dpi=110)
@@ -31,6 +48,7 @@ def _save(fig: Figure, path: Path | BinaryIO) -> None:
     fig.savefig(path, format="png")
 
 
+@_plain_text
 def plot_confusion_matrix(normalized: pd.DataFrame, counts: pd.DataFrame, path: Path, *, title: str) -> None:
     """Row-normalised colours with counts (and % for up to 12 classes) in the non-empty cells."""
     n = len(normalized)
@@ -64,6 +82,7 @@ def _label_matrix(fig: Figure, ax: Axes, title: str) -> None:
     fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 8)))
 
 
+@_plain_text
 def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> None:
     """B - A of row-normalised matrices, coloured by what the change means: blue where B is better (more right
     answers on the diagonal, fewer confusions off it), red where B is worse. Cells show the signed change."""
@@ -95,6 +114,7 @@ def plot_confusion_difference(diff: pd.DataFrame, path: Path, *, title: str) -> 
     _save(fig, path)
 
 
+@_plain_text
 def plot_training_curves(history: pd.DataFrame, path: Path | BinaryIO, *, kept_epoch: int | None = None) -> None:
     """Loss, accuracy / macro-F1 and learning rate per epoch; dotted lines mark phase boundaries, a gold band and
     stars the kept epoch (the one best.pt holds)."""
@@ -126,6 +146,7 @@ def plot_training_curves(history: pd.DataFrame, path: Path | BinaryIO, *, kept_e
     _save(fig, path)
 
 
+@_plain_text
 def plot_fold_curves(folds: Sequence[tuple[str, pd.DataFrame, int | None]], path: Path | BinaryIO) -> None:
     """Cross-validation's training curves, every fold in one figure: (name, its metrics.csv, its kept epoch) each.
     Loss (val solid, train dashed) and val accuracy per epoch, one colour per fold, a star on each fold's kept epoch."""
@@ -196,6 +217,7 @@ def _reliability_panel(top: Axes, bottom: Axes, table: pd.DataFrame, title: str)
     bottom.set_xlim(0, 1)
 
 
+@_plain_text
 def plot_reliability(
     table: pd.DataFrame, ece: float, path: Path, *, before: pd.DataFrame | None = None, ece_before: float | None = None
 ) -> None:
@@ -210,6 +232,7 @@ def plot_reliability(
     _save(fig, path)
 
 
+@_plain_text
 def plot_risk_coverage(risk: pd.DataFrame, path: Path) -> None:
     """Accuracy of the answered images against the share answered, as the confidence threshold rises."""
     fig = Figure(figsize=(6.5, 4.2), dpi=110)
@@ -229,6 +252,7 @@ def plot_risk_coverage(risk: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+@_plain_text
 def plot_image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, *, columns: int) -> None:
     """A grid of RGB uint8 images (augmentation preview): one mosaic in one axes, each row labelled with the first
     caption of its row, the columns numbered (one axes instead of one per picture: a tenth of the drawing time)."""
@@ -253,11 +277,13 @@ def plot_image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path:
     _save(fig, path)
 
 
+@_plain_text
 def plot_lr_curve(curve: pd.DataFrame, suggestion: float, path: Path) -> None:
     """lr-find's loss against the learning rate (log scale), smoothed, with the suggestion marked."""
     _save(lr_curve_figure(curve, suggestion), path)
 
 
+@_plain_text
 def lr_curve_figure(curve: pd.DataFrame, suggestion: float) -> Figure:
     """The figure of `plot_lr_curve`: the raw loss visible under the smoothed one (major gridlines only, faint), and
     where the loss blows up, an arrow to the last point still inside the plot (the curve leaves it there)."""
