@@ -47,7 +47,7 @@ class PseudoLabelRule:
         low, _ = self.interval
         return kept * (1 - self.precision), kept * (1 - low)
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | list[float]]:
         low, high = self.interval
         return {
             "threshold": self.threshold,
