@@ -44,7 +44,15 @@ def test_label_writes_its_files_and_the_pseudo_labels_reach_the_target_on_valida
     run, pool, _ = trained
     target = _reachable_target(run)
     assert target > 0, "the tiny run's most confident validation answer is wrong; the fixture needs more training"
-    result = label(run=run, unlabeled=pool, out=tmp_path / "q", target_precision=target, budget=4, progress=False)
+    result = label(
+        run=run,
+        unlabeled=pool,
+        out=tmp_path / "q",
+        target_precision=target,
+        budget=4,
+        image_root="https://files.example.org/my pool/",
+        progress=False,
+    )
     out = tmp_path / "q"
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == 15
@@ -71,6 +79,16 @@ def test_label_writes_its_files_and_the_pseudo_labels_reach_the_target_on_valida
     assert summary["expected_wrong_labels"] == pytest.approx(len(result.pseudo_labels) * (1 - precision))
     assert "Wilson interval" in (out / "summary.md").read_text()
     assert len(result.queue) == 4 == summary["queued"]  # the budget
+    tasks = json.loads((out / "label_studio_tasks.json").read_text())
+    assert [task["data"]["path"] for task in tasks] == list(result.queue["path"])
+    first, row = tasks[0], result.queue.iloc[0]
+    assert first["data"]["image"] == "https://files.example.org/my pool/" + row["path"].rsplit("/", 1)[1]
+    (prediction,) = first["predictions"]
+    assert prediction["result"] == [
+        {"from_name": "choice", "to_name": "image", "type": "choices", "value": {"choices": [row["suggested_label"]]}}
+    ]
+    confidence = predictions.set_index("path").loc[row["path"], "confidence"]
+    assert prediction["score"] == pytest.approx(confidence, abs=1e-6)
     html = (out / "label.html").read_text()
     assert "data:image/png;base64," in html and "Label next (4)" in html
 
@@ -96,10 +114,13 @@ def test_the_queue_is_diverse_and_leaves_out_duplicates_of_labelled_images(train
         shutil.copy(hardest, folder / f"copy_{i}.png")
     labelled = root / "data" / "cat" / "img_00.jpg"
     shutil.copy(labelled, folder / "already_labelled.jpg")
-    result = label(run=run, unlabeled=folder, out=tmp_path / "q", target_precision=0.0001, budget=5, progress=False)
+    result = label(
+        run=run, unlabeled=folder, out=tmp_path / "q", target_precision=_reachable_target(run), budget=5, progress=False
+    )
     copies = {str(folder / f"copy_{i}.png") for i in range(10)} | {hardest}
     margin_only = table.assign(margin=table["confidence"] - table["top2_prob"]).nsmallest(5, "margin")
-    assert len(result.queue) == 5
+    assert len(result.queue) == 5, result.summary
+    assert not set(result.queue["path"]) & set(result.pseudo_labels["path"])  # a pseudo-labelled image is not queued
     assert sum(p in copies for p in result.queue["path"]) <= 1  # without diversity they would fill the queue
     assert margin_only["path"].isin([hardest]).any()
     left = result.left_out.set_index("path")
@@ -107,6 +128,8 @@ def test_the_queue_is_diverse_and_leaves_out_duplicates_of_labelled_images(train
     assert left.loc[str(folder / "already_labelled.jpg"), "reason"].startswith("exact duplicate of labelled ")
     assert str(folder / "already_labelled.jpg") not in set(result.queue["path"])
     assert result.queue["reason"].iloc[0].endswith("the least certain image")
+    tasks = json.loads((tmp_path / "q" / "label_studio_tasks.json").read_text())
+    assert tasks[0]["data"]["image"] == "/data/local-files/?d=" + result.queue["path"].iloc[0].lstrip("/")
 
 
 def test_a_manifest_of_unlabelled_paths_and_bad_options(trained, tmp_path):
@@ -116,7 +139,7 @@ def test_a_manifest_of_unlabelled_paths_and_bad_options(trained, tmp_path):
     manifest.write_text("path\n" + "\n".join(str(p) for p in files) + "\n")
     result = label(run=run, unlabeled=manifest, out=tmp_path / "q", target_precision=0.0001, budget=10, progress=False)
     assert sorted(result.predictions["path"]) == sorted(map(str, files))
-    assert len(result.queue) == 4  # the budget is larger than the pool
+    assert len(result.queue) + len(result.pseudo_labels) == 4  # the budget is larger than the rest of the pool
     with pytest.raises(UsageError, match=r"--budget -1: how many images"):
         label(run=run, unlabeled=pool, out=tmp_path / "r", budget=-1, progress=False)
     with pytest.raises(UsageError, match=r"--target-precision 1.5: a precision from 0 to 1"):

@@ -75,6 +75,13 @@ def label(
         float, typer.Option(help="Pseudo-labels keep the confidence at which the validation split reaches this precision.")
     ] = 0.95,
     budget: Annotated[int, typer.Option(help="How many images to queue for labelling next (to_label.csv).")] = 50,
+    image_root: Annotated[
+        str | None,
+        typer.Option(
+            help="URL prefix under which Label Studio finds the unlabelled folder's images (label_studio_tasks.json); "
+            "default: Label Studio's local-files route with absolute paths."
+        ),
+    ] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -83,7 +90,13 @@ def label(
         from finetune import api
 
         result = api.label(
-            run=run, unlabeled=unlabeled, out=out, target_precision=target_precision, budget=budget, progress=not quiet
+            run=run,
+            unlabeled=unlabeled,
+            out=out,
+            target_precision=target_precision,
+            budget=budget,
+            image_root=image_root,
+            progress=not quiet,
         )
         summary = result.summary
         typer.echo(

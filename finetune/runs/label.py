@@ -30,6 +30,7 @@ from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor
+from finetune.reporting.label_studio import label_studio_tasks
 from finetune.reporting.label_html import left_out_gallery, pseudo_label_galleries, queue_gallery, render_label_page
 from finetune.training.feature_cache import ComputeOptions, pooled_features
 
@@ -56,14 +57,16 @@ def label(
     out: str | Path,
     target_precision: float = 0.95,
     budget: int = 50,
+    image_root: str | None = None,
     progress: bool = True,
     cache_dir: str | Path | None = None,
 ) -> LabelResult:
     """Predict every image of `unlabeled` (a folder, searched recursively, or a CSV with a 'path' column) with the
     run's calibrated model, and write into `out`: predictions.csv, pseudo_labels.csv (confidence at or above the
     threshold at which the validation split reaches `target_precision`), to_label.csv (the `budget` images to label
-    next: least certain first, spread over the backbone's feature space, near duplicates of labelled images left
-    out and listed in left_out.csv), summary.json, summary.md and label.html."""
+    next among the others: least certain first, spread over the backbone's feature space, near duplicates of
+    labelled images left out and listed in left_out.csv), label_studio_tasks.json (the queue as Label Studio tasks: images under
+    `image_root`, a URL prefix, else Label Studio's local-files route), summary.json, summary.md and label.html."""
     if not 0.0 < target_precision <= 1.0:
         raise UsageError(f"--target-precision {target_precision}: a precision from 0 to 1, e.g. 0.95")
     if budget < 0:
@@ -79,11 +82,16 @@ def label(
     pseudo = pd.DataFrame({"path": preds.paths, "label": names[preds.predicted], "confidence": preds.confidence})[keep]
     pseudo = pseudo.sort_values("confidence", kind="stable").reset_index(drop=True)
     left_out = _left_out(preds, names, _labelled(predictor), progress=progress)
-    queue = _queue(predictor.trained, preds, names, set(left_out["path"]), budget, progress=progress, cache_dir=cache_dir)
+    excluded = set(left_out["path"]) | set(pseudo["path"])  # a pseudo-labelled image needs no person
+    queue = _queue(predictor.trained, preds, names, excluded, budget, progress=progress, cache_dir=cache_dir)
     table = predictor.table(preds)
     summary = _summary(rule, preds, pseudo, queue, left_out, budget=budget, run=run, unlabeled=unlabeled)
+    base = Path(unlabeled) if Path(unlabeled).is_dir() else Path(unlabeled).parent
+    confidence = dict(zip(preds.paths, preds.confidence.tolist()))
+    tasks = label_studio_tasks(queue, confidence, base=base, image_root=image_root, model_version=f"finetune {run}")
     _write(out, table=table, pseudo=pseudo, queue=queue, left_out=left_out, summary=summary, class_names=list(names))
-    log.info(
+    write_text(out / "label_studio_tasks.json", json.dumps(tasks, indent=1))
+    log.debug(  # the command prints it
         "%d of %d image(s) pseudo-labelled at confidence >= %.4f; %d queued to label next -> %s",
         len(pseudo),
         len(preds.paths),
