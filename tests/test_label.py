@@ -102,6 +102,23 @@ def test_no_threshold_reaching_the_target_is_refused(trained, tmp_path):
     with pytest.raises(UsageError, match=r"no confidence threshold reaches precision 50\.0% on the run's \d+ validation images"):
         label(run=tmp_path / "wrong.pt", unlabeled=pool, out=tmp_path / "q", target_precision=0.5, progress=False)
     assert not (tmp_path / "q" / "predictions.csv").exists()
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    args = [
+        "label",
+        str(tmp_path / "wrong.pt"),
+        "--unlabeled",
+        str(pool),
+        "--out",
+        str(tmp_path / "q"),
+        "--target-precision",
+        "0.5",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "lower --target-precision" in result.stderr
 
 
 def test_the_queue_is_diverse_and_leaves_out_duplicates_of_labelled_images(trained, tmp_path):
@@ -140,6 +157,14 @@ def test_a_manifest_of_unlabelled_paths_and_bad_options(trained, tmp_path):
     result = label(run=run, unlabeled=manifest, out=tmp_path / "q", target_precision=0.0001, budget=10, progress=False)
     assert sorted(result.predictions["path"]) == sorted(map(str, files))
     assert len(result.queue) + len(result.pseudo_labels) == 4  # the budget is larger than the rest of the pool
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    args = ["label", str(run), "--unlabeled", str(manifest), "--out", str(tmp_path / "c"), "--budget", "1", "-q"]
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "of 4 pseudo-labelled" in shown.stdout and (tmp_path / "c" / "label.html").is_file()
     with pytest.raises(UsageError, match=r"--budget -1: how many images"):
         label(run=run, unlabeled=pool, out=tmp_path / "r", budget=-1, progress=False)
     with pytest.raises(UsageError, match=r"--target-precision 1.5: a precision from 0 to 1"):
