@@ -169,3 +169,21 @@ def test_a_manifest_of_unlabelled_paths_and_bad_options(trained, tmp_path):
         label(run=run, unlabeled=pool, out=tmp_path / "r", budget=-1, progress=False)
     with pytest.raises(UsageError, match=r"--target-precision 1.5: a precision from 0 to 1"):
         label(run=run, unlabeled=pool, out=tmp_path / "r", target_precision=1.5, progress=False)
+
+
+def test_the_threshold_and_the_queue_on_numbers():
+    from finetune.evaluation.labeling import choose_queue, k_center_greedy, precision_rule
+
+    # confidence 0.9, 0.8 (right), 0.7 (wrong), 0.6 (right): precision 1.0 down to 0.8, then 2/3, then 3/4
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
+    targets = np.array([0, 0, 1, 0])
+    rule = precision_rule(probs, targets, 0.75)
+    assert (rule.threshold, rule.answered, rule.correct) == (0.6, 4, 3)
+    assert precision_rule(probs, targets, 0.8).threshold == 0.8
+    assert precision_rule(probs[2:3], targets[2:3], 0.5) is None
+    low, high = rule.interval
+    assert low < 0.75 < high and rule.expected_wrong(100)[0] == pytest.approx(25)
+    features = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [5.0, 0.0], [0.0, 3.0]])
+    assert k_center_greedy(features, 3)[0] == [0, 3, 4]
+    uncertain = np.array([[0.5, 0.5]] * 3 + [[0.6, 0.4], [0.7, 0.3]])
+    assert choose_queue(uncertain, features, 2).rows == [0, 3]  # one of the three copies, then the farthest

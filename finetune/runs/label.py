@@ -30,8 +30,8 @@ from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor
-from finetune.reporting.label_studio import label_studio_tasks
 from finetune.reporting.label_html import left_out_gallery, pseudo_label_galleries, queue_gallery, render_label_page
+from finetune.reporting.label_studio import label_studio_tasks
 from finetune.training.feature_cache import ComputeOptions, pooled_features
 
 log = logging.getLogger(__name__)
