@@ -63,8 +63,8 @@ def label(
 ) -> LabelResult:
     """Predict every image of `unlabeled` (a folder, searched recursively, or a CSV with a 'path' column) with the
     run's calibrated model, and write into `out`: predictions.csv, pseudo_labels.csv (confidence at or above the
-    threshold at which the validation split reaches `target_precision`), to_label.csv (the `budget` images to label
-    next among the others: least certain first, spread over the backbone's feature space, near duplicates of
+    threshold at which the validation split reaches `target_precision`, queued images excepted), to_label.csv (the
+    `budget` images to label next: least certain first, spread over the backbone's feature space, near duplicates of
     labelled images left out and listed in left_out.csv), label_studio_tasks.json (the queue as Label Studio tasks: images under
     `image_root`, a URL prefix, else Label Studio's local-files route), summary.json, summary.md and label.html."""
     if not 0.0 < target_precision <= 1.0:
@@ -78,12 +78,12 @@ def label(
     rule = _pseudo_label_rule(predictor.trained, target_precision)  # refused before any unlabelled image is read
     preds = predictor.gathered_predictions(inputs, progress=progress)
     names = np.asarray(predictor.class_names, dtype=object)
-    keep = preds.confidence >= rule.threshold
+    left_out = _left_out(preds, names, _labelled(predictor), progress=progress)
+    queue = _queue(predictor.trained, preds, names, set(left_out["path"]), budget, progress=progress, cache_dir=cache_dir)
+    # a queued image goes to a person, even above the threshold: the least confident pseudo-labels are the likeliest wrong
+    keep = (preds.confidence >= rule.threshold) & ~np.isin(np.asarray(preds.paths, dtype=object), list(queue["path"]))
     pseudo = pd.DataFrame({"path": preds.paths, "label": names[preds.predicted], "confidence": preds.confidence})[keep]
     pseudo = pseudo.sort_values("confidence", kind="stable").reset_index(drop=True)
-    left_out = _left_out(preds, names, _labelled(predictor), progress=progress)
-    excluded = set(left_out["path"]) | set(pseudo["path"])  # a pseudo-labelled image needs no person
-    queue = _queue(predictor.trained, preds, names, excluded, budget, progress=progress, cache_dir=cache_dir)
     table = predictor.table(preds)
     summary = _summary(rule, preds, pseudo, queue, left_out, budget=budget, run=run, unlabeled=unlabeled)
     base = Path(unlabeled) if Path(unlabeled).is_dir() else Path(unlabeled).parent
@@ -234,6 +234,7 @@ def _summary(
         "unlabeled": str(unlabeled),
         "images": len(preds.paths),
         "pseudo_labels": len(pseudo),
+        "queued_above_threshold": int((preds.confidence[np.isin(preds.paths, list(queue["path"]))] >= rule.threshold).sum()),
         "pseudo_label_coverage": len(pseudo) / max(1, len(preds.paths)),
         "pseudo_labels_per_class": {str(k): int(v) for k, v in pseudo["label"].value_counts().sort_index().items()},
         **rule.to_dict(),
@@ -253,7 +254,8 @@ def _markdown(summary: dict[str, Any]) -> str:
             "",
             f"- unlabelled images: {summary['images']} ({summary['unlabeled']})",
             f"- pseudo-labels: {summary['pseudo_labels']} ({summary['pseudo_label_coverage']:.1%}) at confidence >= "
-            f"{summary['threshold']:.4f}, chosen for precision {summary['target_precision']:.1%}",
+            f"{summary['threshold']:.4f}, chosen for precision {summary['target_precision']:.1%} "
+            f"({summary['queued_above_threshold']} more above it are in the queue, for a person)",
             f"- on the run's validation split that threshold answers {summary['validation_answered']} of "
             f"{summary['validation_images']} images at precision {summary['validation_precision']:.1%} "
             f"(95% Wilson interval {low:.1%}-{high:.1%})",
