@@ -24,6 +24,7 @@ from finetune.runs.evaluate import evaluate
 from finetune.runs.explain import ExplainResult, explain
 from finetune.runs.export import ExportResult, export
 from finetune.runs.inspect import inspect
+from finetune.runs.label import LabelResult, label
 from finetune.runs.lr_find import LRFindResult, find_lr
 from finetune.runs.predict import load, predict
 from finetune.runs.recipes import recipes, show_recipe
@@ -39,6 +40,7 @@ __all__ = [
     "ExplainResult",
     "ExportResult",
     "Inspection",
+    "LabelResult",
     "LRFindResult",
     "Predictor",
     "Recipe",
@@ -56,6 +58,7 @@ __all__ = [
     "export",
     "find_lr",
     "inspect",
+    "label",
     "load",
     "load_recipe",
     "predict",

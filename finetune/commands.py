@@ -30,6 +30,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("evaluate", "finetune.runs.evaluate", "eval", ("Report",)),
     Command("predict", "finetune.runs.predict", "predict"),
     Command("load", "finetune.runs.predict", None, ("Predictor",)),
+    Command("label", "finetune.runs.label", "label", ("LabelResult",)),
     Command("check", "finetune.runs.check", "check", ("CheckResult",)),
     Command("inspect", "finetune.runs.inspect", "inspect", ("Inspection",)),
     Command("explain", "finetune.runs.explain", "explain", ("ExplainResult",)),

@@ -1,4 +1,4 @@
-"""Commands that use a trained run or a data folder: eval, predict, check, inspect, explain, export, report diff."""
+"""Commands that use a trained run or a data folder: eval, predict, label, check, inspect, explain, export, report diff."""
 
 from __future__ import annotations
 
@@ -62,6 +62,47 @@ def predict(
         )
         shown = table.to_csv(index=False, float_format="%.4f") if out is None else f"{len(table)} predictions written to {out}"
         typer.echo(shown, nl=out is not None)
+
+
+@app.command()
+def label(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
+    unlabeled: Annotated[
+        Path, typer.Option(help="Unlabelled images: a folder (searched recursively) or a CSV with a 'path' column.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for predictions.csv, pseudo_labels.csv, to_label.csv and label.html.")],
+    target_precision: Annotated[
+        float, typer.Option(help="Pseudo-labels keep the confidence at which the validation split reaches this precision.")
+    ] = 0.95,
+    budget: Annotated[int, typer.Option(help="How many images to queue for labelling next (to_label.csv).")] = 50,
+    image_root: Annotated[
+        str | None,
+        typer.Option(
+            help="URL prefix under which Label Studio finds the unlabelled folder's images (label_studio_tasks.json); "
+            "default: Label Studio's local-files route with absolute paths."
+        ),
+    ] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Pseudo-label the images the run is sure of; queue the most useful ones to label next (uncertain and diverse)."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.label(
+            run=run,
+            unlabeled=unlabeled,
+            out=out,
+            target_precision=target_precision,
+            budget=budget,
+            image_root=image_root,
+            progress=not quiet,
+        )
+        summary = result.summary
+        typer.echo(
+            f"{summary['pseudo_labels']} of {summary['images']} pseudo-labelled (validation precision "
+            f"{summary['validation_precision']:.1%}), {summary['queued']} to label next | {result.folder / 'label.html'}"
+        )
 
 
 @app.command()

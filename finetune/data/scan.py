@@ -165,3 +165,22 @@ def check_label_spellings(labels: Iterable[str], *, source: Path | str) -> None:
                 f"{source}: class names {ascii(other)} and {ascii(label)} are both '{key}' written in two Unicode forms "
                 "(NFC and NFD); rename one folder or label so they are one class (or two clearly different names)"
             )
+
+
+def read_path_list(path: Path) -> list[str]:
+    """The image paths of a CSV with a 'path' column (other columns, a label included, are ignored); relative paths
+    are relative to the CSV."""
+    try:
+        frame = read_text_table(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"manifest {path} is not a readable CSV: {' '.join(str(exc).split())}") from None
+    if "path" not in frame.columns:
+        raise DataError(f"manifest {path} lacks a 'path' column; it needs a header line 'path' and one image per line")
+    base = Path(path).parent
+    paths = list(dict.fromkeys(str(p if Path(p).is_absolute() else base / p) for p in frame["path"] if str(p).strip()))
+    absent = [p for p in paths if not Path(p).is_file()]
+    if absent:
+        raise DataError(f"manifest {path} names {len(absent)} missing file(s), first: {absent[0]}")
+    if not paths:
+        raise DataError(f"manifest {path} has a header but no rows; add one line per image")
+    return paths

@@ -140,10 +140,18 @@ class Predictor:
             rule = auto_threshold(self.trained, target_accuracy)
             min_confidence = rule.threshold
             self._remember(rule)
+        preds = self.gathered_predictions(items, progress=progress)
+        return self.table(preds, min_confidence=min_confidence)
+
+    def gathered_predictions(self, items: Sequence[ImageInput], *, progress: bool = False) -> Predictions:
+        """The predictions behind `predict`'s table: folders expanded, unreadable files left out as the run says."""
         data = self.trained.recipe.data
         pictures = Pictures.gather(items, data.extensions, policy=data.bad_images, progress=progress, screen=False)
         preds = self.predictions(pictures.sources, progress=progress, names=pictures.names, unreadable="mark")
-        preds = drop_unreadable(preds, policy=data.bad_images)
+        return drop_unreadable(preds, policy=data.bad_images)
+
+    def table(self, preds: Predictions, *, min_confidence: float | None = None) -> pd.DataFrame:
+        """The table `finetune predict` writes of `preds` (the run's top-k columns)."""
         top_k = self.trained.recipe.eval.top_k
         return predictions_table(preds, self.class_names, top_k=top_k, min_confidence=min_confidence)
 
