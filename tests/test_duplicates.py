@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from finetune.data.doctor import check_dataset, duplicate_pairs, format_check, pair_count
+from finetune.data.doctor import check_dataset, format_check
+from finetune.data.duplicates import duplicate_pairs, pair_count
 from finetune.data.facts import ImageFacts
 from finetune.data.hashindex import brute_force_pairs, hash_groups, near_pairs
 
@@ -79,9 +80,7 @@ def test_listing_equals_every_pair_for_small_groups_and_counts_large_ones(across
 
 def test_many_equal_hashes_are_one_group_in_seconds():
     n = 20_000  # blank frames: one perceptual hash; listing every pair would be 2*10^8 rows
-    samples = pd.DataFrame(
-        {"path": [f"blank_{i}.png" for i in range(n)], "label": "empty", "split": ["train", "val"] * (n // 2)}
-    )
+    samples = pd.DataFrame({"path": [f"blank_{i}.png" for i in range(n)], "label": "empty", "split": ["train", "val"] * (n // 2)})
     facts = _facts([0] * n, ["same"] * n)
     started = time.perf_counter()
     pairs = duplicate_pairs(samples, facts)

@@ -16,7 +16,8 @@ import pandas as pd
 
 from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
-from finetune.data.doctor import duplicate_pairs, examine_all, pair_count
+from finetune.data.doctor import examine_all
+from finetune.data.duplicates import duplicate_pairs, pair_count
 from finetune.data.facts import FactsCache
 from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
 from finetune.files import check_writable_folder, default_cache_dir, write_table, write_text

@@ -28,7 +28,8 @@ from finetune.config.loading import (
 )
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.decode import load_image, printable
-from finetune.data.doctor import ImageFacts, pair_count, screen_samples, split_leakage
+from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
+from finetune.data.duplicates import pair_count
 from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude
 from finetune.data.scan import read_samples
