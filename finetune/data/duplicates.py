@@ -34,12 +34,17 @@ def find_duplicate_groups(facts: Sequence[ImageFacts], *, max_distance: int = 4)
     if not len(usable):
         return DuplicateGroups(same=[], near=[])
     distinct, inverse = hash_groups(np.array([facts[i].phash for i in usable], dtype=np.uint64))
-    order = np.argsort(inverse, kind="stable")
-    members = np.split(usable[order], np.cumsum(np.bincount(inverse, minlength=len(distinct)))[:-1])
+    ordered = usable[np.argsort(inverse, kind="stable")]  # images by hash; a hash's own run of them, ascending
+    counts = np.bincount(inverse, minlength=len(distinct))
+    starts = np.cumsum(counts) - counts
+
+    def members(h: int) -> np.ndarray:  # one hash's images, sliced when asked (not a million tiny arrays up front)
+        return ordered[starts[h] : starts[h] + counts[h]]
+
     a, b, distance = near_pairs(distinct, radius=max_distance)
     return DuplicateGroups(
-        same=sorted((m for m in members if len(m) > 1), key=lambda m: int(m[0])),
-        near=[(members[i], members[j], int(d)) for i, j, d in zip(a, b, distance)],
+        same=sorted((members(h) for h in np.nonzero(counts > 1)[0]), key=lambda m: int(m[0])),
+        near=[(members(i), members(j), int(d)) for i, j, d in zip(a, b, distance)],
     )
 
 

@@ -1,9 +1,9 @@
 """Near-duplicate search on 64-bit perceptual hashes, sub-quadratic: multi-index hashing over the distinct hashes.
 
 Equal hashes are grouped first (a thousand blank frames are one hash, one group), so the index holds each distinct
-hash once. The 64 bits are cut into `m` bands; two hashes within `radius` bits differ by at most `radius // m` bits in
+hash once. The 64 bits are cut into m = 3 bands; two hashes within `radius` bits differ by at most `radius // 3` bits in
 at least one band (pigeonhole), so every band is looked up with its own key and the keys within that many flipped
-bits, and each candidate pair is verified with a popcount. On random hashes a band of ~21 bits holds few keys, so the
+bits, and each candidate pair is verified with a popcount. Each band is a direct table (2^22 entries at most, O(1) lookups); on random hashes a band of ~21 bits holds few keys, so the
 cost grows about linearly with the number of distinct hashes (see benchmarks/bench_dups.py).
 """
 
@@ -14,17 +14,13 @@ from itertools import combinations
 import numpy as np
 
 _CHUNK = 1 << 18  # queries per lookup step: bounds the candidate arrays held at once
+_BANDS = 3  # of 21-22 bits: a direct table per band (4M entries) and few random keys per bucket even at 10^6
 
 
 def hash_groups(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct hashes (sorted) and, for every input position, the index of its distinct hash."""
     distinct, inverse = np.unique(np.asarray(hashes, dtype=np.uint64), return_inverse=True)
     return distinct, inverse.reshape(-1)
-
-
-def _bands(radius: int) -> int:
-    """Bands to cut the 64 bits into: up to 3 (a ~21-bit band keeps few random keys per bucket even at 10^6 hashes)."""
-    return max(1, min(radius + 1, 3))
 
 
 def _flips(width: int, within: int) -> np.ndarray:
@@ -43,25 +39,26 @@ def near_pairs(distinct: np.ndarray, *, radius: int) -> tuple[np.ndarray, np.nda
     empty = np.zeros(0, dtype=np.int64)
     if n < 2 or radius < 1:
         return empty, empty.copy(), empty.copy()
-    m = _bands(radius)
+    m = _BANDS
     within = radius // m
     edges = np.linspace(0, 64, m + 1).astype(int)
     found = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        keys = (codes >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)
+        keys = ((codes >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)).astype(np.int64)
         order = np.argsort(keys, kind="stable")
-        ordered = keys[order]
-        for flip in _flips(int(hi - lo), within):
+        # a direct table over the band's 2^width keys (<= 22 bits: 4M entries): bucket start and size in O(1)
+        sizes = np.bincount(keys, minlength=1 << int(hi - lo)).astype(np.int32)
+        firsts = (np.cumsum(sizes, dtype=np.int64) - sizes).astype(np.int32)
+        for flip in _flips(int(hi - lo), within).astype(np.int64):
             for start in range(0, n, _CHUNK):
                 query = np.arange(start, min(start + _CHUNK, n))
                 wanted = keys[query] ^ flip
-                left = np.searchsorted(ordered, wanted, side="left")
-                count = np.searchsorted(ordered, wanted, side="right") - left
+                left, count = firsts[wanted], sizes[wanted]
                 if not count.any():
                     continue
                 a = np.repeat(query, count)
                 offsets = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-                b = order[np.repeat(left, count) + offsets]
+                b = order[np.repeat(left.astype(np.int64), count) + offsets]
                 keep = a < b  # each pair once (the flip from b's side finds it as well); a == b is the key itself
                 a, b = a[keep], b[keep]
                 close = np.bitwise_count(codes[a] ^ codes[b]) <= radius
