@@ -1,10 +1,11 @@
 """Near-duplicate search on 64-bit perceptual hashes, sub-quadratic: multi-index hashing over the distinct hashes.
 
 Equal hashes are grouped first (a thousand blank frames are one hash, one group), so the index holds each distinct
-hash once. The 64 bits are cut into m = 3 bands; two hashes within `radius` bits differ by at most `radius // 3` bits in
+hash once. The 64 bits are cut into 3 bands; two hashes within `radius` bits differ by at most `radius // 3` bits in
 at least one band (pigeonhole), so every band is looked up with its own key and the keys within that many flipped
-bits, and each candidate pair is verified with a popcount. Each band is a direct table (2^22 entries at most, O(1) lookups); on random hashes a band of ~21 bits holds few keys, so the
-cost grows about linearly with the number of distinct hashes (see benchmarks/bench_dups.py).
+bits, and each candidate pair is verified with a popcount. A band of 21-22 bits is a direct table (O(1) lookups)
+and holds few random keys per bucket even at 10^6 hashes, so the cost grows about linearly with the number of
+distinct hashes (see benchmarks/bench_dups.py).
 """
 
 from __future__ import annotations
