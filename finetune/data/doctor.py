@@ -172,18 +172,16 @@ def _duplicate_findings(duplicates: pd.DataFrame) -> list[dict[str, Any]]:
         return rows
     listed = duplicates.groupby("group").agg(first=("path_a", "first"), rows=("path_a", "size"), pairs=("group_pairs", "first"))
     for group in listed[listed["pairs"] > listed["rows"]].itertuples():
-        images = duplicates.loc[duplicates["group"] == group.Index, ["path_a", "path_b"]].stack().nunique()
-        rows.append(
-            _finding(
-                group.first,
-                "",
-                "",
-                "warning",
-                "large duplicate group",
-                f"{group.pairs} duplicate pairs among these look-alike images ({images}+ of them), {group.rows} listed "
-                "(--json); blank or placeholder frames? remove the copies or keep one",
-            )
+        mine = duplicates[duplicates["group"] == group.Index]
+        if (mine["distance"] == 0).all():  # one perceptual hash: k images hold k(k-1)/2 pairs
+            images = f"{round((1 + (1 + 8 * group.pairs) ** 0.5) / 2)} images with one perceptual hash"
+        else:
+            images = f"{mine[['path_a', 'path_b']].stack().nunique()}+ look-alike images"
+        detail = (
+            f"{images}: {group.pairs} duplicate pairs, {group.rows} listed (--json); blank or placeholder frames? "
+            "remove the copies or keep one"
         )
+        rows.append(_finding(group.first, "", "", "warning", "large duplicate group", detail))
     return rows
 
 
