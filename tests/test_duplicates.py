@@ -111,4 +111,5 @@ def test_a_folder_of_blank_frames_is_one_group_in_check(tmp_path):
     assert len(group) == 1 and group["detail"].iloc[0].startswith(
         f"300 images with one perceptual hash: {300 * 299 // 2} duplicate pairs"
     )
+    assert (result.findings["kind"] == "exact duplicate across splits (leakage)").sum() == 1  # shown though capped
     assert "20000 duplicate pair(s) across splits" in format_check(result)

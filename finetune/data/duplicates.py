@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice, product
+from itertools import combinations, islice, product
 
 import numpy as np
 import pandas as pd
@@ -48,9 +48,13 @@ def find_duplicate_groups(facts: Sequence[ImageFacts], *, max_distance: int = 4)
     )
 
 
-def _within(members: np.ndarray, values: np.ndarray | None, listed: int) -> tuple[int, list[tuple[int, int]]]:
+def _within(
+    members: np.ndarray, values: np.ndarray | None, listed: int, variety: np.ndarray
+) -> tuple[int, list[tuple[int, int]]]:
     """Pairs among one hash's images (only those whose `values` differ, when given): how many, and the first
-    `listed` in (a, b) order, found in O(listed x images) however large the group."""
+    `listed` in (a, b) order, found in O(listed x images) however large the group. A group too large to list whole
+    (with no `values`) shows the pairs between its first image of each split and label first (`variety`), so a
+    capped listing still shows its leakage and its conflicting labels."""
     own = None if values is None else values[members]
     if own is None:
         total = len(members) * (len(members) - 1) // 2
@@ -58,13 +62,18 @@ def _within(members: np.ndarray, values: np.ndarray | None, listed: int) -> tupl
         counts = np.unique(own, return_counts=True)[1].astype(np.int64)
         total = (len(members) ** 2 - int((counts**2).sum())) // 2
     shown: list[tuple[int, int]] = []
+    if own is None and total > listed:
+        firsts = members[np.sort(np.unique(variety[members], return_index=True)[1])]
+        shown = [(int(x), int(y)) for x, y in islice(combinations(firsts, 2), listed)]
+    seen = set(shown)
     for a in range(len(members) - 1):
         if len(shown) >= listed or not total:
             break
         later = members[a + 1 :] if own is None else members[a + 1 :][own[a + 1 :] != own[a]]
         if not len(later):
             break  # every later image shares this one's value, hence each later one's later images share theirs
-        shown += [(int(members[a]), int(b)) for b in later[: listed - len(shown)]]
+        more = [(int(members[a]), int(b)) for b in later[: listed - len(shown) + len(seen)]]
+        shown += [pair for pair in more if pair not in seen][: listed - len(shown)]
     return total, shown
 
 
@@ -93,13 +102,14 @@ def list_pairs(
     given), at most `listed` per group: `group` numbers the groups (the images of one perceptual hash, or of two near
     ones) and `group_pairs` says how many such pairs the group holds, listed or not (`pair_count` adds them up)."""
     values = None if across is None else samples[across].to_numpy().astype(str)
+    variety = (samples["split"].astype(str) + "\0" + samples["label"].astype(str)).to_numpy()
     same, near = groups.same, groups.near
     if values is not None and across == "split":  # an unsplit image (split "") crosses nothing
         same = [m[values[m] != ""] for m in same]
         near = [(a[values[a] != ""], b[values[b] != ""], d) for a, b, d in near]
     rows: list[tuple[int, int, int, int, int]] = []  # a, b, distance, group, group_pairs
     for members in same:
-        total, shown = _within(members, values, listed) if len(members) > 1 else (0, [])
+        total, shown = _within(members, values, listed, variety) if len(members) > 1 else (0, [])
         rows += [(a, b, 0, len(rows), total) for a, b in shown]  # a group's number: its first row's (renumbered below)
     for first, second, distance in near:
         if len(first) == 1 and len(second) == 1:  # the common case: one pair, no bookkeeping
