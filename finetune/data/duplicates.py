@@ -43,7 +43,7 @@ def find_duplicate_groups(facts: Sequence[ImageFacts], *, max_distance: int = 4)
 
     a, b, distance = near_pairs(distinct, radius=max_distance)
     return DuplicateGroups(
-        same=sorted((members(h) for h in np.nonzero(counts > 1)[0]), key=lambda m: int(m[0])),
+        same=sorted((members(int(h)) for h in np.nonzero(counts > 1)[0]), key=lambda m: int(m[0])),
         near=[(members(i), members(j), int(d)) for i, j, d in zip(a, b, distance)],
     )
 
