@@ -33,7 +33,8 @@ def test_the_demo_split_keeps_look_alikes_together(tmp_path):
     from finetune import train
     from finetune.config.loading import load_recipe
     from finetune.data.demo import digits_manifest
-    from finetune.data.doctor import duplicate_pairs, examine_all
+    from finetune.data.doctor import examine_all
+    from finetune.data.duplicates import duplicate_pairs
     from finetune.data.split import split_samples
 
     folder = build_digits_folder(tmp_path / "digits")

@@ -16,7 +16,8 @@ import pandas as pd
 from PIL import Image
 
 from finetune.config.builtin import builtin_recipe
-from finetune.data.doctor import duplicate_pairs, examine_all
+from finetune.data.doctor import examine_all
+from finetune.data.duplicates import duplicate_pairs
 from finetune.data.facts import FactsCache
 from finetune.data.split import split_samples
 from finetune.files import write_table

@@ -14,6 +14,7 @@ import pandas as pd
 
 from finetune.bars import progress as progress_bar
 from finetune.config.catalog import EXTENSION_FORMATS
+from finetune.data.duplicates import duplicate_pairs, find_duplicate_groups, list_pairs, pair_count
 from finetune.data.facts import FLAT_LOOK, FactsCache, ImageFacts, examine_image
 from finetune.data.scan import class_folders, scan_image_folder, split_folders
 from finetune.errors import DataError
@@ -50,37 +51,6 @@ def examine_all(paths: Sequence[str], *, progress: bool = True, cache: FactsCach
     """`examine_image` for every path, placeholders judged against the whole set."""
     looked = [examine_image(p, cache) for p in progress_bar(paths, desc="check images", disable=not progress, leave=False)]
     return _rare_placeholders(looked)
-
-
-def duplicate_pairs(samples: pd.DataFrame, facts: Sequence[ImageFacts], *, max_distance: int = 4) -> pd.DataFrame:
-    """Exact (same bytes) and near (perceptual hash within `max_distance` bits) duplicate pairs, with their splits."""
-    usable = [(i, f) for i, f in enumerate(facts) if f.problem is None and f.phash is not None]
-    rows = []
-    if usable:
-        index = np.array([i for i, _ in usable])
-        hashes = np.array([f.phash for _, f in usable], dtype=np.uint64)
-        digests = [f.sha256 for _, f in usable]
-        for a in range(len(usable) - 1):
-            distance = np.bitwise_count(hashes[a] ^ hashes[a + 1 :])
-            for offset in np.nonzero(distance <= max_distance)[0]:
-                b = a + 1 + int(offset)
-                i, j = index[a], index[b]
-                kind = "exact duplicate" if digests[a] == digests[b] else "near duplicate"
-                rows.append(
-                    {
-                        "path_a": samples.at[i, "path"],
-                        "path_b": samples.at[j, "path"],
-                        "kind": kind,
-                        "distance": int(distance[offset]),
-                        "split_a": samples.at[i, "split"],
-                        "split_b": samples.at[j, "split"],
-                        "label_a": samples.at[i, "label"],
-                        "label_b": samples.at[j, "label"],
-                    }
-                )
-    frame = pd.DataFrame(rows, columns=["path_a", "path_b", "kind", "distance", "split_a", "split_b", "label_a", "label_b"])
-    frame["crosses_split"] = (frame["split_a"] != frame["split_b"]) & (frame["split_a"] != "") & (frame["split_b"] != "")
-    return frame
 
 
 def _ignored_files(root: Path, extensions: Sequence[str]) -> list[dict[str, Any]]:
@@ -187,7 +157,8 @@ def _class_findings(
 
 
 def _duplicate_findings(duplicates: pd.DataFrame) -> list[dict[str, Any]]:
-    """Duplicates within a split (info), across splits (leakage) and, worst, under two different classes."""
+    """Duplicates within a split (info), across splits (leakage) and, worst, under two different classes; and one line
+    for each group too large to list whole (thousands of blank frames are one group, not millions of pairs)."""
     rows = []
     for dup in duplicates.itertuples():
         leak, conflict = bool(dup.crosses_split), dup.label_a != dup.label_b
@@ -197,6 +168,20 @@ def _duplicate_findings(duplicates: pd.DataFrame) -> list[dict[str, Any]]:
             kind = f"{dup.kind} in two classes"
             detail = f"{dup.path_b} is labelled '{dup.label_b}': a placeholder picture, or one of the two labels is wrong"
         rows.append(_finding(dup.path_a, dup.label_a, dup.split_a, "warning" if leak or conflict else "info", kind, detail))
+    if not len(duplicates):
+        return rows
+    listed = duplicates.groupby("group").agg(first=("path_a", "first"), rows=("path_a", "size"), pairs=("group_pairs", "first"))
+    for group in listed[listed["pairs"] > listed["rows"]].itertuples():
+        mine = duplicates[duplicates["group"] == group.Index]
+        if (mine["distance"] == 0).all():  # one perceptual hash: k images hold k(k-1)/2 pairs
+            images = f"{round((1 + (1 + 8 * group.pairs) ** 0.5) / 2)} images with one perceptual hash"
+        else:
+            images = f"{mine[['path_a', 'path_b']].stack().nunique()}+ look-alike images"
+        detail = (
+            f"{images}: {group.pairs} duplicate pairs, {group.rows} listed (--json); blank or placeholder frames? "
+            "remove the copies or keep one"
+        )
+        rows.append(_finding(group.first, "", "", "warning", "large duplicate group", detail))
     return rows
 
 
@@ -221,7 +206,9 @@ def check_dataset(
     counts = readable.groupby(["label", "split"]).size().unstack(fill_value=0)
     counts["total"] = counts.sum(axis=1)
     unreadable_classes = sorted(set(samples["label"]) - set(readable["label"]))
-    duplicates = duplicate_pairs(samples.reset_index(drop=True), facts)
+    ordered = samples.reset_index(drop=True)
+    groups = find_duplicate_groups(facts)
+    duplicates = list_pairs(ordered, facts, groups)
     rows = file_findings(samples, facts) + _ignored_files(root, extensions)
     rows += _class_findings(root, samples, counts, unreadable_classes) + _duplicate_findings(duplicates)
     blockers = _blockers(counts, unreadable_classes)
@@ -237,7 +224,7 @@ def check_dataset(
         "errors": int((findings["severity"] == "error").sum()),
         "warnings": int((findings["severity"] == "warning").sum()),
         "imbalance_ratio": float(totals.max() / totals.min()) if len(totals) else None,
-        "leaking_pairs": int(duplicates["crosses_split"].sum()),
+        "leaking_pairs": pair_count(list_pairs(ordered, facts, groups, across="split")),
         "trainable": not blockers,
         "blockers": blockers,
     }
@@ -355,7 +342,7 @@ def _warn_placeholders(facts: Mapping[str, ImageFacts], advice: Advice) -> None:
 
 
 def split_leakage(samples: pd.DataFrame, facts: dict[str, ImageFacts]) -> pd.DataFrame:
-    """Exact and near duplicate pairs whose two images sit in different splits."""
+    """Exact and near duplicate pairs whose two images sit in different splits, at most `LISTED_PER_GROUP` per group of
+    duplicates (`pair_count` says how many there are in all)."""
     ordered = samples.reset_index(drop=True)
-    pairs = duplicate_pairs(ordered, [facts[p] for p in ordered["path"]])
-    return pairs[pairs["crosses_split"]].reset_index(drop=True)
+    return duplicate_pairs(ordered, [facts[p] for p in ordered["path"]], across="split")

@@ -28,10 +28,18 @@ def split_sentence(split: str, selection: bool | str, leaks: pd.DataFrame | None
 
 def leakage_sentence(leaks: pd.DataFrame, split: str) -> str:
     """'Known leakage: 34 duplicate pair(s) cross the splits, 22 of them reach the test split ...' (leakage.csv)."""
-    reach = int(((leaks["split_a"] == split) | (leaks["split_b"] == split)).sum())
-    where = f"{reach} of them reach the {split} split" if reach else f"none reaches the {split} split"
+    reaching = (leaks["split_a"] == split) | (leaks["split_b"] == split)
+    reach, total, up_to = int(reaching.sum()), len(leaks), ""
+    if "group_pairs" in leaks.columns:  # a large group of look-alikes is listed up to a cap; group_pairs counts all
+        counted = leaks.astype({"group_pairs": int})  # leakage.csv is read back as text
+        groups = counted.groupby("group").agg(rows=("split_a", "size"), pairs=("group_pairs", "first"))
+        total = int(groups["pairs"].sum())
+        unlisted = groups.loc[groups.index.isin(leaks.loc[reaching, "group"]), ["rows", "pairs"]]
+        if (unlisted["pairs"] > unlisted["rows"]).any():  # some of a capped group's unlisted pairs may reach it
+            reach, up_to = reach + int((unlisted["pairs"] - unlisted["rows"]).sum()), "up to "
+    where = f"{up_to}{reach} of them reach the {split} split" if reach else f"none reaches the {split} split"
     return (
-        f"Known leakage: {len(leaks)} duplicate pair(s) cross the splits (leakage.csv), {where}"
+        f"Known leakage: {total} duplicate pair(s) cross the splits (leakage.csv), {where}"
         + (", so these figures may be inflated" if reach else ", though the epoch and temperature choice may be flattered")
         + "; remove the copies or set data.group_pattern, and train again."
     )

@@ -16,7 +16,8 @@ import pandas as pd
 
 from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
-from finetune.data.doctor import duplicate_pairs, examine_all
+from finetune.data.doctor import examine_all
+from finetune.data.duplicates import duplicate_pairs, pair_count
 from finetune.data.facts import FactsCache
 from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
 from finetune.files import check_writable_folder, default_cache_dir, write_table, write_text
@@ -96,7 +97,7 @@ def audit(
         "audit: %d suspect label(s) of %d images, %d conflicting duplicate pair(s) -> %s",
         len(issues),
         len(quality),
-        len(conflicts),
+        pair_count(conflicts),
         out / "audit.html",
     )
     return AuditResult(
@@ -110,9 +111,8 @@ def _conflicts(cv: CVResult) -> pd.DataFrame:
     samples = pd.DataFrame({"path": cv.oof.paths, "label": names[cv.oof.targets], "split": ""})
     missing = [p for p in samples["path"] if p not in cv.facts]
     facts = dict(cv.facts) | dict(zip(missing, examine_all(missing, progress=False, cache=FactsCache.default())))
-    pairs = duplicate_pairs(samples, [facts[p] for p in samples["path"]])
-    pairs = pairs[pairs["label_a"] != pairs["label_b"]]
-    return pairs[["path_a", "label_a", "path_b", "label_b", "kind", "distance"]].reset_index(drop=True)
+    pairs = duplicate_pairs(samples, [facts[p] for p in samples["path"]], across="label")  # capped per group
+    return pairs[["path_a", "label_a", "path_b", "label_b", "kind", "distance", "group", "group_pairs"]]
 
 
 def _outliers(cv: CVResult, recipe: Recipe, *, progress: bool, cache_dir: str | Path | None) -> pd.DataFrame:
@@ -167,7 +167,7 @@ def _summary(cv: CVResult, issues: pd.DataFrame, conflicts: pd.DataFrame, health
         "oof_macro_f1": metrics["macro_f1"],
         "label_issues": int(issues["label_issue"].sum()),
         "suspects": len(issues),
-        "conflicting_duplicate_pairs": len(conflicts),
+        "conflicting_duplicate_pairs": pair_count(conflicts),
         "label_health": health,
         "cv_folder": str(cv.run_dir),
     }

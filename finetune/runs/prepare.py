@@ -29,6 +29,7 @@ from finetune.config.loading import (
 from finetune.config.schema import DataConfig, ModelConfig, Recipe
 from finetune.data.decode import load_image, printable
 from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
+from finetune.data.duplicates import pair_count
 from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude
 from finetune.data.scan import read_samples
@@ -122,7 +123,7 @@ def prepare_data(cfg: DataConfig, *, seed: int, progress: bool, known: Mapping[s
     if len(leaks):
         first = leaks.iloc[0]
         message = (
-            f"{len(leaks)} duplicate pair(s) across splits (e.g. {first['path_a']} [{first['split_a']}] ~ "
+            f"{pair_count(leaks)} duplicate pair(s) across splits (e.g. {first['path_a']} [{first['split_a']}] ~ "
             f"{first['path_b']} [{first['split_b']}]); val/test scores may be inflated"
         )
         if cfg.strict_split:
