@@ -20,13 +20,12 @@ from finetune.data.doctor import examine_all
 from finetune.data.duplicates import duplicate_pairs, pair_count
 from finetune.data.facts import FactsCache
 from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
-from finetune.files import check_writable_folder, default_cache_dir, write_table, write_text
-from finetune.inference.device import autocast_dtype, resolve_device
+from finetune.files import check_writable_folder, write_table, write_text
 from finetune.reporting.audit_html import WEAK_MODEL_ACCURACY, AuditPage, render_audit
 from finetune.run_dir import RunDir, removed_if_unstarted
 from finetune.runs.cv import CVResult, cross_validate
 from finetune.runs.prepare import prepare_model, refuse_changed_recipe
-from finetune.training.feature_cache import ComputeOptions, pooled_features
+from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +117,8 @@ def _conflicts(cv: CVResult) -> pd.DataFrame:
 def _outliers(cv: CVResult, recipe: Recipe, *, progress: bool, cache_dir: str | Path | None) -> pd.DataFrame:
     """cleanlab's outlier score from the recipe's starting backbone (the pretrained one; the feature cache's entries)."""
     model = prepare_model(recipe, num_classes=len(cv.class_names))
-    device = resolve_device(recipe.train.device)
-    model.bundle.model.to(device)
-    options = ComputeOptions(
-        device=device,
-        dtype=autocast_dtype(recipe.train.amp, device),
-        batch_size=recipe.data.batch_size,
-        num_workers=recipe.data.num_workers,
-        progress=progress,
-    )
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    features = pooled_features(model.bundle, cv.oof.paths, model.eval_pipeline, options=options, root=root)
+    root = Path(cache_dir) if cache_dir is not None else None
+    features = recipe_features(model.bundle, cv.oof.paths, model.eval_pipeline, recipe, progress=progress, cache_dir=root)
     names = np.asarray(cv.class_names, dtype=object)
     frame = pd.DataFrame({"path": cv.oof.paths, "label": names[cv.oof.targets], "outlier_score": outlier_scores(features)})
     return frame.sort_values("outlier_score", kind="stable").reset_index(drop=True)

@@ -25,14 +25,13 @@ from finetune.evaluation.labeling import (
     margins,
     precision_rule,
 )
-from finetune.files import check_writable_folder, default_cache_dir, read_text_table, write_table, write_text
+from finetune.files import check_writable_folder, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import TrainedModel
-from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor
 from finetune.reporting.label_html import left_out_gallery, pseudo_label_galleries, queue_gallery, render_label_page
 from finetune.reporting.label_studio import label_studio_tasks
-from finetune.training.feature_cache import ComputeOptions, pooled_features
+from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
 QUEUE_COLUMNS = ["path", "suggested_label", "score", "reason"]
@@ -203,18 +202,9 @@ def _queue(
 
 def _pooled(trained: TrainedModel, paths: list[str], *, progress: bool, cache_dir: str | Path | None) -> np.ndarray:
     """The trained model's pooled backbone features (the classifier's input), through the feature cache."""
-    recipe = trained.recipe
-    device = resolve_device(recipe.train.device)
-    trained.bundle.model.to(device)
-    options = ComputeOptions(
-        device=device,
-        dtype=autocast_dtype(recipe.train.amp, device),
-        batch_size=recipe.data.batch_size,
-        num_workers=recipe.data.num_workers,
-        progress=progress,
-    )
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return pooled_features(trained.bundle, paths, build_eval_pipeline(trained.image), options=options, root=root)
+    pipeline = build_eval_pipeline(trained.image)
+    root = Path(cache_dir) if cache_dir is not None else None
+    return recipe_features(trained.bundle, paths, pipeline, trained.recipe, progress=progress, cache_dir=root)
 
 
 def _summary(

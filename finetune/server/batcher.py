@@ -85,7 +85,8 @@ class MicroBatcher(Generic[T]):
         return [item for item in batch if not item.answer.done()]  # a client that left cancelled its answer
 
     async def _serve_queue(self) -> None:
-        assert self._queue is not None and self._one_at_a_time is not None
+        if self._queue is None or self._one_at_a_time is None:
+            raise RuntimeError("the batcher's queue is made when the server starts; start it before serving")
         while True:
             batch = await self._gather(self._queue)
             if not batch:

@@ -26,6 +26,8 @@ from finetune.config.catalog import STAGES, Stage
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.decode import load_image
 from finetune.data.loader import ImageDataset
+from finetune.files import default_cache_dir
+from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.build import ModelBundle
 from finetune.models.suffix import SuffixNet, suffix_names
 from finetune.training.feature_store import ComputeOptions, FeatureCache, FeatureSet, Tap, backbone_key, pipeline_key
@@ -226,3 +228,20 @@ def pooled_features(
     cache = feature_cache(bundle, "head", eval_pipeline, views=0, seed=0, dtype=options.dtype, root=root, half=False)
     features, _ = cache.features(Tap(bundle.model, entry_module(bundle, "head")), paths, eval_pipeline, options)
     return features.flatten(1).numpy()
+
+
+def recipe_features(
+    bundle: ModelBundle, paths: Sequence[str], eval_pipeline: A.Compose, recipe: Recipe, *, progress: bool, cache_dir: Path | None
+) -> np.ndarray:
+    """`pooled_features` computed as the recipe says (its device, precision, batch size and workers), cached in
+    `cache_dir` (default: the user's feature cache): what the label audit's outliers and the labeling queue use."""
+    device = resolve_device(recipe.train.device)
+    bundle.model.to(device)
+    options = ComputeOptions(
+        device=device,
+        dtype=autocast_dtype(recipe.train.amp, device),
+        batch_size=recipe.data.batch_size,
+        num_workers=recipe.data.num_workers,
+        progress=progress,
+    )
+    return pooled_features(bundle, paths, eval_pipeline, options=options, root=cache_dir or default_cache_dir())
