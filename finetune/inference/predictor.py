@@ -44,14 +44,18 @@ def check_reject_options(min_confidence: float | None, reject: str | None, targe
         raise UsageError("--target-accuracy goes with --reject auto")
 
 
+def calibrated_validation(trained: TrainedModel, *, instead: str) -> tuple[np.ndarray, np.ndarray]:
+    """best.pt's own validation outputs as calibrated probabilities, with their targets; `instead`: what to do when
+    an older checkpoint keeps none."""
+    if trained.validation is None:
+        raise CheckpointError(f"this checkpoint keeps no validation predictions (an older finetune); {instead}")
+    logits, targets = trained.validation
+    return trained.task.probs(logits, trained.temperature), targets
+
+
 def auto_threshold(trained: TrainedModel, target_accuracy: float) -> RejectRule:
     """The threshold whose answered validation images reach `target_accuracy` (calibrated, from best.pt's own outputs)."""
-    if trained.validation is None:
-        raise CheckpointError(
-            "this checkpoint keeps no validation predictions (an older finetune); use --min-confidence P instead"
-        )
-    logits, targets = trained.validation
-    probs = trained.task.probs(logits, trained.temperature)
+    probs, targets = calibrated_validation(trained, instead="use --min-confidence P instead")
     rule = threshold_for_accuracy(probs, targets, target_accuracy)
     if rule is None:
         best = risk_coverage(probs, targets).iloc[0]

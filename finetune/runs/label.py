@@ -16,7 +16,7 @@ from finetune.data.doctor import duplicate_pairs, examine_all
 from finetune.data.facts import FactsCache
 from finetune.data.scan import read_path_list
 from finetune.data.transforms import build_eval_pipeline
-from finetune.errors import CheckpointError, UsageError
+from finetune.errors import UsageError
 from finetune.evaluation.labeling import (
     SHORTLIST,
     PseudoLabelRule,
@@ -28,7 +28,7 @@ from finetune.evaluation.labeling import (
 from finetune.files import check_writable_folder, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.predictions import Predictions
-from finetune.inference.predictor import Predictor
+from finetune.inference.predictor import Predictor, calibrated_validation
 from finetune.reporting.label_html import left_out_gallery, pseudo_label_galleries, queue_gallery, render_label_page
 from finetune.reporting.label_studio import label_studio_tasks
 from finetune.training.feature_cache import recipe_features
@@ -111,12 +111,7 @@ def _unlabeled_inputs(unlabeled: Path) -> list[str]:
 
 def _pseudo_label_rule(trained: TrainedModel, target: float) -> PseudoLabelRule:
     """The threshold on the run's own validation outputs (best.pt keeps them), calibrated as predictions are."""
-    if trained.validation is None:
-        raise CheckpointError(
-            "this checkpoint keeps no validation predictions (an older finetune); retrain the run to label with it"
-        )
-    logits, targets = trained.validation
-    probs = trained.task.probs(logits, trained.temperature)
+    probs, targets = calibrated_validation(trained, instead="retrain the run to label with it")
     rule = precision_rule(probs, targets, target)
     if rule is None:
         raise UsageError(
