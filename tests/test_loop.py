@@ -150,7 +150,7 @@ def test_non_finite_loss_stops_with_a_hint(tmp_path, image_folder, monkeypatch):
         def forward(self, logits, targets):
             return logits.sum() * math.nan
 
-    monkeypatch.setattr(loop_module, "build_criterion", lambda cfg, weights=None: NanLoss())
+    monkeypatch.setattr(loop_module, "build_criterion", lambda cfg, weights=None, task=None: NanLoss())
     with pytest.raises(
         TrainingError, match=r"loss became nan at epoch 1, step 1 \(lr .*\); HINT: lower train.lr or set train.grad_clip"
     ):

@@ -84,7 +84,7 @@ BAD = [
     ({"train": {"phases": [{"epochs": 1, "lr": 0.1}], "freeze": ["stem"]}}, r"\['freeze'\] conflict with phases"),
     ({"train": {"phases": []}}, r"phases is an empty list"),
     ({"model": {"head": {"dropout": 1.0}}}, r"recipe\.model\.head\.dropout: Input should be less than 1"),
-    ({"train": {"early_stopping": {"metric": "accuracy"}}}, r"early_stopping\.metric: Input should be 'val_accuracy'"),
+    ({"train": {"early_stopping": {"metric": "accuracy"}}}, r"early_stopping\.metric: Input should be 'auto', 'val_accuracy'"),
 ]
 
 

@@ -60,10 +60,7 @@ def train(
             recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet, **quick
         )
         if result.report is not None:  # None on torchrun ranks other than 0
-            typer.echo(
-                f"accuracy {result.report.metrics['accuracy']:.4f} | report: {result.report.folder} | "
-                f"best checkpoint: {result.best_checkpoint}"
-            )
+            typer.echo(f"{result.report.headline} | report: {result.report.folder} | best checkpoint: {result.best_checkpoint}")
 
 
 def _cross_validate(

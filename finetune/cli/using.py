@@ -25,9 +25,7 @@ def eval_(
         from finetune import api
 
         report = api.evaluate(run=run, data=data, out=out, progress=not quiet)
-        typer.echo(
-            f"accuracy {report.metrics['accuracy']:.4f} on {report.metrics['num_images']} images | report: {report.folder}"
-        )
+        typer.echo(f"{report.headline} on {report.metrics['num_images']} images | report: {report.folder}")
 
 
 @app.command()
@@ -213,7 +211,7 @@ def export(
         )
         for kind, figures in result.parity.items():
             typer.echo(
-                f"{kind}: top-1 agreement {figures['top1_agreement']:.2%}, max |p - p_torch| {figures['max_abs_prob_diff']:.2g}, "
+                f"{kind}: {figures.get('agreement_of', 'top-1 class')} agreement {figures['top1_agreement']:.2%}, max |p - p_torch| {figures['max_abs_prob_diff']:.2g}, "
                 f"accuracy {figures['accuracy_exported']:.4f} ({figures['accuracy_delta']:+.4f}) on {figures['images']} images"
             )
         typer.echo(f"files: {', '.join(str(p) for p in result.files.values())} | parity: {result.folder / 'parity.json'}")

@@ -58,6 +58,11 @@ class DataConfig(Strict):
     """Where the images are and how they are split and batched."""
 
     path: Path | None = Field(None, description="Image folder (flat or train/val/test) or a CSV manifest.")
+    task: Literal["auto", "single_label", "multilabel"] = Field(
+        "auto",
+        description="auto: several labels per image when the manifest has a `labels` column (names joined by |), "
+        "else one (a `label` column or class folders).",
+    )
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -197,8 +202,18 @@ class LossConfig(Strict):
         return value
 
 
+class ThresholdConfig(Strict):
+    """How each class's decision threshold is chosen on the validation split (several labels per image)."""
+
+    rule: Literal["f1", "precision"] = Field("f1", description="f1: the most F1 per class; precision: reach `target`.")
+    target: float = Field(0.9, gt=0.0, le=1.0, description="The precision each class should reach (rule: precision).")
+
+
 class EvalConfig(Strict):
     top_k: int = Field(5, ge=1, le=100)
+    threshold: ThresholdConfig = Field(
+        default_factory=ThresholdConfig, description="Several labels per image: per-class thresholds chosen on val."
+    )
     calibration: Literal["temperature", "off"] = Field(
         "temperature", description="Fit a temperature on the validation split after training; applied in eval, predict, export."
     )

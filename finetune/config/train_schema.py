@@ -95,10 +95,18 @@ class PhaseConfig(Strict):
 
 
 class EarlyStoppingConfig(Strict):
-    metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = "val_accuracy"
+    metric: Literal["auto", "val_accuracy", "val_loss", "val_macro_f1", "val_mean_average_precision"] = Field(
+        "auto",
+        description="What early stopping and best.pt follow; auto: the task's own (val_accuracy for one label per "
+        "image, val_mean_average_precision for several).",
+    )
     patience: int | None = Field(None, ge=1, description="Epochs without improvement before stopping; null = off.")
     min_delta: float = Field(0.0, ge=0.0)
     restore_best: bool = Field(False, description="At the end of each phase, go back to that phase's best weights.")
+
+    def monitored(self, task_metric: str) -> str:
+        """The metric followed: the recipe's, or with `auto` the task's own."""
+        return task_metric if self.metric == "auto" else self.metric
 
 
 class EmaConfig(Strict):

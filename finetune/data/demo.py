@@ -101,3 +101,39 @@ def default_paths() -> tuple[Path, Path]:
 
 def demo_out_dir(base: Path = Path("runs")) -> Path:
     return base / time.strftime("demo-%Y%m%d-%H%M%S")
+
+
+def build_multilabel_digits(folder: Path, *, images: int = 1500, size: int = 64, classes: int = 6, seed: int = 0) -> Path:
+    """A multi-label example from scikit-learn's digits: `images` pictures of `size` px, each holding 1 to 3 different
+    digits of 0..classes-1 in cells of a 2 x 2 grid (the others black); FOLDER.csv beside it lists path,labels (the
+    digits present, joined by |) and split: the first 70% train, then 15% val, the last 15% test. The 8x8 digits
+    are cut in two halves first: train and val pictures draw from one, test pictures from the other, so no digit
+    drawing seen in training comes back in the test split."""
+    from sklearn.datasets import load_digits
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    pools = [rng.permutation(np.flatnonzero(digits.target == d)) for d in range(classes)]
+    cell = size // 2
+    rows = []
+    test_from = int(images * 0.85)
+    for k in range(images):
+        chosen = sorted(rng.choice(classes, size=int(rng.integers(1, 4)), replace=False).tolist())
+        canvas = np.zeros((size, size), dtype=np.uint8)
+        for digit, spot in zip(chosen, rng.permutation(4)):
+            pool = pools[digit]
+            half = pool[: len(pool) // 2] if k < test_from else pool[len(pool) // 2 :]
+            pixels = np.round(digits.images[int(rng.choice(half))] / 16.0 * 255.0).astype(np.uint8)
+            tile = np.asarray(Image.fromarray(pixels, mode="L").resize((cell, cell), Image.Resampling.BICUBIC))
+            top, left = (spot // 2) * cell, (spot % 2) * cell
+            canvas[top : top + cell, left : left + cell] = tile
+        name = f"picture_{k:05d}.png"
+        Image.fromarray(canvas, mode="L").save(folder / name)
+        split = "train" if k < int(images * 0.7) else "val" if k < test_from else "test"
+        rows.append({"path": f"{folder.name}/{name}", "labels": "|".join(str(d) for d in chosen), "split": split})
+    manifest = folder.parent / f"{folder.name}.csv"
+    write_table(pd.DataFrame(rows), manifest)
+    log.info("wrote %d multi-label pictures (%d classes, %d px) and %s", images, classes, size, manifest)
+    return manifest

@@ -16,7 +16,7 @@ from finetune.bars import progress as progress_bar
 from finetune.config.catalog import EXTENSION_FORMATS
 from finetune.data.duplicates import duplicate_pairs, find_duplicate_groups, list_pairs, pair_count
 from finetune.data.facts import FLAT_LOOK, FactsCache, ImageFacts, examine_image
-from finetune.data.scan import class_folders, scan_image_folder, split_folders
+from finetune.data.scan import class_folders, scan_image_folder, split_folders, split_labels
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,11 @@ EVALUATION_ADVICE = Advice(
 )
 
 
+def _names(labels: pd.Series, multilabel: bool) -> set[str]:
+    """The class names a label column holds (every name of every 'cat|dog' cell with several labels per image)."""
+    return {n for cell in labels for n in split_labels(str(cell))} if multilabel else {str(x) for x in labels}
+
+
 def screen_samples(
     samples: pd.DataFrame,
     *,
@@ -296,9 +301,10 @@ def screen_samples(
     known: Mapping[str, ImageFacts] | None = None,
     cache: FactsCache | None = None,
     advice: Advice = TRAINING_ADVICE,
+    multilabel: bool = False,
 ) -> Screened:
     """Decode every image once: skip (and list) or refuse the unreadable ones; `advice` says what the user can do
-    (training's by default).
+    (training's by default). With `multilabel`, a `label` cell holds names joined by | (each name is a class).
 
     `known` holds facts already gathered for some paths (cross-validation folds share one screening pass)."""
     known = known or {}
@@ -312,7 +318,7 @@ def screen_samples(
         listing = "; ".join(f"{p} ({r})" for p, r in zip(skipped["path"], skipped["reason"]))
         raise DataError(f"{len(skipped)} unreadable image(s) and data.bad_images is 'fail': {listing}")
     kept = samples[~bad]
-    lost = sorted(set(samples["label"]) - set(kept["label"]) - {""})
+    lost = sorted(_names(samples["label"], multilabel) - _names(kept["label"], multilabel) - {""})
     if lost:
         raise DataError(
             f"class '{lost[0]}' has no readable images ({int((samples['label'] == lost[0]).sum())} skipped); "

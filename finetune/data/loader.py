@@ -13,6 +13,7 @@ from finetune.data.decode import load_image
 from finetune.errors import DataError
 
 UNREADABLE = -2  # the target PictureDataset gives a file it could not decode (with unreadable="mark")
+Target = int | np.ndarray  # a class index, or a multi-hot float32 row with several labels per image
 RANK_SEED_STRIDE = 7919  # a prime: rank r draws augmentation with seed + r * stride, so ranks never share a stream
 
 
@@ -24,7 +25,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, paths: Sequence[str], targets: Sequence[int], transform: Callable[..., Any], *, keep_decoded_mb: float = 0.0
+        self, paths: Sequence[str], targets: Sequence[Target], transform: Callable[..., Any], *, keep_decoded_mb: float = 0.0
     ) -> None:
         self.paths = list(paths)
         self.targets = list(targets)
@@ -44,7 +45,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 self._room -= kept.nbytes
         return kept.copy()  # a transform never sees (or changes) the kept array itself
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         return self.transform(image=self._pixels(index))["image"], self.targets[index]
 
 
@@ -58,7 +59,7 @@ class PictureDataset(ImageDataset):
     def __init__(
         self,
         sources: Sequence[str | np.ndarray],
-        targets: Sequence[int],
+        targets: Sequence[Target],
         transform: Callable[..., Any],
         *,
         unreadable: str = "fail",
@@ -71,7 +72,7 @@ class PictureDataset(ImageDataset):
         source = self.sources[index]
         return source if isinstance(source, np.ndarray) else load_image(source)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         try:
             return super().__getitem__(index)
         except DataError:

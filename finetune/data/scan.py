@@ -27,6 +27,9 @@ SPLIT_NAMES = {
 # Folders that operating systems and NAS boxes drop into shared folders: never classes.
 OS_METADATA_DIRS = frozenset({"__macosx", "@eadir", "$recycle.bin", "system volume information", "lost+found", ".trashes"})
 SAMPLE_COLUMNS = ["path", "label", "split"]
+LABEL_SEPARATOR = "|"  # between the names of a multi-label manifest's `labels` cell: dog|cat
+WRONG_SEPARATORS = (",", ";", "\t", "/")  # what people type instead of |: refused rather than read as one name
+MULTI_COLUMN = "labels"
 
 
 def class_folders(folder: Path) -> list[Path]:
@@ -98,9 +101,17 @@ def _read_csv_rows(path: Path) -> pd.DataFrame:
         frame = read_text_table(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"manifest {path} is not a readable CSV: {' '.join(str(exc).split())}") from None
-    missing = {"path", "label"} - set(frame.columns)
+    if {"label", MULTI_COLUMN} <= set(frame.columns):
+        raise DataError(
+            f"manifest {path} has both a 'label' and a 'labels' column; keep 'label' for one class per image or "
+            "'labels' (names joined by |) for several"
+        )
+    missing = {"path", "label"} - set(frame.columns.str.replace(MULTI_COLUMN, "label"))
     if missing:
-        raise DataError(f"manifest {path} lacks column(s) {sorted(missing)}; it needs a header line 'path,label'")
+        raise DataError(
+            f"manifest {path} lacks column(s) {sorted(missing)}; it needs a header line 'path,label' "
+            "(or 'path,labels' for several labels per image)"
+        )
     if frame.empty:
         raise DataError(f"manifest {path} has a header but no rows; add one line per image: path,label")
     return frame
@@ -114,10 +125,71 @@ def _manifest_splits(path: Path, values: pd.Series) -> list[str]:
     return [SPLIT_NAMES[v.strip().lower()] if v.strip() else "" for v in values]
 
 
+def split_labels(cell: str) -> list[str]:
+    """The label names of a multi-label cell as stored ('cat|dog' -> ['cat', 'dog']; '' -> [])."""
+    return cell.split(LABEL_SEPARATOR) if cell else []
+
+
+def _label_set(path: Path, line: int, cell: str) -> str:
+    """One `labels` cell as its canonical form: the names, stripped, unique and sorted, joined by |."""
+    text = str(cell).strip()
+    names = [n.strip() for n in text.split(LABEL_SEPARATOR)] if text else []
+    if any(not n for n in names):
+        raise DataError(
+            f"manifest {path} line {line}: labels '{text}' has an empty name between | separators; "
+            "join names with single | (dog|cat), or leave the cell empty for an image with none"
+        )
+    wrong = next((sep for n in names for sep in WRONG_SEPARATORS if sep in n), None)
+    if wrong is not None:
+        raise DataError(
+            f"manifest {path} line {line}: labels '{text}' separates names with {wrong!r}; separate label names with | (dog|cat)"
+        )
+    return LABEL_SEPARATOR.join(sorted(set(names)))
+
+
+def _read_multilabel(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """A manifest's `labels` column, each cell made canonical in `label`; a path listed twice is refused."""
+    frame["label"] = [_label_set(path, line, cell) for line, cell in enumerate(frame[MULTI_COLUMN], start=2)]
+    repeated = frame.index[frame["path"].duplicated(keep=False)]
+    if len(repeated):
+        first = frame.at[repeated[0], "path"]
+        lines = [str(i + 2) for i in repeated[frame.loc[repeated, "path"] == first]]
+        raise DataError(
+            f"manifest {path}: {first} is listed {len(lines)} times (lines {', '.join(lines)}); "
+            "keep one line per image with all its labels joined by | (dog|cat)"
+        )
+    return frame
+
+
+def manifest_is_multilabel(cfg: DataConfig) -> bool:
+    """Whether the data has several labels per image: a manifest with a `labels` column (or data.task says so)."""
+    path = Path(cfg.path) if cfg.path is not None else None
+    columns: list[str] = []
+    if path is not None and path.suffix.lower() == ".csv" and path.is_file():
+        columns = [str(c) for c in _read_csv_rows(path).columns]
+    multi = MULTI_COLUMN in columns
+    if cfg.task == "multilabel" and not multi:
+        raise DataError(
+            f"data.task is multilabel but {path} is no manifest with a 'labels' column; give a CSV 'path,labels' "
+            "with names joined by | (dog|cat)"
+        )
+    if cfg.task == "single_label" and multi:
+        raise DataError(
+            f"data.task is single_label but manifest {path} has a 'labels' column; rename it 'label' (one class per "
+            "image) or set data.task: multilabel"
+        )
+    return multi
+
+
 def read_manifest(path: Path) -> pd.DataFrame:
-    """A CSV with columns path,label (optional split); relative paths are relative to the CSV."""
+    """A CSV with columns path,label (optional split); relative paths are relative to the CSV.
+
+    With a `labels` column instead (names joined by |, an empty cell for none), each image's names are kept
+    joined in `label`, sorted ('cat|dog')."""
     frame = _read_csv_rows(path)
-    blank = frame.index[frame["label"].str.strip() == ""]
+    if MULTI_COLUMN in frame.columns:
+        frame = _read_multilabel(path, frame)
+    blank = frame.index[frame["label"].str.strip() == ""] if MULTI_COLUMN not in frame.columns else frame.index[:0]
     if len(blank):
         raise DataError(
             f"manifest {path} line {blank[0] + 2}: empty label for {frame.at[blank[0], 'path']}; give every image a class"
@@ -149,7 +221,8 @@ def read_samples(cfg: DataConfig) -> pd.DataFrame:
         samples = read_manifest(path)
     else:
         samples = scan_image_folder(path, extensions=cfg.extensions)
-    check_label_spellings(samples["label"], source=path)
+    names = [n for cell in samples["label"] for n in split_labels(cell)] if manifest_is_multilabel(cfg) else samples["label"]
+    check_label_spellings(names, source=path)
     return samples
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from finetune.data.transforms import ImageConfig
 from finetune.inference.checkpoint import TrainedModel
+from finetune.inference.task import MultiLabel
 from finetune.versions import library_versions
 
 FORMAT = "finetune-export/1"
@@ -28,6 +29,17 @@ def resize_rule(image: ImageConfig) -> dict[str, Any]:
         "interpolation": image.interpolation,
         "steps": "resize the shorter side to short_side (Pillow, the given interpolation; the longer side int(short_side * long / short)), "
         "then centre-crop crop x crop with offsets int(round((size - crop) / 2))",
+    }
+
+
+def _decision_rule(loaded: TrainedModel) -> dict[str, Any]:
+    """Several labels per image: each class's threshold on 'probs' (chosen on the validation split)."""
+    task = loaded.task
+    if not isinstance(task, MultiLabel):
+        return {}
+    return {
+        "thresholds": [float(t) for t in task.cutoffs(len(loaded.class_names))],
+        "decision": "every class with probs >= its threshold",
     }
 
 
@@ -57,6 +69,7 @@ def contract(loaded: TrainedModel, *, exporter: str, weights: str) -> dict[str, 
         "model_name": loaded.recipe.model.name,
         "checkpoint_epoch": loaded.record.epoch,
         "task": loaded.task.name,
+        **_decision_rule(loaded),
         "weights": weights,
         "exporter": exporter,
         "versions": library_versions(),

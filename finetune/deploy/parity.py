@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from finetune.inference.task import MultiLabel, Task
+
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 NHWC batch -> (logits, probs)
 FP32_TOLERANCE = 1e-4  # largest probability difference accepted for an fp32 export
 
@@ -22,6 +24,7 @@ class Parity:
     accuracy_exported: float
     macro_f1_reference: float
     macro_f1_exported: float
+    agreement_of: str = "top-1 class"  # what `top1_agreement` compares: the top-1 class, or the whole label set
 
     @property
     def accuracy_delta(self) -> float:
@@ -38,17 +41,44 @@ class Parity:
         return self.top1_agreement == 1.0 and self.max_abs_prob_diff <= tolerance
 
 
-def measure(reference: Runner, exported: Runner, batches: Iterable[np.ndarray], targets: np.ndarray, classes: int) -> Parity:
+def measure(
+    reference: Runner,
+    exported: Runner,
+    batches: Iterable[np.ndarray],
+    targets: np.ndarray,
+    classes: int,
+    task: Task | None = None,
+) -> Parity:
     """Run both on every batch; compare probabilities, top-1 choices and the metrics each gets against `targets`."""
     ref, exp = [], []
     for batch in batches:
         ref.append(reference(batch)[1])
         exp.append(exported(batch)[1])
-    return compare(np.concatenate(ref), np.concatenate(exp), targets, classes)
+    return compare(np.concatenate(ref), np.concatenate(exp), targets, classes, task)
 
 
-def compare(a: np.ndarray, b: np.ndarray, targets: np.ndarray, classes: int) -> Parity:
+def _compare_sets(a: np.ndarray, b: np.ndarray, targets: np.ndarray, task: MultiLabel) -> Parity:
+    """Several labels per image: `top1_agreement` is the share of images whose whole label set (at the stored
+    thresholds) is the same, accuracy the exact-set accuracy, F1 the macro F1 over classes."""
+    da, db, truth = task.decide(a).astype(bool), task.decide(b).astype(bool), np.asarray(targets) > 0.5
+    diff = np.abs(a - b)
+    return Parity(
+        images=len(a),
+        top1_agreement=float((da == db).all(axis=1).mean()),
+        max_abs_prob_diff=float(diff.max()),
+        mean_abs_prob_diff=float(diff.mean()),
+        accuracy_reference=float((da == truth).all(axis=1).mean()),
+        accuracy_exported=float((db == truth).all(axis=1).mean()),
+        macro_f1_reference=float(f1_score(truth, da, average="macro", zero_division=0)),
+        macro_f1_exported=float(f1_score(truth, db, average="macro", zero_division=0)),
+        agreement_of="label set",
+    )
+
+
+def compare(a: np.ndarray, b: np.ndarray, targets: np.ndarray, classes: int, task: Task | None = None) -> Parity:
     """Reference probabilities `a` against `b` for the same images."""
+    if isinstance(task, MultiLabel):
+        return _compare_sets(a, b, targets, task)
     diff = np.abs(a - b)
     labels = list(range(classes))
 

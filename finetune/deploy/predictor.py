@@ -17,6 +17,7 @@ from finetune.inference.forward import tta_views, view_pixels
 from finetune.inference.inputs import ImageInput, Pictures, as_list, check_inputs_exist
 from finetune.inference.predictions import Predictions, predictions_table
 from finetune.inference.predictor import check_reject_options
+from finetune.inference.task import DEFAULT_TASK, task_named
 
 
 class ExportedPredictor:
@@ -58,7 +59,8 @@ class ExportedPredictor:
             )
         pictures = Pictures.gather(items, IMAGE_EXTENSIONS, policy="skip", progress=progress)
         probs = self.probabilities(pictures.sources)
-        preds = Predictions(paths=pictures.names, probs=probs, targets=np.full(len(pictures.names), -1))
+        task = task_named(str(self.exported.meta.get("task", DEFAULT_TASK)), thresholds=self.exported.meta.get("thresholds"))
+        preds = Predictions(paths=pictures.names, probs=probs, targets=np.full(len(pictures.names), -1), task=task)
         top_k = int(self.exported.meta.get("top_k", 5))
         return predictions_table(preds, self.class_names, top_k=top_k, min_confidence=min_confidence)
 

@@ -18,16 +18,14 @@ BINS = 15
 T_RANGE = (0.05, 20.0)  # log-space search bounds: far beyond what a trained ResNet needs in either direction
 
 
-def negative_log_likelihood(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Mean -log p(true class)."""
-    picked = probs[np.arange(len(targets)), targets]
-    return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
+def negative_log_likelihood(probs: np.ndarray, targets: np.ndarray, task: Task | None = None) -> float:
+    """The task's NLL: mean -log p(true class) for one label, mean binary cross-entropy for several."""
+    return (task or SingleLabel()).nll(probs, targets)
 
 
-def brier_score(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Mean squared distance between the probability vector and the one-hot truth (sum over classes)."""
-    onehot = np.eye(probs.shape[1])[targets]
-    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+def brier_score(probs: np.ndarray, targets: np.ndarray, task: Task | None = None) -> float:
+    """Mean squared distance between the probabilities and the (one- or multi-hot) truth, summed over classes."""
+    return (task or SingleLabel()).brier(probs, targets)
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, task: Task | None = None) -> float:
@@ -37,7 +35,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, task: Task | None =
     task = task or SingleLabel()
 
     def nll(log_t: float) -> float:
-        return negative_log_likelihood(task.probs(logits, float(np.exp(log_t))), targets)
+        return task.nll(task.probs(logits, float(np.exp(log_t))), targets)
 
     found = minimize_scalar(nll, bounds=tuple(np.log(T_RANGE)), method="bounded", options={"xatol": 1e-4})
     best = float(np.exp(found.x))
@@ -45,9 +43,10 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, task: Task | None =
 
 
 def calibration_table(preds: Predictions, *, bins: int = BINS) -> pd.DataFrame:
-    """Equal-width confidence bins: count, accuracy, mean confidence and their gap (for ECE and the reliability diagram)."""
-    confidence = preds.probs.max(axis=1)
-    correct = preds.predicted == preds.targets
+    """Equal-width confidence bins: count, accuracy, mean confidence and their gap (for ECE and the reliability diagram).
+
+    One decision per image for a single label; for several labels, every class decision of every image."""
+    confidence, correct = preds.task.calibration_pairs(preds.probs, preds.targets)
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     rows = []
@@ -80,6 +79,6 @@ def calibration_summary(preds: Predictions) -> dict[str, float]:
     """ECE, NLL and Brier score of `preds` as they are."""
     return {
         "ece": expected_calibration_error(calibration_table(preds)),
-        "nll": negative_log_likelihood(preds.probs, preds.targets),
-        "brier": brier_score(preds.probs, preds.targets),
+        "nll": preds.task.nll(preds.probs, preds.targets),
+        "brier": preds.task.brier(preds.probs, preds.targets),
     }

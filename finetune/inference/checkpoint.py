@@ -16,6 +16,7 @@ import torch
 
 from finetune.config.loading import recipe_from_dict
 from finetune.config.schema import Recipe
+from finetune.data.split import multi_hot
 from finetune.data.transforms import ImageConfig
 from finetune.errors import CheckpointError, DataError, RunDirError, load_failure
 from finetune.files import atomic_write
@@ -106,7 +107,7 @@ class CheckpointRecord:
         state = payload.get("training_state")
         return cls(
             class_names=[str(name) for name in payload["class_names"]],
-            task=task_named(str(payload.get("task", DEFAULT_TASK))),
+            task=task_named(str(payload.get("task", DEFAULT_TASK)), thresholds=payload.get("thresholds")),
             image=ImageConfig.from_dict(payload["image"]),
             recipe=recipe_from_dict(payload["recipe"], source="stored in checkpoint"),
             temperature=float(payload.get("temperature", 1.0)),
@@ -156,6 +157,13 @@ class TrainedModel:
     @property
     def meta(self) -> dict[str, Any]:
         return self.record.meta
+
+    def targets_of(self, labels: Iterable[str]) -> np.ndarray:
+        """The targets of a split's `label` cells: class indices, or multi-hot rows with several labels per image."""
+        labels = list(labels)
+        if self.task.name == "multilabel":
+            return multi_hot(labels, self.class_names)
+        return np.asarray(self.class_indices(labels), dtype=np.int64)
 
     def class_indices(self, labels: Iterable[str]) -> list[int]:
         """The class index of each label; a label the model does not know is an error."""

@@ -107,7 +107,7 @@ def average_views(logits: np.ndarray, views: int, temperature: float, task: Task
     per_view = logits.reshape(n * views, -1)
     tempered = task.probs(per_view, temperature).reshape(n, views, -1).mean(axis=1)
     plain = task.probs(per_view).reshape(n, views, -1).mean(axis=1)
-    return tempered, np.log(np.maximum(plain, np.finfo(np.float32).tiny))
+    return tempered, task.as_logits(plain)
 
 
 def run_tta(

@@ -60,8 +60,11 @@ def predictions_table(
     """One row per image: path, [true label], predicted label, confidence, then the runner-up labels and probabilities.
 
     With `min_confidence`, images whose confidence is below it are predicted 'unknown' (the reject option);
-    the ranking columns then start at top1, the model's own first choice.
+    the ranking columns then start at top1, the model's own first choice. With several labels per image, see
+    `multilabel_table`.
     """
+    if preds.task.name == "multilabel":
+        return multilabel_table(preds, class_names, min_confidence=min_confidence)
     k = min(top_k, len(class_names))
     order = np.argsort(-preds.probs, axis=1)[:, :k]
     names = np.asarray(class_names, dtype=object)
@@ -78,4 +81,32 @@ def predictions_table(
     for rank in range(first - 1, k):
         frame[f"top{rank + 1}_label"] = names[order[:, rank]]
         frame[f"top{rank + 1}_prob"] = np.take_along_axis(preds.probs, order[:, rank : rank + 1], axis=1)[:, 0]
+    return frame
+
+
+def label_sets(decisions: np.ndarray, class_names: list[str]) -> list[str]:
+    """Each row of 0/1 decisions (N x C) as its class names joined by | ('' for none)."""
+    return ["|".join(name for name, on in zip(class_names, row) if on) for row in decisions]
+
+
+def multilabel_table(preds: Predictions, class_names: list[str], *, min_confidence: float | None = None) -> pd.DataFrame:
+    """Several labels per image: path, [true_labels], labels (the predicted set, names joined by |), confidence (the
+    least sure class decision, max(p, 1 - p)), then one probability column per class (`prob_NAME`).
+
+    With `min_confidence`, an image whose least sure decision is below it gets labels 'unknown' and `unsure` names
+    the classes it could not decide; `model_labels` keeps the model's own set."""
+    frame = pd.DataFrame({"path": preds.paths})
+    targets = np.asarray(preds.targets)
+    if targets.ndim == 2:
+        frame["true_labels"] = label_sets(targets > 0.5, class_names)
+    decided = label_sets(preds.predicted, class_names)
+    frame["labels"] = decided
+    frame["confidence"] = preds.confidence
+    if min_confidence is not None:
+        sure = np.maximum(preds.probs, 1.0 - preds.probs) >= min_confidence
+        frame["model_labels"] = decided
+        frame["unsure"] = ["|".join(n for n, ok in zip(class_names, row) if not ok) for row in sure]
+        frame.loc[frame["confidence"] < min_confidence, "labels"] = UNKNOWN
+    for c, name in enumerate(class_names):
+        frame[f"prob_{name}"] = preds.probs[:, c] if len(preds.probs) else []
     return frame

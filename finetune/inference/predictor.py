@@ -90,7 +90,7 @@ class Predictor:
     def predictions(
         self,
         sources: Sequence[str | np.ndarray],
-        targets: Sequence[int] | None = None,
+        targets: Sequence[int] | np.ndarray | None = None,
         *,
         progress: bool = False,
         desc: str = "predict",
@@ -191,6 +191,8 @@ class Predictor:
             figures = json.loads(metrics.read_text(encoding="utf-8"))
             split = figures.get("evaluated_on", {}).get("split", "eval")
             whose = "" if self.checkpoint is None or self.checkpoint.name == "best.pt" else ", the report of best.pt"
+            if figures.get("task") == "multilabel":
+                return f"{split} mean average precision {float(figures['mean_average_precision']):.4f} on {int(figures['num_images'])} images{whose}"
             return f"{split} accuracy {float(figures['accuracy']):.4f} on {int(figures['num_images'])} images{whose}"
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return "report/metrics.json unreadable"

@@ -322,3 +322,24 @@ def lr_curve_figure(curve: pd.DataFrame, suggestion: float) -> Figure:
     ax.legend(loc="lower left")
     ax.grid(which="major", color="0.9", lw=0.6, zorder=0)  # no minor grid: on a log axis it hides the raw curve
     return fig
+
+
+@_plain_text
+def plot_pr_curves(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float, float]], path: Path) -> None:
+    """One precision-recall curve per class (several labels per image), its AP in the legend. Each entry is (name,
+    precision, recall, AP, threshold): the curve's points, then as the arrays' last point the operating point of the
+    class's chosen threshold, drawn as a dot."""
+    fig = Figure(figsize=(7.5, 5.5), dpi=110)
+    ax = fig.subplots()
+    for k, (name, precision, recall, ap, _) in enumerate(curves):
+        colour = f"C{k % 10}"
+        ax.step(recall[:-1], precision[:-1], where="post", color=colour, lw=1.6, label=f"{name} (AP {ap:.3f})")
+        ax.plot([recall[-1]], [precision[-1]], "o", color=colour, ms=6, mec="k")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("precision-recall per class (dot: the chosen threshold)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left", ncol=1 if len(curves) <= 12 else 2)
+    _save(fig, path)

@@ -31,6 +31,7 @@ SHOWN = {  # metrics.csv column -> the page's header
     "val_loss": "val loss",
     "val_accuracy": "val acc",
     "val_macro_f1": "val macro-F1",
+    "val_mean_average_precision": "val mAP",
     "ema_val_accuracy": "EMA val acc",
     "selected": "kept weights",
     "seconds": "time",

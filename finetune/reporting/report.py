@@ -39,6 +39,18 @@ class Report:
     metrics: dict[str, Any]
     per_class: pd.DataFrame
 
+    @property
+    def headline(self) -> str:
+        """'accuracy 0.9412', or with several labels per image 'mean average precision 0.9931'."""
+        return headline(self.metrics)
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The report's first number in words: accuracy, or mean average precision for several labels per image."""
+    if metrics.get("task") == "multilabel":
+        return f"mean average precision {float(metrics['mean_average_precision']):.4f}"
+    return f"accuracy {float(metrics['accuracy']):.4f}"
+
 
 def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views: int = 5) -> Path | None:
     """Draws of the run's saved train pipeline on a few training images (one per class first)."""

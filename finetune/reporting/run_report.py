@@ -17,6 +17,7 @@ from finetune.inference.forward import describe
 from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor
 from finetune.reporting.html import Explain, RunContext
+from finetune.reporting.multilabel_report import write_multilabel_report
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir
 
@@ -71,6 +72,8 @@ def write_run_report(
     )
     folder.mkdir(parents=True, exist_ok=True)
     write_table(skipped, folder / "skipped.csv")
+    if trained.task.name == "multilabel":
+        return write_multilabel_report(preds, trained.class_names, folder, title=title, context=context)
     return write_report(
         preds, trained.class_names, folder, top_k=trained.recipe.eval.top_k, title=title, context=context, explain=explain
     )
@@ -88,9 +91,7 @@ def report_for_run(run: RunDir, index: DatasetIndex, *, progress: bool) -> Repor
         logits, targets = trained.validation
         preds = Predictions.from_logits(list(rows["path"]), logits, targets, temperature=trained.temperature, task=trained.task)
     else:
-        preds = predictor.predictions(
-            list(rows["path"]), trained.class_indices(rows["label"]), progress=progress, desc="evaluate"
-        )
+        preds = predictor.predictions(list(rows["path"]), trained.targets_of(rows["label"]), progress=progress, desc="evaluate")
     skipped = pd.DataFrame(columns=[*rows.columns, "reason"])  # the run's images were screened before training
     leaks = read_text_table(run.leakage) if run.leakage.exists() else None
     return write_run_report(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pandas as pd
+
 from finetune.data.doctor import EVALUATION_ADVICE, screen_samples
 from finetune.data.facts import FactsCache
-from finetune.data.scan import scan_image_folder
+from finetune.data.scan import read_manifest, scan_image_folder
 from finetune.data.split import evaluation_split
 from finetune.errors import DataError
 from finetune.files import check_writable_folder, path_key, read_text_table
@@ -25,7 +27,7 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     checkpoint = checkpoint_path(Path(run))
     predictor = Predictor(run)
     trained = predictor.trained
-    samples = scan_image_folder(Path(data), extensions=trained.recipe.data.extensions)
+    samples = _labelled_images(Path(data), trained.recipe.data.extensions, multilabel=trained.task.name == "multilabel")
     if (samples["split"] != "").any():
         split = evaluation_split(samples)
         samples = samples[samples["split"] == split]
@@ -42,9 +44,10 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
         progress=progress,
         cache=FactsCache.default(),
         advice=EVALUATION_ADVICE,
+        multilabel=trained.task.name == "multilabel",
     )
     rows = screened.samples
-    preds = predictor.predictions(list(rows["path"]), trained.class_indices(rows["label"]), progress=progress, desc="evaluate")
+    preds = predictor.predictions(list(rows["path"]), trained.targets_of(rows["label"]), progress=progress, desc="evaluate")
     in_val, in_train = _seen_by_run(owner, list(rows["path"]))
     if in_train:
         log.warning(
@@ -56,6 +59,24 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     if in_val + in_train:
         selection = f"{in_val} of these images chose the run's best epoch (its val split) and {in_train} trained it"
     return write_run_report(trained, preds, folder, split=split, selection=selection, skipped=screened.skipped, run=owner)
+
+
+def _labelled_images(data: Path, extensions: list[str], *, multilabel: bool) -> pd.DataFrame:
+    """(path, label, split) of a folder of class folders or a CSV manifest; a multi-label model needs a manifest
+    with a `labels` column, a single-label one a `label` column or folders."""
+    if data.suffix.lower() != ".csv":
+        if multilabel:
+            raise DataError(
+                f"this model gives several labels per image: evaluate it on a CSV manifest 'path,labels', not the folder {data}"
+            )
+        return scan_image_folder(data, extensions=extensions)
+    if not data.is_file():
+        raise DataError(f"manifest {data} does not exist; check --data")
+    has_labels = "labels" in read_text_table(data, nrows=0).columns
+    if has_labels != multilabel:
+        wanted = "'labels' (names joined by |)" if multilabel else "'label'"
+        raise DataError(f"manifest {data} does not match this model: it needs a {wanted} column")
+    return read_manifest(data)
 
 
 def _seen_by_run(run: RunDir | None, paths: list[str]) -> tuple[int, int]:

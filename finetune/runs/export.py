@@ -78,7 +78,7 @@ def _held_out(run: RunDir, loaded: TrainedModel) -> tuple[list[str], np.ndarray,
     splits = read_text_table(run.splits)
     split = evaluation_split(splits)
     rows = splits[splits["split"] == split]
-    return list(rows["path"]), np.array(loaded.class_indices(rows["label"])), split
+    return list(rows["path"]), loaded.targets_of(rows["label"]), split
 
 
 def _reference(package: PackagedClassifier) -> Any:
@@ -179,7 +179,8 @@ def _timm_folder(
     result.files["config"] = result.folder / hub_format.CONFIG
     reference = np.concatenate([_reference(package)(batch)[1] for batch in image_batches(paths, loaded.image)])
     theirs = hub_format.timm_probabilities(timm_model, paths, temperature=loaded.temperature, task=loaded.task)
-    result.parity["timm_transform"] = {**compare(reference, theirs, targets, len(loaded.class_names)).to_dict(), "split": split}
+    agreement = compare(reference, theirs, targets, len(loaded.class_names), loaded.task)
+    result.parity["timm_transform"] = {**agreement.to_dict(), "split": split}
 
 
 def _card(result: ExportResult, run: RunDir, loaded: TrainedModel, *, license: str, repo_id: str | None) -> None:
@@ -214,7 +215,7 @@ def _runner(kind: str, file: Path) -> Any:
 
 
 def _parity(package: PackagedClassifier, runner: Any, paths: list[str], targets: np.ndarray, loaded: TrainedModel) -> Parity:
-    return measure(_reference(package), runner, image_batches(paths, loaded.image), targets, len(loaded.class_names))
+    return measure(_reference(package), runner, image_batches(paths, loaded.image), targets, len(loaded.class_names), loaded.task)
 
 
 def _stamp(kind: str, file: Path, meta: dict[str, Any], parity: Parity, split: str) -> None:
@@ -273,7 +274,7 @@ def _finish(result: ExportResult, split: str, max_accuracy_drop: float) -> None:
             continue
         if figures["top1_agreement"] < 1.0 or figures["max_abs_prob_diff"] > FP32_TOLERANCE:
             raise ParityError(
-                f"{kind} export disagrees with PyTorch on the {split} split: top-1 agreement {figures['top1_agreement']:.2%}, "
+                f"{kind} export disagrees with PyTorch on the {split} split: {figures.get('agreement_of', 'top-1 class')} agreement {figures['top1_agreement']:.2%}, "
                 f"max probability difference {figures['max_abs_prob_diff']:.2g}; files kept in {result.folder} for inspection"
             )
     log.info(

@@ -32,10 +32,10 @@ from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
 from finetune.data.duplicates import pair_count
 from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude
-from finetune.data.scan import read_samples
+from finetune.data.scan import manifest_is_multilabel, read_samples
 from finetune.data.split import DatasetIndex, make_index
 from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, check_pipeline, resolve_image_config
-from finetune.errors import DataError, RunDirError, UsageError, WeightsError
+from finetune.errors import DataError, RecipeError, RunDirError, UsageError, WeightsError
 from finetune.files import recorded_path
 from finetune.inference.device import check_device
 from finetune.models.build import ModelBundle, build_model
@@ -115,8 +115,11 @@ def prepare_data(cfg: DataConfig, *, seed: int, progress: bool, known: Mapping[s
     samples, excluded = apply_exclude(read_samples(cfg), cfg.exclude)
     # absolute paths in the run (splits.csv, predictions): valid from any working directory, for a resume or an eval
     samples = samples.assign(path=[recorded_path(p) for p in samples["path"]])
-    screened = screen_samples(samples, policy=cfg.bad_images, progress=progress, known=known, cache=FactsCache.default())
-    index = make_index(screened.samples, cfg, seed=seed)
+    multilabel = manifest_is_multilabel(cfg)
+    screened = screen_samples(
+        samples, policy=cfg.bad_images, progress=progress, known=known, cache=FactsCache.default(), multilabel=multilabel
+    )
+    index = make_index(screened.samples, cfg, seed=seed, multilabel=multilabel)
     if not (index.samples["split"] == "val").any():
         raise DataError("no validation images: set data.val_fraction above 0 or add a val/ folder")
     leaks = split_leakage(index.samples, screened.facts)
@@ -149,6 +152,11 @@ def prepare_run(recipe: Recipe, *, progress: bool, known: Mapping[str, ImageFact
     """Cheap checks, then data, then model and loss weights: what `train` and `lr-find` start from."""
     check_cheap_things(recipe, warn=known is None)  # `known`: a cross-validation fold, whose run has checked and warned
     data = prepare_data(recipe.data, seed=recipe.seed, progress=progress, known=known)
+    if recipe.train.early_stopping.metric == "val_mean_average_precision" and not data.index.multilabel:
+        raise RecipeError(
+            "train.early_stopping.metric val_mean_average_precision needs several labels per image (a manifest with a "
+            "'labels' column); use auto, val_accuracy, val_macro_f1 or val_loss"
+        )
     model = prepare_model(recipe, num_classes=len(data.index.class_names))
     first = data.index.split("train")["path"].iloc[0]
     check_pipeline(model.train_pipeline, load_image(first), source=f"training image {printable(first)}")

@@ -13,16 +13,16 @@ from typing import Any
 import pandas as pd
 
 from finetune.config.loading import read_yaml, recipe_from_dict
-from finetune.config.schema import EvalConfig, Recipe
+from finetune.config.schema import Recipe
 from finetune.data.doctor import ImageFacts
 from finetune.data.loader import ImageDataset
-from finetune.data.split import DatasetIndex
+from finetune.data.split import DatasetIndex, label_counts
 from finetune.data.transforms import save_pipeline
 from finetune.errors import CheckpointError, RunDirError, UsageError
-from finetune.evaluation.calibration import calibration_summary, fit_temperature
+from finetune.evaluation.best_calibration import calibrate_best
 from finetune.files import default_cache_dir, read_text_table, write_table, write_text
-from finetune.inference.checkpoint import RESUMABLE_FROM, VALIDATION_KEYS, load_checkpoint, save_checkpoint
-from finetune.inference.predictions import Predictions
+from finetune.inference.checkpoint import RESUMABLE_FROM, load_checkpoint
+from finetune.inference.task import DEFAULT_TASK, TASKS, MultiLabel
 from finetune.reporting.progress import Standing, write_progress
 from finetune.reporting.report import Report
 from finetune.reporting.run_report import report_for_run
@@ -89,7 +89,11 @@ def write_run_files(run: RunDir, recipe: Recipe, data: PreparedData) -> None:
     if len(data.leaks):
         write_table(data.leaks, run.leakage)
     write_table(data.index.samples, run.splits)
-    write_text(run.classes, json.dumps(data.index.class_names, indent=1))
+    classes: Any = data.index.class_names
+    if data.index.multilabel:  # classes.json says the task: a resume before the first checkpoint reads it here
+        classes = {"task": MultiLabel.name, "classes": data.index.class_names}
+        write_table(label_counts(data.index), run.root / "label_counts.csv")
+    write_text(run.classes, json.dumps(classes, indent=1))
     save_run_recipe(run, recipe)
 
 
@@ -139,7 +143,10 @@ def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
             )
         recipe = stored
     samples = read_text_table(run.splits)
-    index = DatasetIndex(samples=samples, class_names=[str(c) for c in json.loads(run.classes.read_text(encoding="utf-8"))])
+    classes = json.loads(run.classes.read_text(encoding="utf-8"))
+    multilabel = isinstance(classes, dict) and classes.get("task") == MultiLabel.name
+    names = classes["classes"] if isinstance(classes, dict) else classes
+    index = DatasetIndex(samples=samples, class_names=[str(c) for c in names], multilabel=multilabel)
     return recipe, index, payload
 
 
@@ -156,30 +163,6 @@ def _start_resume(run: RunDir, stored: Recipe, index: DatasetIndex, payload: dic
     else:
         log.info("resuming %s after epoch %d", run.root, state.epoch if state else 0)
     return _Start(recipe=stored, index=index, model=model, class_weights=weights, state=state, ranks=ranks)
-
-
-def calibrate_best(run: RunDir, cfg: EvalConfig) -> float:
-    """Fit the temperature on best.pt's own validation logits (no image is read again) and store it in best.pt."""
-    payload = load_checkpoint(run.best)
-    if cfg.calibration == "off" or not all(key in payload for key in VALIDATION_KEYS):
-        return float(payload.get("temperature", 1.0))
-    logits, targets = payload["val_logits"].numpy(), payload["val_targets"].numpy()
-    temperature = fit_temperature(logits, targets)
-    unscaled = Predictions.from_logits([""] * len(targets), logits, targets)
-    payload["temperature"] = temperature
-    payload["calibration"] = {
-        "fitted_on": "val",
-        "before": calibration_summary(unscaled),
-        "after": calibration_summary(unscaled.with_temperature(temperature)),
-    }
-    save_checkpoint(payload, run.best)
-    log.info(
-        "temperature %.3f fitted on the validation split (NLL %.4f -> %.4f)",
-        temperature,
-        payload["calibration"]["before"]["nll"],
-        payload["calibration"]["after"]["nll"],
-    )
-    return temperature
 
 
 def write_training_files(run: RunDir, start: _Start) -> None:
@@ -213,17 +196,25 @@ def _fit_context(
         class_weights=start.class_weights,
         cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
         progress=progress,
-        on_epoch_end=_live_view(run, recipe, on_epoch_end) if start.ranks.main else on_epoch_end,
+        on_epoch_end=_live_view(run, recipe, _monitored(recipe, index), on_epoch_end) if start.ranks.main else on_epoch_end,
         train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline, keep_decoded_mb=keep),
         val_set=ImageDataset(val_rows["path"], index.targets(val_rows), model.eval_pipeline, keep_decoded_mb=keep),
+        task=TASKS[MultiLabel.name if index.multilabel else DEFAULT_TASK],
     )
 
 
-def _standing(recipe: Recipe, state: FitState | None, *, finished: bool = False) -> Standing:
+def _standing(recipe: Recipe, state: FitState | None, *, metric: str, finished: bool = False) -> Standing:
     """What progress.html says of the run: epochs planned, the kept epoch (early stopping's best) and its metric."""
     kept = int((state.addons.get("stopping") or {}).get("best_epoch", 0)) if state is not None else 0
     total = sum(p.epochs for p in recipe.train.resolved_phases())
-    return Standing(total_epochs=total, kept_epoch=kept or None, metric=recipe.train.early_stopping.metric, finished=finished)
+    return Standing(total_epochs=total, kept_epoch=kept or None, metric=metric, finished=finished)
+
+
+def _monitored(recipe: Recipe, index: DatasetIndex) -> str:
+    """The metric the run follows (the task's own for early_stopping.metric auto)."""
+    return recipe.train.early_stopping.monitored(
+        TASKS[MultiLabel.name if index.multilabel else DEFAULT_TASK].early_stopping_metric
+    )
 
 
 def _redraw(run: RunDir, standing: Standing) -> None:
@@ -234,11 +225,11 @@ def _redraw(run: RunDir, standing: Standing) -> None:
         log.warning("progress.html not updated (%s); training goes on", exc.strerror or exc)
 
 
-def _live_view(run: RunDir, recipe: Recipe, then: Callable[[FitState], None] | None) -> Callable[[FitState], None]:
+def _live_view(run: RunDir, recipe: Recipe, metric: str, then: Callable[[FitState], None] | None) -> Callable[[FitState], None]:
     """The epoch-end callback of rank 0: redraw the live view, then call the caller's own callback."""
 
     def after_epoch(state: FitState) -> None:
-        _redraw(run, _standing(recipe, state))
+        _redraw(run, _standing(recipe, state, metric=metric))
         if then is not None:
             then(state)
 
@@ -253,12 +244,12 @@ def _fit_and_report(run: RunDir, start: _Start, ctx: FitContext, timings: dict[s
     try:
         begun = time.perf_counter()
         if start.ranks.main:
-            _redraw(run, _standing(start.recipe, start.state))  # a page to open before the first epoch ends
+            _redraw(run, _standing(start.recipe, start.state, metric=ctx.monitored))  # a page before the first epoch ends
         state = fit(start.model.bundle, ctx, state=start.state)
         timings["train"] = time.perf_counter() - begun
         if not start.ranks.main:
             return None
-        standing = _standing(start.recipe, state, finished=True)
+        standing = _standing(start.recipe, state, metric=ctx.monitored, finished=True)
         _redraw(run, standing)
         log.info("\n%s", epoch_table(read_history(run), kept_epoch=standing.kept_epoch))
         begun = time.perf_counter()

@@ -85,9 +85,12 @@ drop.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) send(e.d
 
 def describe_accuracy(metrics: dict[str, Any] | None) -> str:
     """'test accuracy 94.1% (95% interval 88.2-98.0%) on 34 images', or why there is none."""
+    split = (metrics or {}).get("evaluated_on", {}).get("split", "test")
+    if metrics and "mean_average_precision" in metrics:
+        low_high = (metrics.get("ci95") or {}).get("mean_average_precision") or [float("nan")] * 2
+        return f"{split} mean average precision {metrics['mean_average_precision']:.3f} (95% interval {low_high[0]:.3f}-{low_high[1]:.3f})"
     if not metrics or "accuracy" not in metrics:
         return "no test report found for this model"
-    split = (metrics.get("evaluated_on") or {}).get("split", "test")
     text = f"{split} accuracy {100 * metrics['accuracy']:.1f}%"
     low_high = (metrics.get("ci95") or {}).get("accuracy")
     if low_high:

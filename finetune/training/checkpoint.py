@@ -14,6 +14,7 @@ from finetune.config.schema import Recipe
 from finetune.data.transforms import ImageConfig
 from finetune.files import atomic_write, disk_error
 from finetune.inference.checkpoint import make_payload, save_checkpoint
+from finetune.inference.task import DEFAULT_TASK
 from finetune.models.build import ModelBundle
 
 
@@ -26,6 +27,7 @@ class CheckpointSaver:
     image: ImageConfig
     recipe: Recipe
     enabled: bool = True  # False on torchrun ranks other than 0
+    task: str = DEFAULT_TASK  # the task's name, stored so eval, predict and export read the outputs right
 
     def save(
         self,
@@ -43,7 +45,13 @@ class CheckpointSaver:
         if training_state is not None:
             extra["training_state"] = training_state
         payload = make_payload(
-            bundle=self.bundle, class_names=self.class_names, image=self.image, recipe=self.recipe, extra=extra, weights=weights
+            bundle=self.bundle,
+            class_names=self.class_names,
+            image=self.image,
+            recipe=self.recipe,
+            extra=extra,
+            weights=weights,
+            task=self.task,
         )
         try:
             save_checkpoint(payload, path)

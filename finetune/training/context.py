@@ -13,6 +13,7 @@ from torch import nn
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.loader import ImageDataset
 from finetune.data.transforms import ImageConfig
+from finetune.inference.task import SingleLabel, Task
 from finetune.models.stages import FreezePlan
 from finetune.run_dir import RunDir
 from finetune.training.addons import PROGRESS_FIELDS, AddOns
@@ -66,6 +67,12 @@ class FitContext:
     progress: bool = True
     on_epoch_end: Callable[[FitState], None] | None = None
     trackers: Trackers | None = None  # TensorBoard / MLflow beside metrics.csv
+    task: Task = field(default_factory=SingleLabel)  # what a label is: loss, validation metrics, checkpoint's task
+
+    @property
+    def monitored(self) -> str:
+        """The metric early stopping, plateau decay and best.pt follow (the recipe's, or the task's for `auto`)."""
+        return self.recipe.train.early_stopping.monitored(self.task.early_stopping_metric)
 
 
 @dataclass

@@ -23,7 +23,12 @@ class Verdict:
     stop_phase: bool  # patience is used up
 
 
-TIEBREAK = {"val_accuracy": "val_loss", "val_macro_f1": "val_loss", "val_loss": "val_accuracy"}
+TIEBREAK = {
+    "val_accuracy": "val_loss",
+    "val_macro_f1": "val_loss",
+    "val_mean_average_precision": "val_loss",
+    "val_loss": "val_accuracy",
+}
 
 
 def lower_is_better(metric: str) -> bool:
@@ -45,8 +50,9 @@ class EarlyStopping:
     phase_best_second: float | None = None
 
     @classmethod
-    def from_config(cls, cfg: EarlyStoppingConfig) -> EarlyStopping:
-        return cls(metric=cfg.metric, patience=cfg.patience, min_delta=cfg.min_delta)
+    def from_config(cls, cfg: EarlyStoppingConfig, *, task_metric: str = "val_accuracy") -> EarlyStopping:
+        """Following the recipe's metric, or with `auto` the task's own (`task_metric`)."""
+        return cls(metric=cfg.monitored(task_metric), patience=cfg.patience, min_delta=cfg.min_delta)
 
     def _improves(self, value: float, best: float | None) -> bool:
         if best is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from finetune.bars import progress as progress_bar
 from finetune.errors import TrainingError
+from finetune.inference.task import SingleLabel, Task
 from finetune.training.optim import Schedule
 
 
@@ -39,6 +40,7 @@ class Stepper:
     mixed_criterion: nn.Module | None = None
     ema: Any = None  # training.ema.StageEma
     channels_last: bool = False  # batches in NHWC memory layout, like the model
+    task: Task = field(default_factory=SingleLabel)  # what counts as a correct answer on the training batches
 
     def __post_init__(self) -> None:
         # fp16 autocast needs a real gradient scaler; everything else a disabled one
@@ -88,8 +90,8 @@ def train_one_epoch(
         done = stepper.step(net, images, targets, epoch=epoch, index=index)
         count = done.targets.size(0)
         loss_sum += done.loss * count
-        if done.targets.ndim == 1:
-            correct += int((done.logits.argmax(1) == done.targets).sum().item())
+        if stepper.mix is None:
+            correct += stepper.task.correct(done.logits, done.targets)
         seen += count
         if progress:
             bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}")

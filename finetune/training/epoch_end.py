@@ -29,11 +29,12 @@ def validate_epoch(ctx: FitContext, env: Env, phase: Phase) -> EpochScores:
             total=len(ctx.val_set),
             num_classes=len(ctx.class_names),
             progress=ctx.progress,
+            task=ctx.task,
         )
         for net in nets
     ]
     train = ctx.recipe.train
-    return select(runs[0], runs[1] if len(runs) > 1 else None, train.ema, metric=train.early_stopping.metric)
+    return select(runs[0], runs[1] if len(runs) > 1 else None, train.ema, metric=ctx.monitored)
 
 
 def log_epoch(row: dict[str, Any], *, best: bool) -> None:

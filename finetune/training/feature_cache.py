@@ -25,7 +25,7 @@ from torch import nn
 from finetune.config.catalog import STAGES, Stage
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.decode import load_image
-from finetune.data.loader import ImageDataset
+from finetune.data.loader import ImageDataset, Target
 from finetune.files import default_cache_dir
 from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.build import ModelBundle
@@ -145,9 +145,9 @@ def cached_phase(
     *,
     first: Stage = "head",
     train_paths: Sequence[str],
-    train_targets: Sequence[int],
+    train_targets: Sequence[Target],
     val_paths: Sequence[str],
-    val_targets: Sequence[int],
+    val_targets: Sequence[Target],
     train_pipeline: A.Compose,
     eval_pipeline: A.Compose,
     device: torch.device,

@@ -24,6 +24,7 @@ from torch import nn
 from finetune.bars import progress as progress_bar
 from finetune.config.catalog import STAGES, Stage
 from finetune.data.decode import load_image
+from finetune.data.loader import Target
 from finetune.errors import TrainingError
 from finetune.files import atomic_write
 from finetune.models.build import ModelBundle
@@ -92,7 +93,7 @@ def file_key(path: str | Path) -> str:
 class FeatureSet(torch.utils.data.Dataset):
     """(feature, target) pairs from an (images x views x dim) tensor; `choose_views` picks a view per image."""
 
-    def __init__(self, features: torch.Tensor, targets: Sequence[int]) -> None:
+    def __init__(self, features: torch.Tensor, targets: Sequence[Target]) -> None:
         self.features = features
         self.targets = list(targets)
         self.transform = None  # nothing random to seed: make_loader looks for one
@@ -101,7 +102,7 @@ class FeatureSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         return self.features[index, self.views[index]], self.targets[index]
 
     def choose_views(self, seed: int) -> None:

@@ -26,9 +26,10 @@ METRICS_COLUMNS = [
     "val_loss",
     "val_accuracy",
     "val_macro_f1",
+    "val_mean_average_precision",  # several labels per image only
     "seconds",
 ]
-EMA_COLUMNS = ["ema_val_loss", "ema_val_accuracy", "ema_val_macro_f1", "selected"]
+EMA_COLUMNS = ["ema_val_loss", "ema_val_accuracy", "ema_val_macro_f1", "ema_val_mean_average_precision", "selected"]
 
 
 def append_history_row(run: RunDir, row: dict[str, Any]) -> None:

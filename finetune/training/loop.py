@@ -47,7 +47,7 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.amp, device)
     ranks = current()
-    stopping = EarlyStopping.from_config(cfg.early_stopping)
+    stopping = EarlyStopping.from_config(cfg.early_stopping, task_metric=ctx.task.early_stopping_metric)
     ema = StageEma(bundle.model, cfg.ema) if cfg.ema is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     addons = AddOns()  # what last.pt keeps for the whole run; each phase adds its optimizer and schedule
@@ -58,19 +58,26 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
         addons.load_run_state(state.addons)
     mixer = None
     if cfg.mixup is not None:
-        mixer = Mixer(cfg.mixup, label_smoothing=ctx.recipe.loss.label_smoothing, num_classes=len(ctx.class_names))
+        mixer = Mixer(
+            cfg.mixup,
+            label_smoothing=ctx.recipe.loss.label_smoothing,
+            num_classes=len(ctx.class_names),
+            multi_label=ctx.task.name == "multilabel",
+        )
     return Env(
         device=device,
         dtype=dtype,
         scaler=scaler,
-        criterion=build_criterion(ctx.recipe.loss, ctx.class_weights).to(device),
+        criterion=build_criterion(ctx.recipe.loss, ctx.class_weights, task=ctx.task).to(device),
         ranks=ranks,
         stopping=stopping,
-        saver=CheckpointSaver(bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, enabled=ranks.main),
+        saver=CheckpointSaver(
+            bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, enabled=ranks.main, task=ctx.task.name
+        ),
         total_epochs=sum(p.epochs for p in cfg.resolved_phases()),
         ema=ema,
         mixer=mixer,
-        mixed_criterion=soft_target_criterion(ctx.class_weights).to(device) if mixer is not None else None,
+        mixed_criterion=soft_target_criterion(ctx.class_weights, task=ctx.task).to(device) if mixer is not None else None,
         addons=addons,
     )
 
@@ -113,7 +120,9 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: Phase
     # a batch of one can be neither normalised nor mixed with another: left out of the epoch
     lone = setup.lone_batch_fails or env.mixer is not None
     steps = max(1, batches_per_epoch(len(ctx.train_set), ctx.recipe.data.batch_size, world=env.ranks.world, drop_lone_last=lone))
-    schedule = build_scheduler(optimizer, ctx.recipe.train, total_steps=config.epochs * steps, steps_per_epoch=steps)
+    schedule = build_scheduler(
+        optimizer, ctx.recipe.train, total_steps=config.epochs * steps, steps_per_epoch=steps, metric=ctx.monitored
+    )
     env.addons.start_phase()
     env.addons.register("optimizer", optimizer, per_phase=True)
     env.addons.register("scheduler", schedule, per_phase=True)  # after the optimizer: it sets the restored rates
@@ -267,6 +276,7 @@ def _train_epoch(ctx: FitContext, env: Env, phase: Phase, epoch: int) -> tuple[f
         mixed_criterion=env.mixed_criterion,
         ema=env.ema,
         channels_last=ctx.recipe.train.channels_last,
+        task=ctx.task,
     )
     return train_one_epoch(
         phase.net, loader, stepper, epoch=epoch, progress=ctx.progress, desc=f"epoch {epoch}/{env.total_epochs}"

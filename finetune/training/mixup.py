@@ -17,7 +17,7 @@ class Mixer:
     that step.
     """
 
-    def __init__(self, cfg: MixupConfig, *, label_smoothing: float, num_classes: int) -> None:
+    def __init__(self, cfg: MixupConfig, *, label_smoothing: float, num_classes: int, multi_label: bool = False) -> None:
         self.mixup = Mixup(
             mixup_alpha=cfg.mixup_alpha,
             cutmix_alpha=cfg.cutmix_alpha,
@@ -26,6 +26,7 @@ class Mixer:
             mode="batch",
             label_smoothing=label_smoothing,
             num_classes=num_classes,
+            multi_label=multi_label,  # multi-hot targets, smoothed to y * (1 - s) + s / 2
         )
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

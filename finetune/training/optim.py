@@ -129,8 +129,11 @@ class PlateauSchedule(Schedule):
         super().load_state_dict(state)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total_steps: int, steps_per_epoch: int) -> Schedule:
-    """Linear warmup, then cosine decay to 0, constant, step decay (per step) or decay on plateau (per epoch)."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total_steps: int, steps_per_epoch: int, metric: str = "val_accuracy"
+) -> Schedule:
+    """Linear warmup, then cosine decay to 0, constant, step decay (per step) or decay on plateau (per epoch) of
+    `metric` (the early-stopping metric the run follows)."""
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
     common: dict[str, Any] = {"warmup_t": warmup + 1, "warmup_lr_init": 0.0, "warmup_prefix": True, "t_in_epochs": False}
     if cfg.scheduler in ("constant", "plateau"):
@@ -148,7 +151,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, total
         )
     if cfg.scheduler != "plateau":
         return Schedule(scheduler)
-    metric = cfg.early_stopping.metric
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min" if metric == "val_loss" else "max", factor=cfg.decay_rate, patience=cfg.patience_epochs
     )
