@@ -107,8 +107,8 @@ def test_int8_reports_its_accuracy_change_and_respects_the_budget(run, monkeypat
     real = export_module.measure
     calls = {"n": 0}
 
-    def int8_loses_a_lot(reference, exported, batches, targets, classes):
-        found = real(reference, exported, batches, targets, classes)
+    def int8_loses_a_lot(reference, exported, batches, targets, classes, task=None):
+        found = real(reference, exported, batches, targets, classes, task)
         calls["n"] += 1
         return (
             found if calls["n"] == 1 else type(found)(**{**found.__dict__, "accuracy_exported": found.accuracy_reference - 0.5})
