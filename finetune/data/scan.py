@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -124,18 +125,26 @@ def read_manifest(path: Path) -> pd.DataFrame:
         )
     base = Path(path).parent
     frame["path"] = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"]]
-    twice = frame.groupby("path")["label"].nunique()
+    keys = frame["path"].map(file_key)
+    twice = frame.groupby(keys)["label"].nunique()
     if (twice > 1).any():
-        first = twice[twice > 1].index[0]
-        labels = sorted(frame.loc[frame["path"] == first, "label"].unique())
+        rows = frame[keys == twice[twice > 1].index[0]]
+        labels, spellings = sorted(rows["label"].unique()), list(dict.fromkeys(rows["path"]))
+        also = f" (also written {', '.join(spellings[1:3])})" if len(spellings) > 1 else ""
         raise DataError(
-            f"manifest {path}: {first} is listed under {len(labels)} labels ({', '.join(labels)}); keep one line per image"
+            f"manifest {path}: {spellings[0]}{also} is listed under {len(labels)} labels ({', '.join(labels)}); "
+            "keep one line per image"
         )
     frame["split"] = _manifest_splits(path, frame["split"]) if "split" in frame.columns else ""
     absent = [p for p in frame["path"] if not Path(p).is_file()]
     if absent:
         raise DataError(f"manifest {path} names {len(absent)} missing file(s), first: {absent[0]}")
-    return frame.drop_duplicates("path")[SAMPLE_COLUMNS]
+    return frame[~keys.duplicated()][SAMPLE_COLUMNS]
+
+
+def file_key(path: str | Path) -> str:
+    """What two spellings of one file share (relative or absolute, with '..', through a symlink): its real path."""
+    return os.path.normcase(os.path.realpath(path))
 
 
 def read_samples(cfg: DataConfig) -> pd.DataFrame:
@@ -177,7 +186,11 @@ def read_path_list(path: Path) -> list[str]:
     if "path" not in frame.columns:
         raise DataError(f"manifest {path} lacks a 'path' column; it needs a header line 'path' and one image per line")
     base = Path(path).parent
-    paths = list(dict.fromkeys(str(p if Path(p).is_absolute() else base / p) for p in frame["path"] if str(p).strip()))
+    written = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"] if str(p).strip()]
+    first: dict[str, str] = {}
+    for item in written:  # each file once, however often and however spelled, under its first spelling
+        first.setdefault(file_key(item), item)
+    paths = list(first.values())
     absent = [p for p in paths if not Path(p).is_file()]
     if absent:
         raise DataError(f"manifest {path} names {len(absent)} missing file(s), first: {absent[0]}")

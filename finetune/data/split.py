@@ -83,11 +83,24 @@ def _stratified(
 
 
 def split_samples(
-    samples: pd.DataFrame, *, val_fraction: float, test_fraction: float, seed: int, group_pattern: str | None = None
+    samples: pd.DataFrame,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    group_pattern: str | None = None,
+    source: str | Path = "the data",
 ) -> pd.DataFrame:
-    """Assign train/val/test to rows without a split (stratified, seeded, groups kept together); pre-split rows are kept."""
+    """Assign train/val/test to rows without a split (stratified, seeded, groups kept together); pre-split rows are kept.
+    Rows that are all pre-split need some in train (`source` names the folder or manifest in the error)."""
     samples = samples.copy()
     if (samples["split"] != "").all():
+        if not (samples["split"] == "train").any():
+            held = ", ".join(f"{n} in {s}" for s, n in samples["split"].value_counts().sort_index().items())
+            raise DataError(
+                f"{source} has no training images: every image is pre-split ({held}); mark some split=train "
+                "(a train/ folder, or the manifest's split column), or leave the split empty for finetune to split"
+            )
         if not (samples["split"] == "val").any() and val_fraction > 0:
             train = samples[samples["split"] == "train"]
             _, val = _stratified(train, val_fraction, seed, "val", group_pattern)
@@ -107,7 +120,12 @@ def split_samples(
 def make_index(samples: pd.DataFrame, cfg: DataConfig, *, seed: int) -> DatasetIndex:
     """Split, and fix the sorted class order from the training split."""
     samples = split_samples(
-        samples, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed, group_pattern=cfg.group_pattern
+        samples,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=seed,
+        group_pattern=cfg.group_pattern,
+        source=cfg.path or "the data",
     )
     train_labels = set(samples.loc[samples["split"] == "train", "label"])
     if len(train_labels) < 2:
