@@ -20,6 +20,17 @@ from finetune.reporting import plots
 from conftest import make_folder, tiny_recipe
 
 MARKUP = ("cost_$1_to_$2", "a^2_$x$", "<b>bold & co")
+# Names that Markdown would read as markup: a table's cell border, emphasis, a tag, a link, an image, a formula
+MARKDOWN_NAMES = ("a|b", "*x*", "<script>", "[x](y)", "![i](z.png)", "_u_", "`c`", "~~s~~", "&amp;", "x\\", "$1_$2")
+RUN_CLASSES = (*MARKUP, *MARKDOWN_NAMES[:6])
+
+
+@pytest.fixture(scope="module")
+def markup_run(tmp_path_factory):
+    """One small run whose classes are all names that look like markup (mathtext, HTML, Markdown)."""
+    root = tmp_path_factory.mktemp("markup")
+    data = make_folder(root / "data", per_class=4, classes=RUN_CLASSES)
+    return train(recipe=tiny_recipe(data={"test_fraction": 0.25}), data=data, out=root / "run", progress=False).run_dir
 
 
 def test_dollar_signs_are_drawn_as_typed_not_parsed_as_mathtext(tmp_path):
@@ -34,14 +45,12 @@ def test_dollar_signs_are_drawn_as_typed_not_parsed_as_mathtext(tmp_path):
     assert matplotlib.rcParams["text.parse_math"] is True  # the caller's settings are left as they were
 
 
-def test_a_run_whose_class_names_look_like_markup_trains_and_reports(tmp_path):
-    data = make_folder(tmp_path / "data", per_class=6, classes=MARKUP)
-    result = train(recipe=tiny_recipe(), data=data, out=tmp_path / "run", progress=False)
-    report = result.run_dir / "report"
-    html = (report / "report.html").read_text()
-    assert "&lt;b&gt;bold &amp; co" in html and "<b>bold" not in html
+def test_a_run_whose_class_names_look_like_markup_trains_and_reports(markup_run):
+    report = markup_run / "report"
+    html_page = (report / "report.html").read_text()
+    assert "&lt;b&gt;bold &amp; co" in html_page and "<b>bold" not in html_page and "<script>" not in html_page
     assert (report / "confusion_matrix.png").stat().st_size > 1000
-    assert set(pd.read_csv(report / "per_class.csv")["class"]) == set(MARKUP)
+    assert set(pd.read_csv(report / "per_class.csv", keep_default_na=False)["class"]) == set(RUN_CLASSES)
 
 
 @pytest.mark.parametrize("kind", ["folder", "manifest"])
@@ -56,10 +65,6 @@ def test_one_name_in_two_unicode_forms_is_refused_with_both_spellings(tmp_path, 
         train(recipe=tiny_recipe(), data=data, out=tmp_path / "run", progress=False)
     assert "cafe\\u0301" in str(caught.value) and "caf\\xe9" in str(caught.value)
     assert not (tmp_path / "run").exists()
-
-
-# Names that Markdown would read as markup: a table's cell border, emphasis, a tag, a link, an image, a formula
-MARKDOWN_NAMES = ("a|b", "*x*", "<script>", "[x](y)", "![i](z.png)", "_u_", "`c`", "~~s~~", "&amp;", "x\\", "$1_$2")
 
 
 def _markdown():
@@ -89,20 +94,13 @@ def _tables_intact(text: str) -> None:
     assert re.findall(r"<a href=\"([^\"]*)\"", rendered) == re.findall(r"<a href=\"(.*?report\.html)\"", rendered)
 
 
-@pytest.fixture(scope="module")
-def markup_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("markup")
-    data = make_folder(root / "data", per_class=4, classes=MARKDOWN_NAMES[:6])
-    return train(recipe=tiny_recipe(data={"test_fraction": 0.25}), data=data, out=root / "run", progress=False).run_dir
-
-
 def test_summary_and_diff_markdown_keep_names_as_text(markup_run, tmp_path):
     from finetune.reporting.diff import diff_reports
 
     summary = (markup_run / "report" / "summary.md").read_text()
     _tables_intact(summary)
     page = _markdown().render(summary)
-    assert all(html.escape(name, quote=False) in page for name in MARKDOWN_NAMES[:6])
+    assert all(html.escape(name, quote=False) in page for name in RUN_CLASSES)
     diff_reports(run_a=markup_run, run_b=markup_run, out=tmp_path / "diff")
     _tables_intact((tmp_path / "diff" / "diff.md").read_text())
 
