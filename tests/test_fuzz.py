@@ -4,12 +4,15 @@ Every failure must be a FinetuneError (one line for the CLI); nothing else may e
 """
 
 import copy
+import math
 import random
 import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -189,3 +192,128 @@ def tiny_recipe_recipe():
     from finetune.config.loading import recipe_from_dict
 
     return recipe_from_dict(tiny_recipe())
+
+
+NUMBERS = [float("inf"), float("-inf"), float("nan"), True, False, 2**63, -(2**63), 1e308, -1e308, 5e-324, -0.0, -1, 0, "1e3"]
+
+
+def _numeric_leaves(tree, prefix=()):
+    """Every number of a resolved recipe, list items (mean, std) included, as a path of keys and indices."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _numeric_leaves(value, (*prefix, key))
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            yield from ((*prefix, key, i) for i in range(len(value)))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield (*prefix, key)
+
+
+def _numbers_are_finite(tree):
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else [tree]
+    for value in values:
+        if isinstance(value, (dict, list)):
+            _numbers_are_finite(value)
+        elif isinstance(value, float):
+            assert math.isfinite(value), tree
+
+
+def test_numeric_recipe_fields_take_odd_numbers_as_errors_or_finite_values():
+    """Each number of a full recipe (the defaults made explicit, the optional ones set) replaced by an odd number,
+    one at a time and a few at once: a one-line FinetuneError, or a recipe whose every number is finite; a boolean is
+    never taken for a number."""
+    from finetune.config.loading import recipe_from_dict
+
+    base = recipe_from_dict(tiny_recipe()).to_dict()
+    base["transforms"].update(crop_pct=0.9, mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2])
+    base["model"]["head"]["hidden"] = 16
+    base["train"]["grad_clip"] = 1.0
+    base["train"]["early_stopping"]["patience"] = 3
+    leaves = list(_numeric_leaves(base))
+    rng = random.Random(27)
+    cases = [[(leaf, value)] for leaf in leaves for value in NUMBERS]
+    cases += [[(rng.choice(leaves), rng.choice(NUMBERS)) for _ in range(3)] for _ in range(100)]
+    accepted = 0
+    for changes in cases:
+        tree = copy.deepcopy(base)
+        for path, value in changes:
+            parent = tree
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = value
+        try:
+            recipe = recipe_from_dict(tree)
+        except FinetuneError as exc:
+            assert "\n" not in str(exc), str(exc)
+            continue
+        assert not any(isinstance(value, bool) for _, value in changes), changes
+        _numbers_are_finite(recipe.to_dict())
+        accepted += 1
+    assert len(leaves) >= 20 and 0 < accepted < len(cases)
+
+
+SPELLINGS = ("relative", "absolute", "dot", "dot-dot", "double slash", "symlinked file", "symlinked folder")
+
+
+def _spell(path, how, root, rng):
+    """`path` (under root/data) written another way that names the same file, relative to the manifest in root."""
+    relative = path.relative_to(root)
+    if how == "absolute":
+        return str(path)
+    if how == "dot":
+        return "./" + "/./".join(relative.parts)
+    if how == "dot-dot":
+        return "/".join((*relative.parts[:-1], "..", relative.parts[-2], relative.parts[-1]))
+    if how == "double slash":
+        return "//".join(relative.parts)
+    if how == "symlinked file":
+        link = root / "links" / f"{rng.getrandbits(32):08x}{path.suffix}"
+        link.symlink_to(path)
+        return str(link.relative_to(root))
+    if how == "symlinked folder":
+        return str(Path("class_links") / path.parent.name / path.name)
+    return str(relative)
+
+
+def test_manifest_path_spellings_name_one_file_once(tmp_path):
+    """Random manifests over one folder, every row spelled its own way, some files repeated, some under a second
+    label, some splits without training rows: the error says which file is under two labels exactly when one is, and
+    otherwise every file is one sample."""
+    from finetune.data.scan import read_manifest
+    from finetune.data.split import split_samples
+
+    root = tmp_path
+    data = make_folder(root / "data", per_class=3)
+    (root / "links").mkdir()
+    (root / "class_links").mkdir()
+    for folder in data.iterdir():
+        (root / "class_links" / folder.name).symlink_to(folder)
+    files = sorted(p for p in data.rglob("*.*"))
+    rng = random.Random(2027)
+    refused = kept = 0
+    for trial in range(60):
+        rows = []
+        for path in rng.sample(files, rng.randint(4, len(files))):
+            for _ in range(rng.choice([1, 1, 2, 3])):
+                label = path.parent.name if rng.random() > 0.04 else "other"
+                rows.append((_spell(path, rng.choice(SPELLINGS), root, rng), label, rng.choice(["", "train", "val", "test"])))
+        rng.shuffle(rows)
+        manifest = root / f"m{trial}.csv"
+        pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(manifest, index=False)
+        labels = {}
+        for written, label, _ in rows:
+            labels.setdefault((root / written).resolve(), set()).add(label)
+        try:
+            samples = read_manifest(manifest)
+        except FinetuneError as exc:
+            assert "is listed under 2 labels" in str(exc) and "\n" not in str(exc), str(exc)
+            assert any(len(found) > 1 for found in labels.values())
+            refused += 1
+            continue
+        assert all(len(found) == 1 for found in labels.values())
+        assert sorted(Path(p).resolve() for p in samples["path"]) == sorted(labels)  # each file once
+        try:
+            split_samples(samples, val_fraction=0.25, test_fraction=0.0, seed=0, source=manifest)
+        except FinetuneError as exc:
+            assert "\n" not in str(exc)
+        kept += 1
+    assert refused and kept

@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from finetune.cli import recipes, serving, training, using
-from finetune.cli.base import app
+from finetune.cli.base import app, echo
 
 __all__ = ["app", "main", "recipes", "serving", "training", "using"]
 
@@ -33,6 +33,6 @@ def main() -> None:
     except usage_error as exc:
         context = getattr(exc, "ctx", None)
         where = context.command_path if context is not None else "finetune"
-        typer.echo(f"error: {getattr(exc, 'format_message', exc.__str__)().rstrip('.')}. See '{where} --help'.", err=True)
+        echo(f"error: {getattr(exc, 'format_message', exc.__str__)().rstrip('.')}. See '{where} --help'.", err=True)
         raise SystemExit(2) from None
     raise SystemExit(code if isinstance(code, int) else 0)

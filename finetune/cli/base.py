@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +33,36 @@ Overrides = Annotated[
 ]
 
 
+# What a name could do to a terminal: ANSI escapes (ESC), a carriage return that overwrites the line, bells,
+# backspaces, C1 controls, bidirectional overrides that reorder what is shown; and bytes that are not UTF-8 (kept as
+# surrogate escapes in file names), which the terminal's encoder would refuse. Line feeds and tabs stay.
+UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def terminal_text(text: object) -> str:
+    """`text` safe to print: every control character shown as an escape (\\x1b, \\r, \\u202e), never obeyed."""
+
+    def shown(found: re.Match[str]) -> str:
+        code = ord(found.group())
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, kept by surrogateescape: show the byte
+            return f"\\x{code - 0xDC00:02x}"
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return UNSAFE.sub(shown, str(text))
+
+
+def echo(text: object = "", *, err: bool = False, nl: bool = True) -> None:
+    """typer.echo of `terminal_text(text)`: class and file names reach the terminal as text, never as commands."""
+    typer.echo(terminal_text(text), err=err, nl=nl)
+
+
+class TerminalFormatter(logging.Formatter):
+    """Log lines through `terminal_text`, so a name inside a message cannot colour, move or rewrite the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal_text(super().format(record))
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"finetune {__version__}")
@@ -57,6 +88,8 @@ def session(quiet: bool, debug: bool, *, resumable: bool = False) -> Iterator[No
     saved = root.handlers[:], root.level, ours.level
     # finetune's own messages at `level`; other libraries' (onnxruntime's quantizer logs every tensor) warnings only
     logging.basicConfig(level=max(level, logging.WARNING), format="%(message)s", force=True)
+    for handler in root.handlers:
+        handler.setFormatter(TerminalFormatter("%(message)s"))
     ours.setLevel(level)
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
@@ -64,7 +97,7 @@ def session(quiet: bool, debug: bool, *, resumable: bool = False) -> Iterator[No
     except FinetuneError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         if resumable:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from finetune.cli.base import HELP_STYLE, Debug, app, session
+from finetune.cli.base import HELP_STYLE, Debug, app, echo, session
 
 recipes_app = typer.Typer(
     help="The built-in recipes: any name works where a recipe file does (finetune train last_stage --data D).",
@@ -27,8 +27,8 @@ def recipes(context: typer.Context, debug: Debug = False) -> None:
         shipped = listing.recipes()
         width = max(len(recipe.name) for recipe in shipped)
         for recipe in shipped:
-            typer.echo(f"{recipe.name:<{width}}  {recipe.summary}")
-        typer.echo("\nfinetune recipes show NAME > mine.yaml  # a copy to edit; finetune train NAME --data D  # as it is")
+            echo(f"{recipe.name:<{width}}  {recipe.summary}")
+        echo("\nfinetune recipes show NAME > mine.yaml  # a copy to edit; finetune train NAME --data D  # as it is")
 
 
 @recipes_app.command("show")
@@ -40,4 +40,4 @@ def show(
     with session(True, debug):
         from finetune.runs import recipes as listing
 
-        typer.echo(listing.show_recipe(name=name), nl=False)
+        echo(listing.show_recipe(name=name), nl=False)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from finetune.cli.base import Debug, Overrides, Quiet, app, session, timestamped
+from finetune.cli.base import Debug, Overrides, Quiet, app, echo, session, timestamped
 from finetune.errors import UsageError
 
 Model = Annotated[str | None, typer.Option(metavar="NAME", help="Another backbone for a quick try, e.g. resnet18 (model.name).")]
@@ -60,7 +60,7 @@ def train(
             recipe=recipe, data=data, out=run_dir, overrides=set_ or [], resume=resume is not None, progress=not quiet, **quick
         )
         if result.report is not None:  # None on torchrun ranks other than 0
-            typer.echo(f"{result.report.headline} | report: {result.report.folder} | best checkpoint: {result.best_checkpoint}")
+            echo(f"{result.report.headline} | report: {result.report.folder} | best checkpoint: {result.best_checkpoint}")
 
 
 def _cross_validate(
@@ -89,7 +89,7 @@ def _cross_validate(
         **quick,
     )
     mean, std = result.summary.set_index("fold").loc["mean"], result.summary.set_index("fold").loc["std"]
-    typer.echo(
+    echo(
         f"macro-F1 per fold {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f} | out of fold: accuracy "
         f"{result.report.metrics['accuracy']:.4f} | {result.run_dir / 'cv_summary.md'} | {result.report.folder / 'report.html'}"
     )
@@ -110,7 +110,7 @@ def demo(
         result = api.demo(out=out, progress=not quiet)
         if result.report is not None:
             metrics = result.report.metrics
-            typer.echo(
+            echo(
                 f"demo: test accuracy {metrics['accuracy']:.4f} on {metrics['num_images']} digits in {imported + result.seconds:.0f} s "
                 f"(importing {imported:.1f} s, {result.where_the_time_went()})\n"
                 f"report: {result.report.folder}/summary.md (confusion_matrix.png, per_class.csv, ...)"
@@ -153,8 +153,8 @@ def compare(
             folds=folds,
             models=[m.strip() for m in models.split(",") if m.strip()] if models else [],
         )
-        typer.echo(result.readable().to_string(index=False))
-        typer.echo(f"leaderboard: {result.folder / 'leaderboard.html'} (and .md, .csv)")
+        echo(result.readable().to_string(index=False))
+        echo(f"leaderboard: {result.folder / 'leaderboard.html'} (and .md, .csv)")
 
 
 @app.command()
@@ -177,7 +177,7 @@ def audit(
         result = api.audit(
             data=data, recipe=recipe, out=out or timestamped("audit"), folds=folds, overrides=set_ or [], progress=not quiet
         )
-        typer.echo(
+        echo(
             f"{len(result.issues)} suspect image(s) of {len(result.quality)}, {len(result.conflicts)} duplicate pair(s) under two "
             f"labels, label health {result.health:.1%} | {result.folder / 'label_issues.csv'} | {result.folder / 'audit.html'}"
         )
@@ -201,4 +201,4 @@ def lr_find(
             recipe=recipe, data=data, out=out or timestamped("lr-find"), overrides=set_ or [], steps=steps, progress=not quiet
         )
         caution = " (unreliable: see the warning above)" if result.warning else ""  # the reason is logged once
-        typer.echo(f"suggested lr: {result.suggestion:.3g}{caution} | curve: {result.folder / 'lr_find.png'}")
+        echo(f"suggested lr: {result.suggestion:.3g}{caution} | curve: {result.folder / 'lr_find.png'}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from finetune.cli.base import HELP_STYLE, Debug, Quiet, app, session
+from finetune.cli.base import HELP_STYLE, Debug, Quiet, app, echo, session
 
 
 @app.command("eval")
@@ -25,7 +25,7 @@ def eval_(
         from finetune import api
 
         report = api.evaluate(run=run, data=data, out=out, progress=not quiet)
-        typer.echo(f"{report.headline} on {report.metrics['num_images']} images | report: {report.folder}")
+        echo(f"{report.headline} on {report.metrics['num_images']} images | report: {report.folder}")
 
 
 @app.command()
@@ -59,7 +59,7 @@ def predict(
             target_accuracy=target_accuracy,
         )
         shown = table.to_csv(index=False, float_format="%.4f") if out is None else f"{len(table)} predictions written to {out}"
-        typer.echo(shown, nl=out is not None)
+        echo(shown, nl=out is not None)
 
 
 @app.command()
@@ -97,7 +97,7 @@ def label(
             progress=not quiet,
         )
         summary = result.summary
-        typer.echo(
+        echo(
             f"{summary['pseudo_labels']} of {summary['images']} pseudo-labelled (validation precision "
             f"{summary['validation_precision']:.1%}), {summary['queued']} to label next | {result.folder / 'label.html'}"
         )
@@ -116,9 +116,9 @@ def check(
         from finetune.data.doctor import format_check
 
         result = api.check(data=data, json_out=json_out, progress=not quiet)
-        typer.echo(format_check(result))
+        echo(format_check(result))
         if json_out is not None:
-            typer.echo(f"findings: {json_out}")
+            echo(f"findings: {json_out}")
     if not result.trainable:
         raise typer.Exit(1)
 
@@ -141,7 +141,7 @@ def inspect(
         from finetune.models.inspect import format_inspection
 
         info = api.inspect(model=model, recipe=recipe, input_size=input_size)
-        typer.echo(json.dumps(info.to_dict(), indent=2) if json_ else format_inspection(info))
+        echo(json.dumps(info.to_dict(), indent=2) if json_ else format_inspection(info))
 
 
 @app.command()
@@ -159,7 +159,7 @@ def explain(
 
         result = api.explain(run=run, inputs=inputs, out=out, target_class=class_, progress=not quiet)
         flagged = int((result.table["note"] != "").sum())
-        typer.echo(f"{len(result.table)} explanation(s) in {result.folder} ({flagged} with most of the heat on the border)")
+        echo(f"{len(result.table)} explanation(s) in {result.folder} ({flagged} with most of the heat on the border)")
 
 
 @app.command()
@@ -210,13 +210,13 @@ def export(
             progress=not quiet,
         )
         for kind, figures in result.parity.items():
-            typer.echo(
+            echo(
                 f"{kind}: {figures.get('agreement_of', 'top-1 class')} agreement {figures['top1_agreement']:.2%}, max |p - p_torch| {figures['max_abs_prob_diff']:.2g}, "
                 f"accuracy {figures['accuracy_exported']:.4f} ({figures['accuracy_delta']:+.4f}) on {figures['images']} images"
             )
-        typer.echo(f"files: {', '.join(str(p) for p in result.files.values())} | parity: {result.folder / 'parity.json'}")
+        echo(f"files: {', '.join(str(p) for p in result.files.values())} | parity: {result.folder / 'parity.json'}")
         if result.pushed:
-            typer.echo(f"pushed to the Hub: {result.pushed}")
+            echo(f"pushed to the Hub: {result.pushed}")
 
 
 report_app = typer.Typer(help="Work with evaluation reports.", no_args_is_help=True, **HELP_STYLE)
@@ -237,5 +237,5 @@ def report_diff(
         result = api.diff_reports(run_a=run_a, run_b=run_b, out=out)
         h = result.headline
         shown = h.assign(a=h["a"].map("{:.4f}".format), b=h["b"].map("{:.4f}".format), delta=h["delta"].map("{:+.4f}".format))
-        typer.echo(shown[["metric", "a", "b", "delta", "verdict"]].to_string(index=False))
-        typer.echo(f"diff: {result.folder / 'diff.html'} (and diff.md)")
+        echo(shown[["metric", "a", "b", "delta", "verdict"]].to_string(index=False))
+        echo(f"diff: {result.folder / 'diff.html'} (and diff.md)")

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from finetune.data.limits import bomb_problem, file_size_problem, pixel_problem
 from finetune.errors import DataError
 
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
@@ -34,8 +35,12 @@ def load_image(path: str | Path) -> np.ndarray:
 
     RGB and greyscale JPEGs go through OpenCV (1.5x faster than PIL here, the same pixels: benchmarks/bench_data.py);
     every other file through PIL, whose conversions (CMYK above all) a consumer of an exported model reproduces with
-    Pillow alone. Callers screen out truncated files first.
+    Pillow alone. Callers screen out truncated files first. The limits of `finetune.data.limits` apply: a file too
+    large is not read, an image with too many pixels is not decoded.
     """
+    too_large = file_size_problem(path)
+    if too_large is not None:
+        raise DataError(f"cannot read image {printable(path)}: {too_large}")
     try:
         data = Path(path).read_bytes()  # bytes, not a path, go to the decoders: any file name works (OpenCV crashes on some)
     except OSError as exc:
@@ -47,12 +52,17 @@ def decode_bytes(data: bytes, *, where: str) -> np.ndarray:
     """The pixels `load_image` gives for a file holding `data` (an upload, say); `where` names it in the error."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            too_many = pixel_problem(*img.size)
+            if too_many is not None:
+                raise DataError(f"cannot decode image {where}: {too_many}")
             if img.format == "JPEG" and img.mode in ("RGB", "L"):  # the header alone: cheap
                 bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # IMREAD_COLOR applies the EXIF orientation
                 if bgr is not None:
                     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             return pil_to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"cannot decode image {where}: {bomb_problem(exc)}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot decode image {where}: {exc}") from None
 
 

@@ -22,10 +22,11 @@ import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune.data.decode import pil_to_rgb
+from finetune.data.limits import bomb_problem, file_size_problem, pixel_problem
 from finetune.files import atomic_write, default_cache_dir
 
 log = logging.getLogger(__name__)
-RULES = 1  # bump when examine_image's verdicts change
+RULES = 2  # bump when examine_image's verdicts change
 
 
 @dataclass
@@ -110,7 +111,11 @@ def placeholder_reason(img: Image.Image, path: str | Path) -> str | None:
 
 def examine_image(path: str | Path, cache: FactsCache | None = None) -> ImageFacts:
     """Decode the whole file (not just the header) and classify what is wrong, if anything; with a `cache`, a file
-    whose bytes and name were examined before is not decoded again."""
+    whose bytes and name were examined before is not decoded again. A file over the size limit is not read, one over
+    the pixel limit not decoded (`finetune.data.limits`)."""
+    too_large = file_size_problem(path)
+    if too_large is not None:
+        return ImageFacts(problem="too large", detail=too_large)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -132,6 +137,9 @@ def _decoded_facts(data: bytes, digest: str, path: str | Path) -> ImageFacts:
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, mode, size = img.format, img.mode, img.size
+            too_many = pixel_problem(*size)
+            if too_many is not None:
+                return ImageFacts(problem="too many pixels", detail=too_many, format=fmt, mode=mode, size=size, sha256=digest)
             rotation = int(img.getexif().get(0x0112, 1) or 1)
             try:
                 img.load()
@@ -143,7 +151,9 @@ def _decoded_facts(data: bytes, digest: str, path: str | Path) -> ImageFacts:
         return ImageFacts(
             problem="not an image", detail=f"content is not a known image format (starts with {data[:8]!r})", sha256=digest
         )
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        return ImageFacts(problem="too many pixels", detail=bomb_problem(exc), sha256=digest)
+    except (OSError, ValueError) as exc:
         return ImageFacts(problem="unsupported", detail=str(exc), sha256=digest)
     return ImageFacts(
         problem=None,

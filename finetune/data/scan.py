@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -150,15 +151,19 @@ def _label_set(path: Path, line: int, cell: str) -> str:
 def _read_multilabel(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     """A manifest's `labels` column, each cell made canonical in `label`; a path listed twice is refused."""
     frame["label"] = [_label_set(path, line, cell) for line, cell in enumerate(frame[MULTI_COLUMN], start=2)]
-    repeated = frame.index[frame["path"].duplicated(keep=False)]
+    return frame
+
+
+def _refuse_repeats(path: Path, frame: pd.DataFrame, keys: pd.Series) -> None:
+    """Several labels per image: a file on two lines (however its path is spelled) is refused, labels equal or not."""
+    repeated = frame.index[keys.duplicated(keep=False)]
     if len(repeated):
-        first = frame.at[repeated[0], "path"]
-        lines = [str(i + 2) for i in repeated[frame.loc[repeated, "path"] == first]]
+        first = keys[repeated[0]]
+        lines = [str(i + 2) for i in repeated[keys[repeated] == first]]
         raise DataError(
-            f"manifest {path}: {first} is listed {len(lines)} times (lines {', '.join(lines)}); "
+            f"manifest {path}: {frame.at[repeated[0], 'path']} is listed {len(lines)} times (lines {', '.join(lines)}); "
             "keep one line per image with all its labels joined by | (dog|cat)"
         )
-    return frame
 
 
 def manifest_is_multilabel(cfg: DataConfig) -> bool:
@@ -196,18 +201,28 @@ def read_manifest(path: Path) -> pd.DataFrame:
         )
     base = Path(path).parent
     frame["path"] = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"]]
-    twice = frame.groupby("path")["label"].nunique()
+    keys = frame["path"].map(file_key)
+    if MULTI_COLUMN in frame.columns:
+        _refuse_repeats(path, frame, keys)
+    twice = frame.groupby(keys)["label"].nunique()
     if (twice > 1).any():
-        first = twice[twice > 1].index[0]
-        labels = sorted(frame.loc[frame["path"] == first, "label"].unique())
+        rows = frame[keys == twice[twice > 1].index[0]]
+        labels, spellings = sorted(rows["label"].unique()), list(dict.fromkeys(rows["path"]))
+        also = f" (also written {', '.join(spellings[1:3])})" if len(spellings) > 1 else ""
         raise DataError(
-            f"manifest {path}: {first} is listed under {len(labels)} labels ({', '.join(labels)}); keep one line per image"
+            f"manifest {path}: {spellings[0]}{also} is listed under {len(labels)} labels ({', '.join(labels)}); "
+            "keep one line per image"
         )
     frame["split"] = _manifest_splits(path, frame["split"]) if "split" in frame.columns else ""
     absent = [p for p in frame["path"] if not Path(p).is_file()]
     if absent:
         raise DataError(f"manifest {path} names {len(absent)} missing file(s), first: {absent[0]}")
-    return frame.drop_duplicates("path")[SAMPLE_COLUMNS]
+    return frame[~keys.duplicated()][SAMPLE_COLUMNS]
+
+
+def file_key(path: str | Path) -> str:
+    """What two spellings of one file share (relative or absolute, with '..', through a symlink): its real path."""
+    return os.path.normcase(os.path.realpath(path))
 
 
 def read_samples(cfg: DataConfig) -> pd.DataFrame:
@@ -250,7 +265,11 @@ def read_path_list(path: Path) -> list[str]:
     if "path" not in frame.columns:
         raise DataError(f"manifest {path} lacks a 'path' column; it needs a header line 'path' and one image per line")
     base = Path(path).parent
-    paths = list(dict.fromkeys(str(p if Path(p).is_absolute() else base / p) for p in frame["path"] if str(p).strip()))
+    written = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"] if str(p).strip()]
+    first: dict[str, str] = {}
+    for item in written:  # each file once, however often and however spelled, under its first spelling
+        first.setdefault(file_key(item), item)
+    paths = list(first.values())
     absent = [p for p in paths if not Path(p).is_file()]
     if absent:
         raise DataError(f"manifest {path} names {len(absent)} missing file(s), first: {absent[0]}")

@@ -134,10 +134,18 @@ def split_samples(
     seed: int,
     group_pattern: str | None = None,
     multilabel: bool = False,
+    source: str | Path = "the data",
 ) -> pd.DataFrame:
-    """Assign train/val/test to rows without a split (stratified, seeded, groups kept together); pre-split rows are kept."""
+    """Assign train/val/test to rows without a split (stratified, seeded, groups kept together); pre-split rows are kept.
+    Rows that are all pre-split need some in train (`source` names the folder or manifest in the error)."""
     samples = samples.copy()
     if (samples["split"] != "").all():
+        if not (samples["split"] == "train").any():
+            held = ", ".join(f"{n} in {s}" for s, n in samples["split"].value_counts().sort_index().items())
+            raise DataError(
+                f"{source} has no training images: every image is pre-split ({held}); mark some split=train "
+                "(a train/ folder, or the manifest's split column), or leave the split empty for finetune to split"
+            )
         if not (samples["split"] == "val").any() and val_fraction > 0:
             train = samples[samples["split"] == "train"]
             _, val = _stratified(train, val_fraction, seed, "val", group_pattern, multilabel)
@@ -181,6 +189,7 @@ def make_index(samples: pd.DataFrame, cfg: DataConfig, *, seed: int, multilabel:
         seed=seed,
         group_pattern=cfg.group_pattern,
         multilabel=multilabel,
+        source=cfg.path or "the data",
     )
     if multilabel:
         return _multilabel_index(samples, cfg)

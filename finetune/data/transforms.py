@@ -17,6 +17,7 @@ from pydantic import Field
 
 from finetune.config.catalog import make_transform
 from finetune.config.schema import TransformsConfig
+from finetune.data.limits import fit_for_resize
 from finetune.errors import RecipeError
 
 _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
@@ -113,8 +114,10 @@ def resize_shorter_and_crop(image: np.ndarray, *, size: int, crop_pct: float, in
 
     Sizes and crop offsets use torchvision's arithmetic (`Resize(int)` truncates the long side, `CenterCrop`
     rounds the offset), and Pillow resamples with antialiasing, as timm's `create_transform(is_training=False)` does.
+    A thin image is cut to the part the crop keeps first (`fit_for_resize`), so no shape asks for a huge resize.
     """
     scale = math.floor(size / crop_pct)
+    image = fit_for_resize(image, short_side=scale, crop=size)
     height, width = image.shape[:2]
     if width <= height:
         new_w, new_h = scale, int(scale * height / width)

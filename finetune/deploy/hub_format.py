@@ -10,6 +10,7 @@ head layer or a small-input stem are no timm architecture, and are refused with 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from torch import nn
 from finetune.config.catalog import TV_PREFIX
 from finetune.config.schema import ModelConfig
 from finetune.data.decode import load_image
+from finetune.data.limits import fit_for_resize
+from finetune.data.transforms import DEFAULT_CROP_PCT
 from finetune.errors import ModelError
 from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.task import Task
@@ -135,11 +138,16 @@ def timm_probabilities(model: nn.Module, paths: list[str], *, temperature: float
     """Probabilities as a timm user gets them: timm's eval transform from the model's pretrained_cfg, the logits
     divided by the run's temperature. Images are decoded by finetune (EXIF orientation applied, 16-bit scaled to 8
     bits, which Pillow's convert('RGB') would clip), so what differs is timm's resize and crop alone."""
-    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    config = timm.data.resolve_data_config(model=model)
+    transform = timm.data.create_transform(**config)
+    crop = int(config["input_size"][-1])
+    short_side = math.floor(crop / float(config.get("crop_pct") or DEFAULT_CROP_PCT))  # a thin image: its kept part only
     scale = torch.tensor(float(temperature))
     out = []
     for start in range(0, len(paths), 32):
-        images = [Image.fromarray(load_image(p)) for p in paths[start : start + 32]]
+        images = [
+            Image.fromarray(fit_for_resize(load_image(p), short_side=short_side, crop=crop)) for p in paths[start : start + 32]
+        ]
         batch = torch.stack([transform(image) for image in images])
         out.append(task.probabilities(model(batch), scale).numpy())
     return np.concatenate(out)

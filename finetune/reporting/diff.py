@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,7 @@ import pandas as pd
 from finetune.errors import DataError, RunDirError
 from finetune.evaluation.intervals import Difference, paired_difference
 from finetune.files import read_table, read_text_table, write_table, write_text
+from finetune.reporting.markdown import escape_markdown, markdown_table
 from finetune.reporting.page import Section, write_page
 from finetune.reporting.plots import plot_confusion_difference
 from finetune.run_dir import RunDir
@@ -95,10 +98,11 @@ def _paired(folder_a: Path, folder_b: Path) -> list[Difference]:
 MIN_F1_CHANGE = 0.02  # smaller per-class F1 moves are listed as unchanged: on small splits they are one image or two
 
 
-def _changes(per_class: pd.DataFrame, positive: bool) -> str:
+def _changes(per_class: pd.DataFrame, positive: bool, *, name: Callable[[Any], str] = str) -> str:
+    """'cat (+0.120), dog (+0.031)': the classes whose F1 moved that way, each name through `name` (escaped for Markdown)."""
     moved = per_class["f1_delta"] >= MIN_F1_CHANGE if positive else per_class["f1_delta"] <= -MIN_F1_CHANGE
     chosen = per_class[moved].sort_values("f1_delta", ascending=not positive)
-    return ", ".join(f"{c} ({d:+.3f})" for c, d in zip(chosen["class"], chosen["f1_delta"])) or "none"
+    return ", ".join(f"{name(c)} ({d:+.3f})" for c, d in zip(chosen["class"], chosen["f1_delta"])) or "none"
 
 
 def _confusion_cells(confusion: pd.DataFrame, *, grew: bool, limit: int = 5) -> str:
@@ -108,7 +112,7 @@ def _confusion_cells(confusion: pd.DataFrame, *, grew: bool, limit: int = 5) -> 
     off = cells[cells["true"] != cells["predicted"]]
     chosen = off[off["change"] > 0] if grew else off[off["change"] < 0]
     chosen = chosen.sort_values("change", ascending=not grew).head(limit)
-    return chosen.to_markdown(index=False, floatfmt="+.3f") if len(chosen) else "none"
+    return markdown_table(chosen, names=["true", "predicted"], floatfmt="+.3f") if len(chosen) else "none"
 
 
 def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class: pd.DataFrame, confusion: pd.DataFrame) -> str:
@@ -132,16 +136,16 @@ def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class:
         [
             "# Report diff",
             "",
-            f"A: `{folder_a}`  ",
-            f"B: `{folder_b}`",
+            f"A: {escape_markdown(folder_a)}  ",
+            f"B: {escape_markdown(folder_b)}",
             "",
             f"**{noise}**",
             "",
-            shown.to_markdown(index=False),
+            markdown_table(shown, names=["metric"]),
             "",
-            f"## Fixed (F1 up by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=True)}",
+            f"## Fixed (F1 up by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=True, name=escape_markdown)}",
             "",
-            f"## Broke (F1 down by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=False)}",
+            f"## Broke (F1 down by {MIN_F1_CHANGE} or more): {_changes(per_class, positive=False, name=escape_markdown)}",
             "",
             "_Per-class moves are listed by size, not tested against noise: trust them as far as the paired verdict above._",
             "",
@@ -155,7 +159,7 @@ def _markdown(folder_a: Path, folder_b: Path, headline: pd.DataFrame, per_class:
             "",
             "## Per class",
             "",
-            per_class.to_markdown(index=False, floatfmt=".3f"),
+            markdown_table(per_class, names=["class"], floatfmt=".3f"),
             "",
         ]
     )

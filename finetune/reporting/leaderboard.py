@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from finetune.reporting.markdown import escape_markdown, markdown_link, markdown_table
 from finetune.reporting.page import Section, relative_link, write_page
 
 
@@ -90,14 +91,14 @@ def leaderboard_markdown(
     board: pd.DataFrame, *, data: str | Path, split: str, means: pd.DataFrame | None = None, seeds: int = 1
 ) -> str:
     """leaderboard.md: the table with a link to every run's report.html, then the means over seeds if any."""
-    shown = leaderboard_table(board).assign(report=[f"[report.html]({r})" for r in board["report"]])
-    text = f"# Leaderboard\n\n{_intro(board, data, split)}\n\n" + shown.to_markdown(index=False) + "\n"
+    names = ["recipe", "model", "worst_class"]  # escaped before the cells are composed ('cat|dog (40%)')
+    named = board.assign(**{column: board[column].map(escape_markdown) for column in names})
+    shown = leaderboard_table(named).assign(report=[markdown_link("report.html", r) for r in board["report"]])
+    intro = _intro(board, escape_markdown(data), escape_markdown(split))
+    text = f"# Leaderboard\n\n{intro}\n\n" + markdown_table(shown) + "\n"
     if means is not None:
-        text += (
-            f"\n## Over seeds\n\n{SEEDS_NOTE.format(last=seeds - 1)}\n\n"
-            + seeds_table(means, seeds).to_markdown(index=False)
-            + "\n"
-        )
+        seeds_shown = seeds_table(means.assign(recipe=means["recipe"].map(escape_markdown)), seeds)
+        text += f"\n## Over seeds\n\n{SEEDS_NOTE.format(last=seeds - 1)}\n\n" + markdown_table(seeds_shown) + "\n"
     return text
 
 

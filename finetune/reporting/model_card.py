@@ -27,7 +27,7 @@ from finetune.reporting.summary import calibration_sentence, coverage_sentence, 
 from finetune.run_dir import RunDir
 
 CARD = "README.md"
-MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~&])")
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~&$])")
 # metrics.json name -> (model-index type, the name shown on the Hub)
 INDEX_METRICS = {"accuracy": ("accuracy", "Accuracy"), "balanced_accuracy": ("balanced_accuracy", "Balanced accuracy")}
 INDEX_METRICS |= {"macro_f1": ("f1", "Macro F1")}

@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from finetune.evaluation.scorecard import Scorecard
+from finetune.reporting.markdown import escape_markdown, markdown_table
 
 
 def interval(metrics: dict[str, Any], name: str) -> str:
@@ -111,9 +112,9 @@ def summary_markdown(
     headline = {k: v for k, v in m.items() if isinstance(v, float)}
     return "\n".join(
         [
-            f"# {title}",
+            f"# {escape_markdown(title)}",
             "",
-            *([f"> **{split_sentence(split, selection, leaks)}**", ""] if split else []),
+            *([f"> **{escape_markdown(split_sentence(split, selection, leaks))}**", ""] if split else []),
             f"{m['num_images']} images, {m['num_classes']} classes: accuracy **{interval(m, 'accuracy')}**, balanced accuracy "
             f"{interval(m, 'balanced_accuracy')}, macro-F1 {interval(m, 'macro_f1')}.",
             "",
@@ -121,18 +122,18 @@ def summary_markdown(
             "",
             coverage_sentence(m),
             "",
-            pd.Series(headline, name="value").to_frame().to_markdown(floatfmt=".4f"),
+            markdown_table(pd.Series(headline, name="value").to_frame(), index=True, floatfmt=".4f"),
             "",
             "## Per class (worst F1 first; 95% intervals: Wilson for precision and recall, a stratified bootstrap for F1)",
             "",
-            per_class_with_intervals(card.per_class).to_markdown(index=False),
+            markdown_table(per_class_with_intervals(card.per_class), names=["class"]),
             "",
-            f"Weakest class: **{worst['class']}** (F1 {worst['f1']:.3f}). "
+            f"Weakest class: **{escape_markdown(worst['class'])}** (F1 {worst['f1']:.3f}). "
             "See report.html, confusion_matrix.png and predictions.csv for where its images went."
             if worst["f1"] < 1.0
             else f"Every class is right on all {m['num_images']} images (F1 1.000 each): no weakest class here.",
             "",
-            *[f"- {key}: {value}" for key, value in notes.items()],
+            *[f"- {escape_markdown(key)}: {escape_markdown(value)}" for key, value in notes.items()],
             "",
         ]
     )

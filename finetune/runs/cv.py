@@ -30,6 +30,7 @@ from finetune.files import path_key, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import CheckpointRecord, read_record
 from finetune.inference.predictions import Predictions
 from finetune.reporting.html import RunContext
+from finetune.reporting.markdown import markdown_table
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted
 from finetune.runs.prepare import QuickTry, check_cheap_things, refuse_edited_since_start, resolve_recipe, save_run_recipe
@@ -246,7 +247,7 @@ def _summary_markdown(summary: pd.DataFrame, report: Report, count: int) -> str:
         f"Out of fold ({report.metrics['num_images']} images, each predicted once by the model that did not train on it): "
         f"accuracy {report.metrics['accuracy']:.3f}, macro-F1 {report.metrics['macro_f1']:.3f}; see oof/report.html.",
         "",
-        folds.to_markdown(index=False, floatfmt=".3f"),
+        markdown_table(folds, names=[c for c in folds.columns if folds[c].dtype == object], floatfmt=".3f"),
         "",
     ]
     return "\n".join(lines)

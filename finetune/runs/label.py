@@ -31,6 +31,7 @@ from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor, calibrated_validation
 from finetune.reporting.label_html import left_out_gallery, pseudo_label_galleries, queue_gallery, render_label_page
 from finetune.reporting.label_studio import label_studio_tasks
+from finetune.reporting.markdown import escape_markdown
 from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ def _markdown(summary: dict[str, Any]) -> str:
         [
             "# Labelling summary",
             "",
-            f"- unlabelled images: {summary['images']} ({summary['unlabeled']})",
+            f"- unlabelled images: {summary['images']} ({escape_markdown(summary['unlabeled'])})",
             f"- pseudo-labels: {summary['pseudo_labels']} ({summary['pseudo_label_coverage']:.1%}) at confidence >= "
             f"{summary['threshold']:.4f}, chosen for precision {summary['target_precision']:.1%} "
             f"({summary['queued_above_threshold']} more above it are in the queue, for a person)",
