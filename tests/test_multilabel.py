@@ -330,3 +330,22 @@ def test_predict_eval_export_and_the_api(run, dataset, tmp_path):
     np.testing.assert_allclose(again[[f"prob_{c}" for c in CLASSES]], frame[[f"prob_{c}" for c in CLASSES]], atol=1e-4)
     stored = task_named("multilabel", thresholds=load_checkpoint(run.best_checkpoint)["thresholds"])
     assert isinstance(stored, MultiLabel) and len(stored.thresholds or ()) == 3
+
+
+def test_one_label_commands_refuse_several_labels_in_one_line(run, dataset, tmp_path):
+    from finetune import api
+    from finetune.errors import UsageError
+
+    manifest = dataset / "manifest.csv"
+    calls = {
+        "compare": lambda: api.compare(recipes=["linear_probe", "last_stage"], data=manifest, out=tmp_path / "c", progress=False),
+        "cross-validation": lambda: api.cross_validate(recipe=recipe_from_dict(_recipe()), data=manifest, out=tmp_path / "cv", folds=2),
+        "audit": lambda: api.audit(data=manifest, recipe=recipe_from_dict(_recipe()), out=tmp_path / "a", progress=False),
+        "label": lambda: api.label(run=run.run_dir, unlabeled=dataset / "img", out=tmp_path / "l", progress=False),
+        "report diff": lambda: api.diff_reports(run_a=run.run_dir, run_b=run.run_dir, out=tmp_path / "d"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(UsageError, match=r"one label per image for now|several labels per image") as info:
+            call()
+        assert "\n" not in str(info.value), name
+    assert not any((tmp_path / n).exists() for n in ("c", "cv", "a", "l", "d"))

@@ -126,14 +126,32 @@ def build_multilabel_digits(folder: Path, *, images: int = 1500, size: int = 64,
             pool = pools[digit]
             half = pool[: len(pool) // 2] if k < test_from else pool[len(pool) // 2 :]
             pixels = np.round(digits.images[int(rng.choice(half))] / 16.0 * 255.0).astype(np.uint8)
-            tile = np.asarray(Image.fromarray(pixels, mode="L").resize((cell, cell), Image.Resampling.BICUBIC))
-            top, left = (spot // 2) * cell, (spot % 2) * cell
-            canvas[top : top + cell, left : left + cell] = tile
+            side = int(rng.integers(cell * 5 // 8, cell + 1))  # size and place vary, so no two pictures look alike
+            tile = np.asarray(Image.fromarray(pixels, mode="L").resize((side, side), Image.Resampling.BICUBIC))
+            top = (spot // 2) * cell + int(rng.integers(0, cell - side + 1))
+            left = (spot % 2) * cell + int(rng.integers(0, cell - side + 1))
+            canvas[top : top + side, left : left + side] = tile
         name = f"picture_{k:05d}.png"
         Image.fromarray(canvas, mode="L").save(folder / name)
         split = "train" if k < int(images * 0.7) else "val" if k < test_from else "test"
         rows.append({"path": f"{folder.name}/{name}", "labels": "|".join(str(d) for d in chosen), "split": split})
+    samples = pd.DataFrame(rows)
+    kept = _without_lookalikes_across_splits(samples.assign(path=[str(folder.parent / p) for p in samples["path"]]))
     manifest = folder.parent / f"{folder.name}.csv"
-    write_table(pd.DataFrame(rows), manifest)
-    log.info("wrote %d multi-label pictures (%d classes, %d px) and %s", images, classes, size, manifest)
+    write_table(samples[kept], manifest)
+    log.info("wrote %d multi-label pictures (%d classes, %d px) and %s", int(kept.sum()), classes, size, manifest)
     return manifest
+
+
+def _without_lookalikes_across_splits(samples: pd.DataFrame) -> np.ndarray:
+    """Which pictures to keep: a dark picture with one digit in a corner can look like another to a perceptual hash
+    (the leakage check would flag the pair), so the val or test picture of every such pair across splits is left out."""
+    facts = examine_all(list(samples["path"]), progress=False, cache=FactsCache.default())
+    pairs = duplicate_pairs(samples.assign(label=samples["labels"]), facts)
+    crossing = pairs[pairs["split_a"] != pairs["split_b"]]
+    order = {"train": 0, "val": 1, "test": 2}
+    dropped = {
+        b if order[sb] > order[sa] else a
+        for a, b, sa, sb in crossing[["path_a", "path_b", "split_a", "split_b"]].itertuples(index=False)
+    }
+    return ~samples["path"].isin(dropped).to_numpy()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from finetune.errors import DataError, RunDirError
+from finetune.errors import DataError, RunDirError, UsageError
 from finetune.evaluation.intervals import Difference, paired_difference
 from finetune.files import read_table, read_text_table, write_table, write_text
 from finetune.reporting.markdown import escape_markdown, markdown_table
@@ -31,6 +31,11 @@ class ReportDiff:
 
 def _report_folder(path: Path) -> Path:
     for candidate in (RunDir(path).report, path):
+        if (candidate / "cooccurrence.csv").exists():
+            raise UsageError(
+                f"{path} holds a report of several labels per image; report diff compares one-label reports for now: "
+                "compare their metrics.json and per_class.csv"
+            )
         if (candidate / "per_class.csv").exists() and (candidate / "confusion_matrix.csv").exists():
             return candidate
     raise RunDirError(f"{path} holds no report (per_class.csv, confusion_matrix.csv); run 'finetune eval' or pass a run folder")

@@ -24,7 +24,7 @@ from finetune.files import check_writable_folder, write_table, write_text
 from finetune.reporting.audit_html import WEAK_MODEL_ACCURACY, AuditPage, render_audit
 from finetune.run_dir import RunDir, removed_if_unstarted
 from finetune.runs.cv import CVResult, cross_validate
-from finetune.runs.prepare import prepare_model, refuse_changed_recipe
+from finetune.runs.prepare import prepare_model, refuse_changed_recipe, refuse_several_labels
 from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def audit(
     """
     started = time.perf_counter()
     require_cleanlab()
+    refuse_several_labels(data, "audit")
     out = Path(out)
     check_writable_folder(out)
     cv_dir = RunDir(out / "cv")

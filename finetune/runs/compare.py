@@ -24,7 +24,7 @@ from finetune.reporting.leaderboard import leaderboard_markdown, leaderboard_tab
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir
 from finetune.runs.cv import CVResult, cross_validate
-from finetune.runs.prepare import QuickTry
+from finetune.runs.prepare import QuickTry, refuse_several_labels
 from finetune.runs.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ def compare(
     0..N-1 (`out/<recipe>-seed<k>/`) and adds the mean and spread per recipe. `folds` cross-validates every recipe
     on the same folds (`out/<recipe>/fold_k/`) and ranks them by their out-of-fold predictions.
     """
+    refuse_several_labels(data, "compare")
     paths = [Path(r) for r in recipes]
     if len(paths) * max(len(models), 1) < 2:
         raise UsageError(

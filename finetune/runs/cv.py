@@ -33,7 +33,14 @@ from finetune.reporting.html import RunContext
 from finetune.reporting.markdown import markdown_table
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted
-from finetune.runs.prepare import QuickTry, check_cheap_things, refuse_edited_since_start, resolve_recipe, save_run_recipe
+from finetune.runs.prepare import (
+    QuickTry,
+    check_cheap_things,
+    refuse_edited_since_start,
+    refuse_several_labels,
+    resolve_recipe,
+    save_run_recipe,
+)
 from finetune.runs.train import train
 
 log = logging.getLogger(__name__)
@@ -85,6 +92,7 @@ def cross_validate(
         chosen, table = _read_cv(run)
     else:
         chosen = resolve_recipe(recipe, overrides=overrides, data=data, quick=quick)
+        refuse_several_labels(chosen.data.path, "cross-validation (--folds)")
         claim_output(run, marker=run.folds, holds="cross-validation")
         check_cheap_things(chosen)
         with removed_if_unstarted(run), locked(run):

@@ -75,6 +75,8 @@ def label(
     check_writable_folder(out)
     inputs = _unlabeled_inputs(Path(unlabeled))
     predictor = Predictor(run)
+    if predictor.trained.task.name == "multilabel":
+        raise UsageError(f"label handles runs with one label per image for now; {run} gives several labels per image")
     rule = _pseudo_label_rule(predictor.trained, target_precision)  # refused before any unlabelled image is read
     preds = predictor.gathered_predictions(inputs, progress=progress)
     names = np.asarray(predictor.class_names, dtype=object)
