@@ -219,10 +219,11 @@ def _owning_run(real: Path) -> Path | None:
     return None
 
 
-def check_destination(folder: str | Path, *, what: str = "--out", reads: Sequence[Path] = ()) -> Path:
+def check_destination(folder: str | Path, *, what: str = "--out", reads: Sequence[Path] = (), holds_runs: bool = False) -> Path:
     """Refuse, before any work, an output folder whose files a command did not write: a file, a run or
-    cross-validation folder (or its checkpoints/), the working or home folder or any folder above them, or a folder
-    holding a run the command reads. Links are followed: a link to a run folder is that run folder. The folder back."""
+    cross-validation folder (or its checkpoints/), the working or home folder or any folder above them, a folder
+    holding a run the command reads or (unless `holds_runs`: compare's and audit's folders hold their own runs) any
+    run folder. Links are followed: a link to a run folder is that run folder. The folder back."""
     folder = Path(folder)
     check_writable_folder(folder, what=what)
     real = folder.resolve()
@@ -238,6 +239,9 @@ def check_destination(folder: str | Path, *, what: str = "--out", reads: Sequenc
         if real == place or real in place.parents:
             verb = "is" if real == place else "holds"
             raise RunDirError(f"{what} {folder} {verb} {name} ({place}); choose a new, empty folder for the output")
+    held = None if holds_runs or not real.is_dir() else next((p for p in real.iterdir() if _owning_run(p)), None)
+    if held is not None:
+        raise RunDirError(f"{what} {folder} holds the run folder {held.name}; choose a new, empty folder for the output")
     return folder
 
 

@@ -117,6 +117,7 @@ def _resize(value: Any) -> bool:
         and _count(value.get("crop"), 1, MAX_SIDE)
         and _number(value.get("crop_pct"))
         and 0 < value["crop_pct"] <= 1
+        and value["crop"] / value["crop_pct"] <= 4 * MAX_SIDE  # the shorter side photos are resized to
         and value.get("interpolation") in INTERPOLATIONS
     )
 
@@ -128,7 +129,11 @@ def _input(value: Any) -> bool:
 FIELDS: dict[str, tuple[Any, str]] = {  # key: (test, what a valid value is)
     "class_names": (_class_names, "a list of distinct, non-empty class names"),
     "input": (_input, f"height and width, equal whole numbers from 1 to {MAX_SIDE}"),
-    "resize": (_resize, f"crop (1 to {MAX_SIDE}), crop_pct in (0, 1] and interpolation one of {', '.join(INTERPOLATIONS)}"),
+    "resize": (
+        _resize,
+        f"crop (1 to {MAX_SIDE}), crop_pct in (0, 1] with crop / crop_pct at most {4 * MAX_SIDE}, and interpolation one "
+        f"of {', '.join(INTERPOLATIONS)}",
+    ),
     "mean": (_triple, "three finite numbers"),
     "std": (lambda v: _triple(v) and all(x > 0 for x in v), "three finite numbers above 0"),
     "temperature": (lambda v: _number(v) and v > 0, "a finite number above 0"),
