@@ -169,7 +169,7 @@ def export(
         _finish(result, max_accuracy_drop)
         if formats == "hub":
             _card(result, folder_run, loaded, license=license, repo_id=push)
-    result.files = {kind: folder / file.name for kind, file in result.files.items()}
+    result.work, result.files = folder, {kind: folder / file.name for kind, file in result.files.items()}
     if push is not None:
         result.pushed = hub_push.push_folder(folder, push)
     return result
