@@ -233,16 +233,26 @@ def check_destination(folder: str | Path, *, what: str = "--out", reads: Sequenc
             f"{what} {folder} is the run folder {owner}{'/checkpoints' if owner != real else ''}, not a place for "
             f"output; choose a new folder such as {owner / 'outputs'}"
         )
-    guarded = [(Path.cwd().resolve(), "the working folder"), (Path.home().resolve(), "your home folder")]
-    guarded += [(Path(p).resolve(), f"the run {p}") for p in reads]
+    guarded = [(Path(p).resolve(), f"the run {p}") for p in reads]
+    with contextlib.suppress(OSError, RuntimeError):  # no home folder, or a working folder deleted meanwhile
+        guarded.insert(0, (Path.home().resolve(), "your home folder"))
+    with contextlib.suppress(OSError):
+        guarded.insert(0, (Path.cwd().resolve(), "the working folder"))
     for place, name in guarded:
         if real == place or real in place.parents:
             verb = "is" if real == place else "holds"
             raise RunDirError(f"{what} {folder} {verb} {name} ({place}); choose a new, empty folder for the output")
-    held = None if holds_runs or not real.is_dir() else next((p for p in real.iterdir() if _owning_run(p)), None)
+    held = None if holds_runs else _first_run_inside(real)
     if held is not None:
         raise RunDirError(f"{what} {folder} holds the run folder {held.name}; choose a new, empty folder for the output")
     return folder
+
+
+def _first_run_inside(folder: Path) -> Path | None:
+    try:
+        return next((p for p in folder.iterdir() if _owning_run(p)), None) if folder.is_dir() else None
+    except OSError:  # an unreadable folder holds nothing we can name
+        return None
 
 
 def check_destination_file(path: str | Path, *, what: str = "--out") -> None:
