@@ -307,7 +307,10 @@ def test_damaged_foreign_and_tampered_exports_are_one_line(shipped, tmp_path):
         with pytest.raises(CheckpointError, match=message) as caught:
             load_exported(path)
         _one_line(caught)
-    for path in (tmp_path / "empty.onnx", tmp_path / "transplant5.onnx", tmp_path / "names.onnx"):
+    (tmp_path / "empty.pt2").write_bytes(b"")  # no archive: read as a checkpoint, and refused as one
+    (tmp_path / "empty.torchscript.pt").write_bytes(b"")
+    bad = ("empty.onnx", "transplant5.onnx", "names.onnx", "empty.pt2", "empty.torchscript.pt")
+    for path in (tmp_path / name for name in bad):
         done = CliRunner().invoke(app, ["predict", str(path), str(shipped["onnx"].parent)])
         assert done.exit_code == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.output
 
