@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,14 @@ class RunDir:
     @property
     def classes(self) -> Path:
         return self.root / "classes.json"
+
+    def class_names(self) -> tuple[list[str], bool]:
+        """classes.json: (the class names, whether the run gives several labels per image). It holds a list of
+        names, or {"task": "multilabel", "classes": [...]} for several labels per image."""
+        stored = json.loads(self.classes.read_text(encoding="utf-8"))
+        multilabel = isinstance(stored, dict) and stored.get("task") == "multilabel"
+        names = stored.get("classes", []) if isinstance(stored, dict) else stored
+        return [str(c) for c in names], multilabel
 
     @property
     def skipped(self) -> Path:
@@ -209,3 +218,84 @@ def removed_if_unstarted(run: RunDir, *, marker: Path | None = None) -> Iterator
         if not existed and run.root.exists() and not started.exists():
             shutil.rmtree(run.root, ignore_errors=True)  # everything in it was written by this call
         raise
+
+
+def _owning_run(real: Path) -> Path | None:
+    """The run or cross-validation folder `real` is (or whose checkpoints/ it is), else None."""
+    for root in (real, real.parent if real.name == "checkpoints" else None):
+        if root is not None and (RunDir(root).is_run() or RunDir(root).folds.is_file()):
+            return root
+    return None
+
+
+def check_destination(folder: str | Path, *, what: str = "--out", reads: Sequence[Path] = (), holds_runs: bool = False) -> Path:
+    """Refuse, before any work, an output folder whose files a command did not write: a file, a run or
+    cross-validation folder (or its checkpoints/), the working or home folder or any folder above them, a folder
+    holding a run the command reads or (unless `holds_runs`: compare's and audit's folders hold their own runs) any
+    run folder. Links are followed: a link to a run folder is that run folder. The folder back."""
+    folder = Path(folder)
+    check_writable_folder(folder, what=what)
+    real = folder.resolve()
+    owner = _owning_run(real)
+    if owner is not None:
+        raise RunDirError(
+            f"{what} {folder} is the run folder {owner}{'/checkpoints' if owner != real else ''}, not a place for "
+            f"output; choose a new folder such as {owner / 'outputs'}"
+        )
+    guarded = [(Path(p).resolve(), f"the run {p}") for p in reads]
+    with contextlib.suppress(OSError, RuntimeError):  # no home folder, or a working folder deleted meanwhile
+        guarded.insert(0, (Path.home().resolve(), "your home folder"))
+    with contextlib.suppress(OSError):
+        guarded.insert(0, (Path.cwd().resolve(), "the working folder"))
+    for place, name in guarded:
+        if real == place or real in place.parents:
+            verb = "is" if real == place else "holds"
+            raise RunDirError(f"{what} {folder} {verb} {name} ({place}); choose a new, empty folder for the output")
+    held = None if holds_runs else _first_run_inside(real)
+    if held is not None:
+        raise RunDirError(f"{what} {folder} holds the run folder {held.name}; choose a new, empty folder for the output")
+    return folder
+
+
+def _first_run_inside(folder: Path) -> Path | None:
+    try:
+        return next((p for p in folder.iterdir() if _owning_run(p)), None) if folder.is_dir() else None
+    except OSError:  # an unreadable folder holds nothing we can name
+        return None
+
+
+def check_destination_file(path: str | Path, *, what: str = "--out") -> None:
+    """Refuse an output file that is one of a run's own files (recipe.yaml, splits.csv, checkpoints/, ...), also
+    through a link: writing it would destroy the run."""
+    real = Path(path).resolve()
+    owner = _owning_run(real.parent)
+    if owner is None:
+        return
+    if real.parent != owner or real.name in _run_file_names() or real.name.startswith("."):
+        raise RunDirError(
+            f"{what} {path} would replace {real.relative_to(owner)} of the run folder {owner}; choose another file name"
+        )
+
+
+def _run_file_names() -> set[str]:
+    """The names RunDir spells (recipe.yaml, splits.csv, checkpoints, ...), but report/ (eval's default output)."""
+    run = RunDir(Path("."))
+    return {getattr(run, name).name for name, value in vars(RunDir).items() if isinstance(value, property) and name != "report"}
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, *, holder: str = "finetune export") -> Iterator[None]:
+    """An OS lock (flock) on the folder itself, held while a command writes into it: a second writer is refused. The
+    kernel drops it when the process dies, so no stale lock is left; no file is added to the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"{folder} is being written by another {holder}; wait for it to end, or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)

@@ -15,7 +15,7 @@ from finetune import export, predict, train
 from finetune.cli import app
 from finetune.config.loading import recipe_from_dict
 from finetune.deploy import onnx_format, torchscript_format
-from finetune.deploy.metadata import FORMAT
+from finetune.deploy.metadata import FORMAT, seal
 from finetune.errors import CheckpointError, ParityError, RunDirError, UsageError
 
 from conftest import REPO, make_folder, tiny_recipe
@@ -224,7 +224,7 @@ def test_an_exported_program_keeps_the_contract_and_predict_reads_it(run, data, 
     torchscript_format.export_program(package, file, size=trained.image.input_size, meta=meta)
     torchscript_format.write_metadata(file, {**meta, "parity": {"top1_agreement": 1.0}})
     assert is_exported(file) and torchscript_format.is_program(file) and not torchscript_format.is_torchscript(file)
-    assert torchscript_format.read_metadata(file) == json.loads(json.dumps({**meta, "parity": {"top1_agreement": 1.0}}))
+    assert torchscript_format.read_metadata(file) == json.loads(json.dumps(seal({**meta, "parity": {"top1_agreement": 1.0}})))
 
     @torch.inference_mode()
     def reference(images):

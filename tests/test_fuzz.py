@@ -317,3 +317,98 @@ def test_manifest_path_spellings_name_one_file_once(tmp_path):
             assert "\n" not in str(exc)
         kept += 1
     assert refused and kept
+
+
+METADATA_MUTANTS = 400
+THROUGH_FILES = 60  # mutants also written into a real .onnx file and predicted with (the rest: the contract check only)
+
+
+def _tiny_onnx(path):
+    """A real exported file of a 3-class graph (finetune's packaging around a tiny model) and its valid contract."""
+    import torch
+
+    from finetune.data.transforms import ImageConfig
+    from finetune.deploy import onnx_format
+    from finetune.deploy.metadata import FORMAT
+    from finetune.deploy.package import PackagedClassifier
+
+    image = ImageConfig(input_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic")
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3))
+    onnx_format.export_onnx(PackagedClassifier(model, image, 1.2), path, size=32, opset=17)
+    return {
+        "format": FORMAT,
+        "class_names": ["cat", "dog", "eel"],
+        "input": {"name": "image", "dtype": "uint8", "layout": "NHWC", "channels": "RGB", "height": 32, "width": 32},
+        "outputs": {"logits": "raw scores", "probs": "softmax"},
+        "resize": {"short_side": 36, "crop": 32, "crop_pct": 0.875, "interpolation": "bicubic", "steps": "..."},
+        "mean": list(image.mean),
+        "std": list(image.std),
+        "temperature": 1.2,
+        "top_k": 2,
+        "tta": ["hflip"],
+        "task": "single_label",
+    }
+
+
+def _store(path, meta):
+    """The metadata written as is (no new checksum): what a hand edit of the file does."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(model, str(path))
+
+
+def _mutate_lists(tree, rng):
+    """Change, drop or add one element of a list field (class names, mean, std, test-time views)."""
+    lists = [key for key, value in tree.items() if isinstance(value, list)]
+    if lists:
+        key = rng.choice(lists)
+        items = list(tree[key])
+        action = rng.random()
+        if action < 0.3 and items:
+            items.pop(rng.randrange(len(items)))
+        elif action < 0.5:
+            items.append(rng.choice(ODD_VALUES + items))
+        elif items:
+            items[rng.randrange(len(items))] = rng.choice(ODD_VALUES)
+        tree[key] = items
+    return tree
+
+
+def test_exported_metadata_mutations_fail_only_with_finetune_errors(tmp_path, data):
+    from finetune.deploy.metadata import CHECKSUM, check_contract, seal
+    from finetune.deploy.predictor import ExportedPredictor
+
+    rng = random.Random(11)
+    file = tmp_path / "tiny.onnx"
+    base = _tiny_onnx(file)
+    _store(file, seal(base))
+    assert len(ExportedPredictor(file).predict([data / "cat"])) == 6
+    outcomes = {"refused": 0, "accepted": 0}
+    for n in range(METADATA_MUTANTS):
+        mutant = _mutate(base, rng) if rng.random() < 0.7 else _mutate_lists(copy.deepcopy(base), rng)
+        meta = seal(mutant) if rng.random() < 0.8 else {**mutant, CHECKSUM: seal(base)[CHECKSUM]}  # re-sealed or not
+        try:
+            check_contract(meta, file)
+            outcomes["accepted"] += 1
+        except FinetuneError as exc:
+            assert "\n" not in str(exc), str(exc)
+            outcomes["refused"] += 1
+            if n >= THROUGH_FILES:
+                continue
+        if n >= THROUGH_FILES and outcomes["accepted"] > THROUGH_FILES:
+            continue
+        _store(file, meta)
+        try:
+            table = ExportedPredictor(file).predict([data / "cat"])
+        except FinetuneError as exc:
+            assert "\n" not in str(exc), str(exc)
+            continue
+        assert len(table) == 6 and set(table["predicted_label"]) <= set(meta["class_names"]), meta
+    assert outcomes["refused"] > METADATA_MUTANTS // 2 and outcomes["accepted"] > 10, outcomes

@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import huggingface_hub
@@ -83,6 +84,7 @@ def test_config_json_is_timms_with_the_runs_image_contract(run, hub):
         "model.onnx",
         "parity.json",
         "README.md",
+        "export_manifest.json",
     }
     parity = json.loads((hub.folder / "parity.json").read_text())
     assert parity["timm"]["top1_agreement"] == 1.0 and parity["timm"]["max_abs_prob_diff"] <= 1e-4
@@ -188,7 +190,8 @@ class FakeHfApi:
         self.calls.append(("create_repo", kwargs))
 
     def upload_folder(self, **kwargs):
-        files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        ignored = kwargs.get("ignore_patterns") or []
+        files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir() if not any(fnmatch(p.name, i) for i in ignored))
         self.calls.append(("upload_folder", {**kwargs, "files": files}))
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"})()
 

@@ -339,7 +339,9 @@ def test_one_label_commands_refuse_several_labels_in_one_line(run, dataset, tmp_
     manifest = dataset / "manifest.csv"
     calls = {
         "compare": lambda: api.compare(recipes=["linear_probe", "last_stage"], data=manifest, out=tmp_path / "c", progress=False),
-        "cross-validation": lambda: api.cross_validate(recipe=recipe_from_dict(_recipe()), data=manifest, out=tmp_path / "cv", folds=2),
+        "cross-validation": lambda: api.cross_validate(
+            recipe=recipe_from_dict(_recipe()), data=manifest, out=tmp_path / "cv", folds=2
+        ),
         "audit": lambda: api.audit(data=manifest, recipe=recipe_from_dict(_recipe()), out=tmp_path / "a", progress=False),
         "label": lambda: api.label(run=run.run_dir, unlabeled=dataset / "img", out=tmp_path / "l", progress=False),
         "report diff": lambda: api.diff_reports(run_a=run.run_dir, run_b=run.run_dir, out=tmp_path / "d"),

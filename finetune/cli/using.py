@@ -181,7 +181,9 @@ def export(
     opset: Annotated[
         int, typer.Option(help="ONNX opset (18 and up: the torch.export-based exporter; below: the older one).")
     ] = 18,  # deploy.onnx_format.DEFAULT_OPSET (not imported: --help stays torch-free)
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the previous export in --out (only the files its export_manifest.json lists).")
+    ] = False,
     max_accuracy_drop: Annotated[
         float, typer.Option(help="int8: largest accuracy loss (0.01 = 1 point) before it is refused.")
     ] = 0.01,

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from finetune.deploy.export_folder import MANIFEST
 from finetune.errors import HubError, UsageError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def _reason(exc: Exception) -> str:
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False) -> str:
-    """Create the model repository if needed and upload every file of `folder`; the commit's URL back."""
+    """Create the model repository if needed and upload every file of `folder` (but export's manifest); the commit's
+    URL back."""
     from huggingface_hub import HfApi
 
     api = HfApi()
@@ -50,6 +52,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False) -> str:
             folder_path=str(folder),
             repo_type="model",
             commit_message="Upload model exported by finetune",
+            ignore_patterns=[MANIFEST],  # finetune's own record of what it wrote, not part of the model
         )
     except Exception as exc:  # huggingface_hub raises HTTP, connection, offline-mode and validation errors
         raise HubError(

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.deploy.metadata import from_strings, to_strings
+from finetune.deploy.metadata import from_strings, seal, to_strings
 from finetune.deploy.package import PackagedClassifier, pause_garbage_collection
 from finetune.errors import UsageError
 
@@ -26,6 +26,28 @@ DEFAULT_OPSET = 18
 # on a timm ResNet's ReduceMean and leaves the file at opset 18 (logging the failure, raising nothing); so a lower opset
 # is written by the TorchScript-based exporter, the only one that writes it correctly (onnxruntime >= 1.14 reads 18).
 MAINTAINED_MIN_OPSET = 18
+RUNTIME_MIN_OPSET = 7  # onnxruntime guarantees opset 7 and newer (it has no call that says how new)
+
+
+def opset_range() -> tuple[int, int]:
+    """The opsets this installation can write and run: from the newest of torch.onnx's and onnxruntime's minimum to
+    the oldest of torch.onnx's and onnx's maximum."""
+    import onnx
+    from torch.onnx import _constants
+
+    low = max(int(_constants.ONNX_MIN_OPSET), RUNTIME_MIN_OPSET)
+    return low, min(int(_constants.ONNX_MAX_OPSET), int(onnx.defs.onnx_opset_version()))
+
+
+def check_opset(opset: object) -> int:
+    """`--opset`, refused with the supported range before any work."""
+    low, high = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise UsageError(
+            f"--opset {opset!r}: this installation (torch {torch.__version__}) exports and runs ONNX opsets {low} to "
+            f"{high}; the maintained exporter writes {MAINTAINED_MIN_OPSET} and newer (default {DEFAULT_OPSET})"
+        )
+    return opset
 
 
 def require_onnx(*, exporting: bool = True) -> None:
@@ -98,7 +120,7 @@ def write_metadata(path: Path, meta: dict[str, Any]) -> None:
 
     model = onnx.load(str(path))
     del model.metadata_props[:]
-    for key, value in to_strings(meta).items():
+    for key, value in to_strings(seal(meta)).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(model, str(path))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.deploy.metadata import TORCHSCRIPT_EXTRA
+from finetune.deploy.metadata import TORCHSCRIPT_EXTRA, seal
 from finetune.deploy.package import PackagedClassifier, pause_garbage_collection
 
 PROGRAM_SUFFIX = ".pt2"
@@ -33,7 +33,7 @@ def export_torchscript(package: PackagedClassifier, path: Path, *, size: int, me
     with warnings.catch_warnings(), pause_garbage_collection():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
         traced = torch.jit.trace(package.eval(), (example,))
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta)})
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))})
 
 
 def export_program(package: PackagedClassifier, path: Path, *, size: int, meta: dict[str, Any]) -> None:
@@ -41,7 +41,7 @@ def export_program(package: PackagedClassifier, path: Path, *, size: int, meta: 
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)  # not 1: torch.export specialises an axis of size 1
     with pause_garbage_collection():
         program = torch.export.export(package.eval(), (example,), dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
-    torch.export.save(program, str(path), extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta)})
+    torch.export.save(program, str(path), extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))})
 
 
 def _archive_kind(path: Path) -> str | None:
@@ -81,7 +81,7 @@ def write_metadata(path: Path, meta: dict[str, Any]) -> None:
         handle, scratch = tempfile.mkstemp(suffix=PROGRAM_SUFFIX, dir=Path(path).parent)
         os.close(handle)
         try:
-            torch.export.save(program, scratch, extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta)})
+            torch.export.save(program, scratch, extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))})
             os.replace(scratch, path)
         finally:
             Path(scratch).unlink(missing_ok=True)
@@ -89,7 +89,7 @@ def write_metadata(path: Path, meta: dict[str, Any]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu")
-        torch.jit.save(module, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta)})
+        torch.jit.save(module, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))})
 
 
 class TorchScriptRunner:

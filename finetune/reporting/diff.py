@@ -17,7 +17,7 @@ from finetune.files import read_table, read_text_table, write_table, write_text
 from finetune.reporting.markdown import escape_markdown, markdown_table
 from finetune.reporting.page import Section, write_page
 from finetune.reporting.plots import plot_confusion_difference
-from finetune.run_dir import RunDir
+from finetune.run_dir import RunDir, check_destination
 
 METRICS = ("precision", "recall", "f1")
 
@@ -229,11 +229,11 @@ def _write_html(
 
 def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> ReportDiff:
     """Per-class metric deltas (B - A), confusion difference and headline deltas, as CSV, PNG, Markdown and HTML."""
+    out = check_destination(out, reads=[Path(run_a), Path(run_b)])
     folder_a, folder_b = _report_folder(Path(run_a)), _report_folder(Path(run_b))
     per_class = _per_class_diff(folder_a, folder_b)
     confusion = _confusion_diff(folder_a, folder_b)
     headline = _headline_diff(folder_a, folder_b)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_table(per_class, out / "per_class_diff.csv", float_format="%.6f")
     write_table(confusion, out / "confusion_diff.csv", index=True, float_format="%.6f")

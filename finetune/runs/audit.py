@@ -20,9 +20,9 @@ from finetune.data.doctor import examine_all
 from finetune.data.duplicates import duplicate_pairs, pair_count
 from finetune.data.facts import FactsCache
 from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
-from finetune.files import check_writable_folder, write_table, write_text
+from finetune.files import write_table, write_text
 from finetune.reporting.audit_html import WEAK_MODEL_ACCURACY, AuditPage, render_audit
-from finetune.run_dir import RunDir, removed_if_unstarted
+from finetune.run_dir import RunDir, check_destination, removed_if_unstarted
 from finetune.runs.cv import CVResult, cross_validate
 from finetune.runs.prepare import prepare_model, refuse_changed_recipe, refuse_several_labels
 from finetune.training.feature_cache import recipe_features
@@ -60,8 +60,7 @@ def audit(
     started = time.perf_counter()
     require_cleanlab()
     refuse_several_labels(data, "audit")
-    out = Path(out)
-    check_writable_folder(out)
+    out = check_destination(out, holds_runs=True)
     cv_dir = RunDir(out / "cv")
     resume = cv_dir.folds.exists()
     if resume:

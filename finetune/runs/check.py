@@ -10,6 +10,7 @@ from finetune.config.catalog import IMAGE_EXTENSIONS
 from finetune.data.doctor import CheckResult, check_dataset
 from finetune.data.facts import FactsCache
 from finetune.files import check_writable_file, write_text
+from finetune.run_dir import check_destination_file
 
 
 def check(
@@ -18,6 +19,7 @@ def check(
     """The dataset doctor over `data`; with `json_out`, every finding is also written there."""
     if json_out is not None:
         check_writable_file(Path(json_out), what="--json", example="check.json")  # before decoding every image, not after
+        check_destination_file(json_out, what="--json")
     result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress, cache=FactsCache.default())
     if json_out is not None:
         write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))

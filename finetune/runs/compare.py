@@ -18,11 +18,11 @@ from finetune.config.schema import Recipe
 from finetune.data.split import evaluation_split
 from finetune.errors import UsageError
 from finetune.evaluation.intervals import paired_difference
-from finetune.files import check_writable_folder, path_key, read_text_table, write_table, write_text
+from finetune.files import path_key, read_text_table, write_table, write_text
 from finetune.models.inspect import inspect_model
 from finetune.reporting.leaderboard import leaderboard_markdown, leaderboard_table, write_leaderboard_html
 from finetune.reporting.report import Report
-from finetune.run_dir import RunDir
+from finetune.run_dir import RunDir, check_destination
 from finetune.runs.cv import CVResult, cross_validate
 from finetune.runs.prepare import QuickTry, refuse_several_labels
 from finetune.runs.train import TrainResult, train
@@ -162,8 +162,7 @@ def compare(
     read, stems = _recipes_over_models(paths, models, overrides)
     shorter = QuickTry(epochs_scale=epochs_scale, max_epochs=max_epochs)
     loaded = [shorter.apply(recipe, path) for recipe, path in read]
-    out = Path(out)
-    check_writable_folder(out)
+    out = check_destination(out, holds_runs=True)
     runs = _runs(loaded, _run_names(stems), seeds)
     rows = _train_folds(runs, data, out, folds, progress) if folds is not None else _train_all(runs, data, out, progress)
     board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)

@@ -15,9 +15,10 @@ from finetune.data.decode import printable
 from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.errors import DataError, UsageError, did_you_mean
 from finetune.evaluation.explain import Explainer
-from finetune.files import check_writable_folder, write_table
+from finetune.files import write_table
 from finetune.inference.inputs import check_inputs_exist, input_paths
 from finetune.inference.predictor import Predictor
+from finetune.run_dir import check_destination
 
 log = logging.getLogger(__name__)
 BORDER_WARNING = 0.5  # more than half of the heat in the outer tenth of the frame (a third of the area)
@@ -61,8 +62,7 @@ def explain(
 ) -> ExplainResult:
     """Grad-CAM of the predicted class (or `target_class`) for each image; pictures and explanations.csv into `out`."""
     check_inputs_exist(inputs)
-    folder = Path(out)
-    check_writable_folder(folder)
+    folder = check_destination(out, reads=[Path(run)])
     predictor = Predictor(run)
     loaded = predictor.trained
     wanted = _class_index(loaded.class_names, target_class)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.config.loading import load_recipe
 from finetune.data.split import evaluation_split
-from finetune.deploy import hub_format, hub_push, onnx_format, torchscript_format
+from finetune.deploy import export_folder, hub_format, hub_push, onnx_format, torchscript_format
 from finetune.deploy.metadata import contract
 from finetune.deploy.package import PackagedClassifier, image_batches
 from finetune.deploy.parity import FP32_TOLERANCE, Parity, compare, measure
-from finetune.errors import CheckpointError, ParityError, RunDirError, UsageError
-from finetune.files import check_writable_folder, read_text_table, write_text
+from finetune.errors import CheckpointError, FinetuneError, ModelError, ParityError, RunDirError, UsageError
+from finetune.files import read_text_table, write_text
 from finetune.inference.checkpoint import TrainedModel, load_trained, read_record
 from finetune.reporting import model_card
 from finetune.run_dir import RunDir
+from finetune.runs.prepare import changed_settings
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript", "pt2", "both", "hub")
@@ -42,6 +43,13 @@ class ExportResult:
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     pushed: str | None = None  # the Hub commit's URL, after --push
+    split: str = ""  # the held-out split parity is measured on
+    work: Path = Path()  # where the files are written until the export is complete (a staging folder inside `folder`)
+
+
+def written_names() -> frozenset[str]:
+    """Every file name an export may write: the only names its manifest may list (and --overwrite may delete)."""
+    return frozenset({*FILES.values(), "model.int8.onnx", "parity.json", hub_format.WEIGHTS, hub_format.CONFIG, model_card.CARD})
 
 
 def _checkpoint(run: RunDir, which: str) -> Path:
@@ -62,15 +70,23 @@ def _checkpoint(run: RunDir, which: str) -> Path:
     return path
 
 
-def _out_folder(run: RunDir, out: str | Path | None, overwrite: bool) -> Path:
-    folder = Path(out) if out is not None else run.root / "export"
-    check_writable_folder(folder)
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"{folder} exists and is not empty; pass --overwrite to replace it, or --out another folder")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def _check_belongs(run: RunDir, path: Path, loaded: TrainedModel) -> None:
+    """The checkpoint must be the run's own: its classes those of classes.json, its recipe that of recipe.yaml (up to
+    settings that change no result); a checkpoint copied in from another run would be exported under this run's name
+    and its parity measured on images of classes it never learnt."""
+    reason = ""
+    if run.classes.is_file():
+        classes = run.class_names()[0]
+        if classes != loaded.class_names:
+            reason = f"its classes {loaded.class_names[:5]} are not the run's {classes[:5]}"
+    if not reason:
+        edits = changed_settings(load_recipe(run.recipe), loaded.recipe)
+        reason = f"its recipe differs from the run's recipe.yaml ({edits})" if edits else ""
+    if reason:
+        raise CheckpointError(
+            f"{path} does not belong to the run {run.root}: {reason}; put the run's own checkpoint back, or export "
+            "the run that trained it"
+        )
 
 
 def _held_out(run: RunDir, loaded: TrainedModel) -> tuple[list[str], np.ndarray, str]:
@@ -133,36 +149,53 @@ def export(
     model card under `license`; `push` ("user/name") uploads the folder to that Hub model repository."""
     started = time.perf_counter()
     wanted = _check_options(formats, quantize, push)
+    if "onnx" in wanted:
+        onnx_format.check_opset(opset)
     folder_run = RunDir(Path(run))
     path = _checkpoint(folder_run, checkpoint)
     loaded = load_trained(path)
+    _check_belongs(folder_run, path, loaded)
     if formats == "hub":  # what would stop the Hub folder half-way is checked before anything is written
         model_card.check_report(folder_run)
         hub_format.check_timm_architecture(loaded.recipe.model)
-    folder = _out_folder(folder_run, out, overwrite)
-    package = PackagedClassifier(loaded.bundle.model, loaded.image, loaded.temperature, loaded.task)
-    paths, targets, split = _held_out(folder_run, loaded)
+    folder = Path(out) if out is not None else folder_run.root / "export"
     result = ExportResult(folder=folder)
+    with export_folder.claimed(folder, overwrite=overwrite, names=written_names(), reads=[folder_run.root]) as work:
+        result.work = work
+        _export_files(
+            result, wanted, loaded, folder_run, opset=opset, hub=formats == "hub", drop=max_accuracy_drop if quantize else None
+        )
+        result.seconds = time.perf_counter() - started
+        _finish(result, max_accuracy_drop)
+        if formats == "hub":
+            _card(result, folder_run, loaded, license=license, repo_id=push)
+    result.work, result.files = folder, {kind: folder / file.name for kind, file in result.files.items()}
+    if push is not None:
+        result.pushed = hub_push.push_folder(folder, push)
+    return result
+
+
+def _export_files(
+    result: ExportResult, wanted: list[str], loaded: TrainedModel, run: RunDir, *, opset: int, hub: bool, drop: float | None
+) -> None:
+    """Every wanted file into `result.work`, each held to parity with PyTorch on the run's held-out images; `drop`:
+    quantize the ONNX file to int8, kept within that accuracy budget."""
+    package = PackagedClassifier(loaded.bundle.model, loaded.image, loaded.temperature, loaded.task)
+    paths, targets, split = _held_out(run, loaded)
+    result.split = split
     for kind in wanted:
         exporter = onnx_format.exporter_name(opset) if kind == "onnx" else EXPORTERS[kind]
         meta = contract(loaded, exporter=exporter, weights="float32")
-        file = folder / FILES[kind]
+        file = result.work / FILES[kind]
         _write(kind, package, file, loaded, meta, opset)
         runner = _runner(kind, file)
         parity = _parity(package, runner, paths, targets, loaded)
         _stamp(kind, file, meta, parity, split)
         result.files[kind], result.parity[kind] = file, parity.to_dict()
-    if quantize:
-        _int8(result, package, loaded, folder_run, paths, targets, split, opset, max_accuracy_drop)
-    if formats == "hub":
+    if drop is not None:
+        _int8(result, package, loaded, run, paths, targets, split, opset, drop)
+    if hub:
         _timm_folder(result, package, loaded, paths, targets, split)
-    result.seconds = time.perf_counter() - started
-    _finish(result, split, max_accuracy_drop)
-    if formats == "hub":
-        _card(result, folder_run, loaded, license=license, repo_id=push)
-        if push is not None:
-            result.pushed = hub_push.push_folder(folder, push)
-    return result
 
 
 def _timm_folder(
@@ -171,12 +204,12 @@ def _timm_folder(
     """model.safetensors + config.json, loaded back by timm and held to fp32 parity on finetune's prepared images; how
     timm's own transform agrees is measured too (reported, not enforced)."""
     extra = {"temperature": loaded.temperature, "task": loaded.task.name, "probabilities": loaded.task.probability_rule}
-    hub_format.write_timm_folder(loaded, result.folder, extra=extra)
-    timm_model = hub_format.load_timm_folder(result.folder)
+    hub_format.write_timm_folder(loaded, result.work, extra=extra)
+    timm_model = hub_format.load_timm_folder(result.work)
     reloaded = PackagedClassifier(timm_model, loaded.image, loaded.temperature, loaded.task)
     parity = _parity(package, _reference(reloaded), paths, targets, loaded)
-    result.files["timm"], result.parity["timm"] = result.folder / hub_format.WEIGHTS, parity.to_dict()
-    result.files["config"] = result.folder / hub_format.CONFIG
+    result.files["timm"], result.parity["timm"] = result.work / hub_format.WEIGHTS, parity.to_dict()
+    result.files["config"] = result.work / hub_format.CONFIG
     reference = np.concatenate([_reference(package)(batch)[1] for batch in image_batches(paths, loaded.image)])
     theirs = hub_format.timm_probabilities(timm_model, paths, temperature=loaded.temperature, task=loaded.task)
     agreement = compare(reference, theirs, targets, len(loaded.class_names), loaded.task)
@@ -195,17 +228,29 @@ def _card(result: ExportResult, run: RunDir, loaded: TrainedModel, *, license: s
         files.insert(3, ("model.int8.onnx", "the ONNX model with int8 weights and activations (see parity.json)"))
     facts = model_card.gather(run, loaded, name=name, license=license, parity=result.parity, files=files)
     facts.repo_id = repo_id
-    card = result.folder / model_card.CARD
+    card = result.work / model_card.CARD
     write_text(card, model_card.card_text(facts))
     result.files["card"] = card
 
 
 def _write(kind: str, package: PackagedClassifier, file: Path, loaded: TrainedModel, meta: dict[str, Any], opset: int) -> None:
-    if kind == "onnx":
-        onnx_format.export_onnx(package, file, size=loaded.image.input_size, opset=opset)
-    else:
-        export = torchscript_format.export_torchscript if kind == "torchscript" else torchscript_format.export_program
-        export(package, file, size=loaded.image.input_size, meta=meta)
+    """One file; an exporter's failure is one line (the staging folder, and so the half-written file, is removed)."""
+    try:
+        if kind == "onnx":
+            onnx_format.export_onnx(package, file, size=loaded.image.input_size, opset=opset)
+        else:
+            export = torchscript_format.export_torchscript if kind == "torchscript" else torchscript_format.export_program
+            export(package, file, size=loaded.image.input_size, meta=meta)
+    except (FinetuneError, OSError):
+        raise
+    except Exception as exc:  # torch.onnx, torch.export and torch.jit raise their own error classes
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = (lines[0] if lines else type(exc).__name__)[:200]
+        at = f" at opset {opset}" if kind == "onnx" else ""
+        hint = f"; try --opset {onnx_format.DEFAULT_OPSET}" if kind == "onnx" and opset != onnx_format.DEFAULT_OPSET else ""
+        raise ModelError(
+            f"{kind} export of {loaded.recipe.model.name}{at} failed ({detail}); nothing was written{hint}"
+        ) from None
 
 
 def _runner(kind: str, file: Path) -> Any:
@@ -244,7 +289,7 @@ def _int8(
         return
     splits = read_text_table(run.splits)
     train = list(splits.loc[splits["split"] == "train", "path"])[:CALIBRATION_IMAGES]
-    target = result.folder / "model.int8.onnx"
+    target = result.work / "model.int8.onnx"
     onnx_format.quantize_int8(source, target, image_batches(train, loaded.image))
     parity = _parity(package, onnx_format.OnnxRunner(target), paths, targets, loaded)
     result.parity["onnx-int8"] = parity.to_dict()
@@ -256,10 +301,11 @@ def _int8(
     result.files["onnx-int8"] = target
 
 
-def _finish(result: ExportResult, split: str, max_accuracy_drop: float) -> None:
+def _finish(result: ExportResult, max_accuracy_drop: float) -> None:
     """parity.json, then the verdict: exit 1 (files kept) when an export is not equal enough."""
+    split = result.split
     report = {"split": split, "fp32_tolerance": FP32_TOLERANCE, "max_accuracy_drop": max_accuracy_drop, **result.parity}
-    write_text(result.folder / "parity.json", json.dumps(report, indent=2))
+    write_text(result.work / "parity.json", json.dumps(report, indent=2))
     for kind, figures in result.parity.items():
         if kind in INFORMATIVE:
             continue

@@ -25,13 +25,14 @@ from finetune.evaluation.labeling import (
     margins,
     precision_rule,
 )
-from finetune.files import check_writable_folder, read_text_table, write_table, write_text
+from finetune.files import read_text_table, write_table, write_text
 from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor, calibrated_validation
 from finetune.reporting.label_html import left_out_gallery, pseudo_label_galleries, queue_gallery, render_label_page
 from finetune.reporting.label_studio import label_studio_tasks
 from finetune.reporting.markdown import escape_markdown
+from finetune.run_dir import check_destination
 from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,7 @@ def label(
         raise UsageError(f"--target-precision {target_precision}: a precision from 0 to 1, e.g. 0.95")
     if budget < 0:
         raise UsageError(f"--budget {budget}: how many images to queue for labelling, 0 or more, e.g. 50")
-    out = Path(out)
-    check_writable_folder(out)
+    out = check_destination(out, reads=[Path(run)])
     inputs = _unlabeled_inputs(Path(unlabeled))
     predictor = Predictor(run)
     if predictor.trained.task.name == "multilabel":

@@ -19,10 +19,11 @@ from torch import nn
 from finetune.config.loading import load_recipe
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.loader import ImageDataset, make_loader
-from finetune.files import check_writable_folder, default_cache_dir, write_table
+from finetune.files import default_cache_dir, write_table
 from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.stages import set_train_mode
 from finetune.reporting.plots import plot_lr_curve
+from finetune.run_dir import check_destination
 from finetune.runs.prepare import PreparedRun, prepare_run
 from finetune.training.feature_cache import phase_cache
 from finetune.training.loss import build_criterion
@@ -57,7 +58,7 @@ def find_lr(
     """Range test for the recipe's first phase on its training split; writes lr_find.csv and lr_find.png into `out`.
 
     `cache_dir` holds the feature caches, as for `train` (default: `default_cache_dir()`)."""
-    check_writable_folder(Path(out))
+    check_destination(out)
     loaded = load_recipe(recipe, overrides=overrides)
     if data is not None:
         loaded = loaded.with_data(data)

@@ -13,6 +13,7 @@ from finetune.deploy.runtime import is_exported
 from finetune.files import check_writable_file, write_table
 from finetune.inference.inputs import ImageInput, check_inputs_exist
 from finetune.inference.predictor import Predictor, check_reject_options
+from finetune.run_dir import check_destination_file
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def predict(
     check_reject_options(min_confidence, reject, target_accuracy)
     if out is not None:
         check_writable_file(Path(out))  # before any image is read
+        check_destination_file(out)
     table = load(run).predict(
         inputs, progress=progress, min_confidence=min_confidence, reject=reject, target_accuracy=target_accuracy
     )

@@ -143,10 +143,8 @@ def read_run(run: RunDir) -> tuple[Recipe, DatasetIndex, dict[str, Any] | None]:
             )
         recipe = stored
     samples = read_text_table(run.splits)
-    classes = json.loads(run.classes.read_text(encoding="utf-8"))
-    multilabel = isinstance(classes, dict) and classes.get("task") == MultiLabel.name
-    names = classes["classes"] if isinstance(classes, dict) else classes
-    index = DatasetIndex(samples=samples, class_names=[str(c) for c in names], multilabel=multilabel)
+    names, multilabel = run.class_names()
+    index = DatasetIndex(samples=samples, class_names=names, multilabel=multilabel)
     return recipe, index, payload
 
 
