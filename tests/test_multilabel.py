@@ -339,10 +339,6 @@ def test_one_label_commands_refuse_several_labels_in_one_line(run, dataset, tmp_
     manifest = dataset / "manifest.csv"
     calls = {
         "compare": lambda: api.compare(recipes=["linear_probe", "last_stage"], data=manifest, out=tmp_path / "c", progress=False),
-        "cross-validation": lambda: api.cross_validate(
-            recipe=recipe_from_dict(_recipe()), data=manifest, out=tmp_path / "cv", folds=2
-        ),
-        "audit": lambda: api.audit(data=manifest, recipe=recipe_from_dict(_recipe()), out=tmp_path / "a", progress=False),
         "label": lambda: api.label(run=run.run_dir, unlabeled=dataset / "img", out=tmp_path / "l", progress=False),
         "report diff": lambda: api.diff_reports(run_a=run.run_dir, run_b=run.run_dir, out=tmp_path / "d"),
     }
@@ -350,4 +346,33 @@ def test_one_label_commands_refuse_several_labels_in_one_line(run, dataset, tmp_
         with pytest.raises(UsageError, match=r"one label per image for now|several labels per image") as info:
             call()
         assert "\n" not in str(info.value), name
-    assert not any((tmp_path / n).exists() for n in ("c", "cv", "a", "l", "d"))
+    assert not any((tmp_path / n).exists() for n in ("c", "l", "d"))
+
+
+def test_cross_validation_and_audit_find_missing_and_wrong_labels(tmp_path):
+    """Two folds with iterative stratification; cleanlab's multi-label confident learning on the out-of-fold
+    probabilities flags most of the 8 images whose label sets were damaged (a label dropped or one added)."""
+    from finetune import api
+
+    frame = write_multilabel_set(tmp_path, count=120, seed=7)
+    damaged = frame.copy()
+    for k in range(8):
+        names = [n for n in damaged.at[k, "labels"].split("|") if n]
+        damaged.at[k, "labels"] = "|".join(names[1:]) if names else "red"  # drop the first label, or add one
+    damaged.to_csv(tmp_path / "manifest.csv", index=False)
+    recipe = recipe_from_dict(_recipe(data={"test_fraction": 0.0}, train={"epochs": 4, "lr": 0.003}))
+    result = api.audit(data=tmp_path / "manifest.csv", recipe=recipe, out=tmp_path / "audit", folds=2, progress=False)
+    summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert summary["oof_mean_average_precision"] > 0.85 and 0 < summary["label_health"] <= 1
+    folds = pd.read_csv(tmp_path / "audit" / "cv" / "folds.csv")
+    assert sorted(folds["fold"].unique()) == [1, 2] and abs((folds["fold"] == 1).sum() - 60) <= 2
+    assert json.loads((tmp_path / "audit" / "cv" / "oof" / "metrics.json").read_text())["task"] == "multilabel"
+    cv_summary = pd.read_csv(tmp_path / "audit" / "cv" / "cv_summary.csv")
+    assert {"mean_average_precision", "macro_f1", "subset_accuracy"} <= set(cv_summary.columns)
+    flagged = {p.split("/")[-1] for p in result.issues.loc[result.issues["label_issue"], "path"]}
+    wrong = {f"p{k:03d}.png" for k in range(8)}
+    assert len(flagged & wrong) >= 5, (flagged, wrong)
+    row = result.quality[result.quality["path"].str.endswith("p000.png")].iloc[0]
+    assert {"given_labels", "suggested_labels", "looks_missing", "looks_wrong"} <= set(result.quality.columns)
+    assert (row["looks_missing"] or row["looks_wrong"]) and "confident learning" in row["reason"]
+    assert (tmp_path / "audit" / "class_quality.csv").is_file() and (tmp_path / "audit" / "audit.html").is_file()

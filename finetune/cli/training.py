@@ -90,8 +90,8 @@ def _cross_validate(
     )
     mean, std = result.summary.set_index("fold").loc["mean"], result.summary.set_index("fold").loc["std"]
     echo(
-        f"macro-F1 per fold {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f} | out of fold: accuracy "
-        f"{result.report.metrics['accuracy']:.4f} | {result.run_dir / 'cv_summary.md'} | {result.report.folder / 'report.html'}"
+        f"macro-F1 per fold {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f} | out of fold: "
+        f"{result.report.headline} | {result.run_dir / 'cv_summary.md'} | {result.report.folder / 'report.html'}"
     )
 
 

@@ -74,3 +74,44 @@ def outlier_scores(features: np.ndarray) -> np.ndarray:
     neighbours = max(1, min(10, len(features) - 1))
     detector = OutOfDistribution(params={"k": neighbours})
     return np.asarray(detector.fit_score(features=np.asarray(features, dtype=np.float32), verbose=False))
+
+
+def audit_multilabel(preds: Predictions, class_names: list[str]) -> LabelAudit:
+    """Several labels per image: cleanlab's multi-label confident learning on out-of-fold probabilities
+    (`multilabel_classification.filter.find_label_issues` flags images, `rank.get_label_quality_scores` ranks them),
+    and per image the labels that look missing (the models say yes, the label set lacks it) or wrong (given, the
+    models say no, at probability 0.5). `overlapping` lists each class's own issue counts and quality."""
+    from cleanlab.multilabel_classification.dataset import overall_multilabel_health_score, rank_classes_by_multilabel_quality
+    from cleanlab.multilabel_classification.filter import find_label_issues
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+    truth = np.asarray(preds.targets) > 0.5
+    probs = np.asarray(preds.probs, dtype=np.float64)
+    labels = [[int(c) for c in np.flatnonzero(row)] for row in truth]
+    said = probs >= 0.5
+    names = np.asarray(class_names, dtype=object)
+
+    def joined(mask: np.ndarray) -> list[str]:
+        return ["|".join(names[row]) for row in mask]
+
+    table = pd.DataFrame(
+        {
+            "path": preds.paths,
+            "given_labels": joined(truth),
+            "suggested_labels": joined(said),
+            "looks_missing": joined(said & ~truth),
+            "looks_wrong": joined(truth & ~said),
+            "label_quality": get_label_quality_scores(labels, probs),
+            "label_issue": find_label_issues(labels=labels, pred_probs=probs),
+        }
+    )
+    table = table.sort_values(["label_issue", "label_quality"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    ranked = rank_classes_by_multilabel_quality(labels=labels, pred_probs=probs)
+    per_class = pd.DataFrame(
+        {
+            "class": names[ranked["Class Index"].astype(int)],
+            "label_issues": ranked["Label Issues"].astype(int),
+            "label_quality": ranked["Label Quality Score"],
+        }
+    )
+    return LabelAudit(table=table, overlapping=per_class, health=float(overall_multilabel_health_score(labels, probs)))

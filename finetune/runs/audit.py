@@ -19,12 +19,14 @@ from finetune.config.schema import Recipe
 from finetune.data.doctor import examine_all
 from finetune.data.duplicates import duplicate_pairs, pair_count
 from finetune.data.facts import FactsCache
-from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
+from finetune.evaluation.audit import audit_labels, audit_multilabel, outlier_scores, require_cleanlab
 from finetune.files import write_table, write_text
+from finetune.inference.predictions import label_sets
 from finetune.reporting.audit_html import WEAK_MODEL_ACCURACY, AuditPage, render_audit
+from finetune.reporting.page import Section, write_page
 from finetune.run_dir import RunDir, check_destination, removed_if_unstarted
 from finetune.runs.cv import CVResult, cross_validate
-from finetune.runs.prepare import prepare_model, refuse_changed_recipe, refuse_several_labels
+from finetune.runs.prepare import prepare_model, refuse_changed_recipe
 from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,6 @@ def audit(
     """
     started = time.perf_counter()
     require_cleanlab()
-    refuse_several_labels(data, "audit")
     out = check_destination(out, holds_runs=True)
     cv_dir = RunDir(out / "cv")
     resume = cv_dir.folds.exists()
@@ -78,20 +79,21 @@ def audit(
         )
     resolved = load_recipe(cv_dir.recipe)
     # one scale for every fold: each fold's temperature was fitted on its own held-out images, suspects included
-    labels = audit_labels(cv.oof.with_temperature(1.0), cv.class_names)
+    multilabel = cv.oof.task.name == "multilabel"
+    audited = audit_multilabel if multilabel else audit_labels
+    labels = audited(cv.oof.with_temperature(1.0), cv.class_names)
     conflicts = _conflicts(cv)
     outliers = _outliers(cv, resolved, progress=progress, cache_dir=cache_dir)
     quality = _with_reasons(labels.table, conflicts)
     issues = quality[quality["reason"] != ""].reset_index(drop=True)
     write_table(issues, out / "label_issues.csv", float_format="%.6f")
     write_table(quality, out / "label_quality.csv", float_format="%.6f")
-    write_table(labels.overlapping, out / "overlapping_classes.csv", float_format="%.6f")
+    write_table(labels.overlapping, out / ("class_quality.csv" if multilabel else "overlapping_classes.csv"), float_format="%.6f")
     write_table(conflicts, out / "conflicting_duplicates.csv")
     write_table(outliers, out / "outliers.csv", float_format="%.6f")
     summary = _summary(cv, issues, conflicts, labels.health, folds=len(cv.summary) - 2)  # one row per fold, then mean, std
     write_text(out / "audit.json", json.dumps(summary, indent=1))
-    page = AuditPage(summary=summary, issues=issues, overlapping=labels.overlapping, conflicts=conflicts, outliers=outliers)
-    render_audit(page, out / "audit.html")
+    _page(out / "audit.html", multilabel, AuditPage(summary, issues, labels.overlapping, conflicts, outliers))
     log.info(
         "audit: %d suspect label(s) of %d images, %d conflicting duplicate pair(s) -> %s",
         len(issues),
@@ -106,8 +108,7 @@ def audit(
 
 def _conflicts(cv: CVResult) -> pd.DataFrame:
     """Exact and near duplicate pairs whose labels differ, among the audited images."""
-    names = np.asarray(cv.class_names, dtype=object)
-    samples = pd.DataFrame({"path": cv.oof.paths, "label": names[cv.oof.targets], "split": ""})
+    samples = pd.DataFrame({"path": cv.oof.paths, "label": _given_labels(cv), "split": ""})
     missing = [p for p in samples["path"] if p not in cv.facts]
     facts = dict(cv.facts) | dict(zip(missing, examine_all(missing, progress=False, cache=FactsCache.default())))
     pairs = duplicate_pairs(samples, [facts[p] for p in samples["path"]], across="label")  # capped per group
@@ -119,9 +120,66 @@ def _outliers(cv: CVResult, recipe: Recipe, *, progress: bool, cache_dir: str | 
     model = prepare_model(recipe, num_classes=len(cv.class_names))
     root = Path(cache_dir) if cache_dir is not None else None
     features = recipe_features(model.bundle, cv.oof.paths, model.eval_pipeline, recipe, progress=progress, cache_dir=root)
-    names = np.asarray(cv.class_names, dtype=object)
-    frame = pd.DataFrame({"path": cv.oof.paths, "label": names[cv.oof.targets], "outlier_score": outlier_scores(features)})
+    frame = pd.DataFrame({"path": cv.oof.paths, "label": _given_labels(cv), "outlier_score": outlier_scores(features)})
     return frame.sort_values("outlier_score", kind="stable").reset_index(drop=True)
+
+
+def _given_labels(cv: CVResult) -> list[str]:
+    """Each audited image's label as given: its class, or with several labels per image its names joined by |."""
+    if cv.oof.task.name == "multilabel":
+        return label_sets(np.asarray(cv.oof.targets) > 0.5, cv.class_names)
+    return list(np.asarray(cv.class_names, dtype=object)[cv.oof.targets])
+
+
+def _confident_learning(row: Any) -> str:
+    """Confident learning's verdict on one flagged image, in words."""
+    if hasattr(row, "given_labels"):
+        return (
+            f"confident learning: out-of-fold models suggest '{row.suggested_labels}' for '{row.given_labels}' "
+            f"(looks missing: {row.looks_missing or '-'}; looks wrong: {row.looks_wrong or '-'})"
+        )
+    return (
+        f"confident learning: out-of-fold models give '{row.given_label}' {row.given_prob:.0%}, "
+        f"'{row.suggested_label}' {row.suggested_prob:.0%}"
+    )
+
+
+def _page(path: Path, multilabel: bool, page: AuditPage) -> None:
+    """audit.html: the one-label page, or the page of several labels per image."""
+    if multilabel:
+        _multilabel_page(path, page.summary, page.issues, page.overlapping, page.conflicts)
+    else:
+        render_audit(page, path)
+
+
+def _multilabel_page(
+    path: Path, summary: dict[str, Any], issues: pd.DataFrame, classes: pd.DataFrame, conflicts: pd.DataFrame
+) -> None:
+    """audit.html for several labels per image: the figures, the suspects with what looks missing or wrong, each
+    class's issues and quality, the duplicates under two label sets."""
+    shown = ["path", "given_labels", "suggested_labels", "looks_missing", "looks_wrong", "label_quality"]
+    figures = pd.DataFrame(
+        {
+            "figure": ["images", "folds", "out-of-fold mean average precision", "label issues", "label health"],
+            "value": [
+                summary["images"],
+                summary["folds"],
+                f"{summary['oof_mean_average_precision']:.3f}",
+                summary["label_issues"],
+                f"{summary['label_health']:.3f}",
+            ],
+        }
+    )
+    sections = [
+        Section("Out-of-fold figures", table=figures),
+        Section(
+            "Suspect images, most suspect first", paragraphs=["Also in label_issues.csv."], table=issues[shown].head(200).round(4)
+        ),
+        Section("Per class (cleanlab's rank_classes_by_multilabel_quality)", table=classes.round(4)),
+        Section("Duplicates under two label sets", table=conflicts.head(100)),
+    ]
+    intro = ["cleanlab's multi-label confident learning on out-of-fold probabilities: which labels look missing or wrong."]
+    write_page(path, title="Label audit (several labels per image)", intro=intro, sections=sections)
 
 
 def _with_reasons(table: pd.DataFrame, conflicts: pd.DataFrame) -> pd.DataFrame:
@@ -129,10 +187,7 @@ def _with_reasons(table: pd.DataFrame, conflicts: pd.DataFrame) -> pd.DataFrame:
     reasons: dict[str, list[str]] = {p: [] for p in table["path"]}
     for row in table.itertuples():
         if row.label_issue:
-            reasons[row.path].append(
-                f"confident learning: out-of-fold models give '{row.given_label}' {row.given_prob:.0%}, "
-                f"'{row.suggested_label}' {row.suggested_prob:.0%}"
-            )
+            reasons[row.path].append(_confident_learning(row))
     for row in conflicts.itertuples():
         reasons[row.path_a].append(f"{row.kind} of {Path(row.path_b).name} labelled '{row.label_b}'")
         reasons[row.path_b].append(f"{row.kind} of {Path(row.path_a).name} labelled '{row.label_a}'")
@@ -143,17 +198,19 @@ def _with_reasons(table: pd.DataFrame, conflicts: pd.DataFrame) -> pd.DataFrame:
 
 def _summary(cv: CVResult, issues: pd.DataFrame, conflicts: pd.DataFrame, health: float, *, folds: int) -> dict[str, Any]:
     metrics = cv.report.metrics
-    if metrics["accuracy"] < WEAK_MODEL_ACCURACY:
+    first = "mean_average_precision" if metrics.get("task") == "multilabel" else "accuracy"
+    if metrics[first] < WEAK_MODEL_ACCURACY:
         log.warning(
-            "the out-of-fold models reach only %.1f%% accuracy: many suspects will be their mistakes, not wrong labels; "
+            "the out-of-fold models reach only %.1f%% %s: many suspects will be their mistakes, not wrong labels; "
             "give the recipe pretrained weights or train longer before trusting the list",
-            100 * metrics["accuracy"],
+            100 * metrics[first],
+            first.replace("_", " "),
         )
     return {
         "images": len(cv.oof.paths),
         "classes": cv.class_names,
         "folds": folds,
-        "oof_accuracy": metrics["accuracy"],
+        f"oof_{first}": metrics[first],
         "oof_macro_f1": metrics["macro_f1"],
         "label_issues": int(issues["label_issue"].sum()),
         "suspects": len(issues),

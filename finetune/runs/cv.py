@@ -24,20 +24,21 @@ from finetune.config.schema import Recipe
 from finetune.data.doctor import ImageFacts, screen_samples
 from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude, assign_folds, fold_manifest
-from finetune.data.scan import read_samples
+from finetune.data.scan import manifest_is_multilabel, read_samples
+from finetune.data.split import multi_hot
 from finetune.errors import CheckpointError, RunDirError, UsageError
 from finetune.files import path_key, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import CheckpointRecord, read_record
 from finetune.inference.predictions import Predictions
 from finetune.reporting.html import RunContext
 from finetune.reporting.markdown import markdown_table
+from finetune.reporting.multilabel_report import write_multilabel_report
 from finetune.reporting.report import Report, write_report
 from finetune.run_dir import RunDir, claim_output, locked, removed_if_unstarted
 from finetune.runs.prepare import (
     QuickTry,
     check_cheap_things,
     refuse_edited_since_start,
-    refuse_several_labels,
     resolve_recipe,
     save_run_recipe,
 )
@@ -45,6 +46,7 @@ from finetune.runs.train import train
 
 log = logging.getLogger(__name__)
 FOLD_FIGURES = ("accuracy", "balanced_accuracy", "macro_f1")
+MULTILABEL_FIGURES = ("mean_average_precision", "macro_f1", "subset_accuracy")  # several labels per image
 
 
 @dataclass
@@ -92,7 +94,6 @@ def cross_validate(
         chosen, table = _read_cv(run)
     else:
         chosen = resolve_recipe(recipe, overrides=overrides, data=data, quick=quick)
-        refuse_several_labels(chosen.data.path, "cross-validation (--folds)")
         claim_output(run, marker=run.folds, holds="cross-validation")
         check_cheap_things(chosen)
         with removed_if_unstarted(run), locked(run):
@@ -122,13 +123,21 @@ def _start(
 ) -> tuple[pd.DataFrame, dict[str, ImageFacts]]:
     """Screen once, assign the folds, write every fold's manifest; recipe.yaml last (it marks a resumable folder)."""
     samples, excluded = apply_exclude(read_samples(recipe.data), recipe.data.exclude)
-    screened = screen_samples(samples, policy=recipe.data.bad_images, progress=progress, cache=FactsCache.default())
+    multilabel = manifest_is_multilabel(recipe.data)
+    screened = screen_samples(
+        samples, policy=recipe.data.bad_images, progress=progress, cache=FactsCache.default(), multilabel=multilabel
+    )
     kept = screened.samples.assign(path=[path_key(p) for p in screened.samples["path"]])
     facts = {path_key(p): f for p, f in screened.facts.items()}
     if assignment is None:
         cfg = recipe.data
         table = assign_folds(
-            kept, folds=folds, seed=recipe.seed, test_fraction=cfg.test_fraction, group_pattern=cfg.group_pattern
+            kept,
+            folds=folds,
+            seed=recipe.seed,
+            test_fraction=cfg.test_fraction,
+            group_pattern=cfg.group_pattern,
+            multilabel=multilabel,
         )
     else:
         table = assignment[assignment["path"].isin(set(kept["path"]))].reset_index(drop=True)
@@ -139,7 +148,7 @@ def _start(
     count = int(table["fold"].max())
     for number in range(1, count + 1):
         run.fold_manifest(number).parent.mkdir(parents=True, exist_ok=True)
-        write_table(fold_manifest(table, number), run.fold_manifest(number))
+        write_table(fold_manifest(table, number, multilabel=multilabel), run.fold_manifest(number))
     write_table(table, run.folds)
     save_run_recipe(run, recipe)
     held = table[table["fold"] > 0]
@@ -183,7 +192,10 @@ def fold_predictions(fold: RunDir, record: CheckpointRecord | None = None) -> Pr
     record = record if record is not None else read_record(fold.best)
     rows = read_text_table(fold.splits)
     rows = rows[rows["split"] == "val"]
-    targets = np.array([record.class_names.index(label) for label in rows["label"]])
+    if record.task.name == "multilabel":
+        targets = multi_hot(list(rows["label"]), record.class_names)
+    else:
+        targets = np.array([record.class_names.index(label) for label in rows["label"]])
     if record.validation is None or len(record.validation[1]) != len(targets) or (record.validation[1] != targets).any():
         raise CheckpointError(f"{fold.best} holds predictions for other images than {fold.splits}'s val split; retrain the fold")
     logits = record.validation[0]
@@ -197,28 +209,30 @@ def _concatenate(parts: list[Predictions]) -> Predictions:
         probs=np.concatenate([p.probs for p in parts]),
         targets=np.concatenate([p.targets for p in parts]),
         logits=logits,
+        task=parts[0].task,
     )
 
 
 def _summarise(run: RunDir, recipe: Recipe, count: int) -> tuple[pd.DataFrame, Predictions, list[str], Report]:
     """cv_summary.csv/.md and the out-of-fold report."""
+    records = [read_record(run.fold(k).best) for k in range(1, count + 1)]
+    figures = MULTILABEL_FIGURES if records[0].task.name == "multilabel" else FOLD_FIGURES
     rows = []
     for number in range(1, count + 1):
         metrics = json.loads((run.fold(number).report / "metrics.json").read_text(encoding="utf-8"))
         split = metrics.get("evaluated_on", {}).get("split", "val")
         rows.append(
-            {"fold": str(number), "evaluated_on": split, "images": metrics["num_images"], **{k: metrics[k] for k in FOLD_FIGURES}}
+            {"fold": str(number), "evaluated_on": split, "images": metrics["num_images"], **{k: metrics[k] for k in figures}}
         )
     folds = pd.DataFrame(rows).astype({"images": int})
     spread = pd.DataFrame(
         [
-            {"fold": "mean", **folds[list(FOLD_FIGURES)].mean().to_dict()},
-            {"fold": "std", **folds[list(FOLD_FIGURES)].std(ddof=1).to_dict()},
+            {"fold": "mean", **folds[list(figures)].mean().to_dict()},
+            {"fold": "std", **folds[list(figures)].std(ddof=1).to_dict()},
         ]
     )
     summary = pd.concat([folds, spread], ignore_index=True).astype({"images": "Int64"})  # a count: 133, not 133.000
     write_table(summary, run.cv_summary, float_format="%.6f")
-    records = [read_record(run.fold(k).best) for k in range(1, count + 1)]
     oof = _concatenate([fold_predictions(run.fold(k), record) for k, record in enumerate(records, 1)])
     class_names = records[0].class_names
     note = f"{count} folds; each image predicted by the fold model that did not train on it (that model's early stopping saw it)"
@@ -230,8 +244,11 @@ def _summarise(run: RunDir, recipe: Recipe, count: int) -> tuple[pd.DataFrame, P
         folds=[(run.fold(k), record.epoch) for k, record in enumerate(records, 1)],
     )
     title = f"{recipe.model.name}: {count}-fold out-of-fold predictions ({len(oof.paths)} images)"
-    report = write_report(oof, class_names, run.oof, top_k=recipe.eval.top_k, title=title, context=context)
-    write_text(run.root / "cv_summary.md", _summary_markdown(summary, report, count))
+    if oof.task.name == "multilabel":
+        report = write_multilabel_report(oof, class_names, run.oof, title=title, context=context)
+    else:
+        report = write_report(oof, class_names, run.oof, top_k=recipe.eval.top_k, title=title, context=context)
+    write_text(run.root / "cv_summary.md", _summary_markdown(summary, report, count, figures))
     return summary, oof, class_names, report
 
 
@@ -242,18 +259,19 @@ def _run_meta(recipe: Recipe, records: list[CheckpointRecord]) -> dict[str, Any]
     return {**records[0].meta, "recipe": recipe.to_dict(), "epoch": epochs}
 
 
-def _summary_markdown(summary: pd.DataFrame, report: Report, count: int) -> str:
+def _summary_markdown(summary: pd.DataFrame, report: Report, count: int, figures: Sequence[str] = FOLD_FIGURES) -> str:
     folds = summary[~summary["fold"].isin(["mean", "std"])]
     mean, std = summary.set_index("fold").loc["mean"], summary.set_index("fold").loc["std"]
     split = folds["evaluated_on"].iloc[0]
+    first, words = figures[0], figures[0].replace("_", " ")
     lines = [
         f"# {count}-fold cross-validation",
         "",
-        f"Per fold, on its {'held-out fold' if split == 'val' else 'test split'}: accuracy {mean['accuracy']:.3f} ± {std['accuracy']:.3f}, "
+        f"Per fold, on its {'held-out fold' if split == 'val' else 'test split'}: {words} {mean[first]:.3f} ± {std[first]:.3f}, "
         f"macro-F1 {mean['macro_f1']:.3f} ± {std['macro_f1']:.3f} (mean ± sample standard deviation).",
         "",
         f"Out of fold ({report.metrics['num_images']} images, each predicted once by the model that did not train on it): "
-        f"accuracy {report.metrics['accuracy']:.3f}, macro-F1 {report.metrics['macro_f1']:.3f}; see oof/report.html.",
+        f"{words} {report.metrics[first]:.3f}, macro-F1 {report.metrics['macro_f1']:.3f}; see oof/report.html.",
         "",
         markdown_table(folds, names=[c for c in folds.columns if folds[c].dtype == object], floatfmt=".3f"),
         "",
