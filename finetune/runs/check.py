@@ -9,7 +9,7 @@ from pathlib import Path
 from finetune.config.catalog import IMAGE_EXTENSIONS
 from finetune.data.doctor import CheckResult, check_dataset
 from finetune.data.facts import FactsCache
-from finetune.files import check_writable_file, write_text
+from finetune.files import check_writable_file, guarded, write_text
 
 
 def check(
@@ -20,5 +20,6 @@ def check(
         check_writable_file(Path(json_out), what="--json", example="check.json")  # before decoding every image, not after
     result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress, cache=FactsCache.default())
     if json_out is not None:
-        write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))
+        with guarded(Path(json_out)):
+            write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))
     return result

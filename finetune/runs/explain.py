@@ -15,7 +15,7 @@ from finetune.data.decode import printable
 from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.errors import DataError, UsageError, did_you_mean
 from finetune.evaluation.explain import Explainer
-from finetune.files import check_writable_folder, write_table
+from finetune.files import check_writable_folder, guarded, write_table
 from finetune.inference.inputs import check_inputs_exist, input_paths
 from finetune.inference.predictor import Predictor
 
@@ -80,7 +80,8 @@ def explain(
         picture = f"{n:04d}_{Path(printable(found.path)).stem[:60]}.png"
         name, confidence = loaded.class_names[found.class_index], float(preds.probs[n, found.class_index])
         caption = f"Grad-CAM for '{name}' ({confidence:.0%}): red = where the model found its evidence"
-        _side_by_side(found.seen, found.overlay, caption).save(folder / picture)
+        with guarded(folder / picture):  # a full disk or a size limit: one line
+            _side_by_side(found.seen, found.overlay, caption).save(folder / picture)
         border = found.border_share
         rows.append(
             {
@@ -93,6 +94,7 @@ def explain(
             }
         )
     table = pd.DataFrame(rows)
-    write_table(table, folder / "explanations.csv", float_format="%.4f")
+    with guarded(folder / "explanations.csv"):
+        write_table(table, folder / "explanations.csv", float_format="%.4f")
     log.info("Grad-CAM at %s: %d picture(s) in %s", explainer.where, len(rows), folder)
     return ExplainResult(folder=folder, table=table)
