@@ -54,9 +54,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, durable: bo
 def write_table(
     frame: pd.DataFrame, path: Path, *, index: bool = False, float_format: str | None = None, append: bool = False
 ) -> None:
-    """A CSV any file name survives (see ENCODING); `append` adds rows, with the header only for a new file."""
-    header = not (append and Path(path).exists())
-    frame.to_csv(path, index=index, float_format=float_format, mode="a" if append else "w", header=header, **ENCODING)
+    """A CSV any file name survives (see ENCODING); `append` adds rows, with the header only for a new file. A new
+    table replaces the old one atomically (a failed write keeps the previous file)."""
+    if append:
+        header = not Path(path).exists()
+        frame.to_csv(path, index=index, float_format=float_format, mode="a", header=header, **ENCODING)
+        return
+    data = frame.to_csv(None, index=index, float_format=float_format).encode(**ENCODING)
+    atomic_write(Path(path), lambda handle: handle.write(data), durable=False)
 
 
 def read_table(path: Path, **kwargs: Any) -> pd.DataFrame:
@@ -70,8 +75,10 @@ def read_text_table(path: Path, **kwargs: Any) -> pd.DataFrame:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Text for people (Markdown, HTML, JSON): UTF-8, with bytes of non-UTF-8 file names shown as \\xNN."""
-    Path(path).write_text(text, **READABLE)
+    """Text for people (Markdown, HTML, JSON): UTF-8, with bytes of non-UTF-8 file names shown as \\xNN; replaced
+    atomically (a failed write keeps the previous file)."""
+    data = text.encode(**READABLE)
+    atomic_write(Path(path), lambda handle: handle.write(data), durable=False)
 
 
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
@@ -106,23 +113,32 @@ def _reason(exc: BaseException) -> str:
     return "the write failed (a full disk or a file-size limit)"
 
 
-def disk_error(path: Path, exc: BaseException, *, resume: Path | None = None) -> RunDirError:
-    """A one-line error for a failed write: which file, why, and that nothing older was lost."""
-    keep = f"; the previous {Path(path).name} is intact" if Path(path).exists() else ""
+def disk_error(path: Path, exc: BaseException, *, resume: Path | None = None, atomic: bool = False) -> RunDirError:
+    """A one-line error for a failed write: which file, why, and (for an `atomic` write) that the older one is whole."""
+    keep = f"; the previous {Path(path).name} is intact" if atomic and Path(path).is_file() else ""
     then = f" and continue with: finetune train --resume {resume}" if resume is not None else " and run the command again"
     return RunDirError(f"cannot write {path}: {_reason(exc)}{keep}; free space or fix permissions{then}")
 
 
 @contextlib.contextmanager
-def guarded(path: Path, *, resume: Path | None = None) -> Iterator[None]:
-    """Writes inside the block that the OS refuses (full disk, size limit, read-only) become `disk_error`'s one line."""
+def guarded(path: Path, *, resume: Path | None = None, atomic: bool = False) -> Iterator[None]:
+    """Writes inside the block that the OS refuses (full disk, size limit, read-only) become `disk_error`'s one line;
+    `atomic`: the block replaces `path` atomically, so the message can say the previous file is whole."""
     try:
         yield
     except (OSError, RuntimeError) as exc:
         if not is_write_failure(exc):
             raise
-        where = getattr(exc, "filename", None) or path
-        raise disk_error(Path(where), exc, resume=resume) from None
+        where = written(Path(getattr(exc, "filename", None) or path))
+        raise disk_error(where, exc, resume=resume, atomic=atomic and where == Path(path)) from None
+
+
+def written(path: Path) -> Path:
+    """The file a write was for: `atomic_write`'s temporary `.NAME.PID.HEX.tmp` names NAME."""
+    parts = path.name.rsplit(".", 3)
+    if path.name.startswith(".") and len(parts) == 4 and parts[3] == "tmp" and parts[1].isdigit():
+        return path.with_name(parts[0][1:])
+    return path
 
 
 def _staging(folder: Path, tag: str) -> Path:

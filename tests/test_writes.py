@@ -240,18 +240,20 @@ def test_a_file_size_limit_is_one_line_in_every_command(trained, tmp_path):
         "resume's lock": ["train", "--resume", str(resumable)],
         "report diff": ["report", "diff", str(run), str(run), "--out", str(out / "diff")],
     }
-    results = _limited(0, commands)
+    quiet = {name: [*args, "--quiet"] if name != "report diff" else args for name, args in commands.items()}
+    results = _limited(0, quiet)
     for name, result in results.items():
         lines = result["stderr"].strip().splitlines()
         assert result["code"] == 2, (name, result)
         assert "Traceback" not in result["stderr"] and len(lines) == 1, (name, result["stderr"])
         assert "cannot write" in lines[0] and "file-size limit" in lines[0], (name, lines[0])
+        assert ".tmp" not in lines[0] and "previous .lock" not in lines[0], lines[0]  # the file meant, no false comfort
     assert not (out / "eval").exists() and not (out / "diff").exists()  # nothing half-written
 
 
 def test_reject_auto_in_a_place_that_cannot_be_written_still_predicts(trained, tmp_path):
     _, run, _, new = trained
-    results = _limited(0, {"reject": ["predict", str(run), str(new), "--reject", "auto", "--target-accuracy", "0.5"]})
+    results = _limited(0, {"reject": ["predict", str(run), str(new), "--reject", "auto", "--target-accuracy", "0.5", "-q"]})
     result = results["reject"]
     assert result["code"] == 0 and "Traceback" not in result["stderr"], result
     assert "reject.json not written (the file is larger" not in result["stderr"]
@@ -334,7 +336,7 @@ def test_a_tensorboard_folder_that_cannot_be_written_is_one_line(trained, tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(record_writer.RecordWriter, "write", full)  # fails in the writer's own thread
-    result = CliRunner().invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(tmp_path / "run"), "--quiet"])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert len(lines) == 1 and "cannot write" in lines[0] and "tensorboard" in lines[0] and "disk is full" in lines[0]

@@ -16,7 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from finetune import __version__
 from finetune.errors import FinetuneError
-from finetune.files import disk_error, is_write_failure
+from finetune.files import disk_error, is_write_failure, written
 
 HELP_STYLE: dict[str, Any] = {"rich_markup_mode": None}  # plain help: no '<bool>' on flags, '[test/]' stays text
 app = typer.Typer(
@@ -98,7 +98,7 @@ def session(quiet: bool, debug: bool, *, resumable: bool = False) -> Iterator[No
             except (OSError, RuntimeError) as exc:  # a write no library-level guard caught
                 if debug or not is_write_failure(exc):
                     raise
-                raise disk_error(Path(getattr(exc, "filename", None) or "a file"), exc) from None
+                raise disk_error(written(Path(getattr(exc, "filename", None) or "a file")), exc) from None
     except FinetuneError as exc:
         if debug:
             raise

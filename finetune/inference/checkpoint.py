@@ -61,7 +61,7 @@ def make_payload(
 def save_checkpoint(payload: dict[str, Any], path: Path, *, resume: Path | None = None) -> None:
     """Written atomically (temporary file, fsync, rename): a kill leaves the old file intact. A write the OS refuses
     (torch's zip writer says so with a RuntimeError) is `disk_error`'s one line; `resume` is the run it continues."""
-    with guarded(Path(path), resume=resume):
+    with guarded(Path(path), resume=resume, atomic=True):
         atomic_write(Path(path), lambda handle: torch.save(payload, handle))
 
 

@@ -20,6 +20,6 @@ def check(
         check_writable_file(Path(json_out), what="--json", example="check.json")  # before decoding every image, not after
     result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress, cache=FactsCache.default())
     if json_out is not None:
-        with guarded(Path(json_out)):
+        with guarded(Path(json_out), atomic=True):
             write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))
     return result

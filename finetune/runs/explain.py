@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from finetune.data.decode import printable
 from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.errors import DataError, UsageError, did_you_mean
 from finetune.evaluation.explain import Explainer
-from finetune.files import check_writable_folder, guarded, write_table
+from finetune.files import atomic_write, check_writable_folder, guarded, write_table
 from finetune.inference.inputs import check_inputs_exist, input_paths
 from finetune.inference.predictor import Predictor
 
@@ -46,6 +47,10 @@ def _side_by_side(seen: np.ndarray, overlay: np.ndarray, caption: str) -> Image.
     picture.paste(halves[1], (halves[0].width + 8, 0))
     ImageDraw.Draw(picture).text((6, halves[0].height + 7), caption, fill="black", font=ImageFont.load_default(size=16))
     return picture
+
+
+def _png(picture: Image.Image) -> Callable[[BinaryIO], None]:
+    return lambda handle: picture.save(handle, format="PNG")
 
 
 def _class_index(class_names: list[str], name: str | None) -> int | None:
@@ -81,7 +86,7 @@ def explain(
         name, confidence = loaded.class_names[found.class_index], float(preds.probs[n, found.class_index])
         caption = f"Grad-CAM for '{name}' ({confidence:.0%}): red = where the model found its evidence"
         with guarded(folder / picture):  # a full disk or a size limit: one line
-            _side_by_side(found.seen, found.overlay, caption).save(folder / picture)
+            atomic_write(folder / picture, _png(_side_by_side(found.seen, found.overlay, caption)), durable=False)
         border = found.border_share
         rows.append(
             {

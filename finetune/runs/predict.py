@@ -49,7 +49,7 @@ def predict(
         inputs, progress=progress, min_confidence=min_confidence, reject=reject, target_accuracy=target_accuracy
     )
     if out is not None:
-        with guarded(Path(out)):
+        with guarded(Path(out), atomic=True):
             write_table(table, Path(out), float_format="%.6f")
         log.debug("wrote %d predictions to %s", len(table), out)  # the command prints it
     return table

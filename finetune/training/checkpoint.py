@@ -51,5 +51,5 @@ class CheckpointSaver:
         """`target` becomes a copy of the checkpoint just written to `source` (no second serialisation)."""
         if not self.enabled:
             return
-        with guarded(target, resume=target.parent.parent), open(source, "rb") as handle:
+        with guarded(target, resume=target.parent.parent, atomic=True), open(source, "rb") as handle:
             atomic_write(target, lambda out: shutil.copyfileobj(handle, out))
