@@ -156,9 +156,18 @@ def _remove_stale_staging(folder: Path) -> None:
 def check_replaceable(folder: Path, *, marker: str, what: str = "--out") -> None:
     """Refuse a destination that is neither missing, empty, nor a previous output of the same kind (it holds
     `marker`): replacing it whole must never delete files finetune did not write."""
-    folder = Path(folder)
-    check_writable_folder(folder, what=what)
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).exists():
+    check_writable_folder(Path(folder), what=what)
+    _refuse_foreign(Path(folder), marker=marker, what=what)
+
+
+def _refuse_foreign(folder: Path, *, marker: str, what: str) -> None:
+    try:
+        names = os.listdir(folder)  # one look: another writer may swap the folder meanwhile
+    except FileNotFoundError:
+        names = []
+    except NotADirectoryError:
+        raise RunDirError(f"{what} {folder} is a file, not a folder; choose a folder path") from None
+    if names and marker not in names:
         raise RunDirError(
             f"{what} {folder} holds files that are not a finetune output (no {marker}); choose an empty or new folder"
         )
@@ -169,7 +178,9 @@ def replaced_folder(folder: Path, *, marker: str) -> Iterator[Path]:
     """Write a whole output folder aside (a hidden sibling), then swap it in by renaming: a kill or a failed write
     leaves the previous folder or none, never files of two runs mixed. Yields the folder to write into."""
     folder = Path(folder)
-    check_replaceable(folder, marker=marker)
+    _refuse_foreign(folder, marker=marker, what="--out")  # writability was checked before the work began
+    if folder.is_symlink():  # the folder it points to is replaced, the link stays
+        folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(folder)
     staging = _staging(folder, "new")
@@ -177,13 +188,26 @@ def replaced_folder(folder: Path, *, marker: str) -> Iterator[Path]:
         with guarded(folder):
             staging.mkdir()
             yield staging
-            old = _staging(folder, "old")
-            if folder.exists():
-                os.rename(folder, old)
-            os.rename(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap(staging: Path, folder: Path) -> None:
+    """`staging` becomes `folder`, the previous `folder` is removed; two writers at once: the last one wins, whole."""
+    for _ in range(10):
+        old = _staging(folder, "old")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(folder, old)
+        try:
+            os.rename(staging, folder)
+            return
+        except OSError as exc:  # another writer's folder took the place in between: set it aside too
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    raise RunDirError(f"{folder} is being written by other processes; run the command again when they are done")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from finetune import compare, evaluate, train
+from finetune import compare, diff_reports, evaluate, train
 from finetune.config.loading import recipe_from_dict
 from finetune.errors import RunDirError
 from finetune.files import published_together, replaced_folder
@@ -121,6 +121,10 @@ def test_a_new_report_replaces_the_old_one_whole_and_never_foreign_files(trained
     with pytest.raises(RunDirError, match=r"--out .*notes holds files that are not a finetune output \(no metrics.json\)"):
         evaluate(run=run, data=new, out=foreign, progress=False)
     assert (foreign / "mine.txt").read_text() == "keep me"
+    for other in (run, foreign / "mine.txt"):  # a run folder, a file: never replaced by a diff either
+        with pytest.raises(RunDirError, match=r"--out .*(holds files that are not a finetune output|is a file, not a folder)"):
+            diff_reports(run_a=run, run_b=run, out=other)
+    assert (foreign / "mine.txt").read_text() == "keep me" and RunDir(run).is_run()
 
 
 def test_staging_left_by_a_killed_writer_is_cleared(tmp_path):
@@ -387,3 +391,35 @@ def test_a_killed_compare_continues_where_it_stopped(tmp_path, monkeypatch, capl
     edited.write_text(yaml.safe_dump(tiny_recipe(train={"epochs": 2, "lr": 0.05})))
     with pytest.raises(RunDirError, match=r"cmp/second holds a run of another recipe \(train.lr: 0.002 -> 0.05\)"):
         compare(recipes=recipes, data=data, out=out, progress=False)
+
+
+def test_reports_written_at_once_each_arrive_whole(tmp_path):
+    """Several processes replacing one report folder: the last one wins, and the folder is always one of them."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from finetune.files import replaced_folder
+        for round in range(30):
+            with replaced_folder(Path(sys.argv[1]), marker="metrics.json") as staging:
+                for name in ("metrics.json", "a.csv", "b.csv"):
+                    (staging / name).write_text(sys.argv[2])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "report"
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(out), tag], env=env) for tag in ("x", "y", "z")]
+    assert all(w.wait(timeout=120) == 0 for w in writers)
+    assert len({(out / n).read_text() for n in ("metrics.json", "a.csv", "b.csv")}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_a_linked_report_folder_is_replaced_behind_its_link(tmp_path):
+    real = tmp_path / "real"
+    with replaced_folder(real, marker="metrics.json") as staging:
+        (staging / "metrics.json").write_text("1")
+    (tmp_path / "link").symlink_to(real)
+    with replaced_folder(tmp_path / "link", marker="metrics.json") as staging:
+        (staging / "metrics.json").write_text("2")
+    assert (tmp_path / "link").is_symlink() and (real / "metrics.json").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
