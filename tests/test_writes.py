@@ -423,3 +423,43 @@ def test_a_linked_report_folder_is_replaced_behind_its_link(tmp_path):
         (staging / "metrics.json").write_text("2")
     assert (tmp_path / "link").is_symlink() and (real / "metrics.json").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+KILLED_EVAL = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from finetune import evaluate
+    from finetune.reporting import report
+
+    def stalled(*, path, **kwargs):  # the tables and figures are written; the page is being written when the kill comes
+        path.write_text("half a page")
+        Path(sys.argv[4]).write_text("ready")
+        time.sleep(600)
+
+    report.render_html = stalled
+    evaluate(run=sys.argv[1], data=sys.argv[2], out=sys.argv[3], progress=False)
+    """
+)
+
+
+def test_kill_9_in_the_middle_of_an_eval_leaves_the_previous_report(trained, first_report, tmp_path):
+    import signal
+    import time
+
+    _, run, _, new = trained
+    out = Path(shutil.copytree(first_report.folder, tmp_path / "report"))
+    before = _contents(out)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_EVAL, str(run), str(new), str(out), str(ready)], env=env)
+    deadline = time.monotonic() + 240
+    while not ready.exists() and writer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.exists(), "the eval never reached its page"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=60)
+    assert _contents(out) == before  # the previous report, whole
+    assert any(".new." in p.name for p in tmp_path.iterdir())  # the killed writer's staging folder...
+    evaluate(run=run, data=new, out=out, progress=False)
+    _no_staging_left(tmp_path)  # ...is cleared by the next writer
