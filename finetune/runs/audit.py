@@ -20,7 +20,7 @@ from finetune.data.doctor import examine_all
 from finetune.data.duplicates import duplicate_pairs, pair_count
 from finetune.data.facts import FactsCache
 from finetune.evaluation.audit import audit_labels, outlier_scores, require_cleanlab
-from finetune.files import write_table, write_text
+from finetune.files import published_together, write_table, write_text
 from finetune.reporting.audit_html import WEAK_MODEL_ACCURACY, AuditPage, render_audit
 from finetune.run_dir import RunDir, check_destination, removed_if_unstarted
 from finetune.runs.cv import CVResult, cross_validate
@@ -28,6 +28,15 @@ from finetune.runs.prepare import prepare_model, refuse_changed_recipe
 from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
+AUDIT_FILES = (
+    "label_issues.csv",
+    "label_quality.csv",
+    "overlapping_classes.csv",
+    "conflicting_duplicates.csv",
+    "outliers.csv",
+    "audit.json",
+    "audit.html",
+)
 
 
 @dataclass
@@ -82,15 +91,16 @@ def audit(
     outliers = _outliers(cv, resolved, progress=progress, cache_dir=cache_dir)
     quality = _with_reasons(labels.table, conflicts)
     issues = quality[quality["reason"] != ""].reset_index(drop=True)
-    write_table(issues, out / "label_issues.csv", float_format="%.6f")
-    write_table(quality, out / "label_quality.csv", float_format="%.6f")
-    write_table(labels.overlapping, out / "overlapping_classes.csv", float_format="%.6f")
-    write_table(conflicts, out / "conflicting_duplicates.csv")
-    write_table(outliers, out / "outliers.csv", float_format="%.6f")
     summary = _summary(cv, issues, conflicts, labels.health, folds=len(cv.summary) - 2)  # one row per fold, then mean, std
-    write_text(out / "audit.json", json.dumps(summary, indent=1))
     page = AuditPage(summary=summary, issues=issues, overlapping=labels.overlapping, conflicts=conflicts, outliers=outliers)
-    render_audit(page, out / "audit.html")
+    with published_together(out, AUDIT_FILES) as staging:  # a kill leaves the previous pages whole, never a mix
+        write_table(issues, staging / "label_issues.csv", float_format="%.6f")
+        write_table(quality, staging / "label_quality.csv", float_format="%.6f")
+        write_table(labels.overlapping, staging / "overlapping_classes.csv", float_format="%.6f")
+        write_table(conflicts, staging / "conflicting_duplicates.csv")
+        write_table(outliers, staging / "outliers.csv", float_format="%.6f")
+        write_text(staging / "audit.json", json.dumps(summary, indent=1))
+        render_audit(page, staging / "audit.html")
     log.info(
         "audit: %d suspect label(s) of %d images, %d conflicting duplicate pair(s) -> %s",
         len(issues),

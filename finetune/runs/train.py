@@ -172,7 +172,7 @@ def calibrate_best(run: RunDir, cfg: EvalConfig) -> float:
         "before": calibration_summary(unscaled),
         "after": calibration_summary(unscaled.with_temperature(temperature)),
     }
-    save_checkpoint(payload, run.best)
+    save_checkpoint(payload, run.best, resume=run.root)
     log.info(
         "temperature %.3f fitted on the validation split (NLL %.4f -> %.4f)",
         temperature,
