@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import RunDirError
-from finetune.files import check_writable_folder
+from finetune.files import check_writable_folder, guarded
 
 
 def timestamped_run(prefix: str) -> Path:
@@ -175,8 +175,9 @@ def locked(run: RunDir, *, enabled: bool = True) -> Iterator[None]:
     if not enabled:  # torchrun ranks other than 0 write nothing
         yield
         return
-    run.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o666)
+    with guarded(run.lock):  # a read-only folder or a full disk: one line, not a traceback
+        run.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -185,8 +186,9 @@ def locked(run: RunDir, *, enabled: bool = True) -> Iterator[None]:
             raise RunDirError(
                 f"{run.root} is in use by another finetune process (PID {holder}); wait for it to end, or write to another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with guarded(run.lock):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -200,6 +200,39 @@ def test_unwritable_cache_falls_back_to_memory(tmp_path, caplog, monkeypatch):
     assert os.path.isfile(tmp_path / "b" / "cache")
 
 
+def test_damaged_entries_of_a_read_only_cache_are_skipped_in_memory(tmp_path, caplog, monkeypatch):
+    """A cache the user may not write (shared, read-only): a damaged entry is recomputed for this run, not unlinked."""
+    import errno
+    from pathlib import Path
+
+    from finetune.training import feature_store
+
+    caplog.set_level(logging.INFO, logger="finetune")
+    paths, bundle, image = _probe_setup(tmp_path)
+    clean = _features(tmp_path, bundle, image, paths=paths).train.features
+    entries = sorted((tmp_path / "cache").rglob("*.v0.npy"))
+    for entry in entries[:2]:
+        entry.write_bytes(b"damaged")
+    real_unlink = Path.unlink
+
+    def read_only(self, missing_ok=False):
+        if str(self).startswith(str(tmp_path / "cache")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    def refused(path, write, durable=True):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(feature_store, "atomic_write", refused)
+    caplog.clear()
+    again = _features(tmp_path, bundle, image, paths=paths).train.features
+    assert torch.allclose(again, clean, atol=1e-6)
+    assert _counts(caplog)[0][0] == 2  # the two damaged entries, recomputed in memory
+    assert any("features stay in memory for this run" in r.getMessage() for r in caplog.records)
+    assert all(entry.read_bytes() == b"damaged" for entry in entries[:2])  # nothing unlinked, nothing written
+
+
 @pytest.mark.parametrize("library", ["pillow", "opencv-python-headless", "albumentations", "numpy", "torch", "timm"])
 def test_another_library_version_is_a_miss_and_the_same_versions_a_hit(tmp_path, caplog, monkeypatch, library):
     """The same images, weights and pipeline under an upgraded decoder or framework get a folder of their own (never

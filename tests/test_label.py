@@ -189,3 +189,25 @@ def test_the_threshold_and_the_queue_on_numbers():
     assert k_center_greedy(features, 3)[0] == [0, 3, 4]
     uncertain = np.array([[0.5, 0.5]] * 3 + [[0.6, 0.4], [0.7, 0.3]])
     assert choose_queue(uncertain, features, 2).rows == [0, 3]  # one of the three copies, then the farthest
+
+
+def test_a_failed_label_leaves_the_previous_files_whole(trained, tmp_path, monkeypatch):
+    """Its files are written aside and renamed in together: a full disk half-way keeps the previous set, a mix never."""
+    import errno
+
+    from finetune.runs import label as label_module
+
+    run, pool, _ = trained
+    out = tmp_path / "q"
+    (out / "mine").mkdir(parents=True)  # the user's own files beside them are never touched
+    label(run=run, unlabeled=pool, out=out, target_precision=0.0001, budget=3, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(label_module, "render_label_page", full)
+    with pytest.raises(finetune.errors.RunDirError, match=r"cannot write .*: the disk is full"):
+        label(run=run, unlabeled=pool, out=out, target_precision=0.0001, budget=5, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["mine"]

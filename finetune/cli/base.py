@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 import re
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from finetune import __version__
 from finetune.errors import FinetuneError
+from finetune.files import disk_error, is_write_failure, written
 
 HELP_STYLE: dict[str, Any] = {"rich_markup_mode": None}  # plain help: no '<bool>' on flags, '[test/]' stays text
 app = typer.Typer(
@@ -78,10 +81,40 @@ def _main(
     """Fine-tune ResNets on image folders from YAML recipes; evaluate and predict with the result."""
 
 
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None
+) -> None:
+    """Python warnings (Pillow's DecompressionBombWarning, numpy's RuntimeWarning, ...) as one log line each."""
+    logging.getLogger("py.warnings").warning("warning: %s (%s)", message, category.__name__)
+
+
+@contextlib.contextmanager
+def _warnings_logged(quiet: bool) -> Iterator[None]:
+    """Library warnings go through logging like finetune's own lines, and `--quiet` silences them; a write the OS
+    refused in a library's background thread (TensorBoard's writer) is one line, not a thread's traceback."""
+    shown, hook, captured = warnings.showwarning, threading.excepthook, logging.getLogger("py.warnings")
+    saved = captured.level
+
+    def thread_failed(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and is_write_failure(args.exc_value):
+            logging.getLogger("finetune").debug("a background write failed: %s", args.exc_value)  # re-raised in the main thread
+        else:
+            hook(args)
+
+    warnings.showwarning, threading.excepthook = _log_warning, thread_failed
+    captured.setLevel(logging.ERROR if quiet else logging.WARNING)
+    try:
+        yield
+    finally:
+        warnings.showwarning, threading.excepthook = shown, hook
+        captured.setLevel(saved)
+
+
 @contextlib.contextmanager
 def session(quiet: bool, debug: bool, *, resumable: bool = False) -> Iterator[None]:
-    """Logging for the command, and every FinetuneError as a single line with exit code 2; Ctrl-C exits 130, with
-    how to continue for a command that can (`resumable`: train) and without training advice for the others."""
+    """Logging for the command, and every FinetuneError as a single line with exit code 2 (so is a write the OS
+    refused: a full disk, a file-size limit, a read-only place); Ctrl-C exits 130, with how to continue for a command
+    that can (`resumable`: train) and without training advice for the others."""
     follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
     level = logging.ERROR if follower else logging.WARNING if quiet else logging.INFO
     root, ours = logging.getLogger(), logging.getLogger("finetune")
@@ -92,8 +125,13 @@ def session(quiet: bool, debug: bool, *, resumable: bool = False) -> Iterator[No
         handler.setFormatter(TerminalFormatter("%(message)s"))
     ours.setLevel(level)
     try:
-        with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
-            yield
+        with logging_redirect_tqdm(), _warnings_logged(quiet):  # log lines print above the progress bars
+            try:
+                yield
+            except (OSError, RuntimeError) as exc:  # a write no library-level guard caught
+                if debug or not is_write_failure(exc):
+                    raise
+                raise disk_error(written(Path(getattr(exc, "filename", None) or "a file")), exc) from None
     except FinetuneError as exc:
         if debug:
             raise

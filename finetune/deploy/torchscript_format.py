@@ -11,11 +11,11 @@ Both are trusted files, like a pickle: torch.export.load unpickles what it canno
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 
 from finetune.deploy.metadata import TORCHSCRIPT_EXTRA, seal
 from finetune.deploy.package import PackagedClassifier, pause_garbage_collection
+from finetune.files import atomic_write
 
 PROGRAM_SUFFIX = ".pt2"
 
@@ -33,7 +34,16 @@ def export_torchscript(package: PackagedClassifier, path: Path, *, size: int, me
     with warnings.catch_warnings(), pause_garbage_collection():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
         traced = torch.jit.trace(package.eval(), (example,))
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))})
+        _save(lambda buffer: torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))}), path)
+
+
+def _save(write: Callable[[io.BytesIO], object], path: Path) -> None:
+    """The archive built in memory, then written atomically: torch's writer aborts the whole process (std::terminate)
+    when a write to a path fails (full disk, size limit), while in memory its error never happens, and ours is
+    the one-line disk error."""
+    buffer = io.BytesIO()
+    write(buffer)
+    atomic_write(Path(path), lambda handle: handle.write(buffer.getbuffer()))
 
 
 def export_program(package: PackagedClassifier, path: Path, *, size: int, meta: dict[str, Any]) -> None:
@@ -41,7 +51,7 @@ def export_program(package: PackagedClassifier, path: Path, *, size: int, meta: 
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)  # not 1: torch.export specialises an axis of size 1
     with pause_garbage_collection():
         program = torch.export.export(package.eval(), (example,), dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
-    torch.export.save(program, str(path), extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))})
+    _save(lambda buffer: torch.export.save(program, buffer, extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))}), path)
 
 
 def _archive_kind(path: Path) -> str | None:
@@ -78,18 +88,12 @@ def write_metadata(path: Path, meta: dict[str, Any]) -> None:
     if is_program(path):
         program = torch.export.load(str(path))
         # written beside and renamed: the loaded program may still read from the file it came from
-        handle, scratch = tempfile.mkstemp(suffix=PROGRAM_SUFFIX, dir=Path(path).parent)
-        os.close(handle)
-        try:
-            torch.export.save(program, scratch, extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))})
-            os.replace(scratch, path)
-        finally:
-            Path(scratch).unlink(missing_ok=True)
+        _save(lambda buffer: torch.export.save(program, buffer, extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))}), path)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu")
-        torch.jit.save(module, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))})
+        _save(lambda buffer: torch.jit.save(module, buffer, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(seal(meta))}), path)
 
 
 class TorchScriptRunner:

@@ -42,7 +42,7 @@ def calibrate_best(run: RunDir, cfg: EvalConfig) -> float:
     if cfg.calibration == "off":
         if task.name == MultiLabel.name:
             _store_thresholds(payload, cfg, Predictions.from_logits([""] * len(targets), logits, targets, task=task))
-            save_checkpoint(payload, run.best)
+            save_checkpoint(payload, run.best, resume=run.root)
         return float(payload.get("temperature", 1.0))
     temperature = fit_temperature(logits, targets, task)
     unscaled = Predictions.from_logits([""] * len(targets), logits, targets, task=task)
@@ -54,7 +54,7 @@ def calibrate_best(run: RunDir, cfg: EvalConfig) -> float:
         "before": calibration_summary(unscaled),
         "after": calibration_summary(unscaled.with_temperature(temperature)),
     }
-    save_checkpoint(payload, run.best)
+    save_checkpoint(payload, run.best, resume=run.root)
     log.info(
         "temperature %.3f fitted on the validation split (NLL %.4f -> %.4f)",
         temperature,

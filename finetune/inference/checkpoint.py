@@ -19,7 +19,7 @@ from finetune.config.schema import Recipe
 from finetune.data.split import multi_hot
 from finetune.data.transforms import ImageConfig
 from finetune.errors import CheckpointError, DataError, RunDirError, load_failure
-from finetune.files import atomic_write
+from finetune.files import atomic_write, guarded
 from finetune.inference.task import DEFAULT_TASK, Task, task_named
 from finetune.models.build import ModelBundle, build_model
 from finetune.run_dir import RunDir
@@ -59,9 +59,11 @@ def make_payload(
     }
 
 
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Written atomically (temporary file, fsync, rename): a kill leaves the old file intact."""
-    atomic_write(Path(path), lambda handle: torch.save(payload, handle))
+def save_checkpoint(payload: dict[str, Any], path: Path, *, resume: Path | None = None) -> None:
+    """Written atomically (temporary file, fsync, rename): a kill leaves the old file intact. A write the OS refuses
+    (torch's zip writer says so with a RuntimeError) is `disk_error`'s one line; `resume` is the run it continues."""
+    with guarded(Path(path), resume=resume, atomic=True):
+        atomic_write(Path(path), lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

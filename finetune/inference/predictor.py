@@ -170,8 +170,13 @@ class Predictor:
             100 * (rule.accuracy or 0),
             ", too few to trust" if answered < TRUSTED_COUNT else "",
         )
-        if self.run_dir is not None:
-            write_text(self.run_dir.reject, json.dumps(rule.to_dict(), indent=1))
+        if self.run_dir is not None:  # a record for people: a place that cannot take it loses no prediction
+            try:
+                write_text(self.run_dir.reject, json.dumps(rule.to_dict(), indent=1))
+            except OSError as exc:
+                log.warning(
+                    "%s not written (%s); the threshold above is used all the same", self.run_dir.reject, exc.strerror or exc
+                )
 
     def __repr__(self) -> str:
         """What a notebook shows for `finetune.load(RUN)`: model, task, classes and the run's reported accuracy."""

@@ -13,7 +13,7 @@ import pandas as pd
 
 from finetune.errors import DataError, RunDirError, UsageError
 from finetune.evaluation.intervals import Difference, paired_difference
-from finetune.files import read_table, read_text_table, write_table, write_text
+from finetune.files import read_table, read_text_table, replaced_folder, write_table, write_text
 from finetune.reporting.markdown import escape_markdown, markdown_table
 from finetune.reporting.page import Section, write_page
 from finetune.reporting.plots import plot_confusion_difference
@@ -234,11 +234,12 @@ def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> Re
     per_class = _per_class_diff(folder_a, folder_b)
     confusion = _confusion_diff(folder_a, folder_b)
     headline = _headline_diff(folder_a, folder_b)
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(per_class, out / "per_class_diff.csv", float_format="%.6f")
-    write_table(confusion, out / "confusion_diff.csv", index=True, float_format="%.6f")
-    write_table(headline, out / "metrics_diff.csv", float_format="%.6f")
-    plot_confusion_difference(confusion, out / "confusion_diff.png", title="confusion change (B - A, row-normalised)")
-    write_text(out / "diff.md", _markdown(folder_a, folder_b, headline, per_class, confusion))
-    _write_html(out / "diff.html", folder_a, folder_b, headline, per_class, confusion)
+    with replaced_folder(out, marker="diff.md") as staging:  # swapped in whole: never two diffs mixed
+        write_table(per_class, staging / "per_class_diff.csv", float_format="%.6f")
+        write_table(confusion, staging / "confusion_diff.csv", index=True, float_format="%.6f")
+        write_table(headline, staging / "metrics_diff.csv", float_format="%.6f")
+        title = "confusion change (B - A, row-normalised)"
+        plot_confusion_difference(confusion, staging / "confusion_diff.png", title=title)
+        write_text(staging / "diff.md", _markdown(folder_a, folder_b, headline, per_class, confusion))
+        _write_html(staging / "diff.html", folder_a, folder_b, headline, per_class, confusion)
     return ReportDiff(folder=out, per_class=per_class, headline=headline)

@@ -15,7 +15,7 @@ from sklearn.metrics import precision_recall_curve
 from finetune.data.decode import load_image
 from finetune.evaluation.calibration import expected_calibration_error
 from finetune.evaluation.multilabel import MultiLabelScorecard, score_multilabel
-from finetune.files import read_table, write_table, write_text
+from finetune.files import read_table, replaced_folder, write_table, write_text
 from finetune.inference.predictions import Predictions, multilabel_table
 from finetune.reporting.html import RunContext
 from finetune.reporting.page import Section, write_page
@@ -26,7 +26,7 @@ from finetune.reporting.plots import (
     plot_reliability,
     plot_training_curves,
 )
-from finetune.reporting.report import Report
+from finetune.reporting.report import MARKER, Report
 from finetune.reporting.summary import split_sentence
 
 log = logging.getLogger(__name__)
@@ -141,21 +141,10 @@ def _summary(card: MultiLabelScorecard, title: str, banner: str) -> str:
     return "\n".join(lines)
 
 
-def write_multilabel_report(
-    preds: Predictions, class_names: list[str], folder: Path, *, title: str, context: RunContext | None = None
-) -> Report:
-    """Compute every number from `preds` (multi-hot targets) and write every report file into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    card = score_multilabel(preds, class_names)
-    if context is not None:
-        card.metrics["evaluated_on"] = {
-            "split": context.split,
-            "selection_split": bool(context.selection),
-            "tta": list(context.tta),
-        }
-        rule = context.meta.get("threshold_rule")
-        if rule:
-            card.metrics["thresholds"] = rule
+def _write_files(
+    folder: Path, preds: Predictions, class_names: list[str], card: MultiLabelScorecard, *, title: str, context: RunContext | None
+) -> None:
+    """Every file of the report into `folder` (the staging folder that is then swapped in)."""
     write_text(folder / "metrics.json", json.dumps(card.metrics, indent=2))
     write_table(card.per_class, folder / "per_class.csv", float_format="%.6f")
     write_table(_two_by_two(card), folder / "confusion_per_class.csv")
@@ -195,5 +184,33 @@ def write_multilabel_report(
         intro=[f"{m['num_images']} images, {m['num_classes']} classes, several labels per image."],
         sections=sections,
     )
+
+
+def write_multilabel_report(
+    preds: Predictions,
+    class_names: list[str],
+    folder: Path,
+    *,
+    title: str,
+    context: RunContext | None = None,
+    skipped: pd.DataFrame | None = None,
+) -> Report:
+    """Compute every number from `preds` (multi-hot targets) and write every report file into `folder`, written aside
+    and swapped in whole (as the one-label report); `skipped` lists the unreadable images left out."""
+    card = score_multilabel(preds, class_names)
+    if context is not None:
+        card.metrics["evaluated_on"] = {
+            "split": context.split,
+            "selection_split": bool(context.selection),
+            "tta": list(context.tta),
+        }
+        rule = context.meta.get("threshold_rule")
+        if rule:
+            card.metrics["thresholds"] = rule
+    with replaced_folder(folder, marker=MARKER) as staging:
+        if skipped is not None:
+            write_table(skipped, staging / "skipped.csv")
+        _write_files(staging, preds, class_names, card, title=title, context=context)
+    m = card.metrics
     log.debug("multi-label report written to %s (mAP %.4f)", folder, m["mean_average_precision"])
     return Report(folder=folder, metrics=m, per_class=card.per_class)

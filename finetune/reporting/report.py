@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from finetune.data.decode import load_image
 from finetune.data.transforms import ImageConfig, load_pipeline, preview_augmentations
+from finetune.errors import DataError
 from finetune.evaluation.calibration import BINS, expected_calibration_error
 from finetune.evaluation.scorecard import Scorecard, score
-from finetune.files import read_table, read_text_table, write_table, write_text
+from finetune.files import read_table, read_text_table, replaced_folder, write_table, write_text
 from finetune.inference.predictions import Predictions, predictions_table
 from finetune.reporting.html import Explain, RunContext, render_html
 from finetune.reporting.plots import (
@@ -29,6 +31,7 @@ from finetune.reporting.summary import summary_markdown
 
 log = logging.getLogger(__name__)
 CALIBRATION_BINS = BINS
+MARKER = "metrics.json"  # what makes a folder a report, which a new report may replace whole
 
 
 @dataclass
@@ -59,13 +62,25 @@ def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views
         return None
     splits = read_text_table(run.splits)
     train = splits[splits["split"] == "train"].groupby("label").head(1).head(images)
+    readable = [_readable(p) for p in train["path"]]
+    train = train[[picture is not None for picture in readable]]
+    pictures = [picture for picture in readable if picture is not None]
+    if not pictures:  # the training images moved since: the preview is left out, the evaluation is not
+        log.info("augmentation preview left out: the run's training images (splits.csv) are no longer readable")
+        return None
     pipeline = load_pipeline(run.train_transforms)
     pipeline.set_random_seed(0)
-    pictures = [load_image(p) for p in train["path"]]
     grid = preview_augmentations(pipeline, pictures, ImageConfig.from_dict(ctx.meta["image"]), views=views)
     captions = [f"{label} #{v + 1}" for label in train["label"] for v in range(views)]
     plot_image_grid(grid, captions, path, columns=views)
     return path
+
+
+def _readable(path: str) -> np.ndarray | None:
+    try:
+        return load_image(path)
+    except DataError:
+        return None
 
 
 def _write_tables(folder: Path, preds: Predictions, class_names: list[str], card: Scorecard, *, top_k: int) -> None:
@@ -118,13 +133,15 @@ def write_report(
     title: str,
     context: RunContext | None = None,
     explain: Explain | None = None,
+    skipped: pd.DataFrame | None = None,
 ) -> Report:
     """Compute every number from `preds` (labelled) and write every report file into `folder`.
 
     `explain` draws Grad-CAM overlays for the galleries; `context` tells which split this is and whether it is the
-    split that chose the model (then the report says its figures are optimistic).
+    split that chose the model (then the report says its figures are optimistic); `skipped` lists the unreadable
+    images left out. The report is written aside and swapped in whole: a kill or a failed write leaves the
+    previous report (or none), never a mix of two evaluations.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     card = score(preds, class_names, top_k=top_k)
     if context is not None:
         card.metrics["evaluated_on"] = {
@@ -132,18 +149,35 @@ def write_report(
             "selection_split": bool(context.selection),
             "tta": list(context.tta),
         }
+    with replaced_folder(folder, marker=MARKER) as staging:
+        if skipped is not None:
+            write_table(skipped, staging / "skipped.csv")
+        _write_files(staging, preds, class_names, card, top_k=top_k, title=title, context=context, explain=explain)
+    log.debug("report written to %s (accuracy %.4f)", folder, card.metrics["accuracy"])
+    return Report(folder=folder, metrics=card.metrics, per_class=card.per_class)
+
+
+def _write_files(
+    folder: Path,
+    preds: Predictions,
+    class_names: list[str],
+    card: Scorecard,
+    *,
+    top_k: int,
+    title: str,
+    context: RunContext | None,
+    explain: Explain | None,
+) -> None:
     _write_tables(folder, preds, class_names, card, top_k=top_k)
     figures = _write_figures(folder, card, title=title, context=context)
-    split = context.split if context else None
-    notes = context.extra if context else {}
     write_text(
         folder / "summary.md",
         summary_markdown(
             card,
             title,
-            split=split,
+            split=context.split if context else None,
             selection=context.selection if context else False,
-            notes=notes,
+            notes=context.extra if context else {},
             leaks=context.leaks if context else None,
         ),
     )
@@ -158,5 +192,3 @@ def write_report(
         ctx=context,
         explain=explain,
     )
-    log.debug("report written to %s (accuracy %.4f)", folder, card.metrics["accuracy"])
-    return Report(folder=folder, metrics=card.metrics, per_class=card.per_class)

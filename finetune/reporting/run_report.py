@@ -11,7 +11,7 @@ import pandas as pd
 
 from finetune.data.split import DatasetIndex
 from finetune.evaluation.explain import Explainer
-from finetune.files import read_text_table, write_table
+from finetune.files import read_text_table
 from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.forward import describe
 from finetune.inference.predictions import Predictions
@@ -70,12 +70,17 @@ def write_run_report(
         tta=tuple(trained.recipe.eval.tta),
         leaks=leaks,
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    write_table(skipped, folder / "skipped.csv")
     if trained.task.name == "multilabel":
-        return write_multilabel_report(preds, trained.class_names, folder, title=title, context=context)
+        return write_multilabel_report(preds, trained.class_names, folder, title=title, context=context, skipped=skipped)
     return write_report(
-        preds, trained.class_names, folder, top_k=trained.recipe.eval.top_k, title=title, context=context, explain=explain
+        preds,
+        trained.class_names,
+        folder,
+        top_k=trained.recipe.eval.top_k,
+        title=title,
+        context=context,
+        explain=explain,
+        skipped=skipped,
     )
 
 

@@ -20,7 +20,7 @@ from finetune.data.doctor import examine_all
 from finetune.data.duplicates import duplicate_pairs, pair_count
 from finetune.data.facts import FactsCache
 from finetune.evaluation.audit import audit_labels, audit_multilabel, outlier_scores, require_cleanlab
-from finetune.files import write_table, write_text
+from finetune.files import published_together, write_table, write_text
 from finetune.inference.predictions import label_sets
 from finetune.reporting.audit_html import WEAK_MODEL_ACCURACY, AuditPage, render_audit
 from finetune.reporting.page import Section, write_page
@@ -30,6 +30,16 @@ from finetune.runs.prepare import prepare_model, refuse_changed_recipe
 from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
+AUDIT_FILES = (
+    "label_issues.csv",
+    "label_quality.csv",
+    "overlapping_classes.csv",
+    "class_quality.csv",  # several labels per image: each class's issues and quality instead of overlapping pairs
+    "conflicting_duplicates.csv",
+    "outliers.csv",
+    "audit.json",
+    "audit.html",
+)
 
 
 @dataclass
@@ -86,14 +96,9 @@ def audit(
     outliers = _outliers(cv, resolved, progress=progress, cache_dir=cache_dir)
     quality = _with_reasons(labels.table, conflicts)
     issues = quality[quality["reason"] != ""].reset_index(drop=True)
-    write_table(issues, out / "label_issues.csv", float_format="%.6f")
-    write_table(quality, out / "label_quality.csv", float_format="%.6f")
-    write_table(labels.overlapping, out / ("class_quality.csv" if multilabel else "overlapping_classes.csv"), float_format="%.6f")
-    write_table(conflicts, out / "conflicting_duplicates.csv")
-    write_table(outliers, out / "outliers.csv", float_format="%.6f")
     summary = _summary(cv, issues, conflicts, labels.health, folds=len(cv.summary) - 2)  # one row per fold, then mean, std
-    write_text(out / "audit.json", json.dumps(summary, indent=1))
-    _page(out / "audit.html", multilabel, AuditPage(summary, issues, labels.overlapping, conflicts, outliers))
+    page = AuditPage(summary=summary, issues=issues, overlapping=labels.overlapping, conflicts=conflicts, outliers=outliers)
+    _publish(out, page, quality, multilabel=multilabel)
     log.info(
         "audit: %d suspect label(s) of %d images, %d conflicting duplicate pair(s) -> %s",
         len(issues),
@@ -142,6 +147,19 @@ def _confident_learning(row: Any) -> str:
         f"confident learning: out-of-fold models give '{row.given_label}' {row.given_prob:.0%}, "
         f"'{row.suggested_label}' {row.suggested_prob:.0%}"
     )
+
+
+def _publish(out: Path, page: AuditPage, quality: pd.DataFrame, *, multilabel: bool) -> None:
+    """Every audit file, written aside and renamed in together: a kill leaves the previous pages whole, never a mix."""
+    with published_together(out, AUDIT_FILES) as staging:
+        write_table(page.issues, staging / "label_issues.csv", float_format="%.6f")
+        write_table(quality, staging / "label_quality.csv", float_format="%.6f")
+        classes = "class_quality.csv" if multilabel else "overlapping_classes.csv"
+        write_table(page.overlapping, staging / classes, float_format="%.6f")
+        write_table(page.conflicts, staging / "conflicting_duplicates.csv")
+        write_table(page.outliers, staging / "outliers.csv", float_format="%.6f")
+        write_text(staging / "audit.json", json.dumps(page.summary, indent=1))
+        _page(staging / "audit.html", multilabel, page)
 
 
 def _page(path: Path, multilabel: bool, page: AuditPage) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from finetune.config.catalog import IMAGE_EXTENSIONS
 from finetune.data.doctor import CheckResult, check_dataset
 from finetune.data.facts import FactsCache
-from finetune.files import check_writable_file, write_text
+from finetune.files import check_writable_file, guarded, write_text
 from finetune.run_dir import check_destination_file
 
 
@@ -22,5 +22,6 @@ def check(
         check_destination_file(json_out, what="--json")
     result = check_dataset(data, extensions=extensions or IMAGE_EXTENSIONS, progress=progress, cache=FactsCache.default())
     if json_out is not None:
-        write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))
+        with guarded(Path(json_out), atomic=True):
+            write_text(Path(json_out), json.dumps(result.to_dict(), indent=1, default=str))
     return result

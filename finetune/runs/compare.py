@@ -3,6 +3,7 @@ rank them in a leaderboard with their size (parameters, GMACs), accuracy with it
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -16,18 +17,30 @@ import pandas as pd
 from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.split import evaluation_split
-from finetune.errors import UsageError
+from finetune.errors import RunDirError, UsageError
 from finetune.evaluation.intervals import paired_difference
-from finetune.files import path_key, read_text_table, write_table, write_text
+from finetune.files import (
+    atomic_write,
+    guarded,
+    path_key,
+    published_together,
+    read_table,
+    read_text_table,
+    write_table,
+    write_text,
+)
 from finetune.models.inspect import inspect_model
 from finetune.reporting.leaderboard import leaderboard_markdown, leaderboard_table, write_leaderboard_html
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir, check_destination
 from finetune.runs.cv import CVResult, cross_validate
-from finetune.runs.prepare import QuickTry, refuse_several_labels
-from finetune.runs.train import TrainResult, train
+from finetune.runs.prepare import QuickTry, changed_settings, refuse_several_labels
+from finetune.runs.train import train
+from finetune.training.history import read_history
 
 log = logging.getLogger(__name__)
+FINISHED = "finished_runs.json"  # the runs done (name -> seconds): a rerun of the same compare continues from them
+LEADERBOARD_FILES = ("leaderboard.csv", "leaderboard_seeds.csv", "leaderboard.md", "leaderboard.html")
 
 
 @dataclass
@@ -75,11 +88,61 @@ def _scores(name: str, recipe: Recipe, report: Report) -> dict[str, Any]:
     }
 
 
-def _row(name: str, recipe: Recipe, result: TrainResult, seconds: float) -> dict[str, Any]:
-    if result.report is None:
+def _row(name: str, recipe: Recipe, report: Report | None, epochs: int, seconds: float) -> dict[str, Any]:
+    if report is None:
         raise UsageError("compare runs in one process; start it without torchrun")
-    extra = {"epochs": len(result.history), "seconds": round(seconds, 1), "report": f"{name}/report/report.html"}
-    return _scores(name, recipe, result.report) | extra
+    extra = {"epochs": epochs, "seconds": round(seconds, 1), "report": f"{name}/report/report.html"}
+    return _scores(name, recipe, report) | extra
+
+
+def _read_finished(out: Path) -> dict[str, float]:
+    """The runs this compare finished before (name -> seconds it took): a rerun reads their reports back."""
+    try:
+        record = json.loads((out / FINISHED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in record.items()} if isinstance(record, dict) else {}
+
+
+def _mark_finished(out: Path, name: str, seconds: float) -> None:
+    text = json.dumps(_read_finished(out) | {name: round(seconds, 1)}, indent=1).encode()
+    with guarded(out / FINISHED):
+        atomic_write(out / FINISHED, lambda handle: handle.write(text))
+
+
+def _same_recipe(run: RunDir, recipe: Recipe) -> None:
+    """A run folder a previous compare left must hold this recipe: one leaderboard never mixes two settings."""
+    stored = load_recipe(run.recipe)
+    edits = changed_settings(stored, recipe.with_data(stored.data.path))
+    if edits:
+        raise RunDirError(
+            f"{run.root} holds a run of another recipe ({edits}); run compare again as it started, or choose another --out"
+        )
+
+
+def _read_report(folder: Path) -> Report | None:
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        per_class = read_table(folder / "per_class.csv", dtype={"class": str}, keep_default_na=False)
+    except (OSError, ValueError):
+        return None
+    return Report(folder=folder, metrics=metrics, per_class=per_class)
+
+
+def _train_or_continue(
+    recipe: Recipe, data: str | Path, run: RunDir, seconds: float | None, progress: bool
+) -> tuple[Report | None, int]:
+    """A run of a killed compare continued: read back when it finished, resumed when it had begun, else trained."""
+    if not run.is_run():
+        result = train(recipe=recipe, data=data, out=run.root, progress=progress)
+        return result.report, len(result.history)
+    _same_recipe(run, recipe)
+    report = _read_report(run.report) if seconds is not None else None
+    if report is not None:
+        log.info("%s finished in an earlier compare: its report is read back", run.root)
+        return report, len(read_history(run))
+    result = train(out=run.root, resume=True, progress=progress)
+    return result.report, len(result.history)
 
 
 def _cv_row(name: str, recipe: Recipe, result: CVResult, seconds: float) -> dict[str, Any]:
@@ -142,6 +205,9 @@ def compare(
 ) -> CompareResult:
     """Train each recipe into `out/<recipe>/` on the split made by the first; write leaderboard.csv/.md/.html.
 
+    Run again with the same arguments, a killed compare continues: finished runs are read back, an interrupted one
+    is resumed, the rest are trained (a run folder holding another recipe is refused).
+
     `models` trains every recipe once per model name (`model.name` overridden, `out/<model>/`, or
     `out/<recipe>-<model>/` with several recipes): one recipe over backbones of any families in one leaderboard.
 
@@ -167,28 +233,33 @@ def compare(
     rows = _train_folds(runs, data, out, folds, progress) if folds is not None else _train_all(runs, data, out, progress)
     board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
     board["vs_leader"] = _versus_leader(out, board)
-    write_table(board, out / "leaderboard.csv", float_format="%.4f")
     split = f"{folds}-fold out-of-fold" if folds else evaluation_split(read_text_table(out / "split_manifest.csv"))
     means = seed_summary(board) if seeds > 1 else None
-    if means is not None:
-        write_table(means, out / "leaderboard_seeds.csv", float_format="%.4f")
-    write_text(out / "leaderboard.md", leaderboard_markdown(board, data=data, split=split, means=means, seeds=seeds))
-    write_leaderboard_html(board, out / "leaderboard.html", data=data, split=split, means=means, seeds=seeds)
+    with published_together(out, LEADERBOARD_FILES) as staging:  # a kill leaves the previous leaderboard whole
+        write_table(board, staging / "leaderboard.csv", float_format="%.4f")
+        if means is not None:
+            write_table(means, staging / "leaderboard_seeds.csv", float_format="%.4f")
+        write_text(staging / "leaderboard.md", leaderboard_markdown(board, data=data, split=split, means=means, seeds=seeds))
+        write_leaderboard_html(board, staging / "leaderboard.html", data=data, split=split, means=means, seeds=seeds)
     return CompareResult(folder=out, leaderboard=board)
 
 
 def _train_all(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, progress: bool) -> list[dict[str, Any]]:
     """Each recipe trained once; the first one's split (split_manifest.csv) is every later one's."""
     manifest = out / "split_manifest.csv"
+    finished = _read_finished(out)
     rows = []
     for recipe, name in runs:
         started = time.perf_counter()
-        result = train(recipe=recipe, data=manifest if manifest.exists() else data, out=out / name, progress=progress)
+        run = RunDir(out / name)
+        report, epochs = _train_or_continue(recipe, manifest if manifest.exists() else data, run, finished.get(name), progress)
         if not manifest.exists():  # every later recipe sees exactly this split
-            splits = read_text_table(RunDir(result.run_dir).splits)
+            splits = read_text_table(run.splits)
             splits["path"] = [path_key(p) for p in splits["path"]]
             write_table(splits, manifest)
-        rows.append(_row(name, recipe, result, time.perf_counter() - started))
+        seconds = finished.get(name, time.perf_counter() - started)
+        _mark_finished(out, name, seconds)
+        rows.append(_row(name, recipe, report, epochs, seconds))
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, rows[-1]["accuracy"], rows[-1]["macro_f1"])
     return rows
 
@@ -199,7 +270,12 @@ def _train_folds(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, fo
     rows = []
     for recipe, name in runs:
         started = time.perf_counter()
-        result = cross_validate(recipe=recipe, data=data, out=out / name, folds=folds, progress=progress, assignment=assignment)
+        run = RunDir(out / name)
+        if run.folds.exists():  # a killed compare: finished folds are kept, the others trained
+            _same_recipe(run, recipe)
+            result = cross_validate(out=run.root, resume=True, progress=progress)
+        else:
+            result = cross_validate(recipe=recipe, data=data, out=run.root, folds=folds, progress=progress, assignment=assignment)
         if assignment is None:
             assignment = read_text_table(RunDir(result.run_dir).folds).astype({"fold": int})
         rows.append(_cv_row(name, recipe, result, time.perf_counter() - started))

@@ -12,9 +12,10 @@ from finetune.data.facts import FactsCache
 from finetune.data.scan import read_manifest, scan_image_folder
 from finetune.data.split import evaluation_split
 from finetune.errors import DataError
-from finetune.files import path_key, read_text_table
+from finetune.files import check_replaceable, path_key, read_text_table
 from finetune.inference.checkpoint import checkpoint_path
 from finetune.inference.predictor import Predictor
+from finetune.reporting.report import MARKER as REPORT_MARKER
 from finetune.reporting.report import Report
 from finetune.reporting.run_report import write_run_report
 from finetune.run_dir import RunDir, check_destination
@@ -38,6 +39,7 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     owner = RunDir.of_checkpoint(checkpoint)
     folder = Path(out) if out is not None else (owner.report if owner is not None else checkpoint.parent / "report")
     check_destination(folder, reads=[owner.root] if owner is not None else [])
+    check_replaceable(folder, marker=REPORT_MARKER)  # before any work: a folder of other files is refused
     screened = screen_samples(
         samples.reset_index(drop=True),
         policy=trained.recipe.data.bad_images,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from finetune.data.decode import printable
 from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.errors import DataError, UsageError, did_you_mean
 from finetune.evaluation.explain import Explainer
-from finetune.files import write_table
+from finetune.files import atomic_write, guarded, write_table
 from finetune.inference.inputs import check_inputs_exist, input_paths
 from finetune.inference.predictor import Predictor
 from finetune.run_dir import check_destination
@@ -49,6 +50,10 @@ def _side_by_side(seen: np.ndarray, overlay: np.ndarray, caption: str) -> Image.
     return picture
 
 
+def _png(picture: Image.Image) -> Callable[[BinaryIO], None]:
+    return lambda handle: picture.save(handle, format="PNG")
+
+
 def _class_index(class_names: list[str], name: str | None) -> int | None:
     if name is None:
         return None
@@ -80,7 +85,8 @@ def explain(
         picture = f"{n:04d}_{Path(printable(found.path)).stem[:60]}.png"
         name, confidence = loaded.class_names[found.class_index], float(preds.probs[n, found.class_index])
         caption = f"Grad-CAM for '{name}' ({confidence:.0%}): red = where the model found its evidence"
-        _side_by_side(found.seen, found.overlay, caption).save(folder / picture)
+        with guarded(folder / picture):  # a full disk or a size limit: one line
+            atomic_write(folder / picture, _png(_side_by_side(found.seen, found.overlay, caption)), durable=False)
         border = found.border_share
         rows.append(
             {
@@ -93,6 +99,7 @@ def explain(
             }
         )
     table = pd.DataFrame(rows)
-    write_table(table, folder / "explanations.csv", float_format="%.4f")
+    with guarded(folder / "explanations.csv"):
+        write_table(table, folder / "explanations.csv", float_format="%.4f")
     log.info("Grad-CAM at %s: %d picture(s) in %s", explainer.where, len(rows), folder)
     return ExplainResult(folder=folder, table=table)

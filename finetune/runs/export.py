@@ -22,7 +22,7 @@ from finetune.deploy.metadata import contract
 from finetune.deploy.package import PackagedClassifier, image_batches
 from finetune.deploy.parity import FP32_TOLERANCE, Parity, compare, measure
 from finetune.errors import CheckpointError, FinetuneError, ModelError, ParityError, RunDirError, UsageError
-from finetune.files import read_text_table, write_text
+from finetune.files import guarded, read_text_table, write_text
 from finetune.inference.checkpoint import TrainedModel, load_trained, read_record
 from finetune.reporting import model_card
 from finetune.run_dir import RunDir
@@ -234,13 +234,15 @@ def _card(result: ExportResult, run: RunDir, loaded: TrainedModel, *, license: s
 
 
 def _write(kind: str, package: PackagedClassifier, file: Path, loaded: TrainedModel, meta: dict[str, Any], opset: int) -> None:
-    """One file; an exporter's failure is one line (the staging folder, and so the half-written file, is removed)."""
+    """One file; an exporter's failure is one line (the staging folder, and so the half-written file, is removed), and
+    so is a full disk or a size limit, whichever exporter met it."""
     try:
-        if kind == "onnx":
-            onnx_format.export_onnx(package, file, size=loaded.image.input_size, opset=opset)
-        else:
-            export = torchscript_format.export_torchscript if kind == "torchscript" else torchscript_format.export_program
-            export(package, file, size=loaded.image.input_size, meta=meta)
+        with guarded(file):
+            if kind == "onnx":
+                onnx_format.export_onnx(package, file, size=loaded.image.input_size, opset=opset)
+            else:
+                export = torchscript_format.export_torchscript if kind == "torchscript" else torchscript_format.export_program
+                export(package, file, size=loaded.image.input_size, meta=meta)
     except (FinetuneError, OSError):
         raise
     except Exception as exc:  # torch.onnx, torch.export and torch.jit raise their own error classes
@@ -266,10 +268,11 @@ def _parity(package: PackagedClassifier, runner: Any, paths: list[str], targets:
 def _stamp(kind: str, file: Path, meta: dict[str, Any], parity: Parity, split: str) -> None:
     """Write the parity figures into the file's own metadata."""
     meta = {**meta, "parity": {**parity.to_dict(), "split": split}}
-    if kind.startswith("onnx"):
-        onnx_format.write_metadata(file, meta)
-    else:
-        torchscript_format.write_metadata(file, meta)
+    with guarded(file):
+        if kind.startswith("onnx"):
+            onnx_format.write_metadata(file, meta)
+        else:
+            torchscript_format.write_metadata(file, meta)
 
 
 def _int8(
@@ -290,7 +293,8 @@ def _int8(
     splits = read_text_table(run.splits)
     train = list(splits.loc[splits["split"] == "train", "path"])[:CALIBRATION_IMAGES]
     target = result.work / "model.int8.onnx"
-    onnx_format.quantize_int8(source, target, image_batches(train, loaded.image))
+    with guarded(target):
+        onnx_format.quantize_int8(source, target, image_batches(train, loaded.image))
     parity = _parity(package, onnx_format.OnnxRunner(target), paths, targets, loaded)
     result.parity["onnx-int8"] = parity.to_dict()
     if -parity.accuracy_delta > max_accuracy_drop:
@@ -305,7 +309,8 @@ def _finish(result: ExportResult, max_accuracy_drop: float) -> None:
     """parity.json, then the verdict: exit 1 (files kept) when an export is not equal enough."""
     split = result.split
     report = {"split": split, "fp32_tolerance": FP32_TOLERANCE, "max_accuracy_drop": max_accuracy_drop, **result.parity}
-    write_text(result.work / "parity.json", json.dumps(report, indent=2))
+    with guarded(result.work / "parity.json"):
+        write_text(result.work / "parity.json", json.dumps(report, indent=2))
     for kind, figures in result.parity.items():
         if kind in INFORMATIVE:
             continue

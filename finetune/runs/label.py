@@ -25,7 +25,7 @@ from finetune.evaluation.labeling import (
     margins,
     precision_rule,
 )
-from finetune.files import read_text_table, write_table, write_text
+from finetune.files import published_together, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor, calibrated_validation
@@ -36,6 +36,16 @@ from finetune.run_dir import check_destination
 from finetune.training.feature_cache import recipe_features
 
 log = logging.getLogger(__name__)
+LABEL_FILES = (
+    "predictions.csv",
+    "pseudo_labels.csv",
+    "to_label.csv",
+    "left_out.csv",
+    "summary.json",
+    "summary.md",
+    "label.html",
+    "label_studio_tasks.json",
+)
 QUEUE_COLUMNS = ["path", "suggested_label", "score", "reason"]
 DUPLICATE_DISTANCE = 4  # perceptual-hash bits, as `finetune check` counts near duplicates
 
@@ -91,8 +101,9 @@ def label(
     base = Path(unlabeled) if Path(unlabeled).is_dir() else Path(unlabeled).parent
     confidence = dict(zip(preds.paths, preds.confidence.tolist()))
     tasks = label_studio_tasks(queue, confidence, base=base, image_root=image_root, model_version=f"finetune {run}")
-    _write(out, table=table, pseudo=pseudo, queue=queue, left_out=left_out, summary=summary, class_names=list(names))
-    write_text(out / "label_studio_tasks.json", json.dumps(tasks, indent=1))
+    with published_together(out, LABEL_FILES) as staging:  # a kill leaves the previous set whole, never a mix
+        _write(staging, table=table, pseudo=pseudo, queue=queue, left_out=left_out, summary=summary, class_names=list(names))
+        write_text(staging / "label_studio_tasks.json", json.dumps(tasks, indent=1))
     log.debug(  # the command prints it
         "%d of %d image(s) pseudo-labelled at confidence >= %.4f; %d queued to label next -> %s",
         len(pseudo),
@@ -266,7 +277,6 @@ def _write(
     summary: dict[str, Any],
     class_names: list[str],
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "predictions.csv", float_format="%.6f")
     write_table(pseudo, out / "pseudo_labels.csv", float_format="%.6f")
     write_table(queue, out / "to_label.csv", float_format="%.6f")

@@ -10,7 +10,7 @@ import pandas as pd
 
 from finetune.deploy.predictor import ExportedPredictor
 from finetune.deploy.runtime import is_exported
-from finetune.files import check_writable_file, write_table
+from finetune.files import check_writable_file, guarded, write_table
 from finetune.inference.inputs import ImageInput, check_inputs_exist
 from finetune.inference.predictor import Predictor, check_reject_options
 from finetune.run_dir import check_destination_file
@@ -51,6 +51,7 @@ def predict(
         inputs, progress=progress, min_confidence=min_confidence, reject=reject, target_accuracy=target_accuracy
     )
     if out is not None:
-        write_table(table, Path(out), float_format="%.6f")
+        with guarded(Path(out), atomic=True):
+            write_table(table, Path(out), float_format="%.6f")
         log.debug("wrote %d predictions to %s", len(table), out)  # the command prints it
     return table

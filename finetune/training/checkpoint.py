@@ -12,7 +12,7 @@ import torch
 
 from finetune.config.schema import Recipe
 from finetune.data.transforms import ImageConfig
-from finetune.files import atomic_write, disk_error
+from finetune.files import atomic_write, guarded
 from finetune.inference.checkpoint import make_payload, save_checkpoint
 from finetune.inference.task import DEFAULT_TASK
 from finetune.models.build import ModelBundle
@@ -53,17 +53,11 @@ class CheckpointSaver:
             weights=weights,
             task=self.task,
         )
-        try:
-            save_checkpoint(payload, path)
-        except OSError as exc:
-            raise disk_error(path, exc, resume=path.parent.parent) from None
+        save_checkpoint(payload, path, resume=path.parent.parent)
 
     def copy(self, source: Path, target: Path) -> None:
         """`target` becomes a copy of the checkpoint just written to `source` (no second serialisation)."""
         if not self.enabled:
             return
-        try:
-            with open(source, "rb") as handle:
-                atomic_write(target, lambda out: shutil.copyfileobj(handle, out))
-        except OSError as exc:
-            raise disk_error(target, exc, resume=target.parent.parent) from None
+        with guarded(target, resume=target.parent.parent, atomic=True), open(source, "rb") as handle:
+            atomic_write(target, lambda out: shutil.copyfileobj(handle, out))

@@ -194,7 +194,14 @@ class FeatureCache:
                 "feature cache %s: %d damaged entr(ies) discarded and recomputed, e.g. %s", self.folder, len(damaged), damaged[0]
             )
             for path in damaged:
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:  # a read-only cache: the entry is skipped in memory, this run stores nothing
+                    self.writable = False
+                    log.warning(
+                        "feature cache %s is not writable (%s); features stay in memory for this run", self.folder, exc.strerror
+                    )
+                    break
         return rows
 
     def features(

@@ -20,7 +20,7 @@ import numpy as np
 
 from finetune.config.loading import flatten
 from finetune.errors import RecipeError, UsageError
-from finetune.files import write_text
+from finetune.files import atomic_write, guarded, write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +60,39 @@ def scalar_tags(row: dict[str, Any], lrs: dict[str, float]) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Event files in RUN/tensorboard; a resumed run hides the epochs logged after its last checkpoint."""
+    """Event files in RUN/tensorboard; a resumed run hides the epochs logged after its last checkpoint. A write the OS
+    refuses (full disk, size limit, read-only folder) is `disk_error`'s one line, with how to resume."""
 
     def __init__(self, folder: Path, *, first_epoch: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=first_epoch if first_epoch > 1 else None)
+        self.folder = folder
+        with self._guarded():
+            # the writer's own thread reports a refused write late, with a traceback: try one write first
+            atomic_write(folder / ".writable", lambda handle: handle.write(b"ok"), durable=False)
+            (folder / ".writable").unlink()
+            self.writer = SummaryWriter(log_dir=str(folder), purge_step=first_epoch if first_epoch > 1 else None)
+
+    def _guarded(self) -> contextlib.AbstractContextManager[None]:
+        return guarded(self.folder, resume=self.folder.parent)
 
     def epoch(self, epoch: int, scalars: dict[str, float]) -> None:
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, epoch)
-        self.writer.flush()
+        with self._guarded():
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, epoch)
+            self.writer.flush()
 
     def image(self, tag: str, picture: np.ndarray, epoch: int) -> None:
-        self.writer.add_image(tag, picture, epoch, dataformats="HWC")
+        with self._guarded():
+            self.writer.add_image(tag, picture, epoch, dataformats="HWC")
 
     def params(self, params: dict[str, Any], scores: dict[str, float]) -> None:
-        self.writer.add_hparams(params, {f"hparam/{k}": v for k, v in scores.items()}, run_name="hparams")
+        with self._guarded():
+            self.writer.add_hparams(params, {f"hparam/{k}": v for k, v in scores.items()}, run_name="hparams")
 
     def close(self) -> None:
-        self.writer.close()
+        with contextlib.suppress(OSError):  # a write already refused has been reported; closing must not hide it
+            self.writer.close()
 
 
 def _gist(exc: Exception, limit: int = 240) -> str:
