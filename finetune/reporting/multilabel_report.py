@@ -21,7 +21,7 @@ from finetune.reporting.html import RunContext
 from finetune.reporting.page import Section, write_page
 from finetune.reporting.plots import (
     plot_confusion_matrix,
-    plot_image_grid,
+    plot_labelled_grid,
     plot_pr_curves,
     plot_reliability,
     plot_training_curves,
@@ -84,21 +84,14 @@ def worst_errors(preds: Predictions, class_names: list[str], *, per_class: int =
 
 
 def _gallery(errors: pd.DataFrame, path: Path) -> Path | None:
-    """The worst errors as one picture grid, a row per class and kind."""
+    """The worst errors as one picture grid: a row per class and kind of error, each picture with its probability."""
     if errors.empty:
         return None
-    rows = list(errors.groupby(["class", "kind"], sort=False))
-    images, captions = [], []
-    for (name, kind), group in rows:
-        for k in range(WORST):
-            if k < len(group):
-                images.append(load_image(group["path"].iloc[k]))
-            else:
-                images.append(np.full((8, 8, 3), 255, dtype=np.uint8))
-            captions.append(f"{name}: {kind} #{k + 1}")
-    size = max(max(i.shape[0], i.shape[1]) for i in images)
-    padded = [np.pad(i, ((0, size - i.shape[0]), (0, size - i.shape[1]), (0, 0)), constant_values=255) for i in images]
-    plot_image_grid(padded, captions, path, columns=WORST)
+    rows = [
+        (f"{name}: {kind}", [(load_image(p), f"p({name}) {q:.2f}") for p, q in zip(group["path"], group["probability"])])
+        for (name, kind), group in errors.groupby(["class", "kind"], sort=False)
+    ]
+    plot_labelled_grid(rows, path, columns=WORST)
     return path
 
 
@@ -109,11 +102,18 @@ def _figures(
     counts = np.asarray((np.asarray(preds.targets) > 0.5).sum(axis=0), dtype=float)
     normalized = card.cooccurrence.div(np.maximum(counts, 1.0), axis=0)  # rows over each true label's image count
     plot_confusion_matrix(
-        normalized, card.cooccurrence, folder / "cooccurrence.png", title="true label (rows) with predicted label (columns)"
+        normalized, card.cooccurrence, folder / "cooccurrence.png", title="true (rows) with predicted (columns)"
     )
     before = card.calibration_before
     ece_before = expected_calibration_error(before) if before is not None else None
-    plot_reliability(card.calibration, card.metrics["ece"], folder / "reliability.png", before=before, ece_before=ece_before)
+    plot_reliability(
+        card.calibration,
+        card.metrics["ece"],
+        folder / "reliability.png",
+        before=before,
+        ece_before=ece_before,
+        confidence="confidence of each class decision, max(p, 1 - p)",
+    )
     figures: dict[str, Path | None] = {
         "pr": folder / "pr_curves.png",
         "cooccurrence": folder / "cooccurrence.png",

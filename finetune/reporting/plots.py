@@ -184,7 +184,9 @@ def _mark_kept(axes: Sequence[Axes], history: pd.DataFrame, epoch: int) -> None:
     axes[1].plot([epoch], [row["val_accuracy"]], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
 
 
-def _reliability_panel(top: Axes, bottom: Axes, table: pd.DataFrame, title: str) -> None:
+def _reliability_panel(
+    top: Axes, bottom: Axes, table: pd.DataFrame, title: str, confidence: str = "confidence (top-1 probability)"
+) -> None:
     width = table["upper"] - table["lower"]
     filled = table["count"] > 0
     top.bar(
@@ -212,14 +214,20 @@ def _reliability_panel(top: Axes, bottom: Axes, table: pd.DataFrame, title: str)
     top.set_title(title)
     top.legend(loc="upper left")
     bottom.bar(table["lower"], table["count"], width=width, align="edge", color="0.6", edgecolor="k")
-    bottom.set_xlabel("confidence (top-1 probability)")
+    bottom.set_xlabel(confidence)
     bottom.set_ylabel("images")
     bottom.set_xlim(0, 1)
 
 
 @_plain_text
 def plot_reliability(
-    table: pd.DataFrame, ece: float, path: Path, *, before: pd.DataFrame | None = None, ece_before: float | None = None
+    table: pd.DataFrame,
+    ece: float,
+    path: Path,
+    *,
+    before: pd.DataFrame | None = None,
+    ece_before: float | None = None,
+    confidence: str = "confidence (top-1 probability)",
 ) -> None:
     """Accuracy per confidence bin against the diagonal, with the confidence histogram below; with `before`,
     the uncalibrated diagram on the left and the temperature-scaled one on the right."""
@@ -228,7 +236,7 @@ def plot_reliability(
     fig = Figure(figsize=(5.5 * len(panels), 6.5), dpi=110)
     axes = fig.subplots(2, len(panels), gridspec_kw={"height_ratios": [3, 1]}, sharex=True, squeeze=False)
     for column, (data, title) in enumerate(panels):
-        _reliability_panel(axes[0, column], axes[1, column], data, title)
+        _reliability_panel(axes[0, column], axes[1, column], data, title, confidence)
     _save(fig, path)
 
 
@@ -342,4 +350,25 @@ def plot_pr_curves(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float, fl
     ax.set_title("precision-recall per class (dot: the chosen threshold)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left", ncol=1 if len(curves) <= 12 else 2)
+    _save(fig, path)
+
+
+@_plain_text
+def plot_labelled_grid(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], path: Path, *, columns: int) -> None:
+    """Rows of pictures, each row titled on its left (e.g. 'cat: false positive') and each picture captioned under it
+    (e.g. 'p 0.97'); a row with fewer pictures leaves its last cells empty."""
+    fig = Figure(figsize=(1.9 * columns + 1.6, 2.1 * len(rows)), dpi=100)
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for r, (title, pictures) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if c < len(pictures):
+                image, caption = pictures[c]
+                ax.imshow(image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2), interpolation="antialiased")
+                ax.set_xlabel(caption, fontsize=8)
+        axes[r, 0].set_ylabel(textwrap.fill(title, 18), fontsize=9, rotation=0, ha="right", va="center")
     _save(fig, path)
