@@ -376,3 +376,26 @@ def test_cross_validation_and_audit_find_missing_and_wrong_labels(tmp_path):
     assert {"given_labels", "suggested_labels", "looks_missing", "looks_wrong"} <= set(result.quality.columns)
     assert (row["looks_missing"] or row["looks_wrong"]) and "confident learning" in row["reason"]
     assert (tmp_path / "audit" / "class_quality.csv").is_file() and (tmp_path / "audit" / "audit.html").is_file()
+
+
+def test_mixup_of_several_labels_names_the_timm_it_needs(monkeypatch):
+    from finetune.training import mixup as mixup_module
+
+    class OldMixup:  # timm before 1.0.31: no multi_label argument
+        def __init__(
+            self,
+            mixup_alpha=1.0,
+            cutmix_alpha=0.0,
+            prob=1.0,
+            switch_prob=0.5,
+            mode="batch",
+            label_smoothing=0.1,
+            num_classes=1000,
+        ):
+            pass
+
+    cfg = recipe_from_dict(_recipe(train={"mixup": {"mixup_alpha": 0.4}})).train.mixup
+    monkeypatch.setattr(mixup_module, "Mixup", OldMixup)
+    with pytest.raises(RecipeError, match=r"train.mixup with several labels per image needs timm 1.0.31 or newer"):
+        mixup_module.Mixer(cfg, label_smoothing=0.0, num_classes=3, multi_label=True)
+    mixup_module.Mixer(cfg, label_smoothing=0.0, num_classes=3)  # one label per image: any timm

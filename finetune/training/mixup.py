@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
+import timm
 import torch
 from timm.data import Mixup
 from torch import nn
 
 from finetune.config.train_schema import MixupConfig
+from finetune.errors import RecipeError
 from finetune.inference.task import SingleLabel, Task
 
 
@@ -18,6 +22,11 @@ class Mixer:
     """
 
     def __init__(self, cfg: MixupConfig, *, label_smoothing: float, num_classes: int, multi_label: bool = False) -> None:
+        if multi_label and "multi_label" not in inspect.signature(Mixup).parameters:
+            raise RecipeError(
+                f"train.mixup with several labels per image needs timm 1.0.31 or newer (installed: {timm.__version__}); "
+                "pip install -U timm, or remove train.mixup"
+            )
         self.mixup = Mixup(
             mixup_alpha=cfg.mixup_alpha,
             cutmix_alpha=cfg.cutmix_alpha,
@@ -26,7 +35,7 @@ class Mixer:
             mode="batch",
             label_smoothing=label_smoothing,
             num_classes=num_classes,
-            multi_label=multi_label,  # multi-hot targets, smoothed to y * (1 - s) + s / 2
+            **({"multi_label": True} if multi_label else {}),  # multi-hot targets, smoothed to y * (1 - s) + s / 2
         )
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
