@@ -309,12 +309,15 @@ def test_mixup_trains_on_multi_hot_targets(dataset, tmp_path):
 def test_predict_eval_export_and_the_api(run, dataset, tmp_path):
     import finetune
     from finetune import evaluate, export
+    from finetune.errors import UsageError
 
     model = finetune.load(run.run_dir)
     frame = model.predict([str(dataset / "img" / "p000.png"), str(dataset / "img" / "p001.png")])
     assert list(frame.columns[:3]) == ["path", "labels", "confidence"]
     truth = pd.read_csv(dataset / "manifest.csv", keep_default_na=False)["labels"][:2].tolist()
     assert frame["labels"].fillna("").tolist() == truth
+    with pytest.raises(UsageError, match=r"--reject auto is for one label per image; with several use --min-confidence P"):
+        model.predict(str(dataset / "img" / "p000.png"), reject="auto", target_accuracy=0.9)
     unsure = model.predict(str(dataset / "img" / "p000.png"), min_confidence=0.999999)
     assert unsure["labels"].iloc[0] == "unknown" and "unsure" in unsure
     report = evaluate(run=run.run_dir, data=dataset / "manifest.csv", out=tmp_path / "eval", progress=False)
@@ -328,6 +331,14 @@ def test_predict_eval_export_and_the_api(run, dataset, tmp_path):
     again = exported.predict([str(dataset / "img" / "p000.png"), str(dataset / "img" / "p001.png")])
     assert again["labels"].tolist() == frame["labels"].tolist()
     np.testing.assert_allclose(again[[f"prob_{c}" for c in CLASSES]], frame[[f"prob_{c}" for c in CLASSES]], atol=1e-4)
+    from finetune.inference.predictor import Predictor
+    from finetune.server.model import ServedModel
+
+    served = ServedModel(predictor=Predictor(run.run_dir), top_k=3)
+    picture = np.asarray(Image.open(dataset / "img" / "p000.png").convert("RGB"))
+    answer = served.classify([picture], ["p000.png"])[0]
+    assert answer["labels"] == [n for n in truth[0].split("|") if n] and answer["label"] == truth[0]
+    assert answer["probabilities"]["red"] == pytest.approx(frame["prob_red"].iloc[0], abs=1e-5)
     stored = task_named("multilabel", thresholds=load_checkpoint(run.best_checkpoint)["thresholds"])
     assert isinstance(stored, MultiLabel) and len(stored.thresholds or ()) == 3
 

@@ -55,6 +55,11 @@ def calibrated_validation(trained: TrainedModel, *, instead: str) -> tuple[np.nd
 
 def auto_threshold(trained: TrainedModel, target_accuracy: float) -> RejectRule:
     """The threshold whose answered validation images reach `target_accuracy` (calibrated, from best.pt's own outputs)."""
+    if trained.task.name == "multilabel":
+        raise UsageError(
+            "--reject auto is for one label per image; with several use --min-confidence P (an image is 'unknown' when "
+            "one of its class decisions is less sure than P)"
+        )
     probs, targets = calibrated_validation(trained, instead="use --min-confidence P instead")
     rule = threshold_for_accuracy(probs, targets, target_accuracy)
     if rule is None:

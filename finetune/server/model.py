@@ -48,18 +48,21 @@ class ServedModel:
         table = predictions_table(preds, self.class_names, top_k=self.top_k, min_confidence=self.min_confidence)
         k = min(self.top_k, len(self.class_names))
         answers = []
+        several = "labels" in table.columns  # several labels per image: the set, names joined by |
         for row, name, probs in zip(table.itertuples(index=False), names, preds.probs):
-            label = str(row.predicted_label)
-            answers.append(
-                {
-                    "file": name,
-                    "label": label,
-                    "confidence": float(row.confidence),
-                    "unknown": bool(self.min_confidence is not None and float(row.confidence) < self.min_confidence),
-                    "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)},
-                    "top_k": [{"label": self.class_names[i], "probability": float(probs[i])} for i in np.argsort(-probs)[:k]],
-                }
-            )
+            label = str(row.labels if several else row.predicted_label)
+            unknown = bool(self.min_confidence is not None and float(row.confidence) < self.min_confidence)
+            answer = {
+                "file": name,
+                "label": label,
+                "confidence": float(row.confidence),
+                "unknown": unknown,
+                "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)},
+                "top_k": [{"label": self.class_names[i], "probability": float(probs[i])} for i in np.argsort(-probs)[:k]],
+            }
+            if several:
+                answer["labels"] = [] if unknown else [n for n in label.split("|") if n]
+            answers.append(answer)
         return answers
 
     def _predictions(self, images: list[np.ndarray], names: list[str]) -> Predictions:
