@@ -32,7 +32,7 @@ def test_last_stage_recipe_on_real_photos(tmp_path):
             "data.batch_size=32",
             "transforms.input_size=112",  # real photos decoded and resized all the same, at a quarter of the pixels
             "train.cache_views=2",  # still more than one cached view per image; the recipe's 4 cost twice as long
-            "eval.gradcam=false",  # Grad-CAM is tested elsewhere (tests/test_explain.py)
+            "eval.gradcam=false",  # Grad-CAM: tests/test_explain.py and the tiny runs
         ],
         progress=False,
     )
