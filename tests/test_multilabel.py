@@ -410,3 +410,16 @@ def test_mixup_of_several_labels_names_the_timm_it_needs(monkeypatch):
     with pytest.raises(RecipeError, match=r"train.mixup with several labels per image needs timm 1.0.31 or newer"):
         mixup_module.Mixer(cfg, label_smoothing=0.0, num_classes=3, multi_label=True)
     mixup_module.Mixer(cfg, label_smoothing=0.0, num_classes=3)  # one label per image: any timm
+
+
+def test_lr_find_uses_binary_cross_entropy(dataset, tmp_path):
+    import yaml
+
+    from finetune import api
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe()))
+    result = api.find_lr(recipe=path, data=dataset / "manifest.csv", out=tmp_path / "lr", steps=12, progress=False)
+    first = float(result.curve["loss"].iloc[0])
+    assert 0.5 < first < 0.9  # BCE of near-zero logits is ln 2 = 0.69; cross-entropy of these targets would be ~1.5
+    assert (tmp_path / "lr" / "lr_find.csv").is_file()

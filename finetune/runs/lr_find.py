@@ -21,6 +21,7 @@ from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.loader import ImageDataset, make_loader
 from finetune.files import default_cache_dir, write_table
 from finetune.inference.device import autocast_dtype, resolve_device
+from finetune.inference.task import DEFAULT_TASK, TASKS, MultiLabel
 from finetune.models.stages import set_train_mode
 from finetune.reporting.plots import plot_lr_curve
 from finetune.run_dir import check_destination
@@ -79,7 +80,8 @@ def find_lr(
         drop_lone_last=setup.lone_batch_fails,
     )
     set_train_mode(bundle.model, setup.plan, bundle.stages)
-    criterion = build_criterion(loaded.loss, prepared.class_weights).to(device)
+    task = TASKS[MultiLabel.name if prepared.data.index.multilabel else DEFAULT_TASK]  # BCE for several labels per image
+    criterion = build_criterion(loaded.loss, prepared.class_weights, task=task).to(device)
     seed_epoch(loaded.seed, 1)  # dropout draws as training's first epoch, whether or not a caching pass ran before
     curve = lr_range_test(
         net, loader, setup.optimizer, criterion, device=device, start_lr=start_lr, end_lr=end_lr, steps=steps, progress=progress
