@@ -423,3 +423,52 @@ def test_lr_find_uses_binary_cross_entropy(dataset, tmp_path):
     first = float(result.curve["loss"].iloc[0])
     assert 0.5 < first < 0.9  # BCE of near-zero logits is ln 2 = 0.69; cross-entropy of these targets would be ~1.5
     assert (tmp_path / "lr" / "lr_find.csv").is_file()
+
+
+def test_two_processes_match_one_with_several_labels(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the same head weights and validation figures as one process (one batch
+    of 24 in one process = 12 on each rank; no augmentation, BatchNorm frozen), the validation targets gathered as
+    multi-hot rows."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    frame = write_multilabel_set(tmp_path, count=30, seed=5)
+    frame.assign(split=["train"] * 24 + ["val"] * 6).to_csv(tmp_path / "manifest.csv", index=False)  # 24: even
+    recipe = _recipe(
+        data={"val_fraction": 0.2, "test_fraction": 0.0, "batch_size": 24},
+        train={
+            "epochs": 2,
+            "lr": 0.05,
+            "optimizer": "sgd",
+            "freeze": ["stem", "layer1", "layer2", "layer3", "layer4"],
+            "feature_cache": "off",
+        },
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    single = train(recipe=recipe_from_dict(recipe), data=tmp_path / "manifest.csv", out=tmp_path / "single", progress=False)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "finetune",
+        "train",
+        str(tmp_path / "recipe.yaml"),
+        "--data",
+        str(tmp_path / "manifest.csv"),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--quiet",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("mean average precision") == 1  # one summary line, from rank 0
+    a = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["state_dict"]
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+    columns = ["val_loss", "val_mean_average_precision", "val_macro_f1"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ddp" / "metrics.csv")[columns], single.history[columns], atol=1e-4)

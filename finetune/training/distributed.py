@@ -107,8 +107,9 @@ def gather_logits(logits: np.ndarray, targets: np.ndarray, ranks: Ranks, *, tota
     pieces: list[Any] = [None] * ranks.world
     dist.all_gather_object(pieces, (logits, targets))
     width = next(piece[0].shape[1] for piece in pieces if len(piece[0]))
+    sample = next(np.asarray(piece[1]) for piece in pieces if len(piece[1]))  # class indices, or multi-hot rows
     full_logits = np.zeros((total, width), dtype=np.float32)
-    full_targets = np.zeros(total, dtype=np.int64)
+    full_targets = np.zeros((total, *sample.shape[1:]), dtype=sample.dtype)
     for rank, (rank_logits, rank_targets) in enumerate(pieces):
         index = list(shard_indices(total, rank=rank, world=ranks.world))
         full_logits[index], full_targets[index] = rank_logits, rank_targets
