@@ -7,6 +7,8 @@ split stays untouched, and reported with the expected calibration error, NLL and
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
@@ -82,3 +84,15 @@ def calibration_summary(preds: Predictions) -> dict[str, float]:
         "nll": preds.task.nll(preds.probs, preds.targets),
         "brier": preds.task.brier(preds.probs, preds.targets),
     }
+
+
+def calibration_block(preds: Predictions) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """metrics.json's calibration block (temperature, ECE/NLL/Brier after and, when one was applied, before), and
+    the confidence bins before the temperature (None without one)."""
+    after = calibration_summary(preds)
+    if preds.logits is None or preds.temperature == 1.0:
+        return {"temperature": preds.temperature, "after": after}, None
+    unscaled = preds.with_temperature(1.0)
+    return {"temperature": preds.temperature, "before": calibration_summary(unscaled), "after": after}, calibration_table(
+        unscaled
+    )

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score, hamming_loss, precision_recall_fscore_support
 
-from finetune.evaluation.calibration import calibration_summary, calibration_table
+from finetune.evaluation.calibration import calibration_block, calibration_table
 from finetune.evaluation.intervals import SEED, wilson_interval
 from finetune.inference.predictions import Predictions
 from finetune.inference.task import mean_average_precision
@@ -111,16 +111,6 @@ def cooccurrence(truth: np.ndarray, predicted: np.ndarray, class_names: list[str
     return pd.DataFrame(counts, index=pd.Index(class_names, name="true"), columns=pd.Index(class_names, name="predicted"))
 
 
-def _calibration(preds: Predictions) -> tuple[dict[str, Any], pd.DataFrame | None]:
-    after = calibration_summary(preds)
-    if preds.logits is None or preds.temperature == 1.0:
-        return {"temperature": preds.temperature, "after": after}, None
-    unscaled = preds.with_temperature(1.0)
-    return {"temperature": preds.temperature, "before": calibration_summary(unscaled), "after": after}, calibration_table(
-        unscaled
-    )
-
-
 def score_multilabel(preds: Predictions, class_names: list[str]) -> MultiLabelScorecard:
     """Every number of a multi-label report from labelled predictions (multi-hot `targets`)."""
     truth = np.asarray(preds.targets) > 0.5
@@ -146,7 +136,7 @@ def score_multilabel(preds: Predictions, class_names: list[str]) -> MultiLabelSc
         "macro_f1": [float(v) for v in spans["macro_f1"]],
         "subset_accuracy": list(wilson_interval(subset, n)),
     }
-    calibration, before = _calibration(preds)
+    calibration, before = calibration_block(preds)
     metrics["ece"] = calibration["after"]["ece"]
     metrics["nll"], metrics["brier"] = calibration["after"]["nll"], calibration["after"]["brier"]
     metrics["calibration"] = calibration

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from finetune.evaluation.calibration import calibration_summary, calibration_table
+from finetune.evaluation.calibration import calibration_block, calibration_table
 from finetune.evaluation.intervals import bootstrap_intervals
 from finetune.evaluation.metrics import confusion_tables, headline_metrics, most_confused, per_class_table
 from finetune.inference.predictions import Predictions
@@ -40,17 +40,6 @@ def _with_intervals(per_class: pd.DataFrame, intervals: dict[str, Any]) -> pd.Da
     return table
 
 
-def _calibration(preds: Predictions) -> tuple[dict[str, Any], pd.DataFrame | None]:
-    """metrics.json's calibration block, and the bins before the temperature when one was applied."""
-    after = calibration_summary(preds)
-    if preds.logits is None or preds.temperature == 1.0:
-        return {"temperature": preds.temperature, "after": after}, None
-    unscaled = preds.with_temperature(1.0)
-    return {"temperature": preds.temperature, "before": calibration_summary(unscaled), "after": after}, calibration_table(
-        unscaled
-    )
-
-
 def _coverage(risk: pd.DataFrame, preds: Predictions) -> dict[str, float | None]:
     found: dict[str, float | None] = {}
     for target in COVERAGE_TARGETS:
@@ -64,7 +53,7 @@ def score(preds: Predictions, class_names: list[str], *, top_k: int) -> Scorecar
     metrics = headline_metrics(preds, class_names, top_k=top_k)
     intervals = bootstrap_intervals(preds.targets, preds.predicted, len(class_names))
     metrics["ci95"] = {name: intervals[name] for name in ("accuracy", "balanced_accuracy", "macro_f1")}
-    calibration, before = _calibration(preds)
+    calibration, before = calibration_block(preds)
     metrics["nll"], metrics["brier"] = calibration["after"]["nll"], calibration["after"]["brier"]
     metrics["calibration"] = calibration
     risk = risk_coverage(preds.probs, preds.targets)
