@@ -429,10 +429,8 @@ def test_two_processes_match_one_with_several_labels(tmp_path):
     """torchrun with 2 CPU processes (gloo): the same head weights and validation figures as one process (one batch
     of 24 in one process = 12 on each rank; no augmentation, BatchNorm frozen), the validation targets gathered as
     multi-hot rows."""
-    import subprocess
-    import sys
-
     import yaml
+    from test_distributed import _torchrun
 
     frame = write_multilabel_set(tmp_path, count=30, seed=5)
     frame.assign(split=["train"] * 24 + ["val"] * 6).to_csv(tmp_path / "manifest.csv", index=False)  # 24: even
@@ -448,23 +446,7 @@ def test_two_processes_match_one_with_several_labels(tmp_path):
     )
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     single = train(recipe=recipe_from_dict(recipe), data=tmp_path / "manifest.csv", out=tmp_path / "single", progress=False)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "finetune",
-        "train",
-        str(tmp_path / "recipe.yaml"),
-        "--data",
-        str(tmp_path / "manifest.csv"),
-        "--out",
-        str(tmp_path / "ddp"),
-        "--quiet",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = _torchrun(tmp_path / "recipe.yaml", "--data", tmp_path / "manifest.csv", "--out", tmp_path / "ddp")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("mean average precision") == 1  # one summary line, from rank 0
     a = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")["state_dict"]
