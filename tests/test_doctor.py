@@ -270,3 +270,29 @@ def test_screening_for_prediction_gives_prediction_advice_not_training_advice(tm
     assert "data.exclude" not in caplog.text
     assert "placeholder pictures rather than photos, e.g." in caplog.text and "they are classified as they are" in caplog.text
     assert "skipping 1 unreadable image(s)" in caplog.text and "they get no prediction" in caplog.text
+
+
+def test_worker_processes_examine_like_one_process(tmp_path, monkeypatch):
+    """A large folder is screened by worker processes: the same facts in the same order as one process, cache filled."""
+    from finetune.data import doctor, parallel
+    from finetune.data.facts import FactsCache
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    paths = []
+    for i in range(40):
+        Image.fromarray(_pattern(i % 9, i % 3, size=20)).save(folder / f"p{i}.png")
+        paths.append(str(folder / f"p{i}.png"))
+    for i in range(3):
+        (folder / f"bad{i}.jpg").write_bytes(b"not a picture %d" % i)
+        paths.insert(7 * i, str(folder / f"bad{i}.jpg"))
+    serial = doctor.examine_all(paths, progress=False)
+    monkeypatch.setattr(parallel, "PARALLEL_FROM", 4)
+    monkeypatch.setenv("FINETUNE_WORKERS", "2")
+    cache = FactsCache(tmp_path / "cache")
+    assert doctor.examine_all(paths, progress=False, cache=cache) == serial
+    assert [f.problem for f in serial].count("not an image") == 3
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == len(paths)  # the workers wrote the cache entries
+    monkeypatch.setenv("FINETUNE_WORKERS", "two")
+    with pytest.raises(DataError, match="FINETUNE_WORKERS is 'two'; set it to a whole number >= 1"):
+        doctor.examine_all(paths, progress=False)

@@ -15,7 +15,8 @@ import pandas as pd
 from finetune.bars import progress as progress_bar
 from finetune.config.catalog import EXTENSION_FORMATS
 from finetune.data.duplicates import duplicate_pairs, find_duplicate_groups, list_pairs, pair_count
-from finetune.data.facts import FLAT_LOOK, FactsCache, ImageFacts, examine_image
+from finetune.data.facts import FLAT_LOOK, FactsCache, ImageFacts
+from finetune.data.parallel import examine_many
 from finetune.data.scan import class_folders, scan_image_folder, split_folders, split_labels
 from finetune.errors import DataError
 
@@ -49,7 +50,9 @@ def _rare_placeholders(facts: list[ImageFacts]) -> list[ImageFacts]:
 
 def examine_all(paths: Sequence[str], *, progress: bool = True, cache: FactsCache | None = None) -> list[ImageFacts]:
     """`examine_image` for every path, placeholders judged against the whole set."""
-    looked = [examine_image(p, cache) for p in progress_bar(paths, desc="check images", disable=not progress, leave=False)]
+    looked = list(
+        progress_bar(examine_many(paths, cache=cache), total=len(paths), desc="check images", disable=not progress, leave=False)
+    )
     return _rare_placeholders(looked)
 
 
