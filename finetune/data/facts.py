@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 RULES = 2  # bump when examine_image's verdicts change
 
 
-@dataclass
+@dataclass(slots=True)
 class ImageFacts:
-    """What decoding one file revealed; `problem` is None for a usable image."""
+    """What decoding one file revealed; `problem` is None for a usable image (slots: a million of them fit in memory)."""
 
     problem: str | None
     detail: str = ""
