@@ -160,7 +160,7 @@ KINDS = {
 MIN_F1_CHANGE = 0.02  # smaller per-class F1 (or AP) moves are listed as unchanged: on small splits they are an image or two
 
 
-def _changes(per_class: pd.DataFrame, positive: bool, by: str, *, name: Callable[[Any], str] = str) -> str:
+def _changes(per_class: pd.DataFrame, positive: bool, *, by: str = "f1", name: Callable[[Any], str] = str) -> str:
     """'cat (+0.120), dog (+0.031)': the classes whose `by` (F1, or AP) moved that way, each name through `name`
     (escaped for Markdown)."""
     delta = per_class[f"{by}_delta"]
@@ -172,8 +172,8 @@ def _changes(per_class: pd.DataFrame, positive: bool, by: str, *, name: Callable
 def _fixed_and_broke(per_class: pd.DataFrame, task: Task, *, name: Callable[[Any], str] = str) -> tuple[str, str]:
     by = task.metric_family.per_class_rank_by
     return (
-        f"Fixed ({TITLES[by]} up by {MIN_F1_CHANGE} or more): {_changes(per_class, True, by, name=name)}",
-        f"Broke ({TITLES[by]} down by {MIN_F1_CHANGE} or more): {_changes(per_class, False, by, name=name)}",
+        f"Fixed ({TITLES[by]} up by {MIN_F1_CHANGE} or more): {_changes(per_class, True, by=by, name=name)}",
+        f"Broke ({TITLES[by]} down by {MIN_F1_CHANGE} or more): {_changes(per_class, False, by=by, name=name)}",
     )
 
 
@@ -310,7 +310,7 @@ def diff_reports(*, run_a: str | Path, run_b: str | Path, out: str | Path) -> Re
     (folder_a, task), (folder_b, task_b) = _report_folder(Path(run_a)), _report_folder(Path(run_b))
     if task.name != task_b.name:
         raise UsageError(
-            f"{run_a} holds a report of {task.described} and {run_b} one of {task_b.described}; "
+            f"{run_a} holds a report of {task.described} but {run_b} a report of {task_b.described}; "
             "report diff compares two reports of the same kind: diff each against a run of its own kind"
         )
     per_class = _per_class_diff(folder_a, folder_b, task)
