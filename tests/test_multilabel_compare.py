@@ -132,3 +132,24 @@ def test_report_diff_refuses_a_one_label_against_a_multi_label_report(compared, 
     ):
         api.diff_reports(run_a=compared.folder / "full", run_b=one, out=tmp_path / "diff")
     assert not (tmp_path / "diff").exists()
+
+
+def test_seeds_summary_of_several_labels_is_of_map():
+    from finetune.inference.task import MultiLabel
+    from finetune.reporting.leaderboard import seeds_table
+    from finetune.runs.compare import seed_summary
+
+    board = pd.DataFrame(
+        {
+            "recipe": ["a-seed0", "a-seed1", "b-seed0", "b-seed1"],
+            "mean_average_precision": [0.7, 0.8, 0.9, 0.95],
+            "mean_average_precision_lo": 0.5,
+            "mean_average_precision_hi": 1.0,
+            "macro_f1": [0.9, 0.9, 0.5, 0.5],  # a leads on macro-F1, b on mAP: mAP decides
+            "seconds": 10.0,
+        }
+    )
+    means = seed_summary(board, task=MultiLabel())
+    assert means["recipe"].tolist() == ["b", "a"] and means["mean_average_precision_mean"].tolist() == [0.925, 0.75]
+    shown = seeds_table(means, 2, task=MultiLabel())
+    assert shown.columns[1] == "mAP, mean ± sd of 2 seeds" and shown.iloc[0, 1] == "0.925 ± 0.035"
