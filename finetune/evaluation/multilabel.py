@@ -1,7 +1,8 @@
 """The report's numbers for several labels per image, computed once: mean average precision with its bootstrap
 interval, micro/macro F1, subset accuracy, Hamming loss, per-class AP / precision / recall / F1 at the chosen
 thresholds (Wilson intervals for proportions, a seeded bootstrap for AP and F1), per-class 2x2 tables, the
-true-vs-predicted label co-occurrence, and calibration over every class decision."""
+true-vs-predicted label co-occurrence, and calibration over every class decision; and the paired bootstrap of two
+runs' mAP and macro-F1 on the same images (what `compare` and `report diff` test)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score, hamming_loss, precision_recall_fscore_support
 
+from finetune.data.scan import split_labels
 from finetune.evaluation.calibration import calibration_block, calibration_table
-from finetune.evaluation.intervals import SEED, wilson_interval
+from finetune.evaluation.intervals import RESAMPLES as PAIRED_RESAMPLES
+from finetune.evaluation.intervals import SEED, Difference, wilson_interval
 from finetune.inference.predictions import Predictions
 from finetune.inference.task import mean_average_precision
 
 RESAMPLES = 1000  # image-level bootstrap resamples for mAP, AP and F1 intervals
+CHUNK = 250  # resamples scored at once by the paired bootstrap (bounds its memory: CHUNK x images floats)
+PROB_PREFIX = "prob_"  # a predictions table's probability column of a class: prob_NAME
 
 
 @dataclass
@@ -148,3 +153,94 @@ def score_multilabel(preds: Predictions, class_names: list[str]) -> MultiLabelSc
         calibration=calibration_table(preds),
         calibration_before=before,
     )
+
+
+def resampled_average_precision(truth: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """`average_precision` of one class on many resamples at once, each given as how often it draws every image
+    (counts: resamples x N). Exact: a drawn copy ties with itself, so a resample's distinct thresholds are the
+    original ones it draws from. NaN where a resample holds no positive."""
+    order = np.argsort(-scores, kind="mergesort")
+    ends = np.r_[np.flatnonzero(np.diff(scores[order])), len(order) - 1]  # the last index of each distinct score
+    weights = counts[:, order]
+    drawn = np.cumsum(weights, axis=1)[:, ends]
+    hits = np.cumsum(weights * truth[order], axis=1)[:, ends]
+    positives = hits[:, -1:]
+    precision = np.divide(hits, drawn, out=np.zeros(hits.shape), where=drawn > 0)
+    recall = np.divide(hits, positives, out=np.zeros(hits.shape), where=positives > 0)
+    ap = (np.diff(recall, axis=1, prepend=0.0) * precision).sum(axis=1)
+    return np.where(positives[:, 0] > 0, ap, np.nan)
+
+
+def _resampled_scores(truth: np.ndarray, probs: np.ndarray, predicted: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(resamples x 2): the mAP (over the classes with a positive in each resample) and macro-F1 of every resample."""
+    ap = np.stack([resampled_average_precision(truth[:, c], probs[:, c], counts) for c in range(truth.shape[1])], axis=1)
+    scored = (~np.isnan(ap)).sum(axis=1)  # the classes with a positive in each resample
+    mean_ap = np.where(scored > 0, np.nansum(ap, axis=1) / np.maximum(scored, 1), np.nan)
+    tp = counts @ (truth & predicted).astype(np.float64)
+    both = counts @ truth.astype(np.float64) + counts @ predicted.astype(np.float64)
+    f1 = np.divide(2.0 * tp, both, out=np.zeros(tp.shape), where=both > 0)
+    return np.stack([mean_ap, f1.mean(axis=1)], axis=1)
+
+
+def paired_multilabel_difference(
+    truth: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    predicted_a: np.ndarray,
+    predicted_b: np.ndarray,
+    *,
+    resamples: int = PAIRED_RESAMPLES,
+    seed: int = SEED,
+) -> list[Difference]:
+    """Paired bootstrap of B - A for mean average precision and macro-F1 (each run at its own thresholds) on the same
+    images: each resample draws image indices once (seeded) and scores both runs on them, so the noise of the test
+    set they share cancels. Boolean N x C `truth` and decisions, N x C probabilities."""
+    truth, predicted_a, predicted_b = (np.asarray(x, dtype=bool) for x in (truth, predicted_a, predicted_b))
+    rng = np.random.default_rng(seed)
+    n = len(truth)
+    deltas = []
+    for start in range(0, resamples, CHUNK):
+        size = min(CHUNK, resamples - start)
+        rows = rng.integers(0, n, (size, n)) + n * np.arange(size)[:, None]
+        counts = np.bincount(rows.ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
+        deltas.append(
+            _resampled_scores(truth, probs_b, predicted_b, counts) - _resampled_scores(truth, probs_a, predicted_a, counts)
+        )
+    delta = np.concatenate(deltas)
+    observed_map = mean_average_precision(truth, probs_b) - mean_average_precision(truth, probs_a)
+    observed_f1 = float(_f1(truth, predicted_b).mean() - _f1(truth, predicted_a).mean())
+    found = []
+    for column, (name, observed) in enumerate((("mean_average_precision", observed_map), ("macro_f1", observed_f1))):
+        kept = delta[~np.isnan(delta[:, column]), column]  # a resample without any positive has no mAP
+        low, high = np.percentile(kept, [2.5, 97.5]) if len(kept) else (np.nan, np.nan)
+        found.append(Difference(name, float(observed), float(low), float(high)))
+    return found
+
+
+def read_multilabel_table(frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(class names, truth, probabilities, decisions) of a predictions table with true sets (`multilabel_table`'s
+    columns: path, true_labels, labels, prob_NAME)."""
+    names = [str(c)[len(PROB_PREFIX) :] for c in frame.columns if str(c).startswith(PROB_PREFIX)]
+    column = {name: c for c, name in enumerate(names)}
+
+    def multi_hot(cells: pd.Series) -> np.ndarray:
+        rows = np.zeros((len(cells), len(names)), dtype=bool)
+        for r, cell in enumerate(cells):
+            rows[r, [column[n] for n in split_labels(str(cell)) if n in column]] = True
+        return rows
+
+    probs = frame[[PROB_PREFIX + n for n in names]].to_numpy(dtype=np.float64)
+    return names, multi_hot(frame["true_labels"]), probs, multi_hot(frame["labels"])
+
+
+def paired_multilabel_tables(a: pd.DataFrame, b: pd.DataFrame) -> list[Difference]:
+    """`paired_multilabel_difference` of two predictions tables (predictions.csv of two multi-label reports) when
+    they hold the same images with the same true sets and classes; [] when they do not (no paired test)."""
+    if "true_labels" not in a or "true_labels" not in b or len(a) != len(b) or set(a["path"]) != set(b["path"]):
+        return []
+    b = b.set_index("path").loc[a["path"]].reset_index()
+    names_a, truth, probs_a, predicted_a = read_multilabel_table(a)
+    names_b, truth_b, probs_b, predicted_b = read_multilabel_table(b)
+    if names_a != names_b or (truth != truth_b).any():
+        return []
+    return paired_multilabel_difference(truth, probs_a, probs_b, predicted_a, predicted_b)

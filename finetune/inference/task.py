@@ -27,12 +27,36 @@ UNKNOWN = "unknown"  # the label of an image the reject option leaves unanswered
 
 
 @dataclass(frozen=True)
+class MetricFamily:
+    """What a task's reports lead with and how runs of it are ranked: `compare`'s leaderboard and `report diff` read
+    the names from here (keys of metrics.json and columns of per_class.csv), so they hold no task `if`."""
+
+    headline: str  # the first number of a report, with its 95% interval in metrics.json's ci95
+    rank_by: str  # what orders a leaderboard, and what the paired test against the leader compares
+    tiebreak: str  # the second key of the order
+    worst_class_by: str  # the per_class.csv column whose lowest value names the worst class
+    per_class: tuple[str, ...]  # the per_class.csv columns `report diff` subtracts
+    per_class_rank_by: str  # the one of them whose change lists a class as fixed or broken
+    manifest_column: str  # the label column of a manifest: 'label', or 'labels' (names joined by |)
+
+
+@dataclass(frozen=True)
 class SingleLabel:
     """One class per image."""
 
     name: ClassVar[str] = "single_label"
+    described: ClassVar[str] = "one label per image"
     probability_rule: ClassVar[str] = "softmax(logits / temperature): calibrated probabilities"
     early_stopping_metric: ClassVar[str] = "val_accuracy"
+    metric_family: ClassVar[MetricFamily] = MetricFamily(
+        headline="accuracy",
+        rank_by="macro_f1",
+        tiebreak="accuracy",
+        worst_class_by="recall",
+        per_class=("precision", "recall", "f1"),
+        per_class_rank_by="f1",
+        manifest_column="label",
+    )
 
     def criterion(self, weights: list[float] | None = None, *, label_smoothing: float = 0.0) -> nn.Module:
         """Cross-entropy with optional per-class weights; soft (class-probability) targets are accepted too."""
@@ -119,8 +143,18 @@ class MultiLabel:
     """Any set of classes per image; `thresholds` (one per class, chosen on validation) turn probabilities into sets."""
 
     name: ClassVar[str] = "multilabel"
+    described: ClassVar[str] = "several labels per image"
     probability_rule: ClassVar[str] = "sigmoid(logits / temperature): one calibrated probability per class"
     early_stopping_metric: ClassVar[str] = "val_mean_average_precision"
+    metric_family: ClassVar[MetricFamily] = MetricFamily(
+        headline="mean_average_precision",
+        rank_by="mean_average_precision",
+        tiebreak="macro_f1",
+        worst_class_by="average_precision",
+        per_class=("average_precision", "threshold", "precision", "recall", "f1"),
+        per_class_rank_by="average_precision",
+        manifest_column="labels",
+    )
     thresholds: tuple[float, ...] | None = None
 
     def with_thresholds(self, thresholds: object) -> MultiLabel:

@@ -18,6 +18,7 @@ from finetune.evaluation.calibration import BINS, expected_calibration_error
 from finetune.evaluation.scorecard import Scorecard, score
 from finetune.files import read_table, read_text_table, replaced_folder, write_table, write_text
 from finetune.inference.predictions import Predictions, predictions_table
+from finetune.inference.task import DEFAULT_TASK, Task, task_named
 from finetune.reporting.html import Explain, RunContext, render_html
 from finetune.reporting.plots import (
     plot_confusion_matrix,
@@ -47,12 +48,16 @@ class Report:
         """'accuracy 0.9412', or with several labels per image 'mean average precision 0.9931'."""
         return headline(self.metrics)
 
+    @property
+    def task(self) -> Task:
+        """The task the report was scored for (metrics.json's `task`; one label per image where it has none)."""
+        return task_named(str(self.metrics.get("task", DEFAULT_TASK)))
+
 
 def headline(metrics: dict[str, Any]) -> str:
     """The report's first number in words: accuracy, or mean average precision for several labels per image."""
-    if metrics.get("task") == "multilabel":
-        return f"mean average precision {float(metrics['mean_average_precision']):.4f}"
-    return f"accuracy {float(metrics['accuracy']):.4f}"
+    name = task_named(str(metrics.get("task", DEFAULT_TASK))).metric_family.headline
+    return f"{name.replace('_', ' ')} {float(metrics[name]):.4f}"
 
 
 def _augmentation_preview(ctx: RunContext, path: Path, *, images: int = 4, views: int = 5) -> Path | None:

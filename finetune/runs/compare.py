@@ -1,5 +1,7 @@
 """`finetune compare`: train several recipes (or one recipe over several models) on the same data and split, then
-rank them in a leaderboard with their size (parameters, GMACs), accuracy with its interval, and wall time."""
+rank them in a leaderboard with their size (parameters, GMACs), accuracy with its interval, and wall time. With
+several labels per image (a manifest with a `labels` column) the runs are ranked by test mAP with its interval, and
+each is tested against the leader by a paired bootstrap of the mAP difference on the same images."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ from finetune.config.loading import load_recipe
 from finetune.config.schema import Recipe
 from finetune.data.split import evaluation_split
 from finetune.errors import RunDirError, UsageError
-from finetune.evaluation.intervals import paired_difference
+from finetune.evaluation.intervals import Difference, paired_difference
+from finetune.evaluation.multilabel import paired_multilabel_tables
 from finetune.files import (
     atomic_write,
     guarded,
@@ -29,12 +32,13 @@ from finetune.files import (
     write_table,
     write_text,
 )
+from finetune.inference.task import MultiLabel, SingleLabel, Task
 from finetune.models.inspect import inspect_model
 from finetune.reporting.leaderboard import leaderboard_markdown, leaderboard_table, write_leaderboard_html
 from finetune.reporting.report import Report
 from finetune.run_dir import RunDir, check_destination
 from finetune.runs.cv import CVResult, cross_validate
-from finetune.runs.prepare import QuickTry, changed_settings, refuse_several_labels
+from finetune.runs.prepare import QuickTry, changed_settings
 from finetune.runs.train import train
 from finetune.training.history import read_history
 
@@ -47,10 +51,11 @@ LEADERBOARD_FILES = ("leaderboard.csv", "leaderboard_seeds.csv", "leaderboard.md
 class CompareResult:
     folder: Path
     leaderboard: pd.DataFrame  # leaderboard.csv: plain numbers (seconds, parameter counts)
+    task: Task = field(default_factory=SingleLabel)  # what the runs predict: names the leaderboard's metrics
 
     def readable(self) -> pd.DataFrame:
-        """The leaderboard as people read it: '1 min 26 s', '11.2 M', accuracy with its interval."""
-        return leaderboard_table(self.leaderboard)
+        """The leaderboard as people read it: '1 min 26 s', '11.2 M', accuracy (or mAP) with its interval."""
+        return leaderboard_table(self.leaderboard, task=self.task)
 
 
 def _run_names(stems: Sequence[str]) -> list[str]:
@@ -71,26 +76,33 @@ def _size(recipe: Recipe, classes: int) -> dict[str, Any]:
 
 
 def _scores(name: str, recipe: Recipe, report: Report) -> dict[str, Any]:
-    """The leaderboard columns every row has: accuracy with its interval, macro-F1, the worst class, the size."""
+    """The leaderboard columns every row has: the task's headline (accuracy, or mAP with several labels per image) with
+    its interval, macro-F1, the worst class (by recall, or by AP), the size."""
+    family = report.task.metric_family
     classes, metrics = report.per_class, report.metrics
-    worst = classes.loc[classes["recall"].idxmin()]
-    low, high = metrics["ci95"]["accuracy"]
+    by = classes[family.worst_class_by].dropna()  # AP is NaN for a class without a positive among these images
+    worst = classes.loc[by.idxmin()] if len(by) else pd.Series({"class": "", family.worst_class_by: float("nan")})
+    low, high = metrics["ci95"][family.headline]
     return {
         "recipe": name,
         "model": recipe.model.name,
-        "accuracy": metrics["accuracy"],
-        "accuracy_lo": low,
-        "accuracy_hi": high,
+        family.headline: metrics[family.headline],
+        f"{family.headline}_lo": low,
+        f"{family.headline}_hi": high,
         "macro_f1": metrics["macro_f1"],
         "worst_class": worst["class"],
-        "worst_class_recall": float(worst["recall"]),
+        f"worst_class_{family.worst_class_by}": float(worst[family.worst_class_by]),
         **_size(recipe, len(classes)),
     }
 
 
-def _row(name: str, recipe: Recipe, report: Report | None, epochs: int, seconds: float) -> dict[str, Any]:
+def _finished(report: Report | None) -> Report:
     if report is None:
         raise UsageError("compare runs in one process; start it without torchrun")
+    return report
+
+
+def _row(name: str, recipe: Recipe, report: Report, epochs: int, seconds: float) -> dict[str, Any]:
     extra = {"epochs": epochs, "seconds": round(seconds, 1), "report": f"{name}/report/report.html"}
     return _scores(name, recipe, report) | extra
 
@@ -146,12 +158,13 @@ def _train_or_continue(
 
 
 def _cv_row(name: str, recipe: Recipe, result: CVResult, seconds: float) -> dict[str, Any]:
-    """A leaderboard row from out-of-fold figures, with the spread of the per-fold ones."""
+    """A leaderboard row from out-of-fold figures, with the spread of the per-fold ones (of what the board ranks by)."""
     spread = result.summary.set_index("fold")
     epochs = [len(read_text_table(RunDir(result.run_dir).fold(k).metrics)) for k in range(1, len(spread) - 1)]
+    ranked = result.report.task.metric_family.rank_by
     return _scores(name, recipe, result.report) | {
-        "macro_f1_fold_mean": spread.loc["mean", "macro_f1"],
-        "macro_f1_fold_std": spread.loc["std", "macro_f1"],
+        f"{ranked}_fold_mean": spread.loc["mean", ranked],
+        f"{ranked}_fold_std": spread.loc["std", ranked],
         "epochs": round(float(np.mean(epochs)), 1),
         "seconds": round(seconds, 1),
         "report": f"{name}/oof/report.html",
@@ -167,23 +180,39 @@ def _predictions(run: RunDir) -> pd.DataFrame:
     return frame
 
 
-def _versus_leader(out: Path, board: pd.DataFrame) -> list[str]:
-    """Each run against the leader on the same test images (paired bootstrap of macro-F1): 'within noise' or not."""
-    predictions = {name: _predictions(RunDir(out / name)) for name in board["recipe"]}
-    leader = predictions[board["recipe"].iloc[0]]
+def _one_label_versus(leader: pd.DataFrame, other: pd.DataFrame) -> Difference | None:
+    """Paired bootstrap of macro-F1, other - leader, on the leader's images; None when other predicts an unknown class."""
     classes = sorted(set(leader["true_label"]))
     index = {c: i for i, c in enumerate(classes)}
+    other = other.set_index("path").loc[leader["path"]]
+    codes = [
+        np.array([index.get(v, -1) for v in column])
+        for column in (leader["true_label"], leader["predicted_label"], other["predicted_label"])
+    ]
+    if (codes[2] < 0).any():
+        return None
+    return next(d for d in paired_difference(codes[0], codes[1], codes[2], len(classes)) if d.metric == "macro_f1")
+
+
+def _several_labels_versus(leader: pd.DataFrame, other: pd.DataFrame) -> Difference | None:
+    """Paired bootstrap of mAP, other - leader, on the same images; None when the two scored other images or sets."""
+    return next((d for d in paired_multilabel_tables(leader, other) if d.metric == "mean_average_precision"), None)
+
+
+VERSUS_LEADER = {SingleLabel.name: _one_label_versus, MultiLabel.name: _several_labels_versus}  # each task's paired test
+
+
+def _versus_leader(out: Path, board: pd.DataFrame, task: Task) -> list[str]:
+    """Each run against the leader on the same test images (a paired bootstrap of what the board is ranked by:
+    macro-F1, or mAP with several labels per image): 'within noise' or not."""
+    predictions = {name: _predictions(RunDir(out / name)) for name in board["recipe"]}
+    leader = predictions[board["recipe"].iloc[0]]
     verdicts = ["leader"]
     for name in board["recipe"].iloc[1:]:
-        other = predictions[name].set_index("path").loc[leader["path"]]
-        codes = [
-            np.array([index.get(v, -1) for v in column])
-            for column in (leader["true_label"], leader["predicted_label"], other["predicted_label"])
-        ]
-        if (codes[2] < 0).any():
+        diff = VERSUS_LEADER[task.name](leader, predictions[name])
+        if diff is None:
             verdicts.append("not comparable")
             continue
-        diff = next(d for d in paired_difference(codes[0], codes[1], codes[2], len(classes)) if d.metric == "macro_f1")
         verdicts.append(
             f"{diff.observed:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]: {'within noise' if not diff.significant else 'worse'}"
         )
@@ -215,8 +244,10 @@ def compare(
     proportion), so phase-based and one-phase recipes shorten together. `seeds` > 1 trains each recipe with seeds
     0..N-1 (`out/<recipe>-seed<k>/`) and adds the mean and spread per recipe. `folds` cross-validates every recipe
     on the same folds (`out/<recipe>/fold_k/`) and ranks them by their out-of-fold predictions.
+
+    A manifest with a `labels` column (several labels per image) ranks the runs by mAP, each tested against the
+    leader by a paired bootstrap of the mAP difference on the same images, the worst class being the one of least AP.
     """
-    refuse_several_labels(data, "compare")
     paths = [Path(r) for r in recipes]
     if len(paths) * max(len(models), 1) < 2:
         raise UsageError(
@@ -230,41 +261,49 @@ def compare(
     loaded = [shorter.apply(recipe, path) for recipe, path in read]
     out = check_destination(out, holds_runs=True)
     runs = _runs(loaded, _run_names(stems), seeds)
-    rows = _train_folds(runs, data, out, folds, progress) if folds is not None else _train_all(runs, data, out, progress)
-    board = pd.DataFrame(rows).sort_values(["macro_f1", "accuracy"], ascending=False).reset_index(drop=True)
-    board["vs_leader"] = _versus_leader(out, board)
+    trained = _train_folds(runs, data, out, folds, progress) if folds is not None else _train_all(runs, data, out, progress)
+    rows, task = [row for row, _ in trained], trained[0][1]
+    family = task.metric_family
+    board = pd.DataFrame(rows).sort_values([family.rank_by, family.tiebreak], ascending=False).reset_index(drop=True)
+    board["vs_leader"] = _versus_leader(out, board, task)
     split = f"{folds}-fold out-of-fold" if folds else evaluation_split(read_text_table(out / "split_manifest.csv"))
-    means = seed_summary(board) if seeds > 1 else None
+    means = seed_summary(board, task=task) if seeds > 1 else None
     with published_together(out, LEADERBOARD_FILES) as staging:  # a kill leaves the previous leaderboard whole
         write_table(board, staging / "leaderboard.csv", float_format="%.4f")
         if means is not None:
             write_table(means, staging / "leaderboard_seeds.csv", float_format="%.4f")
-        write_text(staging / "leaderboard.md", leaderboard_markdown(board, data=data, split=split, means=means, seeds=seeds))
-        write_leaderboard_html(board, staging / "leaderboard.html", data=data, split=split, means=means, seeds=seeds)
-    return CompareResult(folder=out, leaderboard=board)
+        markdown = leaderboard_markdown(board, data=data, split=split, means=means, seeds=seeds, task=task)
+        write_text(staging / "leaderboard.md", markdown)
+        write_leaderboard_html(board, staging / "leaderboard.html", data=data, split=split, means=means, seeds=seeds, task=task)
+    return CompareResult(folder=out, leaderboard=board, task=task)
 
 
-def _train_all(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, progress: bool) -> list[dict[str, Any]]:
-    """Each recipe trained once; the first one's split (split_manifest.csv) is every later one's."""
+def _train_all(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, progress: bool) -> list[tuple[dict[str, Any], Task]]:
+    """Each recipe trained once; the first one's split (split_manifest.csv) is every later one's. Each leaderboard row
+    comes with the task its report was scored for."""
     manifest = out / "split_manifest.csv"
     finished = _read_finished(out)
     rows = []
     for recipe, name in runs:
         started = time.perf_counter()
         run = RunDir(out / name)
-        report, epochs = _train_or_continue(recipe, manifest if manifest.exists() else data, run, finished.get(name), progress)
+        trained, epochs = _train_or_continue(recipe, manifest if manifest.exists() else data, run, finished.get(name), progress)
+        report = _finished(trained)
         if not manifest.exists():  # every later recipe sees exactly this split
             splits = read_text_table(run.splits)
             splits["path"] = [path_key(p) for p in splits["path"]]
-            write_table(splits, manifest)
+            # splits.csv names the label column 'label'; a manifest of several labels per image reads 'labels'
+            write_table(splits.rename(columns={"label": report.task.metric_family.manifest_column}), manifest)
         seconds = finished.get(name, time.perf_counter() - started)
         _mark_finished(out, name, seconds)
-        rows.append(_row(name, recipe, report, epochs, seconds))
-        log.info("%s: accuracy %.4f, macro-F1 %.4f", name, rows[-1]["accuracy"], rows[-1]["macro_f1"])
+        rows.append((_row(name, recipe, report, epochs, seconds), report.task))
+        log.info("%s: %s, macro-F1 %.4f", name, report.headline, report.metrics["macro_f1"])
     return rows
 
 
-def _train_folds(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, folds: int, progress: bool) -> list[dict[str, Any]]:
+def _train_folds(
+    runs: list[tuple[Recipe, str]], data: str | Path, out: Path, folds: int, progress: bool
+) -> list[tuple[dict[str, Any], Task]]:
     """Each recipe cross-validated; the first one's folds (its folds.csv) are every later one's."""
     assignment: pd.DataFrame | None = None
     rows = []
@@ -278,8 +317,8 @@ def _train_folds(runs: list[tuple[Recipe, str]], data: str | Path, out: Path, fo
             result = cross_validate(recipe=recipe, data=data, out=run.root, folds=folds, progress=progress, assignment=assignment)
         if assignment is None:
             assignment = read_text_table(RunDir(result.run_dir).folds).astype({"fold": int})
-        rows.append(_cv_row(name, recipe, result, time.perf_counter() - started))
-        log.info("%s: out-of-fold accuracy %.4f, macro-F1 %.4f", name, rows[-1]["accuracy"], rows[-1]["macro_f1"])
+        rows.append((_cv_row(name, recipe, result, time.perf_counter() - started), result.report.task))
+        log.info("%s: out-of-fold %s, macro-F1 %.4f", name, result.report.headline, result.report.metrics["macro_f1"])
     return rows
 
 
@@ -315,18 +354,23 @@ def _runs(recipes: list[Recipe], names: list[str], seeds: int) -> list[tuple[Rec
     return [(r.model_copy(update={"seed": s}), f"{n}-seed{s}") for r, n in zip(recipes, names) for s in range(seeds)]
 
 
-def seed_summary(board: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds per recipe (runs named '<recipe>-seed<k>'), best mean macro-F1 first."""
+def seed_summary(board: pd.DataFrame, *, task: Task = SingleLabel()) -> pd.DataFrame:
+    """Mean and standard deviation over seeds per recipe (runs named '<recipe>-seed<k>') of the task's headline
+    (accuracy, or mAP) and of macro-F1, best first by what the board is ranked by."""
+    family = task.metric_family
+    score = family.headline
     recipe = board["recipe"].str.replace(r"-seed\d+$", "", regex=True)
     grouped = board.assign(recipe=recipe).groupby("recipe")
     summary = grouped.agg(
-        runs=("accuracy", "size"),
-        accuracy_mean=("accuracy", "mean"),
-        accuracy_std=("accuracy", "std"),
-        accuracy_ci_lo_mean=("accuracy_lo", "mean"),
-        accuracy_ci_hi_mean=("accuracy_hi", "mean"),
+        runs=(score, "size"),
+        **{
+            f"{score}_mean": (score, "mean"),
+            f"{score}_std": (score, "std"),
+            f"{score}_ci_lo_mean": (f"{score}_lo", "mean"),
+            f"{score}_ci_hi_mean": (f"{score}_hi", "mean"),
+        },
         macro_f1_mean=("macro_f1", "mean"),
         macro_f1_std=("macro_f1", "std"),
         seconds_mean=("seconds", "mean"),
     )
-    return summary.sort_values("macro_f1_mean", ascending=False).reset_index()
+    return summary.sort_values(f"{family.rank_by}_mean", ascending=False).reset_index()
