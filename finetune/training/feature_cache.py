@@ -199,6 +199,8 @@ def phase_cache(
     """The cached inputs `phase` trains on when it can (`why_not_cached`), else None with the reason in the log; what
     training's phases and lr-find both use, so lr-find fills the very entries training then reuses."""
     reason = why_not_cached(recipe, phase, distributed=distributed)
+    if reason is None and not train_set.paths:  # a stream of shards: no image file to key an entry by
+        reason = "the training images stream from shards (caches are kept per image file)"
     if reason is not None:
         if phase.trainable_stages() != STAGES:  # every stage training needs no explanation
             log.info("feature cache not used: %s", reason)

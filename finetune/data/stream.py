@@ -1,0 +1,115 @@
+"""The training split of a shard folder as a stream: WebDataset reads whole tar files in sequence, a shuffle buffer
+mixes them, and each epoch holds exactly as many images (and batches) as the folder's train split.
+
+What an epoch reads depends only on its seed (the recipe's seed and the epoch number), the process's rank and the
+number of loader workers: the order of the shards, the shuffle buffer's draws and the augmentation are all seeded, so
+a run resumed at an epoch boundary reads what an uninterrupted run reads. Inside an epoch the buffer's state is not
+saved: finetune checkpoints at epoch ends only, so an interrupted epoch is read again from its start. Changing
+`data.num_workers` between a run and its resume changes which worker reads which shard, hence the order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import webdataset as wds
+
+from finetune.data.decode import decode_bytes
+from finetune.data.loader import RANK_SEED_STRIDE, EpochPlan, batches_per_epoch
+from finetune.data.shards import decode_sample
+from finetune.errors import DataError
+
+SHUFFLE_BUFFER = 1000  # images held for shuffling: the order is mixed within about this many images across shards
+WORKER_SEED_STRIDE = 104_729  # a prime: each loader worker's shuffle buffer draws its own stream
+
+
+def batch_sizes(images: int, plan: EpochPlan) -> list[int]:
+    """The size of every batch one process draws in an epoch: the folder loader's count (`batches_per_epoch`)."""
+    per_rank = -(-images // plan.world)
+    batches = batches_per_epoch(images, plan.batch_size, world=plan.world, drop_lone_last=plan.drop_lone_last)
+    return [min(plan.batch_size, per_rank - b * plan.batch_size) for b in range(batches)]
+
+
+def worker_quota(sizes: Sequence[int], worker: int, workers: int) -> int:
+    """Images one loader worker yields: the batches it makes in the DataLoader's round robin (batch b by worker b % n)."""
+    return sum(sizes[worker::workers])
+
+
+class ShardStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """(tensor, class index) pairs streamed from the train shards, `len()` images per epoch (from shards.json).
+
+    `for_epoch` gives the stream of one epoch; make_loader calls it with the epoch's seed, rank and batch size.
+    `paths` is empty: nothing keyed by image file (the feature caches) applies to a stream.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        counts: Sequence[int],
+        targets: Sequence[int],
+        transform: Callable[..., Any],
+        *,
+        buffer: int = SHUFFLE_BUFFER,
+        plan: EpochPlan | None = None,
+    ) -> None:
+        self.urls, self.counts, self.targets = list(urls), list(counts), list(targets)
+        self.transform = transform
+        self.buffer = buffer
+        self.plan = plan
+        self.paths: list[str] = []
+        self.images = sum(self.counts)
+
+    def __len__(self) -> int:
+        """The split's images; for one epoch's stream (`for_epoch`), the images this process reads in it."""
+        return self.images if self.plan is None else sum(batch_sizes(self.images, self.plan))
+
+    def for_epoch(self, plan: EpochPlan) -> ShardStream:
+        """This stream as one epoch reads it on one process."""
+        if len(self.urls) < plan.world:
+            raise DataError(
+                f"{len(self.urls)} train shard(s) for {plan.world} processes: every process needs one; "
+                "write the shards again with a smaller --shard-size"
+            )
+        return ShardStream(self.urls, self.counts, self.targets, self.transform, buffer=self.buffer, plan=plan)
+
+    def shards_per_rank(self) -> int:
+        """The fewest shards any process reads: at most that many loader workers have something to read."""
+        return len(self.urls) // (self.plan.world if self.plan is not None else 1)
+
+    def _my_shards(self, plan: EpochPlan, rng: random.Random, workers: int) -> list[str]:
+        """This epoch's shard order, then this process's and this worker's share (WebDataset's own splitters: they
+        read the rank from torch.distributed, which finetune's rank equals)."""
+        order = list(self.urls)
+        if plan.shuffle:
+            rng.shuffle(order)
+        mine = list(wds.split_by_node(iter(order))) if plan.world > 1 else order
+        return list(wds.split_by_worker(iter(mine))) if workers > 1 else mine
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        plan = self.plan or EpochPlan(shuffle=False)  # a stream iterated without make_loader: every image once, in order
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        quota = worker_quota(batch_sizes(self.images, plan), worker, workers)
+        rng = random.Random(plan.seed)
+        shards = self._my_shards(plan, rng, workers)
+        samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples()(_cycle(shards))
+        if plan.shuffle:
+            seed = rng.randrange(2**31) + RANK_SEED_STRIDE * plan.rank + WORKER_SEED_STRIDE * worker
+            samples = wds.shuffle(bufsize=self.buffer, initial=self.buffer, rng=random.Random(seed))(samples)
+        for sample in itertools.islice(samples, quota):
+            data, target, key = decode_sample(sample)
+            pixels = decode_bytes(data, where=f"{key} in {sample.get('__url__')}")
+            yield self.transform(image=pixels)["image"], target
+
+
+def _cycle(urls: list[str]) -> Iterator[dict[str, str]]:
+    """The shards as WebDataset's url records, again and again: a process whose shards hold fewer images than its
+    share of the epoch reads them once more (the epoch's length is fixed, its shards are not all the same size)."""
+    if not urls:
+        return
+    while True:
+        yield from ({"url": url} for url in urls)
