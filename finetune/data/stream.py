@@ -34,9 +34,18 @@ def batch_sizes(images: int, plan: EpochPlan) -> list[int]:
     return [min(plan.batch_size, per_rank - b * plan.batch_size) for b in range(batches)]
 
 
-def worker_quota(sizes: Sequence[int], worker: int, workers: int) -> int:
-    """Images one loader worker yields: the batches it makes in the DataLoader's round robin (batch b by worker b % n)."""
-    return sum(sizes[worker::workers])
+def worker_quotas(sizes: Sequence[int], capacities: Sequence[int]) -> list[int]:
+    """Images each loader worker yields in an epoch: every batch (the last one may be short) goes whole to the worker
+    with the most unread images left, so each worker's count is whole batches but one and no worker reads an image
+    twice while another has some left (a DataLoader batches inside each worker and goes on with the others when
+    one is done, so the epoch's batches are exactly `sizes`)."""
+    left = list(capacities)
+    quotas = [0] * len(left)
+    for size in sorted(sizes, reverse=True):  # the short batch last: a worker's own last batch is its short one
+        worker = max(range(len(left)), key=lambda w: (left[w], -w))
+        quotas[worker] += size
+        left[worker] -= size
+    return quotas
 
 
 class ShardStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
@@ -80,36 +89,38 @@ class ShardStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         """The fewest shards any process reads: at most that many loader workers have something to read."""
         return len(self.urls) // (self.plan.world if self.plan is not None else 1)
 
-    def _my_shards(self, plan: EpochPlan, rng: random.Random, workers: int) -> list[str]:
-        """This epoch's shard order, then this process's and this worker's share (WebDataset's own splitters: they
-        read the rank from torch.distributed, which finetune's rank equals)."""
+    def _rank_shards(self, plan: EpochPlan, rng: random.Random) -> list[str]:
+        """This epoch's shard order, then this process's share (WebDataset's splitter: it reads the rank from
+        torch.distributed or torchrun's RANK and WORLD_SIZE, which finetune's rank equals)."""
         order = list(self.urls)
         if plan.shuffle:
             rng.shuffle(order)
-        mine = list(wds.split_by_node(iter(order))) if plan.world > 1 else order
-        return list(wds.split_by_worker(iter(mine))) if workers > 1 else mine
+        return list(wds.split_by_node(iter(order))) if plan.world > 1 else order
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         plan = self.plan or EpochPlan(shuffle=False)  # a stream iterated without make_loader: every image once, in order
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        quota = worker_quota(batch_sizes(self.images, plan), worker, workers)
         rng = random.Random(plan.seed)
-        shards = self._my_shards(plan, rng, workers)
-        samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples()(_cycle(shards))
-        if plan.shuffle:
-            seed = rng.randrange(2**31) + RANK_SEED_STRIDE * plan.rank + WORKER_SEED_STRIDE * worker
-            samples = wds.shuffle(bufsize=self.buffer, initial=self.buffer, rng=random.Random(seed))(samples)
+        mine = self._rank_shards(plan, rng)
+        count = dict(zip(self.urls, self.counts))
+        capacities = [sum(count[url] for url in mine[w::workers]) for w in range(workers)]  # split_by_worker's shares
+        quota = worker_quotas(batch_sizes(self.images, plan), capacities)[worker]
+        shards = list(wds.split_by_worker(iter(mine))) if workers > 1 else mine
+        buffer_rng = random.Random(rng.randrange(2**31) + RANK_SEED_STRIDE * plan.rank + WORKER_SEED_STRIDE * worker)
+        samples = _passes(shards, buffer=self.buffer if plan.shuffle else 0, rng=buffer_rng)
         for sample in itertools.islice(samples, quota):
             data, target, key = decode_sample(sample)
             pixels = decode_bytes(data, where=f"{key} in {sample.get('__url__')}")
             yield self.transform(image=pixels)["image"], target
 
 
-def _cycle(urls: list[str]) -> Iterator[dict[str, str]]:
-    """The shards as WebDataset's url records, again and again: a process whose shards hold fewer images than its
-    share of the epoch reads them once more (the epoch's length is fixed, its shards are not all the same size)."""
-    if not urls:
-        return
-    while True:
-        yield from ({"url": url} for url in urls)
+def _passes(urls: list[str], *, buffer: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """The samples of `urls`, shuffled through a buffer of `buffer` images (0: in order), pass after pass: a process
+    whose shards hold fewer images than its share of the epoch reads them again (the epoch's length is fixed, the
+    shards' sizes are not). Each pass is shuffled on its own, so no image comes twice before all came once."""
+    while urls:
+        samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples()(iter([{"url": url} for url in urls]))
+        if buffer:
+            samples = wds.shuffle(bufsize=buffer, initial=buffer, rng=rng)(samples)
+        yield from samples
