@@ -12,17 +12,21 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_folder, tiny_recipe
 from finetune.api import evaluate, predict, shard, train
 from finetune.data.loader import EpochPlan, batches_per_epoch, make_loader
-from finetune.data.shards import MANIFEST, read_shard_set, shard_index
+from finetune.data.members import MANIFEST
+from finetune.data.shards import read_shard_set, shard_index
 from finetune.data.stream import ShardStream, batch_sizes, worker_quotas
 from finetune.errors import DataError, RunDirError, UsageError
 from finetune.training.context import FitState
 
+from conftest import make_folder, tiny_recipe
+
 # one batch per epoch, no augmentation: the folder and the shards train on the same images in one step, so only the
 # order of the sums inside the batch differs (losses equal to ~1e-4, accuracies equal)
-SAME_STEP = tiny_recipe(data={"batch_size": 32, "test_fraction": 0.25}, transforms={"train": "none"}, train={"epochs": 2, "lr": 0.01})
+SAME_STEP = tiny_recipe(
+    data={"batch_size": 32, "test_fraction": 0.25}, transforms={"train": "none"}, train={"epochs": 2, "lr": 0.01}
+)
 SHUFFLED = tiny_recipe(data={"batch_size": 5, "test_fraction": 0.25}, train={"epochs": 2, "lr": 0.01})
 
 
@@ -56,9 +60,18 @@ def runs(images, shards, tmp_path_factory):
 def test_shards_hold_the_split_train_makes(images, shards, runs):
     meta = json.loads((shards / MANIFEST).read_text())
     splits = pd.read_csv(runs[1].run_dir / "splits.csv")  # the folder run's own split
-    assert meta["splits"] == {s: int((splits["split"] == s).sum()) for s in ("train", "val", "test")} == {"train": 12, "val": 6, "test": 6}
+    assert (
+        meta["splits"]
+        == {s: int((splits["split"] == s).sum()) for s in ("train", "val", "test")}
+        == {"train": 12, "val": 6, "test": 6}
+    )
     assert meta["classes"] == ["cat", "dog", "eel"] and meta["seed"] == 0 and meta["shard_size"] == 4
-    assert [s["name"] for s in meta["shards"]][:4] == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"]
+    assert [s["name"] for s in meta["shards"]][:4] == [
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "val-000000.tar",
+    ]
     for entry in meta["shards"]:
         with tarfile.open(shards / entry["name"]) as archive:
             names = archive.getnames()

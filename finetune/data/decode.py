@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune.data.limits import bomb_problem, file_size_problem, pixel_problem
-from finetune.data.shards import read_member, split_member_path
+from finetune.data.members import read_member, split_member_path
 from finetune.errors import DataError
 
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")

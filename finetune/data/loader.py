@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -161,12 +161,12 @@ def make_loader(
     stream = seed + RANK_SEED_STRIDE * rank  # augmentation differs per rank
     generator = torch.Generator().manual_seed(stream)
     sampler = None
-    if isinstance(dataset, torch.utils.data.IterableDataset):  # shards: the stream splits, shuffles and sizes itself
+    if hasattr(dataset, "for_epoch"):  # a stream of shards (data.stream.ShardStream) splits, shuffles and sizes its epochs
         if balanced:
             raise DataError("data.sampler: weighted needs random access to images; with shards use sampler: shuffle")
         plan = EpochPlan(seed=seed, shuffle=shuffle, batch_size=batch_size, rank=rank, world=world, drop_lone_last=drop_lone_last)
-        dataset = dataset.for_epoch(plan)  # type: ignore[attr-defined]
-        num_workers = min(num_workers, dataset.shards_per_rank())  # type: ignore[attr-defined]  # a worker needs a shard
+        dataset = dataset.for_epoch(plan)
+        num_workers = min(num_workers, dataset.shards_per_rank())  # a worker without a shard would read nothing
         shuffle = drop_lone_last = False  # the stream's own; a DataLoader takes neither for an IterableDataset
     else:
         sampler = _sampler(dataset, shuffle=shuffle, balanced=balanced, seed=seed, rank=rank, world=world, generator=generator)

@@ -8,12 +8,9 @@ in order, exactly as they read files. Training streams the train shards instead 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-import os
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +20,18 @@ import pandas as pd
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from finetune.data.members import MANIFEST, is_shard_folder, member_path
 from finetune.data.split import SPLIT_ORDER, DatasetIndex
 from finetune.errors import DataError
 from finetune.files import read_text_table, write_table, write_text
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "shards.json"
 SAMPLES = "samples.csv"
 SKIPPED = "skipped.csv"
 LEAKAGE = "leakage.csv"
 FORMAT = "finetune-shards"
 FORMAT_VERSION = 1
-MEMBER_SEPARATOR = "::"  # DIR/train-000000.tar::000000012.jpg
 SHARD_PATTERN = "{split}-%06d.tar"
 HASH_CHUNK = 2**20
 
@@ -68,50 +64,6 @@ class ShardSet:
 
     def count(self, split: str) -> int:
         return sum(s.count for s in self.of_split(split))
-
-
-def is_shard_folder(path: str | Path | None) -> bool:
-    """Whether `path` is a folder holding shards.json (what `finetune shard` writes last)."""
-    return path is not None and (Path(path) / MANIFEST).is_file()
-
-
-def member_path(tar: str | Path, member: str) -> str:
-    """The path of one image inside a shard, as load_image reads it."""
-    return f"{tar}{MEMBER_SEPARATOR}{member}"
-
-
-def split_member_path(path: str | Path) -> tuple[str, str] | None:
-    """(tar file, member name) of a member path, or None for an ordinary file path."""
-    text = str(path)
-    tar, sep, member = text.rpartition(MEMBER_SEPARATOR)
-    if not sep or not tar.endswith(".tar") or "/" in member:
-        return None
-    return tar, member
-
-
-@functools.lru_cache(maxsize=16)
-def _offsets(tar: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
-    """{member name: (data offset, size)} of one tar, read from its headers once per file version (size, mtime)."""
-    with tarfile.open(tar, "r:") as archive:
-        return {info.name: (info.offset_data, info.size) for info in archive.getmembers() if info.isfile()}
-
-
-def read_member(path: str | Path) -> bytes:
-    """The bytes of one image inside a shard (random access through the tar's header offsets)."""
-    found = split_member_path(path)
-    if found is None:
-        raise DataError(f"{path} is no shard member path (expected DIR/name.tar{MEMBER_SEPARATOR}member)")
-    tar, member = found
-    try:
-        stat = os.stat(tar)
-        offset, size = _offsets(tar, stat.st_size, stat.st_mtime_ns).get(member, (-1, 0))
-        if offset < 0:
-            raise DataError(f"shard {tar} holds no {member}; the shard folder was changed after it was written: shard it again")
-        with open(tar, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
-    except (OSError, tarfile.TarError) as exc:
-        raise DataError(f"cannot read {member} from shard {tar}: {exc}; shard the images again") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -172,7 +124,9 @@ def _sample(key: str, path: str, label: str, cls: int) -> dict[str, Any]:
     return {"__key__": key, ext: Path(path).read_bytes(), "cls": str(cls).encode("ascii"), "json": record}
 
 
-def _write_split(out: Path, split: str, rows: pd.DataFrame, classes: list[str], shard_size: int, bar: Any) -> list[dict[str, Any]]:
+def _write_split(
+    out: Path, split: str, rows: pd.DataFrame, classes: list[str], shard_size: int, bar: Any
+) -> list[dict[str, Any]]:
     """The shards of one split; each row gets its (shard, member) in `rows`' order."""
     lookup = {name: i for i, name in enumerate(classes)}
     counts: dict[str, int] = {}

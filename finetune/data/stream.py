@@ -48,7 +48,7 @@ def worker_quotas(sizes: Sequence[int], capacities: Sequence[int]) -> list[int]:
     return quotas
 
 
-class ShardStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+class ShardStream(torch.utils.data.IterableDataset):
     """(tensor, class index) pairs streamed from the train shards, `len()` images per epoch (from shards.json).
 
     `for_epoch` gives the stream of one epoch; make_loader calls it with the epoch's seed, rank and batch size.

@@ -15,8 +15,8 @@ from finetune.data.decode import as_rgb
 from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.data.facts import examine_image
 from finetune.data.loader import UNREADABLE
+from finetune.data.members import is_shard_folder
 from finetune.data.scan import list_images
-from finetune.data.shards import is_shard_folder
 from finetune.errors import DataError
 from finetune.inference.predictions import Predictions
 

@@ -9,8 +9,9 @@ import pandas as pd
 
 from finetune.data.doctor import EVALUATION_ADVICE, screen_samples
 from finetune.data.facts import FactsCache
-from finetune.data.shards import is_shard_folder, read_shard_set, shard_index
+from finetune.data.members import is_shard_folder
 from finetune.data.scan import read_manifest, scan_image_folder
+from finetune.data.shards import read_shard_set, shard_index
 from finetune.data.split import evaluation_split
 from finetune.errors import DataError
 from finetune.files import check_replaceable, path_key, read_text_table

@@ -32,8 +32,9 @@ from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
 from finetune.data.duplicates import pair_count
 from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude
+from finetune.data.members import is_shard_folder
 from finetune.data.scan import manifest_is_multilabel, read_samples
-from finetune.data.shards import is_shard_folder, read_shard_set, screening_outcome, shard_index
+from finetune.data.shards import read_shard_set, screening_outcome, shard_index
 from finetune.data.split import DatasetIndex, make_index
 from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, check_pipeline, resolve_image_config
 from finetune.errors import DataError, RecipeError, RunDirError, UsageError, WeightsError

@@ -11,7 +11,8 @@ from typing import Any
 
 from finetune.config.builtin import DEFAULT_RECIPE, builtin_recipe
 from finetune.config.schema import Recipe
-from finetune.data.shards import ShardSet, is_shard_folder, write_shards
+from finetune.data.members import is_shard_folder
+from finetune.data.shards import ShardSet, write_shards
 from finetune.errors import DataError, RunDirError, UsageError
 from finetune.files import recorded_path
 from finetune.run_dir import check_destination
@@ -60,7 +61,9 @@ def shard(
         raise UsageError(f"{data} is already a shard folder; give the image folder or CSV manifest it was written from")
     _refuse_used_folder(out)
     refuse_several_labels(data, "shard")
-    resolved = resolve_recipe(recipe if recipe is not None else builtin_recipe(DEFAULT_RECIPE).path, overrides=overrides, data=data)
+    resolved = resolve_recipe(
+        recipe if recipe is not None else builtin_recipe(DEFAULT_RECIPE).path, overrides=overrides, data=data
+    )
     prepared = prepare_data(resolved.data, seed=resolved.seed, progress=progress)
     if len(prepared.excluded):
         log.info("%d image(s) left out by data.exclude", len(prepared.excluded))

@@ -16,7 +16,8 @@ from finetune.config.loading import read_yaml, recipe_from_dict
 from finetune.config.schema import Recipe
 from finetune.data.doctor import ImageFacts
 from finetune.data.loader import ImageDataset
-from finetune.data.shards import is_shard_folder, read_shard_set
+from finetune.data.members import is_shard_folder
+from finetune.data.shards import read_shard_set
 from finetune.data.split import DatasetIndex, label_counts
 from finetune.data.stream import SHUFFLE_BUFFER, ShardStream
 from finetune.data.transforms import save_pipeline
@@ -214,7 +215,8 @@ def _training_set(
         raise DataError(f"{shards.root}: its classes {shards.classes} are not the run's {index.class_names}; shard it again")
     train = shards.of_split("train")
     log.info("streaming %d train shards from %s (shuffle buffer %d images)", len(train), shards.root, SHUFFLE_BUFFER)
-    return ShardStream(shards.paths("train"), [s.count for s in train], index.targets(rows), model.train_pipeline)
+    targets = [int(t) for t in index.targets(rows)]  # one class per image: shard refuses several labels per image
+    return ShardStream(shards.paths("train"), [s.count for s in train], targets, model.train_pipeline)
 
 
 def _standing(recipe: Recipe, state: FitState | None, *, metric: str, finished: bool = False) -> Standing:

@@ -26,6 +26,7 @@ from finetune.config.catalog import STAGES, Stage
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.decode import load_image
 from finetune.data.loader import ImageDataset, Target
+from finetune.data.stream import ShardStream
 from finetune.files import default_cache_dir
 from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.build import ModelBundle
@@ -188,7 +189,7 @@ def phase_cache(
     recipe: Recipe,
     phase: PhaseConfig,
     *,
-    train_set: ImageDataset,
+    train_set: ImageDataset | ShardStream,
     val_set: ImageDataset,
     device: torch.device,
     dtype: torch.dtype | None,
