@@ -11,12 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import webdataset as wds
+import yaml
 
 from finetune.api import evaluate, predict, shard, train
 from finetune.data.loader import EpochPlan, batches_per_epoch, make_loader
 from finetune.data.members import MANIFEST
 from finetune.data.shards import read_shard_set, shard_index
-from finetune.data.stream import ShardStream, batch_sizes, worker_quotas
+from finetune.data.stream import ShardStream, batch_sizes, tar_samples, worker_quotas
 from finetune.errors import DataError, RunDirError, UsageError
 from finetune.training.context import FitState
 
@@ -184,3 +186,25 @@ def test_shard_refuses_a_used_out_folder_and_bad_sizes(images, shards, tmp_path)
         shard(data=images, out=tmp_path / "new", shard_size=0, progress=False)
     with pytest.raises(UsageError, match=r"is already a shard folder; give the image folder"):
         shard(data=shards, out=tmp_path / "new", progress=False)
+
+
+def test_the_cli_writes_byte_identical_shards_again(images, shards, tmp_path):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    recipe = tmp_path / "same_step.yaml"
+    recipe.write_text(yaml.safe_dump(SAME_STEP))
+    args = ["shard", str(images), "--out", str(tmp_path / "again"), "--shard-size", "4", "--recipe", str(recipe)]
+    result = CliRunner().invoke(app, [*args, "--quiet"])
+    assert result.exit_code == 0 and "7 shard(s) (train 12, val 6, test 6; 1 skipped)" in result.output
+    first, again = (json.loads((folder / MANIFEST).read_text())["shards"] for folder in (shards, tmp_path / "again"))
+    assert [s["sha256"] for s in again] == [s["sha256"] for s in first]  # the same images and seed: the same bytes
+
+
+def test_the_stream_reads_shards_as_webdataset_does(shards):
+    for url in read_shard_set(shards, verify=False).paths("train"):
+        ours, theirs = list(tar_samples(url)), list(wds.tarfile_to_samples()(iter([{"url": url}])))
+        assert [{k: v for k, v in s.items() if k != "__url__"} for s in ours] == [
+            {k: v for k, v in s.items() if k not in ("__url__", "__local_path__")} for s in theirs
+        ]

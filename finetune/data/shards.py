@@ -135,7 +135,9 @@ def _write_split(
     pattern = str(out / SHARD_PATTERN.format(split=split))
     # bytes as they are (no encoder); a whole-second mtime: no PAX header per member (Python's tarfile writes one for a
     # float mtime, and parsing it tripled the cost of reading a shard), and the same images give byte-identical shards
-    with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, encoder=False, mtime=SHARD_MTIME) as writer:
+    with wds.ShardWriter(
+        pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, encoder=False, mtime=SHARD_MTIME
+    ) as writer:
         for position, (path, label) in enumerate(zip(rows["path"], rows["label"])):
             key = f"{split}{position:09d}"
             sample = _sample(key, str(path), str(label), lookup[label])
