@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 import yaml
 
-from finetune.api import evaluate, predict, shard, train
+from finetune.api import check, evaluate, predict, shard, train
 from finetune.data.loader import EpochPlan, batches_per_epoch, make_loader
 from finetune.data.members import MANIFEST
 from finetune.data.shards import read_shard_set, shard_index
@@ -165,6 +165,8 @@ def test_predict_refuses_a_shard_folder_in_one_line(runs, shards):
 def test_broken_shard_folders_are_refused_in_one_line(shards, images, tmp_path):
     with pytest.raises(DataError, match=r"holds no shards.json: it is no shard folder"):
         read_shard_set(images)
+    with pytest.raises(DataError, match=r"is a shard folder \(finetune shard\): train, lr-find and eval read it, this"):
+        check(data=shards, progress=False)
     missing = shutil.copytree(shards, tmp_path / "missing")
     (missing / "val-000001.tar").unlink()
     with pytest.raises(DataError, match=r"not a usable shard folder: shard val-000001.tar listed in shards.json is missing"):
@@ -208,3 +210,20 @@ def test_the_stream_reads_shards_as_webdataset_does(shards):
         assert [{k: v for k, v in s.items() if k != "__url__"} for s in ours] == [
             {k: v for k, v in s.items() if k not in ("__url__", "__local_path__")} for s in theirs
         ]
+
+
+def test_two_processes_on_shards_match_one_on_the_folder(tmp_path):
+    """Two train shards of 9 images: each torchrun process streams its own shard as one batch of 9, which averages to
+    the single process's one batch of 18 from the folder (test_distributed's head-only recipe, no augmentation)."""
+    from test_distributed import COLUMNS, RECIPE, _torchrun, _weights
+
+    data = make_folder(tmp_path / "data")
+    shard(data=data, out=tmp_path / "shards", shard_size=9, recipe=RECIPE, progress=False)
+    single = train(recipe=RECIPE, data=data, out=tmp_path / "single", progress=False).run_dir
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
+    done = _torchrun(tmp_path / "recipe.yaml", "--data", tmp_path / "shards", "--out", tmp_path / "ddp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _weights(single), _weights(tmp_path / "ddp")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+    history, expected = pd.read_csv(tmp_path / "ddp" / "metrics.csv"), pd.read_csv(single / "metrics.csv")
+    pd.testing.assert_frame_equal(history[COLUMNS], expected[COLUMNS], atol=1e-4)
