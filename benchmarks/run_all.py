@@ -29,6 +29,7 @@ import bench_memory  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_predict  # noqa: E402
 import bench_prefix  # noqa: E402
+import bench_shards  # noqa: E402
 import bench_startup  # noqa: E402
 
 SUITE = [  # (name, callable); the whole run takes about 35 minutes on a 2-core CPU (the peer and prefix runs are long)
@@ -43,6 +44,7 @@ SUITE = [  # (name, callable); the whole run takes about 35 minutes on a 2-core 
     ("demo", lambda: bench_demo.run(repeats=2)),
     ("startup", lambda: bench_startup.run(repeats=5)),
     ("predict", lambda: bench_predict.run(repeats=2)),
+    ("shards", lambda: bench_shards.run(repeats=3)),
     ("peers", lambda: bench_peers.run(epochs=2, repeats=2)),
 ]
 

@@ -29,6 +29,7 @@ from finetune.runs.lr_find import LRFindResult, find_lr
 from finetune.runs.predict import load, predict
 from finetune.runs.recipes import recipes, show_recipe
 from finetune.runs.serve import serve
+from finetune.runs.shard import ShardResult, shard
 from finetune.runs.train import TrainResult, train
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "Recipe",
     "Report",
     "ReportDiff",
+    "ShardResult",
     "TrainResult",
     "audit",
     "check",
@@ -64,6 +66,7 @@ __all__ = [
     "predict",
     "recipes",
     "serve",
+    "shard",
     "show_recipe",
     "train",
 ]

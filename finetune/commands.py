@@ -32,6 +32,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("load", "finetune.runs.predict", None, ("Predictor",)),
     Command("label", "finetune.runs.label", "label", ("LabelResult",)),
     Command("check", "finetune.runs.check", "check", ("CheckResult",)),
+    Command("shard", "finetune.runs.shard", "shard", ("ShardResult",)),
     Command("inspect", "finetune.runs.inspect", "inspect", ("Inspection",)),
     Command("explain", "finetune.runs.explain", "explain", ("ExplainResult",)),
     Command("export", "finetune.runs.export", "export", ("ExportResult",)),

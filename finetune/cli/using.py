@@ -1,4 +1,4 @@
-"""Commands that use a trained run or a data folder: eval, predict, label, check, inspect, explain, export, report diff."""
+"""Commands that use a trained run or a data folder: eval, predict, label, check, shard, inspect, explain, export, report diff."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from finetune.cli.base import HELP_STYLE, Debug, Quiet, app, echo, session
+from finetune.cli.base import HELP_STYLE, Debug, Overrides, Quiet, app, echo, session
 
 
 @app.command("eval")
@@ -121,6 +121,25 @@ def check(
             echo(f"findings: {json_out}")
     if not result.trainable:
         raise typer.Exit(1)
+
+
+@app.command()
+def shard(
+    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")],
+    out: Annotated[Path, typer.Option(help="New (or empty) folder for the shards, shards.json and samples.csv.")],
+    shard_size: Annotated[int, typer.Option(help="Images per shard.")] = 1000,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe whose data.* settings and seed give the split.")] = None,
+    set_: Overrides = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Screen and split images as train does, and write them as WebDataset tar shards (train with --data OUT)."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.shard(data=data, out=out, shard_size=shard_size, recipe=recipe, overrides=set_ or [], progress=not quiet)
+        sizes = ", ".join(f"{split} {count}" for split, count in result.splits.items())
+        echo(f"{result.shards} shard(s) ({sizes}; {result.skipped} skipped) | {result.out / 'shards.json'}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune.data.limits import bomb_problem, file_size_problem, pixel_problem
+from finetune.data.members import read_member, split_member_path
 from finetune.errors import DataError
 
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
@@ -36,8 +37,11 @@ def load_image(path: str | Path) -> np.ndarray:
     RGB and greyscale JPEGs go through OpenCV (1.5x faster than PIL here, the same pixels: benchmarks/bench_data.py);
     every other file through PIL, whose conversions (CMYK above all) a consumer of an exported model reproduces with
     Pillow alone. Callers screen out truncated files first. The limits of `finetune.data.limits` apply: a file too
-    large is not read, an image with too many pixels is not decoded.
+    large is not read, an image with too many pixels is not decoded. An image inside a shard
+    (`DIR/val-000000.tar::val000000012.jpg`, see `finetune.data.shards`) is read from its tar file.
     """
+    if split_member_path(path) is not None:
+        return decode_bytes(read_member(path), where=printable(path))
     too_large = file_size_problem(path)
     if too_large is not None:
         raise DataError(f"cannot read image {printable(path)}: {too_large}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,18 @@ class PictureDataset(ImageDataset):
             return self.transform(image=np.zeros((8, 8, 3), dtype=np.uint8))["image"], UNREADABLE
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """How one epoch is read on one process: its seed, shuffling, batch size and the processes reading beside it."""
+
+    seed: int = 0
+    shuffle: bool = True
+    batch_size: int = 1
+    rank: int = 0
+    world: int = 1
+    drop_lone_last: bool = False
+
+
 def _seed_worker(worker_id: int) -> None:
     """Each worker seeds numpy and the pipeline from torch's per-worker seed (itself drawn from the loader's generator)."""
     info = torch.utils.data.get_worker_info()
@@ -147,7 +160,16 @@ def make_loader(
     """
     stream = seed + RANK_SEED_STRIDE * rank  # augmentation differs per rank
     generator = torch.Generator().manual_seed(stream)
-    sampler = _sampler(dataset, shuffle=shuffle, balanced=balanced, seed=seed, rank=rank, world=world, generator=generator)
+    sampler = None
+    if hasattr(dataset, "for_epoch"):  # a stream of shards (data.stream.ShardStream) splits, shuffles and sizes its epochs
+        if balanced:
+            raise DataError("data.sampler: weighted needs random access to images; with shards use sampler: shuffle")
+        plan = EpochPlan(seed=seed, shuffle=shuffle, batch_size=batch_size, rank=rank, world=world, drop_lone_last=drop_lone_last)
+        dataset = dataset.for_epoch(plan)
+        num_workers = min(num_workers, dataset.shards_per_rank())  # a worker without a shard would read nothing
+        shuffle = drop_lone_last = False  # the stream's own; a DataLoader takes neither for an IterableDataset
+    else:
+        sampler = _sampler(dataset, shuffle=shuffle, balanced=balanced, seed=seed, rank=rank, world=world, generator=generator)
     if num_workers == 0 and hasattr(dataset.transform, "set_random_seed"):
         dataset.transform.set_random_seed(stream)
     return torch.utils.data.DataLoader(

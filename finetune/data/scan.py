@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from finetune.config.schema import DataConfig
+from finetune.data.members import is_shard_folder
 from finetune.errors import DataError
 from finetune.files import read_text_table
 
@@ -78,6 +79,11 @@ def scan_image_folder(root: Path, *, extensions: Sequence[str]) -> pd.DataFrame:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist; give a folder of class sub-folders (or a CSV manifest)")
+    if is_shard_folder(root):
+        raise DataError(
+            f"{root} is a shard folder (finetune shard): train, lr-find and eval read it, this command needs the image "
+            "files; give the folder or manifest the shards were written from (shards.json names it as 'source')"
+        )
     splits = split_folders(root)
     if splits is None:
         samples = _scan_classes(root, extensions).assign(split="")

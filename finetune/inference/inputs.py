@@ -15,6 +15,7 @@ from finetune.data.decode import as_rgb
 from finetune.data.doctor import PREDICTION_ADVICE, screen_samples
 from finetune.data.facts import examine_image
 from finetune.data.loader import UNREADABLE
+from finetune.data.members import is_shard_folder
 from finetune.data.scan import list_images
 from finetune.errors import DataError
 from finetune.inference.predictions import Predictions
@@ -47,6 +48,11 @@ def input_paths(inputs: Sequence[str | Path], extensions: Sequence[str]) -> list
     """Files as given, and images in folders (recursive, with the run's extensions)."""
     paths: list[str] = []
     for item in map(Path, inputs):
+        if is_shard_folder(item):
+            raise DataError(
+                f"{item} is a shard folder; predict reads image files and folders: evaluate on it with "
+                f"'finetune eval RUN --data {item}', or predict on the images it was written from"
+            )
         paths += [str(p) for p in list_images(item, extensions)] if item.is_dir() else [str(item)]
     if not paths:
         raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions {', '.join(extensions)})")

@@ -9,7 +9,9 @@ import pandas as pd
 
 from finetune.data.doctor import EVALUATION_ADVICE, screen_samples
 from finetune.data.facts import FactsCache
+from finetune.data.members import is_shard_folder
 from finetune.data.scan import read_manifest, scan_image_folder
+from finetune.data.shards import read_shard_set, shard_index
 from finetune.data.split import evaluation_split
 from finetune.errors import DataError
 from finetune.files import check_replaceable, path_key, read_text_table
@@ -40,15 +42,17 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     folder = Path(out) if out is not None else (owner.report if owner is not None else checkpoint.parent / "report")
     check_destination(folder, reads=[owner.root] if owner is not None else [])
     check_replaceable(folder, marker=REPORT_MARKER)  # before any work: a folder of other files is refused
-    screened = screen_samples(
-        samples.reset_index(drop=True),
-        policy=trained.recipe.data.bad_images,
-        progress=progress,
-        cache=FactsCache.default(),
-        advice=EVALUATION_ADVICE,
-        multilabel=trained.task.name == "multilabel",
-    )
-    rows = screened.samples
+    rows, skipped = samples.reset_index(drop=True), pd.DataFrame(columns=[*samples.columns, "reason"])
+    if not is_shard_folder(data):  # a shard folder was screened as it was written
+        screened = screen_samples(
+            rows,
+            policy=trained.recipe.data.bad_images,
+            progress=progress,
+            cache=FactsCache.default(),
+            advice=EVALUATION_ADVICE,
+            multilabel=trained.task.name == "multilabel",
+        )
+        rows, skipped = screened.samples, screened.skipped
     preds = predictor.predictions(list(rows["path"]), trained.targets_of(rows["label"]), progress=progress, desc="evaluate")
     in_val, in_train = _seen_by_run(owner, list(rows["path"]))
     if in_train:
@@ -60,12 +64,16 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     selection: bool | str = False
     if in_val + in_train:
         selection = f"{in_val} of these images chose the run's best epoch (its val split) and {in_train} trained it"
-    return write_run_report(trained, preds, folder, split=split, selection=selection, skipped=screened.skipped, run=owner)
+    return write_run_report(trained, preds, folder, split=split, selection=selection, skipped=skipped, run=owner)
 
 
 def _labelled_images(data: Path, extensions: list[str], *, multilabel: bool) -> pd.DataFrame:
     """(path, label, split) of a folder of class folders or a CSV manifest; a multi-label model needs a manifest
-    with a `labels` column, a single-label one a `label` column or folders."""
+    with a `labels` column, a single-label one a `label` column or folders; a shard folder's images as written."""
+    if is_shard_folder(data):
+        if multilabel:
+            raise DataError(f"this model gives several labels per image; shard folder {data} holds one label per image")
+        return shard_index(read_shard_set(data, progress=True)).samples
     if data.suffix.lower() != ".csv":
         if multilabel:
             raise DataError(

@@ -32,7 +32,9 @@ from finetune.data.doctor import ImageFacts, screen_samples, split_leakage
 from finetune.data.duplicates import pair_count
 from finetune.data.facts import FactsCache
 from finetune.data.folds import apply_exclude
+from finetune.data.members import is_shard_folder
 from finetune.data.scan import manifest_is_multilabel, read_samples
+from finetune.data.shards import read_shard_set, screening_outcome, shard_index
 from finetune.data.split import DatasetIndex, make_index
 from finetune.data.transforms import ImageConfig, build_eval_pipeline, build_train_pipeline, check_pipeline, resolve_image_config
 from finetune.errors import DataError, RecipeError, RunDirError, UsageError, WeightsError
@@ -109,9 +111,27 @@ def check_weights_available(cfg: ModelConfig) -> None:
         raise WeightsError(f"weights file {cfg.pretrained} is empty (0 bytes): an interrupted download or copy? Fetch it again")
 
 
+def prepare_shards(cfg: DataConfig, *, seed: int, progress: bool) -> PreparedData:
+    """A shard folder's images as `finetune shard` screened and split them (every shard's sha256 checked first)."""
+    shards = read_shard_set(Path(cfg.path or ""), progress=progress)
+    written = {k: shards.meta.get(k) for k in ("seed", "val_fraction", "test_fraction", "group_pattern")}
+    asked = {"seed": seed, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction}
+    if cfg.exclude is not None or any(written[k] != v for k, v in asked.items() if k in written):
+        log.info(
+            "%s: the split is the shards' own (written with %s); data.exclude and the recipe's split settings do not apply",
+            cfg.path,
+            ", ".join(f"{k} {v}" for k, v in written.items() if v is not None),
+        )
+    skipped, leaks = screening_outcome(shards)
+    index = shard_index(shards)
+    return PreparedData(index=index, skipped=skipped, leaks=leaks, excluded=pd.DataFrame(columns=index.samples.columns))
+
+
 def prepare_data(cfg: DataConfig, *, seed: int, progress: bool, known: Mapping[str, ImageFacts] | None = None) -> PreparedData:
     """Scan, leave out `data.exclude`, screen (decode every image once; `known` ones are not decoded again), split,
-    and look for duplicates across the splits."""
+    and look for duplicates across the splits. A shard folder was screened and split as it was written."""
+    if is_shard_folder(cfg.path):
+        return prepare_shards(cfg, seed=seed, progress=progress)
     samples, excluded = apply_exclude(read_samples(cfg), cfg.exclude)
     # absolute paths in the run (splits.csv, predictions): valid from any working directory, for a resume or an eval
     samples = samples.assign(path=[recorded_path(p) for p in samples["path"]])

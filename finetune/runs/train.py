@@ -16,9 +16,12 @@ from finetune.config.loading import read_yaml, recipe_from_dict
 from finetune.config.schema import Recipe
 from finetune.data.doctor import ImageFacts
 from finetune.data.loader import ImageDataset
+from finetune.data.members import is_shard_folder
+from finetune.data.shards import read_shard_set
 from finetune.data.split import DatasetIndex, label_counts
+from finetune.data.stream import SHUFFLE_BUFFER, ShardStream
 from finetune.data.transforms import save_pipeline
-from finetune.errors import CheckpointError, RunDirError, UsageError
+from finetune.errors import CheckpointError, DataError, RunDirError, UsageError
 from finetune.evaluation.best_calibration import calibrate_best
 from finetune.files import default_cache_dir, read_text_table, write_table, write_text
 from finetune.inference.checkpoint import RESUMABLE_FROM, load_checkpoint
@@ -195,10 +198,25 @@ def _fit_context(
         cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
         progress=progress,
         on_epoch_end=_live_view(run, recipe, _monitored(recipe, index), on_epoch_end) if start.ranks.main else on_epoch_end,
-        train_set=ImageDataset(train_rows["path"], index.targets(train_rows), model.train_pipeline, keep_decoded_mb=keep),
+        train_set=_training_set(recipe, train_rows, index, model, keep_decoded_mb=keep),
         val_set=ImageDataset(val_rows["path"], index.targets(val_rows), model.eval_pipeline, keep_decoded_mb=keep),
         task=TASKS[MultiLabel.name if index.multilabel else DEFAULT_TASK],
     )
+
+
+def _training_set(
+    recipe: Recipe, rows: pd.DataFrame, index: DatasetIndex, model: PreparedModel, *, keep_decoded_mb: float
+) -> ImageDataset | ShardStream:
+    """The train split's images: files read in the sampler's order, or a shard folder's train shards streamed."""
+    if not is_shard_folder(recipe.data.path):
+        return ImageDataset(rows["path"], index.targets(rows), model.train_pipeline, keep_decoded_mb=keep_decoded_mb)
+    shards = read_shard_set(Path(recipe.data.path or ""), verify=False)  # verified when the run started
+    if shards.classes != index.class_names:
+        raise DataError(f"{shards.root}: its classes {shards.classes} are not the run's {index.class_names}; shard it again")
+    train = shards.of_split("train")
+    log.info("streaming %d train shards from %s (shuffle buffer %d images)", len(train), shards.root, SHUFFLE_BUFFER)
+    targets = [int(t) for t in index.targets(rows)]  # one class per image: shard refuses several labels per image
+    return ShardStream(shards.paths("train"), [s.count for s in train], targets, model.train_pipeline)
 
 
 def _standing(recipe: Recipe, state: FitState | None, *, metric: str, finished: bool = False) -> Standing:

@@ -12,6 +12,7 @@ from torch import nn
 
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.loader import ImageDataset
+from finetune.data.stream import ShardStream
 from finetune.data.transforms import ImageConfig
 from finetune.inference.task import SingleLabel, Task
 from finetune.models.stages import FreezePlan
@@ -59,7 +60,7 @@ class FitContext:
     recipe: Recipe
     class_names: list[str]
     image: ImageConfig
-    train_set: ImageDataset
+    train_set: ImageDataset | ShardStream  # files, or the train shards streamed (data.path a shard folder)
     val_set: ImageDataset
     run: RunDir
     class_weights: list[float] | None = None

@@ -26,6 +26,8 @@ from finetune.config.catalog import STAGES, Stage
 from finetune.config.schema import PhaseConfig, Recipe
 from finetune.data.decode import load_image
 from finetune.data.loader import ImageDataset, Target
+from finetune.data.members import split_member_path
+from finetune.data.stream import ShardStream
 from finetune.files import default_cache_dir
 from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.build import ModelBundle
@@ -188,7 +190,7 @@ def phase_cache(
     recipe: Recipe,
     phase: PhaseConfig,
     *,
-    train_set: ImageDataset,
+    train_set: ImageDataset | ShardStream,
     val_set: ImageDataset,
     device: torch.device,
     dtype: torch.dtype | None,
@@ -199,6 +201,8 @@ def phase_cache(
     """The cached inputs `phase` trains on when it can (`why_not_cached`), else None with the reason in the log; what
     training's phases and lr-find both use, so lr-find fills the very entries training then reuses."""
     reason = why_not_cached(recipe, phase, distributed=distributed)
+    if reason is None and (not train_set.paths or split_member_path(train_set.paths[0]) is not None):
+        reason = "the images are in shards (the caches keep an entry per image file)"  # streamed, or read inside a tar
     if reason is not None:
         if phase.trainable_stages() != STAGES:  # every stage training needs no explanation
             log.info("feature cache not used: %s", reason)
