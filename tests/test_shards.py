@@ -188,6 +188,10 @@ def test_shard_refuses_a_used_out_folder_and_bad_sizes(images, shards, tmp_path)
         shard(data=images, out=tmp_path / "new", shard_size=0, progress=False)
     with pytest.raises(UsageError, match=r"is already a shard folder; give the image folder"):
         shard(data=shards, out=tmp_path / "new", progress=False)
+    several = tmp_path / "several.csv"
+    pd.DataFrame({"path": ["a.png", "b.png"], "labels": ["cat|dog", "cat"]}).to_csv(several, index=False)
+    with pytest.raises(UsageError, match=r"shard handles one label per image for now, and .*several.csv has a 'labels'"):
+        shard(data=several, out=tmp_path / "new", progress=False)
 
 
 def test_the_cli_writes_byte_identical_shards_again(images, shards, tmp_path):

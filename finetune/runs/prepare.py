@@ -186,6 +186,15 @@ def prepare_run(recipe: Recipe, *, progress: bool, known: Mapping[str, ImageFact
     return PreparedRun(data=data, model=model, class_weights=weights)
 
 
+def refuse_several_labels(data: str | Path | None, command: str) -> None:
+    """Commands that assume one label per image refuse a manifest with a `labels` column, in one line."""
+    if data is not None and manifest_is_multilabel(DataConfig(path=Path(data))):
+        raise UsageError(
+            f"{command} handles one label per image for now, and {data} has a 'labels' column (several per image); "
+            "train it with 'finetune train' and read its report"
+        )
+
+
 RESUME_FREE = {"data.num_workers"}  # settings a resumed run may change without changing its result
 
 
