@@ -12,6 +12,8 @@ from PIL import Image
 import finetune
 from finetune import label, train
 from finetune.errors import UsageError
+from finetune.evaluation.intervals import wilson_interval
+from finetune.evaluation.labeling import Tally
 from finetune.inference.checkpoint import load_trained
 
 from conftest import _pattern, make_folder, tiny_recipe
@@ -31,13 +33,18 @@ def trained(tmp_path_factory):
     return run, pool, root
 
 
-def _reachable_target(run) -> float:
-    """A precision the run's validation split reaches (that of its most confident answer), at most 0.95."""
+def _validation(run):
     trained = load_trained(run)
     logits, targets = trained.validation
-    probs = trained.task.probs(logits, trained.temperature)
-    top = np.argmax(probs.max(axis=1))
-    return 0.95 if probs[top].argmax() == targets[top] else 0.0
+    return trained.task.probs(logits, trained.temperature), targets
+
+
+def _reachable_target(run) -> float:
+    """A precision the run's validation split vouches for at the Wilson lower bound (just below its best), or 0."""
+    from finetune.evaluation.labeling import best_lower_bound
+
+    probs, targets = _validation(run)
+    return 0.999 * best_lower_bound(probs.max(axis=1), probs.argmax(axis=1) == targets)
 
 
 def test_label_writes_its_files_and_the_pseudo_labels_reach_the_target_on_validation(trained, tmp_path):
@@ -63,18 +70,24 @@ def test_label_writes_its_files_and_the_pseudo_labels_reach_the_target_on_valida
     assert list(pd.read_csv(out / "to_label.csv").columns) == ["path", "suggested_label", "score", "reason"]
     assert list(pd.read_csv(out / "left_out.csv").columns) == ["path", "suggested_label", "score", "reason"]
     summary = json.loads((out / "summary.json").read_text())
-    # by construction: the validation images at or above the threshold reach the target precision
-    trained_model = load_trained(run)
-    logits, targets = trained_model.validation
-    probs = trained_model.task.probs(logits, trained_model.temperature)
-    kept = probs.max(axis=1) >= summary["threshold"]
+    # by construction: the validation images at or above their class's threshold reach the target at the lower bound
+    probs, targets = _validation(run)
+    per_class = summary["per_class"]
+    names = list(per_class)
+    assert names == load_trained(run).class_names and {c["rule"] for c in per_class.values()} <= {"own", "global", "none"}
+    thresholds = np.array([c["threshold"] if c["threshold"] is not None else np.inf for c in per_class.values()])
+    kept = probs.max(axis=1) >= thresholds[probs.argmax(axis=1)]
     precision = float((probs.argmax(axis=1)[kept] == targets[kept]).mean())
-    assert precision >= target and precision == pytest.approx(summary["validation_precision"])
+    assert precision == pytest.approx(summary["validation_precision"])
     assert kept.sum() == summary["validation_answered"]
     low, high = summary["validation_precision_ci95"]
     assert low <= precision <= high
-    assert (result.pseudo_labels["confidence"] >= summary["threshold"]).all()
-    above = predictions[predictions["confidence"] >= summary["threshold"]]
+    global_kept = probs.max(axis=1) >= summary["threshold"]
+    assert wilson_interval(int((probs.argmax(axis=1) == targets)[global_kept].sum()), int(global_kept.sum()))[0] >= target
+    shown = predictions.set_index("path")
+    mine = thresholds[[names.index(x) for x in shown.loc[result.pseudo_labels["path"], "predicted_label"]]]
+    assert (result.pseudo_labels["confidence"].to_numpy() >= mine).all()
+    above = predictions[predictions["confidence"] >= thresholds[[names.index(x) for x in predictions["predicted_label"]]]]
     assert len(result.pseudo_labels) == len(above) - above["path"].isin(result.queue["path"]).sum()
     assert not set(result.queue["path"]) & set(result.pseudo_labels["path"])  # a queued image goes to a person
     assert result.pseudo_labels["confidence"].is_monotonic_increasing  # lowest confidence first
@@ -101,7 +114,9 @@ def test_no_threshold_reaching_the_target_is_refused(trained, tmp_path):
     wrong = (payload["val_logits"].argmax(dim=1) + 1) % 3  # every validation answer wrong
     payload["val_targets"] = wrong
     torch.save(payload, tmp_path / "wrong.pt")
-    with pytest.raises(UsageError, match=r"no confidence threshold reaches precision 50\.0% on the run's \d+ validation images"):
+    with pytest.raises(
+        UsageError, match=r"no confidence threshold reaches precision 50\.0% on the run's \d+ validation images at the 95% Wilson"
+    ):
         label(run=tmp_path / "wrong.pt", unlabeled=pool, out=tmp_path / "q", target_precision=0.5, progress=False)
     assert not (tmp_path / "q" / "predictions.csv").exists()
     from typer.testing import CliRunner
@@ -163,32 +178,71 @@ def test_a_manifest_of_unlabelled_paths_and_bad_options(trained, tmp_path):
 
     from finetune.cli import app
 
-    args = ["label", str(run), "--unlabeled", str(manifest), "--out", str(tmp_path / "c"), "--budget", "1", "-q"]
+    args = [
+        "label",
+        str(run),
+        "--unlabeled",
+        str(manifest),
+        "--out",
+        str(tmp_path / "c"),
+        "--budget",
+        "1",
+        "--target-precision",
+        "0.01",
+        "-q",
+    ]
     shown = CliRunner().invoke(app, args)
     assert shown.exit_code == 0, shown.output
     assert "of 4 pseudo-labelled" in shown.stdout and (tmp_path / "c" / "label.html").is_file()
     with pytest.raises(UsageError, match=r"--budget -1: how many images"):
         label(run=run, unlabeled=pool, out=tmp_path / "r", budget=-1, progress=False)
-    with pytest.raises(UsageError, match=r"--target-precision 1.5: a precision from 0 to 1"):
-        label(run=run, unlabeled=pool, out=tmp_path / "r", target_precision=1.5, progress=False)
+    for wrong in (1.5, 1.0):
+        with pytest.raises(UsageError, match=rf"--target-precision {wrong}: a precision between 0 and 1 \(not 1 itself\)"):
+            label(run=run, unlabeled=pool, out=tmp_path / "r", target_precision=wrong, progress=False)
 
 
 def test_the_threshold_and_the_queue_on_numbers():
-    from finetune.evaluation.labeling import choose_queue, k_center_greedy, precision_rule
+    from finetune.evaluation.labeling import choose_queue, images_to_vouch, k_center_greedy, lower_bound_threshold
 
-    # confidence 0.9, 0.8 (right), 0.7 (wrong), 0.6 (right): precision 1.0 down to 0.8, then 2/3, then 3/4
-    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
-    targets = np.array([0, 0, 1, 0])
-    rule = precision_rule(probs, targets, 0.75)
-    assert (rule.threshold, rule.answered, rule.correct) == (0.6, 4, 3)
-    assert precision_rule(probs, targets, 0.8).threshold == 0.8
-    assert precision_rule(probs[2:3], targets[2:3], 0.5) is None
-    low, high = rule.interval
-    assert low < 0.75 < high and rule.expected_wrong(100)[0] == pytest.approx(25)
+    # confidence 0.9, 0.8 (right), 0.7 (wrong), 0.6 (right): lower bounds 0.21, 0.34, 0.21, 0.30 (Wilson, 95%)
+    confidence = np.array([0.9, 0.8, 0.7, 0.6])
+    correct = np.array([True, True, False, True])
+    assert lower_bound_threshold(confidence, correct, 0.3) == Tally(0.6, 4, 3)  # the lowest threshold reaching it
+    assert lower_bound_threshold(confidence, correct, 0.33) == Tally(0.8, 2, 2)  # 3 of 4 right vouches only for 0.30
+    assert lower_bound_threshold(confidence, correct, 0.5) is None  # a point estimate of 1.0 on 2 images is not enough
+    assert images_to_vouch(0.95) == 73 and wilson_interval(73, 73)[0] >= 0.95 > wilson_interval(72, 72)[0]
     features = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [5.0, 0.0], [0.0, 3.0]])
     assert k_center_greedy(features, 3)[0] == [0, 3, 4]
     uncertain = np.array([[0.5, 0.5]] * 3 + [[0.6, 0.4], [0.7, 0.3]])
     assert choose_queue(uncertain, features, 2).rows == [0, 3]  # one of the three copies, then the farthest
+
+
+def test_per_class_thresholds_own_global_or_none():
+    from finetune.evaluation.labeling import precision_rule
+
+    rng = np.random.default_rng(0)
+    # class 0: 200 answers, all right above 0.8 and half wrong below; class 1: 200 answers below 0.8, one in three
+    # wrong at every confidence (never reaches 0.9 at the lower bound); class 2: 5 answers (too few to vouch alone: the global rule)
+    conf0 = rng.uniform(0.5, 1.0, 200)
+    right0 = (conf0 >= 0.8) | (rng.random(200) < 0.5)
+    conf1 = rng.uniform(0.5, 0.8, 200)
+    right1 = np.arange(200) % 3 != 0
+    conf2 = np.full(5, 0.99)
+    confidence = np.r_[conf0, conf1, conf2]
+    predicted = np.r_[np.zeros(200, int), np.ones(200, int), np.full(5, 2)]
+    targets = np.where(np.r_[right0, right1, np.ones(5, bool)], predicted, (predicted + 1) % 3)
+    probs = np.zeros((405, 3))
+    probs[np.arange(405), predicted] = confidence
+    probs[np.arange(405), (predicted + 1) % 3] = 1 - confidence
+    rule = precision_rule(probs, targets, 0.9, class_names=["a", "b", "c"])
+    a, b, c = rule.classes
+    assert a.rule == "own" and a.threshold > 0.75 and wilson_interval(a.correct, a.answered)[0] >= 0.9
+    assert b.rule == "none" and b.threshold == np.inf and b.answered == 0
+    assert c.rule == "global" and c.threshold == rule.threshold and c.predicted == 5
+    assert not rule.keep(probs[200:400]).any()  # class b is never pseudo-labelled
+    summary = rule.to_dict()
+    assert summary["per_class"]["b"]["rule"] == "none" and summary["per_class"]["b"]["threshold"] is None
+    assert precision_rule(probs[200:400], targets[200:400], 0.9) is None  # nothing reaches the target: refused
 
 
 def test_a_failed_label_leaves_the_previous_files_whole(trained, tmp_path, monkeypatch):
