@@ -106,6 +106,18 @@ def test_label_writes_its_files_and_the_pseudo_labels_reach_the_target_on_valida
     assert prediction["score"] == pytest.approx(confidence, abs=1e-6)
     html = (out / "label.html").read_text()
     assert "data:image/png;base64," in html and "Label next (4)" in html
+    # the queue as a FiftyOne image classification dataset: data/<uuid>.<ext> + labels.json (unlabelled: null targets)
+    fiftyone = out / "fiftyone"
+    labels = json.loads((fiftyone / "labels.json").read_text())
+    suggestions = json.loads((fiftyone / "suggestions.json").read_text())
+    names = load_trained(run).class_names
+    assert labels["classes"] == suggestions["classes"] == names
+    stems = [p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in result.queue["path"]]
+    assert list(labels["labels"]) == stems and set(labels["labels"].values()) == {None}
+    assert [names[i] for i in suggestions["labels"].values()] == list(result.queue["suggested_label"])
+    assert sorted(p.stem for p in (fiftyone / "data").iterdir()) == sorted(stems)
+    copied = fiftyone / "data" / result.queue["path"].iloc[0].rsplit("/", 1)[1]
+    assert copied.read_bytes() == open(result.queue["path"].iloc[0], "rb").read()
 
 
 def test_no_threshold_reaching_the_target_is_refused(trained, tmp_path):
@@ -264,4 +276,26 @@ def test_a_failed_label_leaves_the_previous_files_whole(trained, tmp_path, monke
     with pytest.raises(finetune.errors.RunDirError, match=r"cannot write .*: the disk is full"):
         label(run=run, unlabeled=pool, out=out, target_precision=0.0001, budget=5, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["mine"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["fiftyone", "mine"]
+    assert len(json.loads((out / "fiftyone" / "labels.json").read_text())["labels"]) == 3  # the previous queue, whole
+    monkeypatch.undo()
+    label(run=run, unlabeled=pool, out=out, target_precision=0.0001, budget=2, progress=False)  # a folder replaced whole
+    assert len(list((out / "fiftyone" / "data").iterdir())) == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_fiftyone_names_follow_its_exporter_on_clashes(tmp_path):
+    from finetune.reporting.fiftyone_format import unique_stem, write_fiftyone_dataset
+
+    taken: set[str] = set()
+    assert [unique_stem(s, taken) for s in ("a", "a", "b", "a")] == ["a", "a-2", "b", "a-3"]
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / folder / "same.png")
+    queue = pd.DataFrame(
+        {"path": [str(tmp_path / "x" / "same.png"), str(tmp_path / "y" / "same.png")], "suggested_label": ["b", "a"]}
+    )
+    sources = write_fiftyone_dataset(tmp_path / "fo", queue, ["a", "b"])
+    assert sources == {"same": str(tmp_path / "x" / "same.png"), "same-2": str(tmp_path / "y" / "same.png")}
+    assert json.loads((tmp_path / "fo" / "suggestions.json").read_text())["labels"] == {"same": 1, "same-2": 0}
+    assert sorted(p.name for p in (tmp_path / "fo" / "data").iterdir()) == ["same-2.png", "same.png"]

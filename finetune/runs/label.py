@@ -30,6 +30,7 @@ from finetune.files import published_together, read_text_table, write_table, wri
 from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor, calibrated_validation
+from finetune.reporting.fiftyone_format import write_fiftyone_dataset
 from finetune.reporting.label_html import left_out_gallery, pseudo_label_galleries, queue_gallery, render_label_page
 from finetune.reporting.label_studio import label_studio_tasks
 from finetune.reporting.markdown import escape_markdown
@@ -46,6 +47,7 @@ LABEL_FILES = (
     "summary.md",
     "label.html",
     "label_studio_tasks.json",
+    "fiftyone",
 )
 QUEUE_COLUMNS = ["path", "suggested_label", "score", "reason"]
 DUPLICATE_DISTANCE = 4  # perceptual-hash bits, as `finetune check` counts near duplicates
@@ -78,7 +80,8 @@ def label(
     threshold at which the validation split reaches `target_precision`, queued images excepted), to_label.csv (the
     `budget` images to label next: least certain first, spread over the backbone's feature space, near duplicates of
     labelled images left out and listed in left_out.csv), label_studio_tasks.json (the queue as Label Studio tasks: images under
-    `image_root`, a URL prefix, else Label Studio's local-files route), summary.json, summary.md and label.html."""
+    `image_root`, a URL prefix, else Label Studio's local-files route), fiftyone/ (the queue as a FiftyOne image
+    classification dataset, unlabelled, the suggestions in suggestions.json), summary.json, summary.md and label.html."""
     if not 0.0 < target_precision < 1.0:
         raise UsageError(f"--target-precision {target_precision}: a precision between 0 and 1 (not 1 itself), e.g. 0.95")
     if budget < 0:
@@ -105,6 +108,7 @@ def label(
     with published_together(out, LABEL_FILES) as staging:  # a kill leaves the previous set whole, never a mix
         _write(staging, table=table, pseudo=pseudo, queue=queue, left_out=left_out, summary=summary, class_names=list(names))
         write_text(staging / "label_studio_tasks.json", json.dumps(tasks, indent=1))
+        write_fiftyone_dataset(staging / "fiftyone", queue, list(names))
     log.debug(  # the command prints it
         "%d of %d image(s) pseudo-labelled at confidence >= %.4f; %d queued to label next -> %s",
         len(pseudo),
