@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -117,7 +118,7 @@ def test_label_writes_its_files_and_the_pseudo_labels_reach_the_target_on_valida
     assert [names[i] for i in suggestions["labels"].values()] == list(result.queue["suggested_label"])
     assert sorted(p.stem for p in (fiftyone / "data").iterdir()) == sorted(stems)
     copied = fiftyone / "data" / result.queue["path"].iloc[0].rsplit("/", 1)[1]
-    assert copied.read_bytes() == open(result.queue["path"].iloc[0], "rb").read()
+    assert copied.read_bytes() == Path(result.queue["path"].iloc[0]).read_bytes()
 
 
 def test_no_threshold_reaching_the_target_is_refused(trained, tmp_path):
