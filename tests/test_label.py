@@ -300,3 +300,54 @@ def test_fiftyone_names_follow_its_exporter_on_clashes(tmp_path):
     assert sources == {"same": str(tmp_path / "x" / "same.png"), "same-2": str(tmp_path / "y" / "same.png")}
     assert json.loads((tmp_path / "fo" / "suggestions.json").read_text())["labels"] == {"same": 1, "same-2": 0}
     assert sorted(p.name for p in (tmp_path / "fo" / "data").iterdir()) == ["same-2.png", "same.png"]
+
+
+def test_the_queue_round_trips_through_label_studio_and_fiftyone_into_data(trained, tmp_path):
+    """label's Label Studio tasks and FiftyOne folder, labelled as the tools would, read back by train, check and eval."""
+    run, pool, _ = trained
+    out = tmp_path / "q"
+    result = label(run=run, unlabeled=pool, out=out, target_precision=0.0001, budget=15, progress=False)
+    queued = len(result.queue)
+    assert queued >= 12
+    names = load_trained(run).class_names
+    truth = {str(p): ["cat", "dog", "eel"][int(p.name.split("_")[1])] for p in pool.iterdir()}
+    tasks = json.loads((out / "label_studio_tasks.json").read_text())
+    for n, task in enumerate(tasks):  # a person labels each task; Label Studio exports task id, data and annotations
+        task["id"] = n + 1
+        choice = {
+            "from_name": "choice",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": [truth[task["data"]["path"]]]},
+        }
+        task["annotations"] = [{"id": n + 1, "result": [choice], "was_cancelled": False, "ground_truth": False}]
+    export = tmp_path / "project-1-at-2026-11-30.json"
+    export.write_text(json.dumps(tasks))
+    from finetune.config.schema import DataConfig
+    from finetune.data.scan import read_samples
+
+    rows = read_samples(DataConfig(path=export))
+    assert dict(zip(rows["path"], rows["label"])) == {p: truth[p] for p in result.queue["path"]}
+    fiftyone = out / "fiftyone"
+    labels = json.loads((fiftyone / "labels.json").read_text())
+    sources = dict(zip([p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in result.queue["path"]], result.queue["path"]))
+    labels["labels"] = {uuid: names.index(truth[sources[uuid]]) for uuid in labels["labels"]}  # as FiftyOne exports
+    (fiftyone / "labels.json").write_text(json.dumps(labels))
+    rows = read_samples(DataConfig(path=fiftyone))
+    assert {p.rsplit("/", 1)[1]: label for p, label in zip(rows["path"], rows["label"])} == {
+        p.rsplit("/", 1)[1]: truth[p] for p in result.queue["path"]
+    }
+    checked = finetune.check(data=export, progress=False)
+    assert checked.summary["images"] == queued and checked.summary["classes"] == len({truth[p] for p in result.queue["path"]})
+    report = finetune.evaluate(run=run, data=fiftyone, out=tmp_path / "report", progress=False)
+    assert report.metrics["num_images"] == queued
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(tiny_recipe(data={"val_fraction": 0.34})))
+    shown = CliRunner().invoke(app, ["train", str(recipe), "--data", str(export), "--out", str(tmp_path / "again"), "-q"])
+    assert shown.exit_code == 0, shown.output
+    splits = pd.read_csv(tmp_path / "again" / "splits.csv")
+    assert sorted(splits["path"]) == sorted(result.queue["path"])

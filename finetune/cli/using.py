@@ -14,7 +14,11 @@ from finetune.cli.base import HELP_STYLE, Debug, Quiet, app, echo, session
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
     data: Annotated[
-        Path, typer.Option(help="Labelled image folder: class sub-folders, or train/val/test (test, else val, is used).")
+        Path,
+        typer.Option(
+            help="Labelled images: class sub-folders or train/val/test (test, else val, is used), a CSV manifest, a Label "
+            "Studio JSON export or a FiftyOne classification dataset folder."
+        ),
     ],
     out: Annotated[Path | None, typer.Option(help="Report folder (default RUN/report).")] = None,
     quiet: Quiet = False,
@@ -105,7 +109,12 @@ def label(
 
 @app.command()
 def check(
-    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders, or train/ val/ [test/]).")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Image folder (class sub-folders, or train/ val/ [test/]), a Label Studio JSON export or a FiftyOne classification dataset folder."
+        ),
+    ],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every finding to this JSON file.")] = None,
     quiet: Quiet = False,
     debug: Debug = False,

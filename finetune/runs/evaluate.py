@@ -9,7 +9,8 @@ import pandas as pd
 
 from finetune.data.doctor import EVALUATION_ADVICE, screen_samples
 from finetune.data.facts import FactsCache
-from finetune.data.scan import read_manifest, scan_image_folder
+from finetune.data.label_tools import is_tool_export
+from finetune.data.scan import read_manifest, read_tool_manifest, scan_image_folder
 from finetune.data.split import evaluation_split
 from finetune.errors import DataError
 from finetune.files import check_replaceable, path_key, read_text_table
@@ -65,7 +66,11 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
 
 def _labelled_images(data: Path, extensions: list[str], *, multilabel: bool) -> pd.DataFrame:
     """(path, label, split) of a folder of class folders or a CSV manifest; a multi-label model needs a manifest
-    with a `labels` column, a single-label one a `label` column or folders."""
+    with a `labels` column, a single-label one a `label` column, folders or a labelling tool's export."""
+    if is_tool_export(data):
+        if multilabel:
+            raise DataError(f"this model gives several labels per image: evaluate it on a CSV manifest 'path,labels', not {data}")
+        return read_tool_manifest(data)
     if data.suffix.lower() != ".csv":
         if multilabel:
             raise DataError(
