@@ -351,3 +351,87 @@ def test_the_queue_round_trips_through_label_studio_and_fiftyone_into_data(train
     assert shown.exit_code == 0, shown.output
     splits = pd.read_csv(tmp_path / "again" / "splits.csv")
     assert sorted(splits["path"]) == sorted(result.queue["path"])
+
+
+def test_merge_labels_keeps_val_and_test_and_sends_new_and_pseudo_labels_to_train(tmp_path):
+    from finetune.config.schema import DataConfig
+    from finetune.data.scan import read_samples
+    from finetune.data.split import split_samples
+    from finetune.errors import DataError
+
+    data = make_folder(tmp_path / "data", per_class=3)
+    images = {
+        (c, i): str(data / c / f)
+        for c in ("cat", "dog", "eel")
+        for i, f in enumerate(sorted(p.name for p in (data / c).iterdir()))
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    split = {0: "test", 1: "val", 2: "train"}
+    pd.DataFrame([(p, c, split[i]) for (c, i), p in images.items()], columns=["path", "label", "split"]).to_csv(
+        run / "splits.csv", index=False
+    )
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        Image.fromarray(_pattern(i, 200 + i)).save(pool / f"p{i}.png")
+    queue = tmp_path / "q"
+    queue.mkdir()
+    pd.DataFrame(
+        {
+            "path": [str(pool / "p0.png"), str(pool / "p1.png"), images["cat", 2]],
+            "label": ["cat", "dog", "dog"],
+            "confidence": [0.99, 0.98, 0.97],
+        }
+    ).to_csv(queue / "pseudo_labels.csv", index=False)
+    new = tmp_path / "new.csv"
+    new.write_text(f"path,label\n{pool / 'p1.png'},eel\n{pool / 'p2.png'},eel\n{images['dog', 2]},eel\n{images['cat', 0]},cat\n")
+    merged = tmp_path / "merged.csv"
+    result = finetune.merge_labels(run=run, out=merged, pseudo_labels=queue, labelled=[new], progress=False)
+    rows = pd.read_csv(merged, keep_default_na=False).set_index("path")
+    assert list(pd.read_csv(merged).columns) == ["path", "label", "split", "source", "confidence"]
+    assert rows.loc[str(pool / "p0.png"), ["label", "split", "source"]].tolist() == ["cat", "train", "pseudo"]
+    assert rows.loc[str(pool / "p1.png"), ["label", "split", "source"]].tolist() == ["eel", "train", "new"]  # a person wins
+    assert rows.loc[images["cat", 2], ["label", "source"]].tolist() == ["cat", "labelled"]  # the pseudo-label dropped
+    assert rows.loc[images["dog", 2], ["label", "split", "source"]].tolist() == ["eel", "train", "new"]  # relabelled
+    assert rows.loc[images["cat", 0], ["label", "split"]].tolist() == ["cat", "test"]  # agreeing: keeps its test split
+    assert {p: s for p, s in rows["split"].items() if p in images.values()} == {p: split[i] for (_, i), p in images.items()}
+    assert set(rows.loc[rows["source"] != "labelled", "split"]) == {"train"} and len(rows) == 9 + 3
+    assert result.counts == {
+        "labelled": 8,
+        "new": 3,
+        "pseudo": 1,
+        "pseudo_dropped_already_labelled": 2,
+        "train_labels_replaced": 1,
+        "train_images": 6,
+        "val_images": 3,
+        "test_images": 3,
+    }
+    samples = read_samples(DataConfig(path=merged))  # the next train reads the splits as they are
+    again = split_samples(samples, val_fraction=0.25, test_fraction=0.1, seed=1)
+    assert dict(zip(again["path"], again["split"])) == rows["split"].to_dict()
+    # a new label contradicting a val or test image, by path or by bytes (FiftyOne's data/ holds copies): refused
+    fiftyone = tmp_path / "fo"
+    (fiftyone / "data").mkdir(parents=True)
+    shutil.copy(images["dog", 0], fiftyone / "data" / "x.png")
+    (fiftyone / "labels.json").write_text(json.dumps({"classes": ["cat", "dog"], "labels": {"x": 0}}))
+    with pytest.raises(
+        DataError, match=r"new label 'cat' for .*x.png, which is the run's test image .*labelled 'dog'; a merge never"
+    ):
+        finetune.merge_labels(run=run, out=tmp_path / "m2.csv", labelled=[fiftyone], progress=False)
+    new.write_text(f"path,label\n{images['eel', 1]},cat\n")
+    with pytest.raises(DataError, match=r"which is the run's val image"):
+        finetune.merge_labels(run=run, out=tmp_path / "m2.csv", labelled=[new], progress=False)
+    assert not (tmp_path / "m2.csv").exists()
+    with pytest.raises(UsageError, match=r"has no splits.csv; pass the run folder"):
+        finetune.merge_labels(run=tmp_path, out=tmp_path / "m2.csv", progress=False)
+    with pytest.raises(UsageError, match=r"--pseudo-labels .*: no pseudo_labels.csv there"):
+        finetune.merge_labels(run=run, out=tmp_path / "m2.csv", pseudo_labels=tmp_path, progress=False)
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    args = ["merge-labels", str(run), "--out", str(tmp_path / "m3.csv"), "--pseudo-labels", str(queue), "-q"]
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "(9 labelled, 0 new, 2 pseudo) | train 5, val 3, test 3" in shown.stdout

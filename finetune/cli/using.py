@@ -1,4 +1,4 @@
-"""Commands that use a trained run or a data folder: eval, predict, label, check, inspect, explain, export, report diff."""
+"""Commands that use a trained run or a data folder: eval, predict, label, merge-labels, check, inspect, explain, export, report diff."""
 
 from __future__ import annotations
 
@@ -74,7 +74,10 @@ def label(
     ],
     out: Annotated[Path, typer.Option(help="Folder for predictions.csv, pseudo_labels.csv, to_label.csv and label.html.")],
     target_precision: Annotated[
-        float, typer.Option(help="Pseudo-labels keep the confidence at which the validation split reaches this precision.")
+        float,
+        typer.Option(
+            help="Pseudo-labels keep the confidence at which the validation precision's 95% Wilson lower bound reaches this."
+        ),
     ] = 0.95,
     budget: Annotated[int, typer.Option(help="How many images to queue for labelling next (to_label.csv).")] = 50,
     image_root: Annotated[
@@ -104,6 +107,35 @@ def label(
         echo(
             f"{summary['pseudo_labels']} of {summary['images']} pseudo-labelled (validation precision "
             f"{summary['validation_precision']:.1%}), {summary['queued']} to label next | {result.folder / 'label.html'}"
+        )
+
+
+@app.command("merge-labels")
+def merge_labels(
+    run: Annotated[Path, typer.Argument(help="Run folder whose splits.csv holds the labelled images.")],
+    out: Annotated[Path, typer.Option(help="The merged CSV manifest to write (path,label,split,source,confidence).")],
+    pseudo_labels: Annotated[
+        Path | None, typer.Option(help="finetune label's pseudo_labels.csv (or its --out folder): added to train.")
+    ] = None,
+    labelled: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="New labels (repeatable): a CSV manifest, Label Studio JSON export, FiftyOne folder or class folders; "
+            "added to train."
+        ),
+    ] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """One manifest for the next train: the run's images keep their split, new labels and pseudo-labels go to train."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.merge_labels(run=run, out=out, pseudo_labels=pseudo_labels, labelled=labelled or [], progress=not quiet)
+        c = result.counts
+        echo(
+            f"{len(result.rows)} images ({c['labelled']} labelled, {c['new']} new, {c['pseudo']} pseudo) | train "
+            f"{c['train_images']}, val {c['val_images']}, test {c['test_images']} | {result.manifest}"
         )
 
 
