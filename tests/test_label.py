@@ -93,7 +93,9 @@ def test_label_writes_its_files_and_the_pseudo_labels_reach_the_target_on_valida
     assert not set(result.queue["path"]) & set(result.pseudo_labels["path"])  # a queued image goes to a person
     assert result.pseudo_labels["confidence"].is_monotonic_increasing  # lowest confidence first
     assert summary["expected_wrong_labels"] == pytest.approx(len(result.pseudo_labels) * (1 - precision))
-    assert "Wilson interval" in (out / "summary.md").read_text()
+    markdown = (out / "summary.md").read_text()
+    assert "Wilson interval" in markdown and "a class's own threshold needs at least" in markdown
+    assert all(f"  - {name}: " in markdown for name in names)
     assert len(result.queue) == 4 == summary["queued"]  # the budget
     tasks = json.loads((out / "label_studio_tasks.json").read_text())
     assert [task["data"]["path"] for task in tasks] == list(result.queue["path"])

@@ -305,7 +305,7 @@ def _write(
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     markdown = _markdown(summary)
     write_text(out / "summary.md", markdown)
-    intro = [line.removeprefix("- ") for line in markdown.splitlines()[2:] if line]
+    intro = [line.strip().removeprefix("- ") for line in markdown.splitlines()[2:] if line]
     galleries = [queue_gallery(queue), *pseudo_label_galleries(pseudo, class_names)]
     extra = left_out_gallery(left_out)
     render_label_page(
