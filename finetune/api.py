@@ -26,6 +26,7 @@ from finetune.runs.export import ExportResult, export
 from finetune.runs.inspect import inspect
 from finetune.runs.label import LabelResult, label
 from finetune.runs.lr_find import LRFindResult, find_lr
+from finetune.runs.merge_labels import MergeResult, merge_labels
 from finetune.runs.predict import load, predict
 from finetune.runs.recipes import recipes, show_recipe
 from finetune.runs.serve import serve
@@ -43,6 +44,7 @@ __all__ = [
     "Inspection",
     "LabelResult",
     "LRFindResult",
+    "MergeResult",
     "Predictor",
     "Recipe",
     "Report",
@@ -60,6 +62,7 @@ __all__ = [
     "export",
     "find_lr",
     "inspect",
+    "merge_labels",
     "label",
     "load",
     "load_recipe",

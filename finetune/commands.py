@@ -31,6 +31,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("predict", "finetune.runs.predict", "predict"),
     Command("load", "finetune.runs.predict", None, ("Predictor",)),
     Command("label", "finetune.runs.label", "label", ("LabelResult",)),
+    Command("merge_labels", "finetune.runs.merge_labels", "merge-labels", ("MergeResult",)),
     Command("check", "finetune.runs.check", "check", ("CheckResult",)),
     Command("shard", "finetune.runs.shard", "shard", ("ShardResult",)),
     Command("inspect", "finetune.runs.inspect", "inspect", ("Inspection",)),

@@ -213,7 +213,8 @@ def _swap(staging: Path, folder: Path) -> None:
 @contextlib.contextmanager
 def published_together(folder: Path, names: tuple[str, ...]) -> Iterator[Path]:
     """Files `names` of `folder` written aside, then renamed in one after another (the files of the previous set that
-    the new one lacks are removed): a failed or killed write leaves the previous set whole."""
+    the new one lacks are removed): a failed or killed write leaves the previous set whole. A name may be a folder,
+    replaced whole."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(folder / "files")
@@ -225,11 +226,31 @@ def published_together(folder: Path, names: tuple[str, ...]) -> Iterator[Path]:
             written = {p.name for p in staging.iterdir()}
             for name in names:
                 if name not in written:
-                    (folder / name).unlink(missing_ok=True)
+                    _remove_entry(folder / name)
             for name in sorted(written):
-                os.replace(staging / name, folder / name)
+                _swap_in(staging / name, folder / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_entry(path: Path) -> None:
+    """A file, or a folder (of a set `published_together` writes) with its contents; nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename `new` onto `target`; a folder already there is renamed aside first and removed after (a rename cannot
+    replace a folder that holds files)."""
+    if target.is_dir() and not target.is_symlink():
+        old = _staging(target.parent / "files", "old")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
 
 
 def check_writable_folder(folder: Path, *, what: str = "--out") -> None:

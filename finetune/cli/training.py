@@ -29,7 +29,11 @@ def train(
         typer.Argument(help="Recipe YAML or a built-in name (finetune recipes); default: last_stage.", show_default=False),
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="Image folder (class sub-folders, or train/ val/ [test/]) or CSV manifest.")
+        Path | None,
+        typer.Option(
+            help="Image folder (class sub-folders, or train/ val/ [test/]), CSV manifest, Label Studio JSON export or "
+            "FiftyOne classification dataset folder."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder to create (default runs/RECIPE-TIME).")] = None,
     set_: Overrides = None,

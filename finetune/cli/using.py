@@ -1,4 +1,5 @@
-"""Commands that use a trained run or a data folder: eval, predict, label, check, shard, inspect, explain, export, report diff."""
+"""Commands that use a trained run or a data folder: eval, predict, label, merge-labels, check, shard, inspect, explain,
+export, report diff."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from finetune.cli.base import HELP_STYLE, Debug, Overrides, Quiet, app, echo, se
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run folder (or a .pt checkpoint).")],
     data: Annotated[
-        Path, typer.Option(help="Labelled image folder: class sub-folders, or train/val/test (test, else val, is used).")
+        Path,
+        typer.Option(
+            help="Labelled images: class sub-folders or train/val/test (test, else val, is used), a CSV manifest, a Label "
+            "Studio JSON export or a FiftyOne classification dataset folder."
+        ),
     ],
     out: Annotated[Path | None, typer.Option(help="Report folder (default RUN/report).")] = None,
     quiet: Quiet = False,
@@ -70,7 +75,10 @@ def label(
     ],
     out: Annotated[Path, typer.Option(help="Folder for predictions.csv, pseudo_labels.csv, to_label.csv and label.html.")],
     target_precision: Annotated[
-        float, typer.Option(help="Pseudo-labels keep the confidence at which the validation split reaches this precision.")
+        float,
+        typer.Option(
+            help="Pseudo-labels keep the confidence at which the validation precision's 95% Wilson lower bound reaches this."
+        ),
     ] = 0.95,
     budget: Annotated[int, typer.Option(help="How many images to queue for labelling next (to_label.csv).")] = 50,
     image_root: Annotated[
@@ -103,9 +111,43 @@ def label(
         )
 
 
+@app.command("merge-labels")
+def merge_labels(
+    run: Annotated[Path, typer.Argument(help="Run folder whose splits.csv holds the labelled images.")],
+    out: Annotated[Path, typer.Option(help="The merged CSV manifest to write (path,label,split,source,confidence).")],
+    pseudo_labels: Annotated[
+        Path | None, typer.Option(help="finetune label's pseudo_labels.csv (or its --out folder): added to train.")
+    ] = None,
+    labelled: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="New labels (repeatable): a CSV manifest, Label Studio JSON export, FiftyOne folder or class folders; "
+            "added to train."
+        ),
+    ] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """One manifest for the next train: the run's images keep their split, new labels and pseudo-labels go to train."""
+    with session(quiet, debug):
+        from finetune import api
+
+        result = api.merge_labels(run=run, out=out, pseudo_labels=pseudo_labels, labelled=labelled or [], progress=not quiet)
+        c = result.counts
+        echo(
+            f"{len(result.rows)} images ({c['labelled']} labelled, {c['new']} new, {c['pseudo']} pseudo) | train "
+            f"{c['train_images']}, val {c['val_images']}, test {c['test_images']} | {result.manifest}"
+        )
+
+
 @app.command()
 def check(
-    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders, or train/ val/ [test/]).")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Image folder (class sub-folders, or train/ val/ [test/]), a Label Studio JSON export or a FiftyOne classification dataset folder."
+        ),
+    ],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every finding to this JSON file.")] = None,
     quiet: Quiet = False,
     debug: Debug = False,

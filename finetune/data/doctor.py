@@ -16,8 +16,9 @@ from finetune.bars import progress as progress_bar
 from finetune.config.catalog import EXTENSION_FORMATS
 from finetune.data.duplicates import duplicate_pairs, find_duplicate_groups, list_pairs, pair_count
 from finetune.data.facts import FLAT_LOOK, FactsCache, ImageFacts
+from finetune.data.label_tools import is_tool_export
 from finetune.data.parallel import examine_many
-from finetune.data.scan import class_folders, scan_image_folder, split_folders, split_labels
+from finetune.data.scan import class_folders, read_tool_manifest, scan_image_folder, split_folders, split_labels
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ def _ignored_files(root: Path, extensions: Sequence[str]) -> list[dict[str, Any]
     return rows
 
 
-def _empty_class_folders(root: Path, samples: pd.DataFrame) -> list[str]:
+def _empty_class_folders(root: Path | None, samples: pd.DataFrame) -> list[str]:
+    if root is None:
+        return []
     splits = split_folders(root)
     bases = list(splits) if splits is not None else [root]
     found = set(samples["label"])
@@ -140,7 +143,7 @@ def _finding(path: str, label: str, split: str, severity: str, kind: str, detail
 
 
 def _class_findings(
-    root: Path, samples: pd.DataFrame, counts: pd.DataFrame, unreadable_classes: list[str]
+    root: Path | None, samples: pd.DataFrame, counts: pd.DataFrame, unreadable_classes: list[str]
 ) -> list[dict[str, Any]]:
     """Empty class folders, classes of one image, and classes whose every image is unreadable."""
     rows = [
@@ -203,7 +206,8 @@ def check_dataset(
 ) -> CheckResult:
     """The dataset doctor: everything `finetune check` reports, as tables plus a summary."""
     root = Path(root)
-    samples = scan_image_folder(root, extensions=extensions)
+    folder = not is_tool_export(root)  # else a Label Studio export or a FiftyOne folder: no class folders to look at
+    samples = scan_image_folder(root, extensions=extensions) if folder else read_tool_manifest(root)
     facts = examine_all(list(samples["path"]), progress=progress, cache=cache)
     readable = samples[[f.problem is None for f in facts]]
     counts = readable.groupby(["label", "split"]).size().unstack(fill_value=0)
@@ -212,8 +216,8 @@ def check_dataset(
     ordered = samples.reset_index(drop=True)
     groups = find_duplicate_groups(facts)
     duplicates = list_pairs(ordered, facts, groups)
-    rows = file_findings(samples, facts) + _ignored_files(root, extensions)
-    rows += _class_findings(root, samples, counts, unreadable_classes) + _duplicate_findings(duplicates)
+    rows = file_findings(samples, facts) + (_ignored_files(root, extensions) if folder else [])
+    rows += _class_findings(root if folder else None, samples, counts, unreadable_classes) + _duplicate_findings(duplicates)
     blockers = _blockers(counts, unreadable_classes)
     if len(counts) < 2:
         rows.append(_finding(str(root), "", "", "error", "too few classes", blockers[0]))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from finetune.config.schema import DataConfig
+from finetune.data.label_tools import is_tool_export, read_tool_export
 from finetune.data.members import is_shard_folder
 from finetune.errors import DataError
 from finetune.files import read_text_table
@@ -205,6 +206,18 @@ def read_manifest(path: Path) -> pd.DataFrame:
         raise DataError(
             f"manifest {path} line {blank[0] + 2}: empty label for {frame.at[blank[0], 'path']}; give every image a class"
         )
+    return manifest_rows(path, frame)
+
+
+def read_tool_manifest(path: Path) -> pd.DataFrame:
+    """A Label Studio JSON export or a FiftyOne classification dataset folder (finetune/data/label_tools.py) as the
+    rows of a manifest, checked as a CSV manifest's are (one file under two labels, missing files)."""
+    return manifest_rows(path, read_tool_export(path))
+
+
+def manifest_rows(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """The (path, label, split) rows of a manifest read into `frame`: paths made absolute (relative to the manifest's
+    folder), a file under two labels refused, the split column read, missing files refused, repeats dropped."""
     base = Path(path).parent
     frame["path"] = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"]]
     keys = frame["path"].map(file_key)
@@ -232,7 +245,8 @@ def file_key(path: str | Path) -> str:
 
 
 def read_samples(cfg: DataConfig) -> pd.DataFrame:
-    """Every (path, label, split) row of the folder or manifest named by `cfg.path`."""
+    """Every (path, label, split) row of the folder, CSV manifest, Label Studio JSON export or FiftyOne dataset folder
+    named by `cfg.path`."""
     if cfg.path is None:
         raise DataError("no data given; pass --data PATH (a folder of class folders or a CSV manifest) or set data.path")
     path = Path(cfg.path)
@@ -240,6 +254,10 @@ def read_samples(cfg: DataConfig) -> pd.DataFrame:
         if not path.is_file():
             raise DataError(f"manifest {path} does not exist; check --data")
         samples = read_manifest(path)
+    elif is_tool_export(path):
+        samples = read_tool_manifest(path)
+    elif path.suffix.lower() == ".json":
+        raise DataError(f"{path} does not exist; check --data (a Label Studio JSON export, a folder or a CSV manifest)")
     else:
         samples = scan_image_folder(path, extensions=cfg.extensions)
     names = [n for cell in samples["label"] for n in split_labels(cell)] if manifest_is_multilabel(cfg) else samples["label"]

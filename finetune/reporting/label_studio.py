@@ -6,6 +6,8 @@ image's absolute path (`/data/local-files/?d=home/me/pool/a.jpg`), which it serv
 (`https://files.example.org/pool`), each task points at that URL plus the image's path relative to the unlabelled
 folder. The labelling config must name its choices `choice` and its image `image`:
 `<View><Image name="image" value="$image"/><Choices name="choice" toName="image">...</Choices></View>`.
+Each task also carries the image's local path in `data.path`: Label Studio keeps task data as imported, so its JSON
+export is read back (`--data`, finetune/data/label_tools.py) whatever URL served the image.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ import pandas as pd
 
 from finetune.data.doctor import EVALUATION_ADVICE, screen_samples
 from finetune.data.facts import FactsCache
+from finetune.data.label_tools import is_tool_export
 from finetune.data.members import is_shard_folder
-from finetune.data.scan import read_manifest, scan_image_folder
+from finetune.data.scan import read_manifest, read_tool_manifest, scan_image_folder
 from finetune.data.shards import read_shard_set, shard_index
 from finetune.data.split import evaluation_split
 from finetune.errors import DataError
@@ -69,11 +70,16 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
 
 def _labelled_images(data: Path, extensions: list[str], *, multilabel: bool) -> pd.DataFrame:
     """(path, label, split) of a folder of class folders or a CSV manifest; a multi-label model needs a manifest
-    with a `labels` column, a single-label one a `label` column or folders; a shard folder's images as written."""
+    with a `labels` column, a single-label one a `label` column, folders, a labelling tool's export or a shard
+    folder (its images as written)."""
     if is_shard_folder(data):
         if multilabel:
             raise DataError(f"this model gives several labels per image; shard folder {data} holds one label per image")
         return shard_index(read_shard_set(data, progress=True)).samples
+    if is_tool_export(data):
+        if multilabel:
+            raise DataError(f"this model gives several labels per image: evaluate it on a CSV manifest 'path,labels', not {data}")
+        return read_tool_manifest(data)
     if data.suffix.lower() != ".csv":
         if multilabel:
             raise DataError(

@@ -20,8 +20,9 @@ from finetune.errors import UsageError
 from finetune.evaluation.labeling import (
     SHORTLIST,
     PseudoLabelRule,
-    best_validation_precision,
+    best_lower_bound,
     choose_queue,
+    images_to_vouch,
     margins,
     precision_rule,
 )
@@ -29,6 +30,7 @@ from finetune.files import published_together, read_text_table, write_table, wri
 from finetune.inference.checkpoint import TrainedModel
 from finetune.inference.predictions import Predictions
 from finetune.inference.predictor import Predictor, calibrated_validation
+from finetune.reporting.fiftyone_format import write_fiftyone_dataset
 from finetune.reporting.label_html import left_out_gallery, pseudo_label_galleries, queue_gallery, render_label_page
 from finetune.reporting.label_studio import label_studio_tasks
 from finetune.reporting.markdown import escape_markdown
@@ -45,6 +47,7 @@ LABEL_FILES = (
     "summary.md",
     "label.html",
     "label_studio_tasks.json",
+    "fiftyone",
 )
 QUEUE_COLUMNS = ["path", "suggested_label", "score", "reason"]
 DUPLICATE_DISTANCE = 4  # perceptual-hash bits, as `finetune check` counts near duplicates
@@ -77,9 +80,10 @@ def label(
     threshold at which the validation split reaches `target_precision`, queued images excepted), to_label.csv (the
     `budget` images to label next: least certain first, spread over the backbone's feature space, near duplicates of
     labelled images left out and listed in left_out.csv), label_studio_tasks.json (the queue as Label Studio tasks: images under
-    `image_root`, a URL prefix, else Label Studio's local-files route), summary.json, summary.md and label.html."""
-    if not 0.0 < target_precision <= 1.0:
-        raise UsageError(f"--target-precision {target_precision}: a precision from 0 to 1, e.g. 0.95")
+    `image_root`, a URL prefix, else Label Studio's local-files route), fiftyone/ (the queue as a FiftyOne image
+    classification dataset, unlabelled, the suggestions in suggestions.json), summary.json, summary.md and label.html."""
+    if not 0.0 < target_precision < 1.0:
+        raise UsageError(f"--target-precision {target_precision}: a precision between 0 and 1 (not 1 itself), e.g. 0.95")
     if budget < 0:
         raise UsageError(f"--budget {budget}: how many images to queue for labelling, 0 or more, e.g. 50")
     out = check_destination(out, reads=[Path(run)])
@@ -93,7 +97,7 @@ def label(
     left_out = _left_out(preds, names, _labelled(predictor), progress=progress)
     queue = _queue(predictor.trained, preds, names, set(left_out["path"]), budget, progress=progress, cache_dir=cache_dir)
     # a queued image goes to a person, even above the threshold: the least confident pseudo-labels are the likeliest wrong
-    keep = (preds.confidence >= rule.threshold) & ~np.isin(np.asarray(preds.paths, dtype=object), list(queue["path"]))
+    keep = rule.keep(preds.probs) & ~np.isin(np.asarray(preds.paths, dtype=object), list(queue["path"]))
     pseudo = pd.DataFrame({"path": preds.paths, "label": names[preds.predicted], "confidence": preds.confidence})[keep]
     pseudo = pseudo.sort_values("confidence", kind="stable").reset_index(drop=True)
     table = predictor.table(preds)
@@ -104,6 +108,7 @@ def label(
     with published_together(out, LABEL_FILES) as staging:  # a kill leaves the previous set whole, never a mix
         _write(staging, table=table, pseudo=pseudo, queue=queue, left_out=left_out, summary=summary, class_names=list(names))
         write_text(staging / "label_studio_tasks.json", json.dumps(tasks, indent=1))
+        write_fiftyone_dataset(staging / "fiftyone", queue, list(names))
     log.debug(  # the command prints it
         "%d of %d image(s) pseudo-labelled at confidence >= %.4f; %d queued to label next -> %s",
         len(pseudo),
@@ -126,11 +131,13 @@ def _unlabeled_inputs(unlabeled: Path) -> list[str]:
 def _pseudo_label_rule(trained: TrainedModel, target: float) -> PseudoLabelRule:
     """The threshold on the run's own validation outputs (best.pt keeps them), calibrated as predictions are."""
     probs, targets = calibrated_validation(trained, instead="retrain the run to label with it")
-    rule = precision_rule(probs, targets, target)
+    rule = precision_rule(probs, targets, target, class_names=list(trained.class_names))
     if rule is None:
+        best = best_lower_bound(probs.max(axis=1), probs.argmax(axis=1) == targets)
         raise UsageError(
-            f"no confidence threshold reaches precision {target:.1%} on the run's {len(targets)} validation images (its most "
-            f"confident answers reach {best_validation_precision(probs, targets):.1%}); lower --target-precision or improve the run"
+            f"no confidence threshold reaches precision {target:.1%} on the run's {len(targets)} validation images at "
+            f"the 95% Wilson lower bound (the best threshold vouches for {best:.1%}; vouching for {target:.1%} takes at "
+            f"least {images_to_vouch(target)} right answers); lower --target-precision, or give the run more validation images"
         )
     return rule
 
@@ -233,7 +240,7 @@ def _summary(
         "unlabeled": str(unlabeled),
         "images": len(preds.paths),
         "pseudo_labels": len(pseudo),
-        "queued_above_threshold": int((preds.confidence[np.isin(preds.paths, list(queue["path"]))] >= rule.threshold).sum()),
+        "queued_above_threshold": int(rule.keep(preds.probs[np.isin(preds.paths, list(queue["path"]))]).sum()),
         "pseudo_label_coverage": len(pseudo) / max(1, len(preds.paths)),
         "pseudo_labels_per_class": {str(k): int(v) for k, v in pseudo["label"].value_counts().sort_index().items()},
         **rule.to_dict(),
@@ -252,12 +259,16 @@ def _markdown(summary: dict[str, Any]) -> str:
             "# Labelling summary",
             "",
             f"- unlabelled images: {summary['images']} ({escape_markdown(summary['unlabeled'])})",
-            f"- pseudo-labels: {summary['pseudo_labels']} ({summary['pseudo_label_coverage']:.1%}) at confidence >= "
-            f"{summary['threshold']:.4f}, chosen for precision {summary['target_precision']:.1%} "
+            f"- pseudo-labels: {summary['pseudo_labels']} ({summary['pseudo_label_coverage']:.1%}) at or above their "
+            f"class's threshold (global {summary['threshold']:.4f}), each the lowest whose 95% Wilson lower bound of "
+            f"validation precision reaches {summary['target_precision']:.1%} "
             f"({summary['queued_above_threshold']} more above it are in the queue, for a person)",
-            f"- on the run's validation split that threshold answers {summary['validation_answered']} of "
+            f"- on the run's validation split these thresholds answer {summary['validation_answered']} of "
             f"{summary['validation_images']} images at precision {summary['validation_precision']:.1%} "
             f"(95% Wilson interval {low:.1%}-{high:.1%})",
+            f"- a class's own threshold needs at least {summary['images_to_vouch']} validation images predicted as it; "
+            "with fewer it takes the global one, and a class whose answers never reach the target gets none:",
+            *[f"  - {escape_markdown(name)}: {_class_line(c)}" for name, c in summary["per_class"].items()],
             f"- expected wrong pseudo-labels: {summary['expected_wrong_labels']:.1f} "
             f"(up to {summary['expected_wrong_labels_at_ci_low']:.1f} at the interval's low end)",
             f"- queued to label next: {summary['queued']} of a budget of {summary['budget']} (to_label.csv); "
@@ -265,6 +276,16 @@ def _markdown(summary: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def _class_line(entry: dict[str, Any]) -> str:
+    seen = f"{entry['validation_predicted']} validation image(s) predicted as it"
+    if entry["rule"] == "none":
+        return f"no pseudo-labels: its {seen} reach the target at no threshold"
+    how = "its own" if entry["rule"] == "own" else "the global"
+    precision = entry["validation_precision"]
+    shown = f", {entry['validation_answered']} kept at precision {precision:.1%}" if precision is not None else ""
+    return f"{how} threshold {entry['threshold']:.4f} ({seen}{shown})"
 
 
 def _write(
@@ -284,7 +305,7 @@ def _write(
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     markdown = _markdown(summary)
     write_text(out / "summary.md", markdown)
-    intro = [line.removeprefix("- ") for line in markdown.splitlines()[2:] if line]
+    intro = [line.strip().removeprefix("- ") for line in markdown.splitlines()[2:] if line]
     galleries = [queue_gallery(queue), *pseudo_label_galleries(pseudo, class_names)]
     extra = left_out_gallery(left_out)
     render_label_page(
