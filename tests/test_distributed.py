@@ -151,7 +151,7 @@ def test_two_nodes_match_one_process(single):
     root, data, single_run = single
     ended = _two_nodes(["-m", "finetune", "train", str(root / "recipe.yaml"), "--data", str(data), "--out", str(root / "nodes")])
     assert [code for code, _ in ended] == [0, 0], ended[0][1][-3000:] + ended[1][1][-3000:]
-    assert sum("rank 0 of 2 joined (gloo)" in err for _, err in ended) == 1  # one global rank 0, on one of the nodes
+    assert sum("rank 0 of 2 joined (gloo) on cpu, node" in err for _, err in ended) == 1  # one global rank 0, on one node
     _same_as_single(root / "nodes", single_run)  # written once: one metrics.csv row per epoch
     assert (root / "nodes" / "report" / "report.html").exists()
 

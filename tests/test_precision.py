@@ -74,6 +74,8 @@ def test_auto_trains_in_bf16_records_it_and_resume_keeps_it(tmp_path, image_fold
     for name in ("best.pt", "last.pt"):
         stored = torch.load(full.run_dir / "checkpoints" / name, weights_only=True)["precision"]
         assert stored["amp"] == "bf16" and stored["channels_last"] is True and "fp32" in stored["reason"]
+    page = (full.run_dir / "report" / "report.html").read_text()
+    assert "bf16 autocast, channels_last (CPU has avx512_bf16; first batch loss" in page
 
     class _Stop(Exception):
         pass
