@@ -66,7 +66,7 @@ def _precision(bundle: ModelBundle, ctx: FitContext, state: FitState, criterion:
     precision = choose_precision(cfg.amp, device=device, model=bundle.model, batch=batch, criterion=criterion, ranks=ranks)
     precision.channels_last = choose_layout(cfg.channels_last, precision, device)
     if cfg.channels_last == "auto" and precision.channels_last:
-        log.info("channels_last auto: on (bf16 autocast on a CPU with native bf16 steps faster in NHWC)")
+        log.info("channels_last auto: on (bf16 autocast on a CPU with native bf16: NHWC measured faster for ResNet-50)")
     return precision
 
 
