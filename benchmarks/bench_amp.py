@@ -97,10 +97,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224, help="image side in pixels (the demo trains at 32)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    run(models=tuple(args.models), batch=args.batch, steps=args.steps, repeats=args.repeats)
+    run(models=tuple(args.models), batch=args.batch, size=args.size, steps=args.steps, repeats=args.repeats)
 
 
 if __name__ == "__main__":

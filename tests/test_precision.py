@@ -10,6 +10,7 @@ from torch import nn
 from finetune import train
 from finetune.inference import device as devices
 from finetune.inference.device import autocast_dtype, native_bf16
+from finetune.training import precision as precision_module
 from finetune.training.distributed import Ranks
 from finetune.training.precision import choose_precision, passes
 
@@ -19,8 +20,10 @@ CPU = torch.device("cpu")
 AUTO = tiny_recipe(train={"epochs": 2, "lr": 0.01, "amp": "auto", "channels_last": "auto"})
 
 
-def _cpu(monkeypatch, flag):
+def _cpu(monkeypatch, flag, *, min_side=0):
+    """This machine as a CPU with (`flag`) or without native bf16; tiny test images count as large enough."""
     monkeypatch.setattr(devices, "native_bf16", lambda *args: flag)
+    monkeypatch.setattr(precision_module, "CPU_BF16_MIN_SIDE", min_side)
 
 
 def test_native_bf16_reads_the_cpu_flags(tmp_path):
@@ -63,6 +66,16 @@ def test_a_low_precision_forward_that_disagrees_falls_back_to_fp32(monkeypatch, 
     assert not passes({"loss_fp32": 0.69, "loss_low": float("nan"), "agreement": 1.0, "clear": 8})
     assert passes({"loss_fp32": 0.6931, "loss_low": 0.6929, "agreement": 1.0, "clear": 8})
     assert not passes({"loss_fp32": 0.6931, "loss_low": 0.6929, "agreement": 0.5, "clear": 8})
+
+
+def test_small_images_stay_in_fp32_on_a_cpu(monkeypatch, caplog):
+    _cpu(monkeypatch, "avx512_bf16", min_side=224)  # bf16 was measured faster at 224 px, slower at 32
+    batch = (torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
+    with caplog.at_level(logging.INFO, logger="finetune.training.precision"):
+        chosen = choose_precision(
+            "auto", device=CPU, model=_Scrambled(), batch=batch, criterion=nn.CrossEntropyLoss(), ranks=Ranks()
+        )
+    assert chosen.amp == "off" and "amp auto: fp32 (32 px images: on a CPU bf16 is faster from 224 px on)" in caplog.text
 
 
 def test_auto_trains_in_bf16_records_it_and_resume_keeps_it(tmp_path, image_folder, monkeypatch, caplog):

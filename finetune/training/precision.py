@@ -31,6 +31,9 @@ LOSS_RTOL = 5e-2
 AGREEMENT = 0.9
 TIE = 4 * 2.0**-8  # top-2 margins below this share of the largest logit are ties at bf16's resolution
 CHECK_IMAGES = 32  # the first batch of the training set, capped
+# On a CPU bf16 autocast was measured faster at 224 px (ResNet-18 1.3-1.4x, ResNet-50 1.7x; BENCHMARKS.md) and
+# slower and erratic at 32 px (0.85x, single steps up to 7x slower): smaller images stay in fp32.
+CPU_BF16_MIN_SIDE = 224
 DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -114,13 +117,18 @@ def choose_precision(
     candidate = devices.autocast_dtype(amp, device)
     if amp != "auto":
         return Precision(amp=_name(candidate), reason=f"train.amp: {amp}")
+    side = int(min(batch[0].shape[-2:])) if batch is not None and batch[0].ndim == 4 else None
+    small = device.type == "cpu" and side is not None and side < CPU_BF16_MIN_SIDE
     check = None
-    if candidate is not None and batch is not None:
+    if candidate is not None and batch is not None and not small:
         check = compare(model, batch[0].to(device), batch[1].to(device), criterion, candidate)
     ok = check is not None and passes(check)
-    everywhere = mean_across([1.0 if ok else 0.0], ranks, device)[0] == 1.0
-    precision = _decided(candidate, check, device, ok=ok and everywhere, alone=ok)
-    if precision.amp == "off" and candidate is not None:
+    everywhere = mean_across([1.0 if ok else 0.0], ranks, device)[0] == 1.0  # every rank takes part, whatever it found
+    if candidate is not None and small:
+        precision = Precision(amp="off", reason=f"{side} px images: on a CPU bf16 is faster from {CPU_BF16_MIN_SIDE} px on")
+    else:
+        precision = _decided(candidate, check, device, ok=ok and everywhere, alone=ok)
+    if precision.amp == "off" and check is not None:
         log.warning("amp auto: fp32 (%s)", precision.reason)
     else:
         log.info("amp auto: %s (%s)", "fp32" if precision.amp == "off" else precision.amp, precision.reason)
