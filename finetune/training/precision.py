@@ -1,5 +1,6 @@
-"""`train.amp: auto` made concrete once per run: bf16 autocast where the hardware computes it natively, after one
-check on the first training batch that bf16 says what fp32 says; the choice is logged, stored in every checkpoint
+"""`train.amp: auto` made concrete once per run: bf16 autocast where the hardware computes it natively (on a CPU
+for images of 224 px and more, where it was measured faster), after one check on the first training batch that
+bf16 says what fp32 says; the choice is logged, stored in every checkpoint
 and reused by `--resume` (never decided again, so a resumed run continues in the precision it started with).
 
 The check runs the model in eval mode without gradients (no BatchNorm statistic moves, no random draw is taken
