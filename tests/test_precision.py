@@ -43,6 +43,8 @@ def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
     _cpu(monkeypatch, None)
     assert autocast_dtype("auto", CPU) is None
     assert autocast_dtype("bf16", CPU) == torch.bfloat16 and autocast_dtype("off", CPU) is None
+    _cpu(monkeypatch, "avx512_bf16")
+    assert autocast_dtype("auto", CPU, side=32) is None and autocast_dtype("auto", CPU, side=224) == torch.bfloat16
 
 
 class _Scrambled(nn.Module):

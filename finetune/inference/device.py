@@ -10,6 +10,8 @@ from finetune.errors import RecipeError
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs whose bf16 matmuls are not emulated
 CPUINFO = Path("/proc/cpuinfo")
+# bf16 autocast on a CPU was measured faster at 224 px and slower, erratic at 32 px (BENCHMARKS.md, "Fast defaults")
+CPU_BF16_MIN_SIDE = 224
 
 
 def check_device(name: str) -> None:
@@ -35,10 +37,10 @@ def native_bf16(cpuinfo: Path = CPUINFO) -> str | None:
     return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(amp: str, device: torch.device, *, side: int | None = None) -> torch.dtype | None:
     """The autocast dtype a recipe asks for: bf16 (fp16 where a GPU lacks bf16) on CUDA; on CPU bf16 when asked, or
-    for `auto` when the CPU computes bf16 natively. Training checks `auto`'s choice on its first batch
-    (training.precision) before it keeps it."""
+    for `auto` when the CPU computes bf16 natively and the images (`side` px, None: unknown) are not below
+    CPU_BF16_MIN_SIDE. Training checks `auto`'s choice on its first batch (training.precision) before it keeps it."""
     if amp == "off":
         return None
     if device.type == "cuda":
@@ -46,5 +48,6 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.float16
         return torch.bfloat16
     if amp == "auto":
-        return torch.bfloat16 if native_bf16() else None
+        large = side is None or side >= CPU_BF16_MIN_SIDE
+        return torch.bfloat16 if large and native_bf16() else None
     return torch.bfloat16 if amp == "bf16" else None

@@ -245,7 +245,7 @@ def recipe_features(
     bundle.model.to(device)
     options = ComputeOptions(
         device=device,
-        dtype=autocast_dtype(recipe.train.amp, device),
+        dtype=autocast_dtype(recipe.train.amp, device, side=recipe.transforms.input_size),
         batch_size=recipe.data.batch_size,
         num_workers=recipe.data.num_workers,
         progress=progress,

@@ -33,8 +33,8 @@ AGREEMENT = 0.9
 TIE = 4 * 2.0**-8  # top-2 margins below this share of the largest logit are ties at bf16's resolution
 CHECK_IMAGES = 32  # the first batch of the training set, capped
 # On a CPU bf16 autocast was measured faster at 224 px (ResNet-18 1.3-1.4x, ResNet-50 1.7x; BENCHMARKS.md) and
-# slower and erratic at 32 px (0.85x, single steps up to 7x slower): smaller images stay in fp32.
-CPU_BF16_MIN_SIDE = 224
+# slower and erratic at 32 px (single steps up to 7x slower): smaller images stay in fp32.
+CPU_BF16_MIN_SIDE = devices.CPU_BF16_MIN_SIDE
 DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
