@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from finetune.config.catalog import STAGES
 from finetune.config.schema import PhaseConfig
 from finetune.data.loader import batches_per_epoch, make_loader
-from finetune.inference.device import resolve_device
+from finetune.inference.device import autocast_dtype, resolve_device
 from finetune.models.build import ModelBundle
 from finetune.models.families import policy_note
 from finetune.models.stages import set_train_mode
@@ -62,7 +62,8 @@ def _precision(bundle: ModelBundle, ctx: FitContext, state: FitState, criterion:
             precision.reason,
         )
         return precision
-    batch = first_batch(ctx.train_set, ctx.recipe.data.batch_size) if cfg.amp == "auto" else None
+    candidate = cfg.amp == "auto" and autocast_dtype("auto", device) is not None  # else no image is decoded for it
+    batch = first_batch(ctx.train_set, ctx.recipe.data.batch_size) if candidate else None
     precision = choose_precision(cfg.amp, device=device, model=bundle.model, batch=batch, criterion=criterion, ranks=ranks)
     precision.channels_last = choose_layout(cfg.channels_last, precision, device)
     if cfg.channels_last == "auto" and precision.channels_last:
