@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_amp  # noqa: E402
 import bench_cache  # noqa: E402
 import bench_data  # noqa: E402
 import bench_demo  # noqa: E402
@@ -36,6 +37,7 @@ SUITE = [  # (name, callable); the whole run takes about 35 minutes on a 2-core 
     ("loops", lambda: bench_loops.run(repeats=5)),
     ("data", lambda: bench_data.run(images=96, repeats=3)),
     ("flops", lambda: bench_flops.run(batch=16, repeats=3)),
+    ("amp", lambda: bench_amp.run(repeats=5)),
     ("memory", lambda: bench_memory.run(repeats=2)),
     ("cache", lambda: bench_cache.run(epochs=4)),
     ("export", lambda: bench_export.run(repeats=3)),

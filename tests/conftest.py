@@ -85,13 +85,18 @@ def presplit_folder(tmp_path: Path) -> Path:
 
 
 def tiny_recipe(**sections) -> dict:
-    """A recipe that trains in seconds: ResNet-18 at 32 px, one epoch, no workers."""
+    """A recipe that trains in seconds: ResNet-18 at 32 px, one epoch, no workers.
+
+    fp32 on every machine (`amp: off`): `auto` picks bf16 where the CPU computes it natively, and the tests that
+    compare two runs number for number (cache or none, resumed or not, two processes or one) must not depend on the
+    machine they run on. tests/test_precision.py tests `auto` itself.
+    """
     recipe = {
         "seed": 0,
         "data": {"val_fraction": 0.25, "batch_size": 8, "num_workers": 0},
         "model": {"name": "resnet18", "pretrained": False},
         "transforms": {"input_size": 32, "train": "light"},
-        "train": {"epochs": 1, "lr": 0.001},
+        "train": {"epochs": 1, "lr": 0.001, "amp": "off"},
     }
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value

@@ -8,6 +8,7 @@ import torch
 
 from finetune import train
 from finetune.training import loop as loop_module
+from finetune.training import precision as precision_module
 from finetune.training.addons import PROGRESS_FIELDS, AddOns
 from finetune.training.loop import FitState
 
@@ -119,8 +120,8 @@ def test_a_registered_add_on_is_saved_and_restored_without_touching_the_loop(tmp
     with pytest.raises(_Crash):
         train(recipe=recipe, data=image_folder, out=tmp_path / "cut", progress=False, on_epoch_end=crash_after_epoch_2)
     cut = registries[-1]
-    assert seen[1] == {"counter", "stopping"}  # the end of phase 1: the next phase builds its own optimizer and schedule
-    assert seen[2] == set(cut.names) == {"counter", "stopping", "phase_counter", "optimizer", "scheduler"}
+    assert seen[1] == {"counter", "stopping", "precision"}  # the end of phase 1: the next phase builds its own optimizer
+    assert seen[2] == set(cut.names) == {"counter", "stopping", "precision", "phase_counter", "optimizer", "scheduler"}
     stored = _last(tmp_path / "cut")["training_state"]
     assert set(stored) == {*PROGRESS_FIELDS, *cut.names}  # every registered add-on, and nothing else
     assert stored["counter"] == {"count": 2} and stored["phase_counter"] == {"count": 1}
@@ -138,7 +139,7 @@ def test_fp16_resume_continues_the_loss_scale(tmp_path, image_folder, monkeypatc
 
     CPU autocast stands in for CUDA's fp16 here; the scaler backs off in the first steps, so a fresh one would not.
     """
-    monkeypatch.setattr(loop_module, "autocast_dtype", lambda amp, device: torch.float16)
+    monkeypatch.setattr(precision_module.devices, "autocast_dtype", lambda amp, device: torch.float16)
     recipe = tiny_recipe(train={"epochs": 2, "lr": 0.01})
 
     def crash_after_epoch_1(state: FitState) -> None:

@@ -26,6 +26,7 @@ def _as_tested(name: str, weights) -> dict:
     tree["model"] = {**tree["model"], "name": "resnet18", "pretrained": str(weights)}
     tree["transforms"] = {**tree.get("transforms", {}), "train": "none", "input_size": 32}
     tree["train"]["cache_precision"] = "fp32"
+    tree["train"]["amp"] = "off"  # the promise is bit-exactness in fp32; amp auto would pick bf16 on some CPUs
     return tree
 
 

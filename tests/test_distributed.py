@@ -1,7 +1,12 @@
-"""`torchrun --nproc_per_node=2 -m finetune train` on CPU (gloo) gives the single-process result, and resumes."""
+"""`torchrun --nproc_per_node=2 -m finetune train` on CPU (gloo) gives the single-process result, and resumes; so do
+two torchrun launches joined as two nodes by c10d rendezvous on 127.0.0.1, also after one of them is killed."""
 
+import os
+import signal
+import socket
 import subprocess
 import sys
+import textwrap
 
 import pandas as pd
 import pytest
@@ -96,6 +101,70 @@ def test_torchrun_resumes_a_run(single):
         train(recipe=recipe_from_dict(RECIPE), data=data, out=run, progress=False, on_epoch_end=_stop_after_first_epoch)
     done = _torchrun("--resume", run)
     assert done.returncode == 0, done.stderr[-3000:]
+    _same_as_single(run, single_run)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _two_nodes(entry: list[str], *, timeout: float = 240) -> list[tuple[int, str]]:
+    """The same torchrun command started twice, as two nodes of one process each meeting at a c10d rendezvous on
+    127.0.0.1 (what each machine of a real job runs, with the first machine's address); (returncode, stderr) of each.
+    A launch still running after `timeout` is killed (its own process group) and reads as -9."""
+    port = _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+    command += [f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test{port}", "--local-addr=127.0.0.1", *entry]
+    launches = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for _ in range(2)
+    ]
+    ended = []
+    for launch in launches:
+        try:
+            _, err = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)
+            _, err = launch.communicate()
+        ended.append((launch.returncode, err))
+    return ended
+
+
+# The process of global rank 1 kills its own torchrun launch (its "node") with SIGKILL, then itself, right after
+# epoch 1: rank 0 has written epoch 1's last.pt by then (it writes before its next collective, which then fails).
+DYING_NODE = """
+    import os, signal, sys
+    from finetune import train
+
+    def node_dies(state):
+        if state.epoch == 1 and os.environ["RANK"] == "1":
+            os.kill(os.getppid(), signal.SIGKILL)
+            os._exit(1)
+
+    train(recipe=sys.argv[1], data=sys.argv[2], out=sys.argv[3], progress=False, on_epoch_end=node_dies)
+"""
+
+
+def test_two_nodes_match_one_process(single):
+    root, data, single_run = single
+    ended = _two_nodes(["-m", "finetune", "train", str(root / "recipe.yaml"), "--data", str(data), "--out", str(root / "nodes")])
+    assert [code for code, _ in ended] == [0, 0], ended[0][1][-3000:] + ended[1][1][-3000:]
+    assert sum("rank 0 of 2 joined (gloo) on cpu, node" in err for _, err in ended) == 1  # one global rank 0, on one node
+    _same_as_single(root / "nodes", single_run)  # written once: one metrics.csv row per epoch
+    assert (root / "nodes" / "report" / "report.html").exists()
+
+
+def test_two_nodes_resume_after_one_is_killed(single, tmp_path):
+    root, data, single_run = single
+    run, script = root / "killed", tmp_path / "node_dies.py"
+    script.write_text(textwrap.dedent(DYING_NODE))
+    ended = _two_nodes([str(script), str(root / "recipe.yaml"), str(data), str(run)], timeout=120)
+    assert all(code != 0 for code, _ in ended)  # the killed node, and the one whose peer vanished
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    ended = _two_nodes(["-m", "finetune", "train", "--resume", str(run), "--quiet"])
+    assert [code for code, _ in ended] == [0, 0], ended[0][1][-3000:] + ended[1][1][-3000:]
     _same_as_single(run, single_run)
 
 

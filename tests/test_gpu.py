@@ -2,6 +2,8 @@
 with the model on CUDA. Marked `gpu` and skipped without CUDA; run them whenever a GPU machine is at hand:
 `python -m pytest -m gpu`."""
 
+import os
+import socket
 import subprocess
 import sys
 
@@ -81,8 +83,8 @@ def _torchrun(processes: int, recipe: dict, data, out) -> subprocess.CompletedPr
 
 
 def test_torchrun_with_one_process_trains_alone_on_the_gpu(tmp_path, data):
-    """One process joins no group (NCCL refuses two ranks on one device, so one GPU cannot test nccl): the log says
-    rank 0 of 1 on cuda:0, and the run is complete."""
+    """One process joins no group (a group of one would gain nothing; NCCL itself is checked by
+    test_nccl_initialises_and_runs_collectives_on_one_gpu): the log says rank 0 of 1 on cuda:0, and the run is complete."""
     done = _torchrun(1, _cuda(), data, tmp_path / "one")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torchrun with one process: rank 0 of 1, no process group joined; training on cuda:0" in done.stderr
@@ -92,7 +94,41 @@ def test_torchrun_with_one_process_trains_alone_on_the_gpu(tmp_path, data):
     assert torch.load(tmp_path / "one" / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl needs a GPU per rank: two GPUs")
+NCCL_OF_ONE = """
+import os, torch, torch.distributed as dist
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+assert dist.get_backend() == "nccl"
+tensor = torch.arange(4.0, device="cuda")
+dist.all_reduce(tensor)  # a real NCCL collective (world size 1: the sum is the tensor itself)
+dist.barrier()
+pieces = [None]
+dist.all_gather_object(pieces, {"rank": dist.get_rank()})
+assert tensor.tolist() == [0.0, 1.0, 2.0, 3.0] and pieces == [{"rank": 0}]
+print("nccl", torch.cuda.nccl.version(), "on", torch.cuda.get_device_name(0), "ok")
+dist.destroy_process_group()
+"""
+
+
+def test_nccl_initialises_and_runs_collectives_on_one_gpu(tmp_path):
+    """NCCL refuses two ranks on one device, so one GPU checks NCCL with a group of one: it initialises over TCP,
+    all-reduces a CUDA tensor, meets a barrier and gathers objects (what finetune's DDP path calls), in a fresh process
+    so no group outlives the test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-c", NCCL_OF_ONE], capture_output=True, text=True, timeout=300, env={**os.environ, "PORT": str(port)}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nccl" in done.stdout and "ok" in done.stdout
+
+
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="NCCL refuses two ranks on one GPU: this needs two GPUs (test_nccl_initialises_and_runs_collectives_on_one_gpu "
+    "checks NCCL on one)",
+)
 def test_torchrun_joins_an_nccl_group_on_two_gpus(tmp_path, data):
     done = _torchrun(2, _cuda(), data, tmp_path / "two")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -162,9 +162,14 @@ class TrainConfig(Strict):
     patience_epochs: int = Field(2, ge=0, description="plateau: epochs without improvement of the early-stopping metric.")
     warmup_epochs: float = Field(0.0, ge=0.0)
     grad_clip: float | None = Field(None, gt=0.0)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16, if the first batch agrees with fp32."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    channels_last: bool = Field(False, description="NHWC memory layout for model and batches (faster convolutions on GPUs).")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto",
+        description="NHWC memory layout for model and batches; auto: on with bf16 autocast on a CPU with native bf16.",
+    )
     compile: bool = Field(False, description="torch.compile the training forward (first steps slower; checkpoints unchanged).")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     ema: EmaConfig | None = Field(None, description="Average the weights over steps; null: off.")

@@ -184,6 +184,11 @@ def _summary_rows(ctx: RunContext | None, metrics: dict[str, Any]) -> tuple[list
         ("evaluated on", f"the {ctx.split} split, {metrics['num_images']} images, {metrics['num_classes']} classes"),
         ("best epoch", str(ctx.meta.get("epoch", "?"))),
     ]
+    precision = ctx.meta.get("precision")  # what train.amp / channels_last became for this run, and why
+    if precision:
+        how = "fp32" if precision.get("amp") == "off" else f"{precision.get('amp')} autocast"
+        layout = ", channels_last" if precision.get("channels_last") else ""
+        rows.append(("trained in", f"{how}{layout} ({precision.get('reason')})"))
     rows += [(key, str(value)) for key, value in ctx.extra.items()]
     split_counts = None
     if ctx.run is not None and ctx.run.splits.exists():

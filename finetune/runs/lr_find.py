@@ -114,7 +114,8 @@ def _inputs(
         train_set=train_set,
         val_set=val_set,
         device=device,
-        dtype=autocast_dtype(recipe.train.amp, device),  # training's precision: the same cache entries
+        # training's precision (unchecked: lr-find takes no first-batch check): the same cache entries
+        dtype=autocast_dtype(recipe.train.amp, device, side=model.image.input_size),
         distributed=False,
         progress=progress,
         root=root,

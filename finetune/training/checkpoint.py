@@ -28,6 +28,7 @@ class CheckpointSaver:
     recipe: Recipe
     enabled: bool = True  # False on torchrun ranks other than 0
     task: str = DEFAULT_TASK  # the task's name, stored so eval, predict and export read the outputs right
+    precision: dict[str, Any] | None = None  # the autocast the run trained in and why ({"amp": "bf16", "reason": ...})
 
     def save(
         self,
@@ -42,6 +43,8 @@ class CheckpointSaver:
         if not self.enabled:
             return
         extra: dict[str, Any] = {"epoch": epoch, "metrics": metrics, **(outputs or {})}
+        if self.precision is not None:
+            extra["precision"] = self.precision
         if training_state is not None:
             extra["training_state"] = training_state
         payload = make_payload(

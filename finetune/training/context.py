@@ -81,7 +81,8 @@ class Env:
     """What stays fixed over a fit: device, precision, loss, processes, the add-ons and the checkpoint writer."""
 
     device: torch.device
-    dtype: torch.dtype | None
+    dtype: torch.dtype | None  # the autocast the run trains in (train.amp, `auto` decided on the first batch)
+    channels_last: bool  # the model and its batches in NHWC layout (train.channels_last, `auto` decided with amp)
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     ranks: Ranks

@@ -5,6 +5,10 @@ the process group (nccl on CUDA, gloo on CPU) and logs the rank, world size, bac
 rank reads the same data and recipe; training batches are sharded with a DistributedSampler, validation
 is split across ranks and gathered, and only rank 0 writes files. With one process (N=1) there is no
 group to join: the run is a plain single-process one, and the log says so.
+
+Across machines (`torchrun --nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT`, the same line on each) the
+ranks are global: rank 0 is one process of one machine and the only writer, so `--data` and `--out` must name the
+same files on every machine (a shared disk); tests/test_distributed.py runs two such nodes on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -73,8 +77,16 @@ def setup(device: str) -> Ranks:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     ranks = current()
     where = _training_device(device) if cuda else torch.device("cpu")
-    log.info("rank %d of %d joined (%s) on %s", ranks.rank, ranks.world, dist.get_backend(), where)
+    log.info("rank %d of %d joined (%s) on %s%s", ranks.rank, ranks.world, dist.get_backend(), where, _node(ranks))
     return ranks
+
+
+def _node(ranks: Ranks) -> str:
+    """', node 0 of 2 machines (1 process each)' when torchrun spans several nodes; '' on one."""
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+    if here >= ranks.world:
+        return ""
+    return f", node {os.environ.get('GROUP_RANK', '?')} of {ranks.world // max(here, 1)} ({here} process(es) each)"
 
 
 def current() -> Ranks:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import albumentations as A
@@ -170,14 +170,20 @@ def cached_phase(
         log.info("feature cache not used: %s", reason)
         return None
     half = recipe.train.cache_precision == "fp16"
-    eval_cache = feature_cache(bundle, first, eval_pipeline, views=0, seed=recipe.seed, dtype=dtype, root=root, half=half)
-    train_cache = eval_cache
-    if views:
-        train_cache = feature_cache(
-            bundle, first, train_pipeline, views=views, seed=recipe.seed, dtype=dtype, root=root, half=half
-        )
+    # validation runs in fp32 whatever the training's autocast (as the uncached path, evaluate and the report do)
+    eval_cache = feature_cache(bundle, first, eval_pipeline, views=0, seed=recipe.seed, dtype=None, root=root, half=half)
+    train_cache = feature_cache(
+        bundle,
+        first,
+        train_pipeline if views else eval_pipeline,
+        views=views,
+        seed=recipe.seed,
+        dtype=dtype,
+        root=root,
+        half=half,
+    )
     train_features, shape = train_cache.features(tap, train_paths, train_pipeline if views else eval_pipeline, options)
-    val_features, _ = eval_cache.features(tap, val_paths, eval_pipeline, options)
+    val_features, _ = eval_cache.features(tap, val_paths, eval_pipeline, replace(options, dtype=None))
     cached = CachedPhase(
         FeatureSet(train_features, train_targets), FeatureSet(val_features, val_targets), nn.Identity(), first, shape
     )
@@ -243,7 +249,7 @@ def recipe_features(
     bundle.model.to(device)
     options = ComputeOptions(
         device=device,
-        dtype=autocast_dtype(recipe.train.amp, device),
+        dtype=autocast_dtype(recipe.train.amp, device, side=recipe.transforms.input_size),
         batch_size=recipe.data.batch_size,
         num_workers=recipe.data.num_workers,
         progress=progress,

@@ -22,7 +22,7 @@ from finetune.models.stages import set_train_mode
 from finetune.training.addons import AddOns
 from finetune.training.checkpoint import CheckpointSaver
 from finetune.training.context import Env, FitContext, FitState, Phase
-from finetune.training.distributed import barrier, current, mean_across
+from finetune.training.distributed import Ranks, barrier, current, mean_across
 from finetune.training.early_stopping import EarlyStopping
 from finetune.training.ema import StageEma, moving_tensors
 from finetune.training.epoch import Stepper, train_one_epoch
@@ -33,6 +33,7 @@ from finetune.training.loss import build_criterion
 from finetune.training.mixup import Mixer, soft_target_criterion
 from finetune.training.optim import build_scheduler, stage_lrs
 from finetune.training.phase import set_up_phase
+from finetune.training.precision import Precision, choose_layout, choose_precision, first_batch
 from finetune.training.scoring import EpochScores
 from finetune.training.seeding import epoch_seed, seed_epoch
 
@@ -42,11 +43,43 @@ log = logging.getLogger(__name__)
 RUN_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's own ETA would count the caching first epoch
 
 
+def _precision(bundle: ModelBundle, ctx: FitContext, state: FitState, criterion: nn.Module, ranks: Ranks) -> Precision:
+    """The recipe's amp made concrete: a resumed run keeps the choice its last.pt recorded; `auto` is decided once."""
+    cfg = ctx.recipe.train
+    device = resolve_device(cfg.device)
+    if state.epoch > 0:
+        precision = Precision()
+        if "precision" in state.addons:
+            precision.load_state_dict(state.addons["precision"])
+        else:  # a last.pt from before the choice was recorded, when both autos meant off on every CPU
+            legacy = "off" if cfg.amp == "auto" and device.type == "cpu" else cfg.amp
+            precision = choose_precision(legacy, device=device, model=bundle.model, batch=None, criterion=criterion, ranks=ranks)
+            precision.channels_last = cfg.channels_last is True
+        log.info(
+            "amp: %s%s, as the run chose when it started (%s)",
+            precision.amp,
+            ", channels_last" if precision.channels_last else "",
+            precision.reason,
+        )
+        return precision
+    candidate = cfg.amp == "auto" and autocast_dtype("auto", device) is not None  # else no image is decoded for it
+    batch = first_batch(ctx.train_set, ctx.recipe.data.batch_size) if candidate else None
+    precision = choose_precision(cfg.amp, device=device, model=bundle.model, batch=batch, criterion=criterion, ranks=ranks)
+    precision.channels_last = choose_layout(cfg.channels_last, precision, device)
+    if cfg.channels_last == "auto" and precision.channels_last:
+        log.info("channels_last auto: on (bf16 autocast on a CPU with native bf16: NHWC measured faster for ResNet-50)")
+    return precision
+
+
 def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
     cfg = ctx.recipe.train
     device = resolve_device(cfg.device)
-    dtype = autocast_dtype(cfg.amp, device)
     ranks = current()
+    criterion = build_criterion(ctx.recipe.loss, ctx.class_weights, task=ctx.task).to(device)
+    precision = _precision(bundle, ctx, state, criterion, ranks)
+    dtype = precision.dtype
+    if precision.channels_last:  # before the weight average copies the model
+        bundle.model.to(memory_format=torch.channels_last)
     stopping = EarlyStopping.from_config(cfg.early_stopping, task_metric=ctx.task.early_stopping_metric)
     ema = StageEma(bundle.model, cfg.ema) if cfg.ema is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -56,6 +89,7 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
     addons.register("scaler", scaler if scaler.is_enabled() else None)  # fp16's loss scale and its growth count
     if state.epoch > 0:  # a resumed run: every add-on continues where last.pt left it
         addons.load_run_state(state.addons)
+    addons.register("precision", precision)  # after loading: a last.pt older than the choice holds none (legacy auto)
     mixer = None
     if cfg.mixup is not None:
         mixer = Mixer(
@@ -67,12 +101,19 @@ def _environment(bundle: ModelBundle, ctx: FitContext, state: FitState) -> Env:
     return Env(
         device=device,
         dtype=dtype,
+        channels_last=precision.channels_last,
         scaler=scaler,
-        criterion=build_criterion(ctx.recipe.loss, ctx.class_weights, task=ctx.task).to(device),
+        criterion=criterion,
         ranks=ranks,
         stopping=stopping,
         saver=CheckpointSaver(
-            bundle=bundle, class_names=ctx.class_names, image=ctx.image, recipe=ctx.recipe, enabled=ranks.main, task=ctx.task.name
+            bundle=bundle,
+            class_names=ctx.class_names,
+            image=ctx.image,
+            recipe=ctx.recipe,
+            enabled=ranks.main,
+            task=ctx.task.name,
+            precision=precision.state_dict(),
         ),
         total_epochs=sum(p.epochs for p in cfg.resolved_phases()),
         ema=ema,
@@ -89,8 +130,6 @@ def fit(bundle: ModelBundle, ctx: FitContext, *, state: FitState | None = None) 
     """
     state = state or FitState()
     bundle.model.to(resolve_device(ctx.recipe.train.device))
-    if ctx.recipe.train.channels_last:
-        bundle.model.to(memory_format=torch.channels_last)
     env = _environment(bundle, ctx, state)
     phases = ctx.recipe.train.resolved_phases()
     rows: list[dict[str, Any]] = []  # this process's epochs, for the run's ETA
@@ -275,7 +314,7 @@ def _train_epoch(ctx: FitContext, env: Env, phase: Phase, epoch: int) -> tuple[f
         mix=env.mixer if env.mixer is not None and ctx.recipe.train.mixup and ctx.recipe.train.mixup.active(epoch) else None,
         mixed_criterion=env.mixed_criterion,
         ema=env.ema,
-        channels_last=ctx.recipe.train.channels_last,
+        channels_last=env.channels_last,
         task=ctx.task,
     )
     return train_one_epoch(
