@@ -121,3 +121,14 @@ def test_a_folder_of_the_per_file_layout_is_a_miss(tmp_path, paths, caplog):
     assert torch.equal(_features(folder, paths), clean) and _counts(caplog) == [(ROWS, 0)]
     caplog.clear()
     assert torch.equal(_features(folder, paths), clean) and _counts(caplog) == [(0, ROWS)]
+
+
+@pytest.mark.parametrize(
+    ("limit", "value", "sizes"), [("SHARD_BYTES", 3 * 12 * 4, [1, 3, 3, 3]), ("SHARD_SECONDS", 0.0, [1] * ROWS)]
+)
+def test_a_shard_also_closes_at_a_size_and_after_a_time(tmp_path, paths, monkeypatch, limit, value, sizes):
+    """Large prefix activations close a shard before SHARD_ROWS rows; a slow pass closes one every SHARD_SECONDS."""
+    monkeypatch.setattr(feature_store, limit, value)
+    first = _features(tmp_path / "cache", paths)
+    assert sorted(len(np.load(index)) for _, index in _shards(tmp_path / "cache")) == sizes
+    assert torch.equal(_features(tmp_path / "cache", paths), first)

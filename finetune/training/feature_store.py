@@ -36,7 +36,8 @@ from finetune.versions import DECODING_LIBRARIES, library_versions
 
 log = logging.getLogger(__name__)
 LAYOUT = 2  # meta.json's "layout": 1 (absent) was a .npy file per entry, 2 shards of rows with an index
-SHARD_ROWS = 4096  # a shard is closed after this many rows ...
+SHARD_ROWS = 4096  # a shard is closed after this many rows, ...
+SHARD_BYTES = 256 * 2**20  # ... this many bytes of rows (prefix activations are large), ...
 SHARD_SECONDS = 60.0  # ... or this long after its first row, so a slow pass killed later keeps most of its work
 INDEX = np.dtype([("key", "S64"), ("view", "<i4")])  # a row's image SHA-256 (hex) and view
 INDEX_SUFFIX = ".index.npy"
@@ -182,7 +183,7 @@ def _open_shard(data: Path, index: Path, size: int, dtype: type[np.floating]) ->
 class _ShardWriter:
     """Rows of one compute pass, appended to shard files `rows-<pass id>-<n>.npy` (rows x dim) with their index
     `rows-<pass id>-<n>.index.npy` ((image key, view) per row), each written atomically, the rows before the index:
-    a shard is closed every SHARD_ROWS rows or SHARD_SECONDS, and when the pass stops (an error included), so a
+    a shard is closed every SHARD_ROWS rows, SHARD_BYTES or SHARD_SECONDS, and when the pass stops (an error included), so a
     killed pass keeps every closed shard and concurrent passes never write the same file."""
 
     def __init__(self, cache: FeatureCache) -> None:
@@ -196,7 +197,8 @@ class _ShardWriter:
     def add(self, key: tuple[str, int], row: np.ndarray) -> None:
         self.keys.append(key)
         self.rows.append(row)
-        if len(self.rows) >= SHARD_ROWS or time.monotonic() - self.opened >= SHARD_SECONDS:
+        full = len(self.rows) >= SHARD_ROWS or len(self.rows) * row.nbytes >= SHARD_BYTES
+        if full or time.monotonic() - self.opened >= SHARD_SECONDS:
             self.close()
 
     def close(self) -> None:
