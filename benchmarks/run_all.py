@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_amp  # noqa: E402
 import bench_cache  # noqa: E402
+import bench_cache_layout  # noqa: E402
 import bench_data  # noqa: E402
 import bench_demo  # noqa: E402
 import bench_export  # noqa: E402
@@ -40,6 +41,7 @@ SUITE = [  # (name, callable); the whole run takes about 35 minutes on a 2-core 
     ("amp", lambda: bench_amp.run(repeats=5)),
     ("memory", lambda: bench_memory.run(repeats=2)),
     ("cache", lambda: bench_cache.run(epochs=4)),
+    ("cache_layout", lambda: bench_cache_layout.run(rows=50_000)),
     ("export", lambda: bench_export.run(repeats=3)),
     ("levers", lambda: bench_levers.run(repeats=5)),
     ("prefix", lambda: bench_prefix.run(epochs=3)),

@@ -152,33 +152,43 @@ def _probe_setup(tmp_path):
     return paths, bundle, image
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shape", "not_finite", "meta"])
+def _shard_files(cache):
+    """(rows, index) files of every shard under `cache`."""
+    return [(i.with_name(i.name.replace(".index.npy", ".npy")), i) for i in sorted(cache.rglob("rows-*.index.npy"))]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shape", "not_finite", "index", "meta"])
 def test_damaged_cache_entries_are_discarded_and_recomputed(tmp_path, caplog, damage):
     import numpy as np
 
     caplog.set_level(logging.INFO, logger="finetune")
     paths, bundle, image = _probe_setup(tmp_path)
     clean = _features(tmp_path, bundle, image, paths=paths).train.features
-    entries = sorted((tmp_path / "cache").rglob("*.v0.npy"))
-    victim = entries[0]
-    if damage == "garbage":
-        victim.write_bytes(b"not a numpy file")
-    elif damage == "truncated":
-        victim.write_bytes(victim.read_bytes()[:60])
-    elif damage == "wrong_shape":
-        np.save(victim, np.zeros(7, np.float32))
-    elif damage == "not_finite":
-        np.save(victim, np.full(512, np.nan, np.float32))
-    else:
+    shards = _shard_files(tmp_path / "cache")
+    assert len(shards) == 1  # the train pass's three rows (the val image is one of them)
+    for data, index in shards:
+        rows = len(np.load(index))
+        if damage == "garbage":
+            data.write_bytes(b"not a numpy file")
+        elif damage == "truncated":
+            data.write_bytes(data.read_bytes()[:-60])
+        elif damage == "wrong_shape":
+            np.save(data, np.zeros((rows, 7), np.float32))
+        elif damage == "not_finite":
+            np.save(data, np.full((rows, 512), np.nan, np.float32))
+        elif damage == "index":
+            index.write_bytes(b"not an index")
+    if damage == "meta":
         for meta in (tmp_path / "cache").rglob("meta.json"):
             meta.write_text("{broken")
     caplog.clear()
     again = _features(tmp_path, bundle, image, paths=paths).train.features
     assert torch.allclose(again, clean, atol=1e-6)  # never poisoned (recomputed in a smaller batch: same up to rounding)
-    computed = _counts(caplog)[0][0]
-    assert computed == (3 if damage == "meta" else 1)
+    assert _counts(caplog)[0][0] == 3
+    warned = [r.getMessage() for r in caplog.records if "damaged shard(s) discarded" in r.getMessage()]
+    assert len(warned) == (0 if damage == "meta" else 1) and all("1 damaged shard(s)" in m for m in warned)
     if damage != "meta":
-        assert any("damaged entr(ies) discarded and recomputed" in r.getMessage() for r in caplog.records)
+        assert all(not data.exists() and not index.exists() for data, index in shards)  # deleted
     assert torch.allclose(_features(tmp_path, bundle, image, paths=paths).train.features, clean, atol=1e-6)  # repaired on disk
     assert _counts(caplog)[-2] == (0, 3)
 
@@ -210,8 +220,8 @@ def test_damaged_entries_of_a_read_only_cache_are_skipped_in_memory(tmp_path, ca
     caplog.set_level(logging.INFO, logger="finetune")
     paths, bundle, image = _probe_setup(tmp_path)
     clean = _features(tmp_path, bundle, image, paths=paths).train.features
-    entries = sorted((tmp_path / "cache").rglob("*.v0.npy"))
-    for entry in entries[:2]:
+    entries = [data for data, _ in _shard_files(tmp_path / "cache")]
+    for entry in entries:
         entry.write_bytes(b"damaged")
     real_unlink = Path.unlink
 
@@ -228,9 +238,10 @@ def test_damaged_entries_of_a_read_only_cache_are_skipped_in_memory(tmp_path, ca
     caplog.clear()
     again = _features(tmp_path, bundle, image, paths=paths).train.features
     assert torch.allclose(again, clean, atol=1e-6)
-    assert _counts(caplog)[0][0] == 2  # the two damaged entries, recomputed in memory
+    assert _counts(caplog)[0][0] == 3  # the rows of the damaged shards, recomputed in memory
     assert any("features stay in memory for this run" in r.getMessage() for r in caplog.records)
-    assert all(entry.read_bytes() == b"damaged" for entry in entries[:2])  # nothing unlinked, nothing written
+    assert all(entry.read_bytes() == b"damaged" for entry in entries)  # nothing unlinked, nothing written
+    assert len(_shard_files(tmp_path / "cache")) == len(entries)
 
 
 @pytest.mark.parametrize("library", ["pillow", "opencv-python-headless", "albumentations", "numpy", "torch", "timm"])

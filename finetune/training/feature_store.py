@@ -1,8 +1,9 @@
-"""Cached features on disk: one validated .npy file per (image content, view), computed by a `Tap` of the model.
+"""Cached features on disk: validated rows per (image content, view) in shard files with an index, computed by a
+`Tap` of the model.
 
 The cache folder's name holds the hashes of the weights that compute the features and of the pipeline (with the
-versions of the libraries that decode, transform and compute: `versions.DECODING_LIBRARIES`); the file name holds the
-image's SHA-256. A change of any of them, an upgrade of Pillow or torch included, is a miss, never a stale hit.
+versions of the libraries that decode, transform and compute: `versions.DECODING_LIBRARIES`); a shard's index holds
+the image's SHA-256 and the view of each row. A change of any of them, an upgrade of Pillow or torch included, is a miss, never a stale hit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,12 @@ from finetune.models.suffix import stage_input
 from finetune.versions import DECODING_LIBRARIES, library_versions
 
 log = logging.getLogger(__name__)
+LAYOUT = 2  # meta.json's "layout": 1 (absent) was a .npy file per entry, 2 shards of rows with an index
+SHARD_ROWS = 4096  # a shard is closed after this many rows, ...
+SHARD_BYTES = 256 * 2**20  # ... this many bytes of rows (prefix activations are large), ...
+SHARD_SECONDS = 60.0  # ... or this long after its first row, so a slow pass killed later keeps most of its work
+INDEX = np.dtype([("key", "S64"), ("view", "<i4")])  # a row's image SHA-256 (hex) and view
+INDEX_SUFFIX = ".index.npy"
 
 
 @dataclass(frozen=True)
@@ -136,26 +145,84 @@ class ComputeOptions:
     progress: bool
 
 
-def _save_row(row: np.ndarray) -> Callable[[BinaryIO], None]:
-    return lambda handle: np.save(handle, row, allow_pickle=False)
+def _save_array(array: np.ndarray) -> Callable[[BinaryIO], None]:
+    return lambda handle: np.save(handle, array, allow_pickle=False)
 
 
-def _read_row(path: Path, size: int, dtype: type[np.floating]) -> np.ndarray | None:
-    """A cached feature row, or None when the file is truncated, not a .npy, of another size or type, or not finite."""
+def _shards(folder: Path) -> list[tuple[Path, Path]]:
+    """(rows, index) file pairs of a cache folder; a rows file without its index (a pass killed between the two
+    writes) is not listed."""
     try:
-        row = np.load(path, allow_pickle=False)
+        indexes = sorted(folder.glob(f"rows-*{INDEX_SUFFIX}"))
+    except OSError:
+        return []
+    return [(index.with_name(index.name[: -len(INDEX_SUFFIX)] + ".npy"), index) for index in indexes]
+
+
+def _open_shard(data: Path, index: Path, size: int, dtype: type[np.floating]) -> tuple[np.ndarray, np.ndarray] | None:
+    """A shard's index and its rows, memory-mapped, or None when either file is unreadable, not a .npy, of another
+    type, or the rows file does not hold exactly (rows of the index) x `size` values (truncated or padded)."""
+    try:
+        keys = np.load(index, allow_pickle=False)
+        rows = np.load(data, mmap_mode="r", allow_pickle=False)
+        length = data.stat().st_size
     except (OSError, ValueError, EOFError):
         return None
-    good = isinstance(row, np.ndarray) and row.dtype == dtype and row.shape == (size,) and bool(np.isfinite(row).all())
-    return row if good else None
+    good = (
+        isinstance(keys, np.ndarray)
+        and keys.dtype == INDEX
+        and keys.ndim == 1
+        and isinstance(rows, np.memmap)
+        and rows.dtype == dtype
+        and rows.shape == (len(keys), size)
+        and length == rows.offset + rows.nbytes
+    )
+    return (keys, rows) if good else None
+
+
+class _ShardWriter:
+    """Rows of one compute pass, appended to shard files `rows-<pass id>-<n>.npy` (rows x dim) with their index
+    `rows-<pass id>-<n>.index.npy` ((image key, view) per row), each written atomically, the rows before the index:
+    a shard is closed every SHARD_ROWS rows, SHARD_BYTES or SHARD_SECONDS, and when the pass stops (an error included), so a
+    killed pass keeps every closed shard and concurrent passes never write the same file."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+        self.name = uuid.uuid4().hex
+        self.count = 0
+        self.keys: list[tuple[str, int]] = []
+        self.rows: list[np.ndarray] = []
+        self.opened = time.monotonic()
+
+    def add(self, key: tuple[str, int], row: np.ndarray) -> None:
+        self.keys.append(key)
+        self.rows.append(row)
+        full = len(self.rows) >= SHARD_ROWS or len(self.rows) * row.nbytes >= SHARD_BYTES
+        if full or time.monotonic() - self.opened >= SHARD_SECONDS:
+            self.close()
+
+    def close(self) -> None:
+        if self.rows and self.cache.writable:
+            stem = f"rows-{self.name}-{self.count}"
+            data, index = np.stack(self.rows), np.array(self.keys, dtype=INDEX)
+            try:
+                atomic_write(self.cache.folder / f"{stem}.npy", _save_array(data))
+                atomic_write(self.cache.folder / f"{stem}{INDEX_SUFFIX}", _save_array(index))
+            except OSError as exc:
+                self.cache.not_writable(exc)
+            self.count += 1
+        self.keys, self.rows, self.opened = [], [], time.monotonic()
 
 
 @dataclass
 class FeatureCache:
-    """One cache folder: features of one backbone under one pipeline, a file per (image content, view).
+    """One cache folder: features of one backbone under one pipeline, rows of (image content, view) in shards.
 
-    Every entry is validated when read; a damaged one is discarded and recomputed. When the folder
-    cannot be written, features are computed in memory for this run and a warning says why.
+    A shard is a .npy of rows (memory-mapped when read) with an index of (image SHA-256, view) per row; meta.json
+    holds the shape of a row, the cache layout and the library versions. Every shard is validated when read (its
+    index readable, its size that of its index's rows, the rows taken finite); a damaged one is discarded and its
+    rows recomputed. When the folder cannot be written, features are computed in memory for this run and a warning
+    says why. A folder of the older layout (a .npy file per entry) is a miss: its entries are computed again.
     """
 
     folder: Path
@@ -164,45 +231,63 @@ class FeatureCache:
     writable: bool = True
     dtype: type[np.floating] = np.float32  # rows as stored: float32, or float16 for large prefix activations
 
-    def _file(self, image_key: str, view: int) -> Path:
-        return self.folder / image_key[:2] / f"{image_key}.v{view}.npy"
+    def _meta(self) -> dict | None:
+        try:
+            meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
 
     def _shape(self) -> tuple[int, ...] | None:
+        meta = self._meta()
         try:
-            shape = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))["shape"]
+            shape = meta["shape"] if meta and meta.get("layout") == LAYOUT else None
             return tuple(int(n) for n in shape) if shape else None
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, TypeError):
             return None
 
-    def _cached_rows(
-        self, files: dict[tuple[int, int], Path], shape: tuple[int, ...] | None
-    ) -> dict[tuple[int, int], np.ndarray]:
-        """The valid rows already on disk; damaged files are deleted (and then recomputed)."""
-        rows, damaged = {}, []
-        for key, path in files.items():
-            if not path.exists():
+    def not_writable(self, exc: OSError) -> None:
+        if self.writable:
+            self.writable = False
+            log.warning("feature cache %s is not writable (%s); features stay in memory for this run", self.folder, exc.strerror)
+
+    def _read(self, wanted: dict[tuple[bytes, int], list[int]], out: np.ndarray) -> None:
+        """Fill the rows of `out` named by `wanted` from the shards on disk, removing what was found from `wanted`;
+        damaged shards are deleted (and their rows recomputed)."""
+        damaged = []
+        for data, index in _shards(self.folder):
+            if not wanted:
+                break
+            opened = _open_shard(data, index, out.shape[1], self.dtype)
+            if opened is None:
+                damaged.append((data, index))
                 continue
-            if shape is None:  # no meta.json yet (a pass killed before its first batch): recomputed, not judged
+            keys, rows = opened
+            found = [(row, key) for row, key in enumerate(zip(keys["key"].tolist(), keys["view"].tolist())) if key in wanted]
+            if not found:
                 continue
-            row = _read_row(path, int(np.prod(shape)), self.dtype)
-            if row is None:
-                damaged.append(path)
-            else:
-                rows[key] = row
+            block = np.asarray(rows[[row for row, _ in found]])
+            if not np.isfinite(block).all():
+                damaged.append((data, index))
+                continue
+            for values, (_, key) in zip(block, found):
+                positions = wanted.pop(key, None)  # None: a duplicate row of another pass, already taken
+                if positions is not None:
+                    out[positions] = values
         if damaged:
             log.warning(
-                "feature cache %s: %d damaged entr(ies) discarded and recomputed, e.g. %s", self.folder, len(damaged), damaged[0]
+                "feature cache %s: %d damaged shard(s) discarded, their entries recomputed, e.g. %s",
+                self.folder,
+                len(damaged),
+                damaged[0][0],
             )
-            for path in damaged:
+            for data, index in damaged if self.writable else []:
                 try:
-                    path.unlink(missing_ok=True)
-                except OSError as exc:  # a read-only cache: the entry is skipped in memory, this run stores nothing
-                    self.writable = False
-                    log.warning(
-                        "feature cache %s is not writable (%s); features stay in memory for this run", self.folder, exc.strerror
-                    )
+                    index.unlink(missing_ok=True)
+                    data.unlink(missing_ok=True)
+                except OSError as exc:  # a read-only cache: the rows are computed in memory, this run stores nothing
+                    self.not_writable(exc)
                     break
-        return rows
 
     def features(
         self, tap: Tap, paths: Sequence[str], pipeline: A.Compose, options: ComputeOptions
@@ -210,41 +295,48 @@ class FeatureCache:
         """(images x views x dim) features for `paths`, computing only what the cache lacks."""
         keys = [file_key(p) for p in progress_bar(paths, desc="hash images", disable=not options.progress, leave=False)]
         views = max(self.views, 1)
-        files = {(i, v): self._file(keys[i], v) for i in range(len(paths)) for v in range(views)}
+        entries = [(i, v) for i in range(len(paths)) for v in range(views)]
         shape = self._shape()
-        rows = self._cached_rows(files, shape)
-        missing = [key for key in files if key not in rows]
+        out: np.ndarray | None = None
+        wanted: dict[tuple[bytes, int], list[int]] = {}
+        if shape is not None:  # no meta.json (a pass killed before its first batch): everything recomputed, not judged
+            out = np.empty((len(entries), int(np.prod(shape))), self.dtype)
+            for position, (i, v) in enumerate(entries):
+                wanted.setdefault((keys[i].encode(), v), []).append(position)
+            self._read(wanted, out)
+        missing = (
+            sorted(p for positions in wanted.values() for p in positions) if shape is not None else list(range(len(entries)))
+        )
         if missing:
-            seeds = [int(_digest(str(self.seed), keys[i], str(v))[:8], 16) if self.views else -1 for i, v in missing]
-            jobs = [(paths[i], s) for (i, _), s in zip(missing, seeds)]
-            computed, shape = self._compute(tap, jobs, [files[key] for key in missing], pipeline, options)
-            rows.update(zip(missing, computed))
-        log.info("feature cache %s: %d view(s) computed, %d reused", self.folder, len(missing), len(files) - len(missing))
-        if shape is None:
+            seeds = [
+                int(_digest(str(self.seed), keys[entries[p][0]], str(entries[p][1]))[:8], 16) if self.views else -1
+                for p in missing
+            ]
+            jobs = [(paths[entries[p][0]], s) for p, s in zip(missing, seeds)]
+            names = [(keys[entries[p][0]], entries[p][1]) for p in missing]
+            computed, shape = self._compute(tap, jobs, names, pipeline, options)
+            if out is None or out.shape[1] != int(np.prod(shape)):  # (a meta.json of another shape: no shard was read)
+                out = np.empty((len(entries), int(np.prod(shape))), self.dtype)
+            out[missing] = np.stack(computed)
+        log.info("feature cache %s: %d view(s) computed, %d reused", self.folder, len(missing), len(entries) - len(missing))
+        if shape is None or out is None:
             raise RuntimeError(f"feature cache {self.folder}: no shape for an empty set of images")
-        stacked = np.stack([rows[key] for key in files])
-        return torch.from_numpy(stacked).view(len(paths), views, -1), shape
-
-    def _store(self, path: Path, row: np.ndarray) -> None:
-        if not self.writable:
-            return
-        try:
-            atomic_write(path, _save_row(row))
-        except OSError as exc:
-            self.writable = False
-            log.warning("feature cache %s is not writable (%s); features stay in memory for this run", self.folder, exc.strerror)
+        return torch.from_numpy(out).view(len(paths), views, -1), shape
 
     @torch.inference_mode()
     def _compute(
-        self, tap: Tap, jobs: list[tuple[str, int]], files: list[Path], pipeline: A.Compose, options: ComputeOptions
+        self, tap: Tap, jobs: list[tuple[str, int]], names: list[tuple[str, int]], pipeline: A.Compose, options: ComputeOptions
     ) -> tuple[list[np.ndarray], tuple[int, ...]]:
-        """Rows for `jobs` (stored in `files` when the cache is writable) and the shape of one feature."""
+        """Rows for `jobs` (stored in shards under `names`, (image key, view), when the cache is writable) and the
+        shape of one feature."""
         loader = torch.utils.data.DataLoader(
             _Views(jobs, pipeline), batch_size=options.batch_size, num_workers=options.num_workers
         )
         rows: list[np.ndarray] = [np.empty(0, self.dtype)] * len(jobs)
         shape: tuple[int, ...] = ()
-        with tap.evaluating():
+        shards = _ShardWriter(self)
+        with tap.evaluating(), contextlib.ExitStack() as closing:
+            closing.callback(shards.close)  # also on an error or Ctrl-C: the rows computed so far are kept
             for images, indices in progress_bar(loader, desc="cache features", disable=not options.progress, leave=False):
                 with torch.autocast(options.device.type, dtype=options.dtype, enabled=options.dtype is not None):
                     batch = tap(images.to(options.device)).float().cpu()
@@ -260,13 +352,13 @@ class FeatureCache:
                     )
                 for row, index in zip(stored, indices.tolist()):
                     rows[index] = np.ascontiguousarray(row)
-                    self._store(files[index], rows[index])
+                    shards.add(names[index], rows[index])
         return rows, shape
 
     def _write_meta(self, shape: tuple[int, ...]) -> None:
         if self.writable and self._shape() != shape:
             # the versions are already in the folder's name; written here so a person can tell what made the entries
-            meta = {"shape": list(shape), "versions": library_versions(DECODING_LIBRARIES)}
+            meta = {"shape": list(shape), "layout": LAYOUT, "versions": library_versions(DECODING_LIBRARIES)}
             text = json.dumps(meta, sort_keys=True).encode("utf-8")
             with contextlib.suppress(OSError):  # without meta.json the entries are recomputed next time: slower, never wrong
                 atomic_write(self.folder / "meta.json", lambda handle: handle.write(text))
