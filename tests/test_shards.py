@@ -231,3 +231,19 @@ def test_two_processes_on_shards_match_one_on_the_folder(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
     history, expected = pd.read_csv(tmp_path / "ddp" / "metrics.csv"), pd.read_csv(single / "metrics.csv")
     pd.testing.assert_frame_equal(history[COLUMNS], expected[COLUMNS], atol=1e-4)
+
+
+def test_amp_auto_checks_its_first_batch_on_a_stream(shards, tmp_path, monkeypatch):
+    """amp: auto on a CPU with native bf16 takes its first-batch check from the shard stream (read in order)."""
+    import torch
+
+    from finetune.inference import device as devices
+    from finetune.training.precision import first_batch
+
+    monkeypatch.setattr(devices, "native_bf16", lambda *args: "avx512_bf16")
+    recipe = tiny_recipe(data={"batch_size": 32, "test_fraction": 0.25}, train={"epochs": 1, "lr": 0.01, "amp": "auto"})
+    train(recipe=recipe, data=shards, out=tmp_path / "auto", progress=False)
+    precision = torch.load(tmp_path / "auto" / "checkpoints" / "last.pt", weights_only=False)["precision"]
+    assert precision["amp"] == "off" and "32 px images" in precision["reason"]  # tiny images stay fp32 on a CPU
+    values, targets = first_batch(_stream(shards), 7)
+    assert [float(x) for x in values] == [float(x) for x, _ in _stream(shards)][:7] and len(targets) == 7

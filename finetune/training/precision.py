@@ -16,6 +16,7 @@ from the training's generators), once in fp32 and once under autocast, and compa
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -166,8 +167,11 @@ def choose_layout(setting: bool | str, precision: Precision, device: torch.devic
 
 
 def first_batch(dataset: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The first images of the training set in its stored order (no sampler, no loader seed touched)."""
+    """The first images of the training set in its stored order (no sampler, no loader seed touched); of a stream
+    (shards), the first it yields read in order."""
     count = min(len(dataset), batch_size, CHECK_IMAGES)
     if count == 0:
         return None
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return torch.utils.data.default_collate(list(itertools.islice(iter(dataset), count)))
     return torch.utils.data.default_collate([dataset[i] for i in range(count)])
