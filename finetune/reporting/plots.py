@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
 MIN_ANSWERED = 10  # the accuracy-vs-coverage curve starts where this many images are answered
@@ -35,6 +35,13 @@ def _plain_text(draw: Draw) -> Draw:
             return draw(*args, **kwargs)
 
     return drawn  # type: ignore[return-value]
+
+
+def _plain_log_scale(axis: Any) -> None:
+    """A log scale whose tick labels are plain text (`1e-03`): matplotlib's own are mathtext
+    (`$\\mathdefault{10^{-3}}$`), which `_plain_text` would draw as typed."""
+    axis.set_major_formatter(LogFormatter(base=10))
+    axis.set_minor_formatter(LogFormatter(base=10, labelOnlyBase=False))
 
 
 def _square_figure(n: int) -> tuple[Figure, Axes]:
@@ -131,6 +138,7 @@ def plot_training_curves(history: pd.DataFrame, path: Path | BinaryIO, *, kept_e
     axes[1].set_title("accuracy")
     axes[2].plot(epochs, history["lr"], "o-", color="C2")
     axes[2].set_yscale("log")
+    _plain_log_scale(axes[2].yaxis)
     axes[2].set_title("learning rate (head, epoch start)")
     boundaries = history.loc[history["phase"].diff() > 0, "epoch"]
     for ax in axes:
@@ -302,6 +310,7 @@ def lr_curve_figure(curve: pd.DataFrame, suggestion: float) -> Figure:
     ax.plot(lrs, smoothed, color="C0", lw=2, label="smoothed", zorder=3)
     ax.axvline(suggestion, color="C3", ls="--", label=f"suggested lr {suggestion:.2g}", zorder=4)
     ax.set_xscale("log")
+    _plain_log_scale(ax.xaxis)
     ax.set_xlim(lrs[0] / 1.5, lrs[-1] * 1.5)
     ax.set_xlabel("learning rate (first phase, head group)")
     ax.set_ylabel("training loss")
