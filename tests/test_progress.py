@@ -114,6 +114,11 @@ def test_a_live_row_marks_the_best_and_mixed_epochs():
     row |= {"val_accuracy": 0.875, "val_macro_f1": 0.8, "seconds": 75.0}
     assert live_row(row, best=True).split() == ["3", "2", "0.5000", "mixed", "0.4000", "0.8750", "0.8000", "01:15", "*"]
     assert len(live_row(row, best=False)) == len(live_header(ema=False))
+    several = row | {"val_mean_average_precision": 0.9375}  # several labels per image: the metric best.pt follows
+    assert live_row(several, best=False).split()[7] == "0.9375"
+    assert len(live_row(several, best=False)) == len(live_header(ema=False, mean_ap=True))
+    assert live_header(ema=False, mean_ap=True).split()[7] == "val_mAP"
+    assert live_row(several | {"val_mean_average_precision": float("nan")}, best=False).split()[7] == "-"
 
 
 def test_the_bar_shows_this_epochs_accuracy(tmp_path, image_folder, capsys):
