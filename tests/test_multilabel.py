@@ -250,6 +250,9 @@ def test_a_run_learns_and_reports(run):
     assert metrics["mean_average_precision"] > 0.9 and metrics["thresholds"]["rule"] == "f1"
     per_class = pd.read_csv(folder / "per_class.csv")
     assert {"average_precision", "average_precision_lo", "threshold", "precision_lo", "recall_hi", "f1_lo"} <= set(per_class)
+    page = (folder / "report.html").read_text()
+    row = re.search(r"<tr><td>blue</td>((?:<td>[^<]*</td>)+)</tr>", page).group(1)  # class blue: AP .. f1 with 3 decimals each
+    assert all(re.fullmatch(r"\d\.\d{3}", cell) for cell in re.findall(r"<td>([^<]*)</td>", row)[:5]), row
     predictions = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
     assert list(predictions.columns[:4]) == ["path", "true_labels", "labels", "confidence"]
     assert [f"prob_{c}" for c in CLASSES] == list(predictions.columns[4:])
