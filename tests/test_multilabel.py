@@ -316,6 +316,8 @@ def test_mixup_trains_on_multi_hot_targets(dataset, tmp_path, caplog):
     assert header.split()[6:8] == ["val_f1", "val_mAP"] and len(row) == len(header)
     assert row.split()[7] == f"{result.history['val_mean_average_precision'].iloc[0]:.4f}"
     assert any("val_mean_average_precision" in line.split("\n")[1] for line in lines if line.startswith("\n epoch"))
+    said = next(line for line in lines if line.startswith("per-class thresholds chosen on the validation split (f1): "))
+    assert re.fullmatch(r"[^:]*\(f1\): blue: \d\.\d{3}, green: \d\.\d{3}, red: \d\.\d{3}", said), said  # no dict repr
 
 
 def test_predict_eval_export_and_the_api(run, dataset, tmp_path):
