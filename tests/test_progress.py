@@ -98,6 +98,25 @@ def test_the_learning_rate_axis_is_labelled_in_plain_text_not_raw_mathtext(tmp_p
     assert "1e\u221203" in [t.get_text() for t in lr_axes[0].get_majorticklabels()]
 
 
+def test_curves_of_several_labels_per_image_show_the_map_that_kept_the_epoch(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "phase": [1, 1],
+            "lr": [1e-3, 1e-3],
+            **{column: [0.5, 0.6] for column in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1")},
+            "val_mean_average_precision": [0.8, 0.9],
+        }
+    )
+    plots.plot_training_curves(history, tmp_path / "c.png", kept_epoch=2)
+    accuracy = drawn[0].axes[1]
+    assert "val mAP" in accuracy.get_legend_handles_labels()[1]
+    star = next(line for line in accuracy.lines if line.get_label() == "kept: epoch 2")
+    assert list(star.get_ydata()) == [0.9]  # on the mAP that chose it, not on the accuracy (0.6)
+
+
 def test_the_time_left_comes_from_later_epochs_not_a_caching_first_one():
     history = pd.DataFrame({"epoch": [1], "phase": [1], "phase_epoch": [1], "seconds": [30.0]})
     assert seconds_left(history, 10) is None  # one epoch that filled a cache says nothing of the others

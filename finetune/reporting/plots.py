@@ -19,6 +19,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 MIN_ANSWERED = 10  # the accuracy-vs-coverage curve starts where this many images are answered
 CELL_TEXT_LIMIT = 30  # beyond this many classes numbers in cells are unreadable; colours carry the information
 PERCENT_LIMIT = 12  # up to this many classes a cell shows its count and its row percentage
+MEAN_AP = "val_mean_average_precision"  # metrics.csv's column with several labels per image
 KEPT_COLOUR = "#f2b600"  # the epoch best.pt holds: gold, apart from the curves' own colours
 
 
@@ -134,6 +135,8 @@ def plot_training_curves(history: pd.DataFrame, path: Path | BinaryIO, *, kept_e
     axes[1].plot(epochs, history["train_accuracy"], "o-", label="train accuracy")
     axes[1].plot(epochs, history["val_accuracy"], "o-", label="val accuracy")
     axes[1].plot(epochs, history["val_macro_f1"], "s--", label="val macro-F1")
+    if MEAN_AP in history:  # several labels per image: the metric the kept epoch was chosen by
+        axes[1].plot(epochs, history[MEAN_AP], "d-", color="C4", label="val mAP")
     axes[1].set_ylim(0, 1.02)
     axes[1].set_title("accuracy")
     axes[2].plot(epochs, history["lr"], "o-", color="C2")
@@ -184,12 +187,14 @@ def plot_fold_curves(folds: Sequence[tuple[str, pd.DataFrame, int | None]], path
 
 
 def _mark_kept(axes: Sequence[Axes], history: pd.DataFrame, epoch: int) -> None:
-    """A gold band over the kept epoch in every panel, and stars on its validation loss and accuracy."""
+    """A gold band over the kept epoch in every panel, and stars on its validation loss and accuracy (its mean
+    average precision with several labels per image)."""
     row = history.loc[history["epoch"] == epoch].iloc[-1]
     for ax in axes:
         ax.axvspan(epoch - 0.35, epoch + 0.35, color=KEPT_COLOUR, alpha=0.2, lw=0)
     axes[0].plot([epoch], [row["val_loss"]], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
-    axes[1].plot([epoch], [row["val_accuracy"]], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
+    score = row[MEAN_AP] if MEAN_AP in history else row["val_accuracy"]
+    axes[1].plot([epoch], [score], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
 
 
 def _reliability_panel(
