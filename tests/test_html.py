@@ -301,3 +301,39 @@ def test_per_class_f1_bar_has_its_own_cell(tmp_path):
     bar_cells = [(cid, text) for cid, col, text in cells if col == columns[F1_BAR]]
     assert [text for _, text in f1_cells] == ["0.500", "0.900"] and all("gradient" not in styles.get(c, "") for c, _ in f1_cells)
     assert [text for _, text in bar_cells] == ["", ""] and all("linear-gradient" in styles.get(c, "") for c, _ in bar_cells)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium not installed (CI installs Debian's chromium)")
+def test_a_table_wider_than_the_page_scrolls_in_its_own_box_not_the_page(tmp_path):
+    """diff.html's per-class deltas (16 columns) and a leaderboard with long cells ran off the right edge of the
+    page; every table of the small pages now scrolls inside the page's width."""
+    from finetune.reporting.page import Section, write_page
+
+    wide = pd.DataFrame({f"average_precision_delta_{i}": [f"-0.0{i}0 [-0.045, +0.002]: within noise"] for i in range(16)})
+    page = tmp_path / "page.html"
+    write_page(page, title="wide", intro=[], sections=[Section("Per class", table=wide)])
+    probe = tmp_path / "probe.html"  # the page, and a line of script that writes how wide the page scrolls
+    script = "<script>document.title = 'width=' + document.documentElement.scrollWidth</script>"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                f"--user-data-dir={profile}",
+                "--window-size=1200,800",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        ).stdout
+    width = int(re.search(r"<title>width=(\d+)</title>", dom).group(1))
+    assert width <= 1200, width

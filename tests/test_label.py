@@ -109,6 +109,8 @@ def test_label_writes_its_files_and_the_pseudo_labels_reach_the_target_on_valida
     assert prediction["score"] == pytest.approx(confidence, abs=1e-6)
     html = (out / "label.html").read_text()
     assert "data:image/png;base64," in html and "Label next (4)" in html
+    # the queue is in k-center order, not by doubt: the page says so rather than "the model is least sure of them"
+    assert "the first is the image the model is least sure of" in html and "(up to 20) images it is least sure of" in html
     # the queue as a FiftyOne image classification dataset: data/<uuid>.<ext> + labels.json (unlabelled: null targets)
     fiftyone = out / "fiftyone"
     labels = json.loads((fiftyone / "labels.json").read_text())

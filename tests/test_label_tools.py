@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -108,6 +109,20 @@ def test_fiftyone_dataset_folder(tmp_path, caplog):
         (folder / "labels.json").write_text(json.dumps(payload))
         with pytest.raises(DataError, match=message):
             _read(folder)
+
+
+def test_exports_given_by_a_relative_path_find_their_images(tmp_path, monkeypatch):
+    """README's `finetune eval RUN --data queue/fiftyone` and a Label Studio export saved in another folder (its tasks'
+    `data.path` relative to where `finetune label` ran): their images were read from the export's folder, missing."""
+    monkeypatch.chdir(tmp_path)
+    (a,) = _images(tmp_path / "pool", ["a.png"])
+    (tmp_path / "Downloads").mkdir()
+    tasks = [_task(1, "/data/local-files/?d=nowhere/a.png", "cat", data={"image": "x", "path": "pool/a.png"})]
+    (tmp_path / "Downloads" / "project-1.json").write_text(json.dumps(tasks))
+    assert list(_read(Path("Downloads/project-1.json"))["path"]) == [str(a)]
+    _images(tmp_path / "queue" / "fiftyone" / "data", ["b.png"])
+    (tmp_path / "queue" / "fiftyone" / "labels.json").write_text(json.dumps({"classes": ["cat"], "labels": {"b": 0}}))
+    assert list(_read(Path("queue/fiftyone"))["path"]) == [str(tmp_path / "queue" / "fiftyone" / "data" / "b.png")]
 
 
 def test_a_file_under_two_labels_is_refused_as_in_a_csv_manifest(tmp_path):

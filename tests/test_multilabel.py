@@ -2,6 +2,7 @@
 and one tiny run end to end (report files, resume, cache == no cache, predict, eval, export parity, the Python API)."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -249,6 +250,9 @@ def test_a_run_learns_and_reports(run):
     assert metrics["mean_average_precision"] > 0.9 and metrics["thresholds"]["rule"] == "f1"
     per_class = pd.read_csv(folder / "per_class.csv")
     assert {"average_precision", "average_precision_lo", "threshold", "precision_lo", "recall_hi", "f1_lo"} <= set(per_class)
+    page = (folder / "report.html").read_text()
+    row = re.search(r"<tr><td>blue</td>((?:<td>[^<]*</td>)+)</tr>", page).group(1)  # class blue: AP .. f1 with 3 decimals each
+    assert all(re.fullmatch(r"\d\.\d{3}", cell) for cell in re.findall(r"<td>([^<]*)</td>", row)[:5]), row
     predictions = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
     assert list(predictions.columns[:4]) == ["path", "true_labels", "labels", "confidence"]
     assert [f"prob_{c}" for c in CLASSES] == list(predictions.columns[4:])
@@ -300,10 +304,20 @@ def test_cached_head_training_equals_uncached(dataset, tmp_path):
     pd.testing.assert_frame_equal(cached.history.drop(columns="seconds"), plain.history.drop(columns="seconds"), atol=1e-6)
 
 
-def test_mixup_trains_on_multi_hot_targets(dataset, tmp_path):
+def test_mixup_trains_on_multi_hot_targets(dataset, tmp_path, caplog):
+    caplog.set_level("INFO", logger="finetune")
     recipe = _recipe(train={"epochs": 1, "lr": 0.003, "mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 0.0, "prob": 1.0}})
     result = train(recipe=recipe_from_dict(recipe), data=dataset / "manifest.csv", out=tmp_path / "mix", progress=False)
     assert np.isnan(result.history["train_accuracy"].iloc[0]) and np.isfinite(result.history["train_loss"].iloc[0])
+    # the terminal's epoch tables show the mean average precision that picks best.pt, not only accuracy and F1
+    lines = [r.getMessage() for r in caplog.records]
+    header = next(line for line in lines if line.split()[:2] == ["epoch", "phase"])
+    row = next(line for line in lines if re.match(r"^\s+1\s+1\s+\d\.\d{4}\s+mixed", line))
+    assert header.split()[6:8] == ["val_f1", "val_mAP"] and len(row) == len(header)
+    assert row.split()[7] == f"{result.history['val_mean_average_precision'].iloc[0]:.4f}"
+    assert any("val_mean_average_precision" in line.split("\n")[1] for line in lines if line.startswith("\n epoch"))
+    said = next(line for line in lines if line.startswith("per-class thresholds chosen on the validation split (f1): "))
+    assert re.fullmatch(r"[^:]*\(f1\): blue: \d\.\d{3}, green: \d\.\d{3}, red: \d\.\d{3}", said), said  # no dict repr
 
 
 def test_predict_eval_export_and_the_api(run, dataset, tmp_path):

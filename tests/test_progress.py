@@ -73,6 +73,50 @@ def test_the_curves_mark_the_kept_epoch(tmp_path, monkeypatch):
     assert list(star.get_xdata()) == [2] and list(star.get_ydata()) == [0.7]
 
 
+def test_the_learning_rate_axis_is_labelled_in_plain_text_not_raw_mathtext(tmp_path, monkeypatch):
+    """The report's names-are-text rule (text.parse_math off) drew matplotlib's own log ticks as
+    `$\\mathdefault{10^{-3}}$`; the learning-rate axes of the curves and of lr-find now read `1e-03`."""
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (fig.draw_without_rendering(), drawn.append(fig)))
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2, 3],
+            "phase": [1, 1, 1],
+            "lr": [1e-4, 1e-3, 3e-4],
+            **{
+                column: [0.5, 0.6, 0.7] for column in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1")
+            },
+        }
+    )
+    plots.plot_training_curves(history, tmp_path / "c.png", kept_epoch=2)
+    curve = pd.DataFrame({"lr": [1e-6, 1e-5, 1e-4, 1e-3], "loss": [1.0, 0.9, 0.5, 0.7], "smoothed": [1.0, 0.9, 0.6, 0.7]})
+    plots.plot_lr_curve(curve, 1e-4, tmp_path / "lr.png")
+    lr_axes = [drawn[0].axes[2].yaxis, drawn[1].axes[0].xaxis]
+    for axis in lr_axes:
+        labels = [t.get_text() for t in (*axis.get_majorticklabels(), *axis.get_minorticklabels()) if t.get_text()]
+        assert labels and not any("$" in label or "mathdefault" in label for label in labels), labels
+    assert "1e\u221203" in [t.get_text() for t in lr_axes[0].get_majorticklabels()]
+
+
+def test_curves_of_several_labels_per_image_show_the_map_that_kept_the_epoch(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "phase": [1, 1],
+            "lr": [1e-3, 1e-3],
+            **{column: [0.5, 0.6] for column in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1")},
+            "val_mean_average_precision": [0.8, 0.9],
+        }
+    )
+    plots.plot_training_curves(history, tmp_path / "c.png", kept_epoch=2)
+    accuracy = drawn[0].axes[1]
+    assert "val mAP" in accuracy.get_legend_handles_labels()[1]
+    star = next(line for line in accuracy.lines if line.get_label() == "kept: epoch 2")
+    assert list(star.get_ydata()) == [0.9]  # on the mAP that chose it, not on the accuracy (0.6)
+
+
 def test_the_time_left_comes_from_later_epochs_not_a_caching_first_one():
     history = pd.DataFrame({"epoch": [1], "phase": [1], "phase_epoch": [1], "seconds": [30.0]})
     assert seconds_left(history, 10) is None  # one epoch that filled a cache says nothing of the others
@@ -89,6 +133,11 @@ def test_a_live_row_marks_the_best_and_mixed_epochs():
     row |= {"val_accuracy": 0.875, "val_macro_f1": 0.8, "seconds": 75.0}
     assert live_row(row, best=True).split() == ["3", "2", "0.5000", "mixed", "0.4000", "0.8750", "0.8000", "01:15", "*"]
     assert len(live_row(row, best=False)) == len(live_header(ema=False))
+    several = row | {"val_mean_average_precision": 0.9375}  # several labels per image: the metric best.pt follows
+    assert live_row(several, best=False).split()[7] == "0.9375"
+    assert len(live_row(several, best=False)) == len(live_header(ema=False, mean_ap=True))
+    assert live_header(ema=False, mean_ap=True).split()[7] == "val_mAP"
+    assert live_row(several | {"val_mean_average_precision": float("nan")}, best=False).split()[7] == "-"
 
 
 def test_the_bar_shows_this_epochs_accuracy(tmp_path, image_folder, capsys):

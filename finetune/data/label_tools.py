@@ -44,10 +44,12 @@ def is_tool_export(path: Path) -> bool:
 
 
 def read_tool_export(path: Path) -> pd.DataFrame:
-    """(path, label) rows of a Label Studio JSON export or a FiftyOne classification dataset folder."""
-    if path.is_dir():
-        return read_fiftyone(path)
-    return read_label_studio(path)
+    """(path, label) rows of a Label Studio JSON export or a FiftyOne classification dataset folder. The paths are
+    absolute: each was found from the working folder (a task's `data.path`, `queue/fiftyone/data/...`), and a
+    manifest's relative paths would be read from the export's own folder instead."""
+    rows = read_fiftyone(path) if path.is_dir() else read_label_studio(path)
+    rows["path"] = [os.path.abspath(p) for p in rows["path"]]
+    return rows
 
 
 def _load_json(path: Path, what: str) -> Any:

@@ -27,7 +27,7 @@ def _store_thresholds(payload: dict[str, Any], cfg: EvalConfig, preds: Predictio
     log.info(
         "per-class thresholds chosen on the validation split (%s): %s",
         cfg.threshold.rule,
-        dict(zip(table["class"], table["threshold"].round(3))),
+        ", ".join(f"{name}: {threshold:.3f}" for name, threshold in zip(table["class"], table["threshold"])),
     )
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from finetune.data.decode import printable
+from finetune.evaluation.labeling import SHORTLIST
 from finetune.files import write_text
 from finetune.reporting.html import name_parts, thumbnail
 
@@ -34,7 +35,11 @@ def queue_gallery(queue: pd.DataFrame) -> Gallery:
         _item(row.path, f"#{n + 1} {row.suggested_label}?", f"uncertainty {row.score:.2f}")
         for n, row in enumerate(queue.itertuples())
     ]
-    words = "Label these first, in this order: the model is least sure of them, and each is unlike those before it."
+    words = (  # the queue is diverse, not sorted by doubt: a 0.01 after a 0.94 is no mistake, and the page says why
+        "Label these first, in this order: the first is the image the model is least sure of; each next one is, among "
+        f"the (up to {SHORTLIST * len(queue)}) images it is least sure of, the one least like those before it. Under each: "
+        "its uncertainty, 1 minus the margin between its two likeliest classes."
+    )
     return Gallery(f"Label next ({len(queue)})", items, [words] if items else ["Nothing to label: the queue is empty."])
 
 

@@ -161,7 +161,9 @@ def _write_files(
     headline = pd.DataFrame({"metric": [n.replace("_", " ") for n in HEADLINE], "value": [_interval(m, n) for n in HEADLINE]})
     per_class = card.per_class[
         ["class", "average_precision", "threshold", "precision", "recall", "f1", "support", "tp", "fp", "fn"]
-    ].round(3)
+    ].copy()
+    for column in ("average_precision", "threshold", "precision", "recall", "f1"):  # 0.980, 1.000: one width, not 0.98, 1.0
+        per_class[column] = [f"{v:.3f}" if pd.notna(v) else "-" for v in per_class[column]]
     sections = [
         Section("Headline", banner=banner, table=headline),
         Section(

@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
 MIN_ANSWERED = 10  # the accuracy-vs-coverage curve starts where this many images are answered
 CELL_TEXT_LIMIT = 30  # beyond this many classes numbers in cells are unreadable; colours carry the information
 PERCENT_LIMIT = 12  # up to this many classes a cell shows its count and its row percentage
+MEAN_AP = "val_mean_average_precision"  # metrics.csv's column with several labels per image
 KEPT_COLOUR = "#f2b600"  # the epoch best.pt holds: gold, apart from the curves' own colours
 
 
@@ -35,6 +36,13 @@ def _plain_text(draw: Draw) -> Draw:
             return draw(*args, **kwargs)
 
     return drawn  # type: ignore[return-value]
+
+
+def _plain_log_scale(axis: Any) -> None:
+    """A log scale whose tick labels are plain text (`1e-03`): matplotlib's own are mathtext
+    (`$\\mathdefault{10^{-3}}$`), which `_plain_text` would draw as typed."""
+    axis.set_major_formatter(LogFormatter(base=10))
+    axis.set_minor_formatter(LogFormatter(base=10, labelOnlyBase=False))
 
 
 def _square_figure(n: int) -> tuple[Figure, Axes]:
@@ -127,10 +135,13 @@ def plot_training_curves(history: pd.DataFrame, path: Path | BinaryIO, *, kept_e
     axes[1].plot(epochs, history["train_accuracy"], "o-", label="train accuracy")
     axes[1].plot(epochs, history["val_accuracy"], "o-", label="val accuracy")
     axes[1].plot(epochs, history["val_macro_f1"], "s--", label="val macro-F1")
+    if MEAN_AP in history:  # several labels per image: the metric the kept epoch was chosen by
+        axes[1].plot(epochs, history[MEAN_AP], "d-", color="C4", label="val mAP")
     axes[1].set_ylim(0, 1.02)
     axes[1].set_title("accuracy")
     axes[2].plot(epochs, history["lr"], "o-", color="C2")
     axes[2].set_yscale("log")
+    _plain_log_scale(axes[2].yaxis)
     axes[2].set_title("learning rate (head, epoch start)")
     boundaries = history.loc[history["phase"].diff() > 0, "epoch"]
     for ax in axes:
@@ -176,12 +187,14 @@ def plot_fold_curves(folds: Sequence[tuple[str, pd.DataFrame, int | None]], path
 
 
 def _mark_kept(axes: Sequence[Axes], history: pd.DataFrame, epoch: int) -> None:
-    """A gold band over the kept epoch in every panel, and stars on its validation loss and accuracy."""
+    """A gold band over the kept epoch in every panel, and stars on its validation loss and accuracy (its mean
+    average precision with several labels per image)."""
     row = history.loc[history["epoch"] == epoch].iloc[-1]
     for ax in axes:
         ax.axvspan(epoch - 0.35, epoch + 0.35, color=KEPT_COLOUR, alpha=0.2, lw=0)
     axes[0].plot([epoch], [row["val_loss"]], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
-    axes[1].plot([epoch], [row["val_accuracy"]], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
+    score = row[MEAN_AP] if MEAN_AP in history else row["val_accuracy"]
+    axes[1].plot([epoch], [score], "*", color=KEPT_COLOUR, ms=16, mec="k", label=f"kept: epoch {epoch}")
 
 
 def _reliability_panel(
@@ -302,6 +315,7 @@ def lr_curve_figure(curve: pd.DataFrame, suggestion: float) -> Figure:
     ax.plot(lrs, smoothed, color="C0", lw=2, label="smoothed", zorder=3)
     ax.axvline(suggestion, color="C3", ls="--", label=f"suggested lr {suggestion:.2g}", zorder=4)
     ax.set_xscale("log")
+    _plain_log_scale(ax.xaxis)
     ax.set_xlim(lrs[0] / 1.5, lrs[-1] * 1.5)
     ax.set_xlabel("learning rate (first phase, head group)")
     ax.set_ylabel("training loss")

@@ -56,10 +56,21 @@ def truncate_history(run: RunDir, *, after_epoch: int) -> None:
 
 
 def epoch_table(history: pd.DataFrame, *, kept_epoch: int | None = None) -> str:
-    """The run's epochs as a fixed-width table (as fastai prints after fit): losses, accuracies, macro-F1, time;
-    `kept` marks the epoch best.pt holds."""
+    """The run's epochs as a fixed-width table (as fastai prints after fit): losses, accuracies, macro-F1 (and mean
+    average precision with several labels per image), time; `kept` marks the epoch best.pt holds."""
     columns = [
-        c for c in ("epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1") if c in history
+        c
+        for c in (
+            "epoch",
+            "phase",
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "val_macro_f1",
+            "val_mean_average_precision",  # several labels per image: what picks the kept epoch by default
+        )
+        if c in history
     ]
     columns += [c for c in ("ema_val_accuracy", "selected") if c in history]
     table = history[columns].copy()
@@ -85,11 +96,13 @@ LIVE_COLUMNS = (  # (header, metrics.csv key, width): the table the terminal gro
     ("val_acc", "val_accuracy", 7),
     ("val_f1", "val_macro_f1", 6),
 )
+MEAN_AP_COLUMN = ("val_mAP", "val_mean_average_precision", 7)  # several labels per image: what picks best.pt by default
 
 
-def live_header(*, ema: bool) -> str:
-    """The header of the epoch table printed as training goes (the time column is 'duration', mm:ss)."""
-    names = [f"{name:>{width}}" for name, _, width in LIVE_COLUMNS]
+def live_header(*, ema: bool, mean_ap: bool = False) -> str:
+    """The header of the epoch table printed as training goes (the time column is 'duration', mm:ss); `mean_ap` adds
+    the validation mean average precision of a run with several labels per image."""
+    names = [f"{name:>{width}}" for name, _, width in (*LIVE_COLUMNS, *([MEAN_AP_COLUMN] if mean_ap else []))]
     names += ["ema_acc", "kept"] if ema else []
     return "  ".join([*names, "duration", "best"])
 
@@ -98,10 +111,13 @@ def live_row(row: dict[str, Any], *, best: bool) -> str:
     """One epoch's line under `live_header`: '*' under best when best.pt now holds this epoch; train_acc says
     'mixed' in epochs that mix images (a blend has no single right class)."""
     cells = []
-    for _, key, width in LIVE_COLUMNS:
+    columns = (*LIVE_COLUMNS, *([MEAN_AP_COLUMN] if MEAN_AP_COLUMN[1] in row else []))
+    for _, key, width in columns:
         value = row[key]
         if key in ("epoch", "phase"):
             cells.append(f"{int(value):>{width}d}")
+        elif key == MEAN_AP_COLUMN[1] and not math.isfinite(value):
+            cells.append(f"{'-':>{width}}")  # no validation image with a positive label
         else:
             cells.append(f"{value:>{width}.4f}" if math.isfinite(value) else f"{'mixed':>{width}}")  # images mixed
     if "ema_val_accuracy" in row:

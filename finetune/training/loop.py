@@ -182,7 +182,8 @@ def _prepare_phase(bundle: ModelBundle, ctx: FitContext, env: Env, config: Phase
         if set(plan.trainable) == set(STAGES)
         else f"{config.norm} ({policy_note(bundle.stages.normalisation, config.norm)})",
     )
-    log.info("%s", live_header(ema=env.ema is not None))
+    mean_ap = ctx.task.metric_family.headline == "mean_average_precision"  # the metric best.pt follows by default
+    log.info("%s", live_header(ema=env.ema is not None, mean_ap=mean_ap))
     started = time.perf_counter()
     net, val_net, train_set, val_batches, cached = _phase_inputs(bundle, ctx, env, config)
     ema_val_net: nn.Module | None = None
