@@ -141,3 +141,16 @@ def test_help_shows_no_python_types_on_flags_and_keeps_brackets():
     assert "--set KEY=VALUE" in shown and "--model NAME" in shown and "--epochs N" in shown
     assert "train/ val/ [test/])" in shown  # plain help: brackets are text, not markup
     assert "<bool>" not in CliRunner().invoke(app, ["predict", "--help"]).output
+
+
+def test_every_command_takes_quiet():
+    """README's -q/--quiet works on every command (report diff, inspect and recipes refused it once)."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from finetune.commands import COMMANDS
+
+    names = sorted({c.cli.split(" --")[0] for c in COMMANDS if c.cli} | {"recipes", "recipes show"})
+    for name in names:
+        shown = CliRunner().invoke(app, [*name.split(), "--help"], terminal_width=200)
+        assert shown.exit_code == 0 and "--quiet" in shown.output, f"finetune {name} has no --quiet"

@@ -439,3 +439,24 @@ def test_merge_labels_keeps_val_and_test_and_sends_new_and_pseudo_labels_to_trai
     shown = CliRunner().invoke(app, args)
     assert shown.exit_code == 0, shown.output
     assert "(9 labelled, 0 new, 2 pseudo) | train 5, val 3, test 3" in shown.stdout
+
+
+def test_merge_labels_trains_one_picture_labelled_in_two_tools_once(tmp_path):
+    """The pool's file labelled in a CSV and its FiftyOne copy labelled too: one training row (the last file wins)."""
+    data = make_folder(tmp_path / "data", per_class=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [(str(p), p.parent.name, "train") for p in sorted(data.rglob("*.png"))]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(run / "splits.csv", index=False)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    Image.fromarray(_pattern(1, 300)).save(pool / "p.png")
+    fiftyone = tmp_path / "fo"
+    (fiftyone / "data").mkdir(parents=True)
+    shutil.copy(pool / "p.png", fiftyone / "data" / "p.png")
+    (fiftyone / "labels.json").write_text(json.dumps({"classes": ["cat", "dog"], "labels": {"p": 1}}))
+    new = tmp_path / "new.csv"
+    new.write_text(f"path,label\n{pool / 'p.png'},cat\n")
+    result = finetune.merge_labels(run=run, out=tmp_path / "m.csv", labelled=[new, fiftyone], progress=False)
+    added = result.rows[result.rows["source"] == "new"]
+    assert len(added) == 1 and added["label"].tolist() == ["dog"] and result.counts["new"] == 1

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from finetune.cli.base import HELP_STYLE, Debug, app, echo, session
+from finetune.cli.base import HELP_STYLE, Debug, Quiet, app, echo, session
 
 recipes_app = typer.Typer(
     help="The built-in recipes: any name works where a recipe file does (finetune train last_stage --data D).",
@@ -17,7 +17,7 @@ app.add_typer(recipes_app, name="recipes")
 
 
 @recipes_app.callback()
-def recipes(context: typer.Context, debug: Debug = False) -> None:
+def recipes(context: typer.Context, quiet: Quiet = False, debug: Debug = False) -> None:
     """List the built-in recipes, one line each; 'finetune recipes show NAME' prints one."""
     if context.invoked_subcommand is not None:
         return
@@ -34,6 +34,7 @@ def recipes(context: typer.Context, debug: Debug = False) -> None:
 @recipes_app.command("show")
 def show(
     name: Annotated[str, typer.Argument(help="A built-in recipe, e.g. last_stage.")],
+    quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Print a built-in recipe's YAML (redirect it to a file to edit it)."""

@@ -192,6 +192,7 @@ def inspect(
     ] = None,
     input_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: recipe, else the model's).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Parameters, GMACs and trainable/frozen per stage (stem, layer1..layer4, head)."""
@@ -291,10 +292,11 @@ def report_diff(
     run_a: Annotated[Path, typer.Argument(help="Run (or report) folder A, the baseline.")],
     run_b: Annotated[Path, typer.Argument(help="Run (or report) folder B, the change.")],
     out: Annotated[Path, typer.Option(help="Folder for diff.html, diff.md, per_class_diff.csv, confusion_diff.csv/.png.")],
+    quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Per-class metric deltas and confusion-matrix difference between two runs (B - A)."""
-    with session(False, debug):
+    with session(quiet, debug):
         from finetune import api
 
         result = api.diff_reports(run_a=run_a, run_b=run_b, out=out)

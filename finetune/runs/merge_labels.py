@@ -87,7 +87,8 @@ def _run_rows(run: Path) -> pd.DataFrame:
 
 
 def _new_rows(labelled: Sequence[str | Path]) -> pd.DataFrame:
-    """The new labels, each file read as --data reads it, all in train; the last file wins for an image in several."""
+    """The new labels, each file read as --data reads it, all in train; the last file wins for an image in several
+    (the same file, or the same bytes under another name)."""
     frames = []
     for item in labelled:
         path = Path(item)
@@ -106,6 +107,10 @@ def _new_rows(labelled: Sequence[str | Path]) -> pd.DataFrame:
         return _empty()
     new = pd.concat(frames, ignore_index=True)
     new = new[~new["path"].map(path_key).duplicated(keep="last")]
+    # one picture labelled in two tools (the pool's file and FiftyOne's hard link or copy of it) trains once
+    facts = examine_all(list(new["path"]), progress=False, cache=FactsCache.default())
+    same_bytes = pd.Series([f.sha256 or path_key(p) for f, p in zip(facts, new["path"])], index=new.index)
+    new = new[~same_bytes.duplicated(keep="last")]
     return new.assign(split="train", source="new", confidence="").reset_index(drop=True)
 
 
