@@ -33,11 +33,9 @@ def images_to_vouch(target: float) -> int:
     return max(1, math.ceil(target * Z95 * Z95 / (1.0 - target) - 1e-9))
 
 
-@dataclass(frozen=True)
-class Tally:
-    """A threshold and what it kept of the validation images it was chosen on."""
+class _Kept:
+    """What a threshold kept of the validation images: `answered` of them, `correct` right."""
 
-    threshold: float
     answered: int
     correct: int
 
@@ -48,6 +46,15 @@ class Tally:
     @property
     def interval(self) -> tuple[float, float]:
         return wilson_interval(self.correct, self.answered)
+
+
+@dataclass(frozen=True)
+class Tally(_Kept):
+    """A threshold and what it kept of the validation images it was chosen on."""
+
+    threshold: float
+    answered: int
+    correct: int
 
 
 def lower_bound_threshold(confidence: np.ndarray, correct: np.ndarray, target: float) -> Tally | None:
@@ -98,7 +105,7 @@ class ClassThreshold:
 
 
 @dataclass(frozen=True)
-class PseudoLabelRule:
+class PseudoLabelRule(_Kept):
     """Keep a pseudo-label when its confidence reaches its predicted class's threshold; what that gave on validation."""
 
     threshold: float  # the global threshold (classes with too few validation images use it)
@@ -107,14 +114,6 @@ class PseudoLabelRule:
     correct: int
     validation_images: int
     classes: tuple[ClassThreshold, ...] = field(default=())
-
-    @property
-    def precision(self) -> float:
-        return self.correct / self.answered if self.answered else 0.0
-
-    @property
-    def interval(self) -> tuple[float, float]:
-        return wilson_interval(self.correct, self.answered)
 
     @property
     def coverage(self) -> float:
