@@ -110,7 +110,8 @@ def tiny_recipe(**sections) -> dict:
 def _torch_threads():
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # `pytest -n N`: the cores are shared N ways
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     return
 
 

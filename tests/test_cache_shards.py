@@ -132,3 +132,25 @@ def test_a_shard_also_closes_at_a_size_and_after_a_time(tmp_path, paths, monkeyp
     first = _features(tmp_path / "cache", paths)
     assert sorted(len(np.load(index)) for _, index in _shards(tmp_path / "cache")) == sizes
     assert torch.equal(_features(tmp_path / "cache", paths), first)
+
+
+def _big_pipeline(image):  # a 3 x 48 x 48 row per image: 27 KiB, so the output array dwarfs everything else traced
+    return {"image": torch.from_numpy(np.resize(image.astype(np.float32), (48, 48, 3))).permute(2, 0, 1).contiguous()}
+
+
+def test_a_pass_holds_one_output_array_not_a_copy_per_image(tmp_path, paths):
+    """Each batch is written into the one output array: the peak of what numpy allocates during a pass stays near that
+    array's size (a list of per-image rows stacked at the end took three times it: 9.4 GiB for a 1M-image epoch)."""
+    import tracemalloc
+
+    many = paths * 6  # 60 rows; the same file six times is six rows to compute
+    cache = FeatureCache(tmp_path / "cache", views=0)
+    tracemalloc.start()
+    try:
+        features, shape = cache.features(_tap(), many, _big_pipeline, OPTIONS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert shape == (3, 48, 48) and features.shape == (60, 1, 3 * 48 * 48)
+    assert features.numpy().nbytes <= peak < 1.3 * features.numpy().nbytes
+    assert torch.equal(features[10, 0], features[0, 0])  # the same image, the same row

@@ -296,3 +296,18 @@ def test_worker_processes_examine_like_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_WORKERS", "two")
     with pytest.raises(DataError, match="FINETUNE_WORKERS is 'two'; set it to a whole number >= 1"):
         doctor.examine_all(paths, progress=False)
+
+
+def test_check_loads_no_torch(tmp_path):
+    """`finetune check` imports the doctor, not the API: torch, timm and albumentations would add ~0.9 GiB to every
+    check (benchmarks/bench_scale.py measures the peak of a 1M-image check)."""
+    import subprocess
+    import sys
+
+    make_folder(tmp_path / "data", per_class=3)
+    probe = (
+        "import sys; from finetune.cli import main; sys.argv = ['finetune', 'check', sys.argv[1], '-q']\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n    print(stop.code, sorted({'torch', 'timm', 'albumentations'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr

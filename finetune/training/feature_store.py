@@ -135,6 +135,18 @@ class _Views(torch.utils.data.Dataset):
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """What a feature pass computes: the (path, seed) jobs, their cache names (image key, view), the row of the output
+    array each goes to, the output's row count, and the output array when shards already filled part of it."""
+
+    jobs: list[tuple[str, int]]
+    names: list[tuple[str, int]]
+    positions: list[int]
+    total: int
+    out: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class ComputeOptions:
     """How missing features are computed: device, autocast dtype, batching and progress bars."""
 
@@ -314,25 +326,21 @@ class FeatureCache:
             ]
             jobs = [(paths[entries[p][0]], s) for p, s in zip(missing, seeds)]
             names = [(keys[entries[p][0]], entries[p][1]) for p in missing]
-            computed, shape = self._compute(tap, jobs, names, pipeline, options)
-            if out is None or out.shape[1] != int(np.prod(shape)):  # (a meta.json of another shape: no shard was read)
-                out = np.empty((len(entries), int(np.prod(shape))), self.dtype)
-            out[missing] = np.stack(computed)
+            out, shape = self._compute(tap, _Rows(jobs, names, missing, len(entries), out), pipeline, options)
         log.info("feature cache %s: %d view(s) computed, %d reused", self.folder, len(missing), len(entries) - len(missing))
         if shape is None or out is None:
             raise RuntimeError(f"feature cache {self.folder}: no shape for an empty set of images")
         return torch.from_numpy(out).view(len(paths), views, -1), shape
 
     @torch.inference_mode()
-    def _compute(
-        self, tap: Tap, jobs: list[tuple[str, int]], names: list[tuple[str, int]], pipeline: A.Compose, options: ComputeOptions
-    ) -> tuple[list[np.ndarray], tuple[int, ...]]:
-        """Rows for `jobs` (stored in shards under `names`, (image key, view), when the cache is writable) and the
-        shape of one feature."""
+    def _compute(self, tap: Tap, rows: _Rows, pipeline: A.Compose, options: ComputeOptions) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The output array with the rows of `rows.jobs` written in place (and stored in shards under `rows.names`,
+        (image key, view), when the cache is writable), and the shape of one feature. Each batch goes straight into
+        the one output array: no per-image arrays (a million of them doubled the peak memory of a 1M-image pass)."""
         loader = torch.utils.data.DataLoader(
-            _Views(jobs, pipeline), batch_size=options.batch_size, num_workers=options.num_workers
+            _Views(rows.jobs, pipeline), batch_size=options.batch_size, num_workers=options.num_workers
         )
-        rows: list[np.ndarray] = [np.empty(0, self.dtype)] * len(jobs)
+        out = rows.out
         shape: tuple[int, ...] = ()
         shards = _ShardWriter(self)
         with tap.evaluating(), contextlib.ExitStack() as closing:
@@ -350,10 +358,15 @@ class FeatureCache:
                         f"feature cache {self.folder}: activations exceed the float16 range; "
                         "set train.cache_precision: fp32 (or train.feature_cache: off)"
                     )
-                for row, index in zip(stored, indices.tolist()):
-                    rows[index] = np.ascontiguousarray(row)
-                    shards.add(names[index], rows[index])
-        return rows, shape
+                if out is None or out.shape[1] != stored.shape[1]:  # (a meta.json of another shape: no shard was read)
+                    out = np.empty((rows.total, stored.shape[1]), self.dtype)
+                places = [rows.positions[index] for index in indices.tolist()]
+                out[places] = stored
+                for place, index in zip(places, indices.tolist()):
+                    shards.add(rows.names[index], out[place])
+        if out is None:
+            raise RuntimeError(f"feature cache {self.folder}: no rows computed")
+        return out, shape
 
     def _write_meta(self, shape: tuple[int, ...]) -> None:
         if self.writable and self._shape() != shape:
