@@ -57,6 +57,7 @@ SCREEN = (  # screening alone, as check and train do it (worker processes, the s
 def run_size(tmp: Path, count: int, *, blank_share: float, only: set[str]) -> dict[str, tuple[float, float]]:
     folder = tmp / f"data-{count}-{blank_share}"
     write_folder(folder, count, blank_share=blank_share)
+    os.sync()  # the folder's dirty pages on disk now, not written back while the first command is timed
     env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / f"cache-{count}-{blank_share}")}
     finetune = [sys.executable, "-m", "finetune"]
     costs = {}

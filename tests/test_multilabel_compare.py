@@ -101,6 +101,8 @@ def test_compare_ranks_several_labels_by_map(compared):
     assert "worst class (AP)" in markdown and "accuracy" not in markdown
     assert "mAP (95% CI)" in (out / "leaderboard.html").read_text()
     assert list(compared.readable().columns[2:5]) == ["mAP (95% CI)", "macro-F1", "mAP vs leader (paired 95% CI)"]
+    worst = compared.readable()["worst class (AP)"].iloc[0]
+    assert worst == f"{board['worst_class'].iloc[0]}: AP {board['worst_class_average_precision'].iloc[0]:.2f}"
 
 
 def test_report_diff_of_several_labels(compared, tmp_path):

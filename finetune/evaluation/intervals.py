@@ -9,6 +9,7 @@ bootstrap: both are scored on the same resampled images, so the noise they share
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 RESAMPLES = 2000
 SEED = 0
+BLOCK = 1 << 22  # image indices drawn at once by a bootstrap (32 MiB of int64)
 
 
 def wilson_interval(successes: int, trials: int, *, z: float = Z95) -> tuple[float, float]:
@@ -28,23 +30,33 @@ def wilson_interval(successes: int, trials: int, *, z: float = Z95) -> tuple[flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def stratified_resamples(targets: np.ndarray, *, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
-    """(resamples x N) indices: each row draws, per class, as many images of that class as there are, with replacement."""
+def stratified_confusions(
+    targets: np.ndarray, predictions: Sequence[np.ndarray], classes: int, *, resamples: int = RESAMPLES, seed: int = SEED
+) -> list[np.ndarray]:
+    """(resamples x C x C) confusion matrices, true x predicted, for each array of `predictions`, all over the same
+    stratified resamples: each resample draws, per class, as many images of that class as there are, with replacement.
+
+    The draws come a block of resamples at a time (about BLOCK indices), so memory stays bounded whatever the test
+    set's size (all 2,000 x N at once took 7 GB for 150,000 test images); the blocks continue one random stream, so
+    the figures equal those of drawing everything at once."""
     rng = np.random.default_rng(seed)
-    rows = np.empty((resamples, len(targets)), dtype=np.int64)
-    start = 0
+    stacks = [np.zeros((resamples, classes, classes), dtype=np.int64) for _ in predictions]
     for label in np.unique(targets):
         members = np.flatnonzero(targets == label)
-        rows[:, start : start + len(members)] = members[rng.integers(0, len(members), (resamples, len(members)))]
-        start += len(members)
-    return rows
+        step = max(1, BLOCK // len(members))
+        for start in range(0, resamples, step):
+            count = min(step, resamples - start)
+            drawn = members[rng.integers(0, len(members), (count, len(members)))]
+            offsets = np.arange(count)[:, None] * classes
+            for stack, predicted in zip(stacks, predictions):
+                cells = (predicted[drawn] + offsets).ravel()
+                stack[start : start + count, label] = np.bincount(cells, minlength=count * classes).reshape(count, classes)
+    return stacks
 
 
-def confusion_stack(targets: np.ndarray, predicted: np.ndarray, rows: np.ndarray, classes: int) -> np.ndarray:
-    """(resamples x C x C) confusion matrices, true x predicted, of every resample in `rows`."""
-    resamples = rows.shape[0]
-    cells = targets[rows] * classes + predicted[rows] + np.arange(resamples)[:, None] * classes * classes
-    return np.bincount(cells.ravel(), minlength=resamples * classes * classes).reshape(resamples, classes, classes)
+def confusion(targets: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    """The (C x C) confusion matrix, true x predicted."""
+    return np.bincount(targets * classes + predicted, minlength=classes * classes).reshape(classes, classes)
 
 
 @dataclass(frozen=True)
@@ -87,19 +99,17 @@ def bootstrap_intervals(
     targets: np.ndarray, predicted: np.ndarray, classes: int, *, resamples: int = RESAMPLES, seed: int = SEED
 ) -> dict[str, object]:
     """95% intervals: accuracy (Wilson), balanced accuracy and macro-F1 (stratified bootstrap), and per class P/R/F1."""
-    scores = Scores.of(
-        confusion_stack(targets, predicted, stratified_resamples(targets, resamples=resamples, seed=seed), classes)
-    )
+    scores = Scores.of(stratified_confusions(targets, [predicted], classes, resamples=resamples, seed=seed)[0])
     intervals: dict[str, object] = {"accuracy": list(wilson_interval(int((targets == predicted).sum()), len(targets)))}
     for name in ("balanced_accuracy", "macro_f1"):
         intervals[name] = [float(v) for v in _percentiles(getattr(scores, name))]
     low, high = _percentiles(scores.f1)
     intervals["per_class_f1"] = [[float(lo), float(hi)] for lo, hi in zip(low, high)]
-    confusion = np.bincount(targets * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-    hits = np.diag(confusion)
+    counts = confusion(targets, predicted, classes)
+    hits = np.diag(counts)
     # precision and recall are proportions (hits among the predicted, among the true): Wilson, as for accuracy
-    intervals["per_class_precision"] = [list(wilson_interval(int(h), int(n))) for h, n in zip(hits, confusion.sum(axis=0))]
-    intervals["per_class_recall"] = [list(wilson_interval(int(h), int(n))) for h, n in zip(hits, confusion.sum(axis=1))]
+    intervals["per_class_precision"] = [list(wilson_interval(int(h), int(n))) for h, n in zip(hits, counts.sum(axis=0))]
+    intervals["per_class_recall"] = [list(wilson_interval(int(h), int(n))) for h, n in zip(hits, counts.sum(axis=1))]
     return intervals
 
 
@@ -134,12 +144,9 @@ def paired_difference(
     seed: int = SEED,
 ) -> list[Difference]:
     """Paired bootstrap of B - A for accuracy, balanced accuracy and macro-F1 (both runs scored on the same resamples)."""
-    rows = stratified_resamples(targets, resamples=resamples, seed=seed)
-    a = Scores.of(confusion_stack(targets, predicted_a, rows, classes))
-    b = Scores.of(confusion_stack(targets, predicted_b, rows, classes))
-    full = np.arange(len(targets))[None, :]
-    a0 = Scores.of(confusion_stack(targets, predicted_a, full, classes))
-    b0 = Scores.of(confusion_stack(targets, predicted_b, full, classes))
+    a, b = map(Scores.of, stratified_confusions(targets, [predicted_a, predicted_b], classes, resamples=resamples, seed=seed))
+    a0 = Scores.of(confusion(targets, predicted_a, classes)[None])
+    b0 = Scores.of(confusion(targets, predicted_b, classes)[None])
     found = []
     for name in ("accuracy", "balanced_accuracy", "macro_f1"):
         delta = getattr(b, name) - getattr(a, name)

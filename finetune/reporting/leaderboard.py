@@ -68,7 +68,8 @@ def leaderboard_table(board: pd.DataFrame, *, task: Task = SingleLabel()) -> pd.
             f"{TITLES[ranked]} vs leader (paired 95% CI)": board["vs_leader"],
             **folds,
             f"worst class ({TITLES[worst]})": [
-                f"{c} ({_shown(worst, r)})" for c, r in zip(board["worst_class"], board[f"worst_class_{worst}"])
+                f"{c}: {TITLES[worst]} {_shown(worst, r)}"  # "7: AP 0.81", not "7 (0.81)", which reads as a count
+                for c, r in zip(board["worst_class"], board[f"worst_class_{worst}"])
             ],
             "params": board["params"].map(count),
             "GMACs": board["gmacs"].map("{:.2f}".format),
