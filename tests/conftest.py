@@ -136,3 +136,12 @@ def _module_scratch_is_removed(request, tmp_path_factory):
     if request.session.testsfailed == failed:
         for path in set(base.iterdir()) - before:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Captured output stays printable: a test of file names that are not UTF-8 logs them with surrogate escapes,
+    which pytest-xdist cannot send from its worker (execnet encodes strict UTF-8)."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8")) for title, text in report.sections]
