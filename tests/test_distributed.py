@@ -132,14 +132,23 @@ def _two_nodes(entry: list[str], *, timeout: float = 240) -> list[tuple[int, str
     return ended
 
 
-# The process of global rank 1 kills its own torchrun launch (its "node") with SIGKILL, then itself, right after
-# epoch 1: rank 0 has written epoch 1's last.pt by then (it writes before its next collective, which then fails).
+# The process of global rank 1 kills its own torchrun launch (its "node") with SIGKILL, then itself, once rank 0
+# has written epoch 1's last.pt (atomically: a file that is there is whole). Killing at once raced rank 0's write
+# on a loaded machine: the surviving agent could lose its rendezvous store and stop rank 0 before it wrote.
 DYING_NODE = """
-    import os, signal, sys
+    import os, signal, sys, time
+    from pathlib import Path
+    import torch
     from finetune import train
+
+    def _epoch_one_written(last):
+        return last.exists() and torch.load(last, weights_only=True)["epoch"] == 1
 
     def node_dies(state):
         if state.epoch == 1 and os.environ["RANK"] == "1":
+            last, deadline = Path(sys.argv[3]) / "checkpoints" / "last.pt", time.monotonic() + 120
+            while not _epoch_one_written(last) and time.monotonic() < deadline:
+                time.sleep(0.1)
             os.kill(os.getppid(), signal.SIGKILL)
             os._exit(1)
 
@@ -160,7 +169,7 @@ def test_two_nodes_resume_after_one_is_killed(single, tmp_path):
     root, data, single_run = single
     run, script = root / "killed", tmp_path / "node_dies.py"
     script.write_text(textwrap.dedent(DYING_NODE))
-    ended = _two_nodes([str(script), str(root / "recipe.yaml"), str(data), str(run)], timeout=120)
+    ended = _two_nodes([str(script), str(root / "recipe.yaml"), str(data), str(run)], timeout=240)
     assert all(code != 0 for code, _ in ended)  # the killed node, and the one whose peer vanished
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     ended = _two_nodes(["-m", "finetune", "train", "--resume", str(run), "--quiet"])
