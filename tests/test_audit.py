@@ -132,7 +132,7 @@ def test_audit_without_cleanlab_names_the_extra(tmp_path, image_folder, monkeypa
         app, ["audit", str(image_folder), "--recipe", "recipes/linear_probe.yaml", "--out", str(tmp_path / "a")]
     )
     assert result.exit_code == 2
-    assert "finetune audit needs cleanlab: pip install -e '.[audit]'" in result.output
+    assert "finetune audit needs cleanlab: pip install '.[audit]'" in result.output
     assert not (tmp_path / "a").exists()
 
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -175,6 +176,24 @@ def test_two_nodes_resume_after_one_is_killed(single, tmp_path):
     ended = _two_nodes(["-m", "finetune", "train", "--resume", str(run), "--quiet"])
     assert [code for code, _ in ended] == [0, 0], ended[0][1][-3000:] + ended[1][1][-3000:]
     _same_as_single(run, single_run)
+
+
+def test_a_lost_peer_ends_the_process_in_one_line_saying_how_to_resume():
+    from finetune.errors import TrainingError
+    from finetune.training.distributed import Ranks, peers_watched
+
+    gloo = "[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:4502. This is typically caused"
+    with pytest.raises(TrainingError) as caught, peers_watched(Ranks(rank=0, world=2), run=Path("runs/a")):
+        raise RuntimeError(gloo + " by a remote worker crashing. Check the logs of the remote worker.\nmore")
+    assert str(caught.value) == (
+        "another process of this torchrun job stopped or became unreachable (Connection closed by peer [127.0.0.1]:4502); "
+        "the epochs finished before it are checkpointed: run the same torchrun command with "
+        "'finetune train --resume runs/a' on every node"
+    )
+    with pytest.raises(RuntimeError, match="shape mismatch"), peers_watched(Ranks(rank=0, world=2), run=Path("x")):
+        raise RuntimeError("shape mismatch")  # not the process group's: a bug keeps its traceback
+    with pytest.raises(RuntimeError, match="gloo"), peers_watched(Ranks(), run=Path("x")):
+        raise RuntimeError("gloo")  # one process: no peers to lose
 
 
 def test_torchrun_needs_an_out_folder():

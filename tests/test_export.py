@@ -203,7 +203,7 @@ def test_missing_onnx_packages_are_named_with_the_extra(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
-    with pytest.raises(UsageError, match=r"ONNX export needs onnx, onnxruntime and onnxscript: pip install -e '\.\[export\]'"):
+    with pytest.raises(UsageError, match=r"ONNX export needs onnx, onnxruntime and onnxscript: pip install '\.\[export\]'"):
         onnx_format.require_onnx()
     onnx_format.require_onnx(exporting=False)  # running an .onnx file needs no onnxscript
 

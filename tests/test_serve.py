@@ -227,7 +227,7 @@ def test_without_the_serve_extra_the_message_names_it(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "multipart" else real(name, *a))
-    with pytest.raises(UsageError, match=r"needs python-multipart: pip install -e '\.\[serve\]'"):
+    with pytest.raises(UsageError, match=r"needs python-multipart: pip install '\.\[serve\]'"):
         require_serve()
 
 

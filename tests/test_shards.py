@@ -100,6 +100,13 @@ def test_training_from_shards_reaches_the_folder_metrics(runs):
 def test_eval_reads_the_test_shards(runs, shards, tmp_path):
     report = evaluate(run=runs[0].run_dir, data=shards, out=tmp_path / "report", progress=False)
     assert report.metrics["num_images"] == 6 and report.metrics["accuracy"] == runs[0].report.metrics["accuracy"]
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    quiet = CliRunner().invoke(app, ["eval", str(runs[0].run_dir), "--data", str(shards), "--out", str(tmp_path / "q"), "-q"])
+    assert quiet.exit_code == 0 and "verify shards" not in quiet.output  # --quiet: no progress bars, shards' included
+    assert "accuracy" in quiet.output
 
 
 def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(shards, tmp_path):
@@ -225,6 +232,12 @@ def test_two_processes_on_shards_match_one_on_the_folder(tmp_path):
     shard(data=data, out=tmp_path / "shards", shard_size=9, recipe=RECIPE, progress=False)
     single = train(recipe=RECIPE, data=data, out=tmp_path / "single", progress=False).run_dir
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
+    shard(data=data, out=tmp_path / "one", shard_size=18, recipe=RECIPE, progress=False)  # one train shard, two processes
+    refused = _torchrun(tmp_path / "recipe.yaml", "--data", tmp_path / "one", "--out", tmp_path / "refused")
+    assert refused.returncode != 0 and not (tmp_path / "refused").exists()  # refused before the run folder is written
+    assert "error: 1 train shard(s) for 2 processes: every process needs one; write the shards again with a smaller " in (
+        refused.stderr
+    )
     done = _torchrun(tmp_path / "recipe.yaml", "--data", tmp_path / "shards", "--out", tmp_path / "ddp")
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _weights(single), _weights(tmp_path / "ddp")

@@ -51,6 +51,15 @@ def worker_quotas(sizes: Sequence[int], capacities: Sequence[int]) -> list[int]:
     return quotas
 
 
+def check_shards_per_process(shards: int, world: int) -> None:
+    """Every process of a torchrun job streams its own train shards: refuse fewer shards than processes."""
+    if shards < world:
+        raise DataError(
+            f"{shards} train shard(s) for {world} processes: every process needs one; "
+            "write the shards again with a smaller --shard-size"
+        )
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """(tensor, class index) pairs streamed from the train shards, `len()` images per epoch (from shards.json).
 
@@ -81,11 +90,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def for_epoch(self, plan: EpochPlan) -> ShardStream:
         """This stream as one epoch reads it on one process."""
-        if len(self.urls) < plan.world:
-            raise DataError(
-                f"{len(self.urls)} train shard(s) for {plan.world} processes: every process needs one; "
-                "write the shards again with a smaller --shard-size"
-            )
+        check_shards_per_process(len(self.urls), plan.world)
         return ShardStream(self.urls, self.counts, self.targets, self.transform, buffer=self.buffer, plan=plan)
 
     def shards_per_rank(self) -> int:

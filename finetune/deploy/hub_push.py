@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def require_hub() -> None:
     """One line naming the extra when huggingface_hub (timm's `save_for_hf` needs it too) is not installed."""
     if importlib.util.find_spec("huggingface_hub") is None:
-        raise UsageError("--format hub needs huggingface_hub: pip install -e '.[hub]' (or pip install huggingface_hub)")
+        raise UsageError("--format hub needs huggingface_hub: pip install '.[hub]' (or pip install huggingface_hub)")
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -57,7 +57,7 @@ def require_onnx(*, exporting: bool = True) -> None:
         names = ", ".join(needed[:-1]) + f" and {needed[-1]}"
         raise UsageError(
             f"ONNX {'export needs' if exporting else 'files need'} {names}: "
-            f"pip install -e '.[export]' (or pip install {' '.join(needed)})"
+            f"pip install '.[export]' (or pip install {' '.join(needed)})"
         )
 
 

@@ -17,7 +17,7 @@ def require_cleanlab() -> None:
     try:
         import cleanlab  # noqa: F401
     except ImportError:
-        raise UsageError("finetune audit needs cleanlab: pip install -e '.[audit]' (or pip install cleanlab)") from None
+        raise UsageError("finetune audit needs cleanlab: pip install '.[audit]' (or pip install cleanlab)") from None
 
 
 @dataclass

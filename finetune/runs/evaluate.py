@@ -31,7 +31,9 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     checkpoint = checkpoint_path(Path(run))
     predictor = Predictor(run)
     trained = predictor.trained
-    samples = _labelled_images(Path(data), trained.recipe.data.extensions, multilabel=trained.task.name == "multilabel")
+    samples = _labelled_images(
+        Path(data), trained.recipe.data.extensions, multilabel=trained.task.name == "multilabel", progress=progress
+    )
     if (samples["split"] != "").any():
         split = evaluation_split(samples)
         samples = samples[samples["split"] == split]
@@ -68,14 +70,14 @@ def evaluate(*, run: str | Path, data: str | Path, out: str | Path | None = None
     return write_run_report(trained, preds, folder, split=split, selection=selection, skipped=skipped, run=owner)
 
 
-def _labelled_images(data: Path, extensions: list[str], *, multilabel: bool) -> pd.DataFrame:
+def _labelled_images(data: Path, extensions: list[str], *, multilabel: bool, progress: bool) -> pd.DataFrame:
     """(path, label, split) of a folder of class folders or a CSV manifest; a multi-label model needs a manifest
     with a `labels` column, a single-label one a `label` column, folders, a labelling tool's export or a shard
     folder (its images as written)."""
     if is_shard_folder(data):
         if multilabel:
             raise DataError(f"this model gives several labels per image; shard folder {data} holds one label per image")
-        return shard_index(read_shard_set(data, progress=True)).samples
+        return shard_index(read_shard_set(data, progress=progress)).samples
     if is_tool_export(data):
         if multilabel:
             raise DataError(f"this model gives several labels per image: evaluate it on a CSV manifest 'path,labels', not {data}")

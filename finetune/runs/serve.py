@@ -18,7 +18,7 @@ def require_serve() -> None:
     if missing:
         raise UsageError(
             f"finetune serve needs {', '.join(missing).replace('multipart', 'python-multipart')}: "
-            "pip install -e '.[serve]' (or pip install fastapi uvicorn python-multipart)"
+            "pip install '.[serve]' (or pip install fastapi uvicorn python-multipart)"
         )
 
 

@@ -85,7 +85,7 @@ def _result(shards: ShardSet, *, skipped: int) -> ShardResult:
     splits = {split: shards.count(split) for split in ("train", "val", "test") if shards.count(split)}
     if not splits.get("train"):
         raise DataError(f"{shards.root}: no training images were written")
-    log.info(
+    log.debug(  # the CLI prints the same summary in one line
         "wrote %d shard(s) to %s: %s; %d image(s) skipped by screening (skipped.csv)",
         len(shards.shards),
         shards.root,

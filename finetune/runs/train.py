@@ -19,7 +19,7 @@ from finetune.data.loader import ImageDataset
 from finetune.data.members import is_shard_folder
 from finetune.data.shards import read_shard_set
 from finetune.data.split import DatasetIndex, label_counts
-from finetune.data.stream import SHUFFLE_BUFFER, ShardStream
+from finetune.data.stream import SHUFFLE_BUFFER, ShardStream, check_shards_per_process
 from finetune.data.transforms import save_pipeline
 from finetune.errors import CheckpointError, DataError, RunDirError, UsageError
 from finetune.evaluation.best_calibration import calibrate_best
@@ -43,7 +43,7 @@ from finetune.runs.prepare import (
     run_name,
     save_run_recipe,
 )
-from finetune.training.distributed import Ranks, barrier, setup, teardown
+from finetune.training.distributed import Ranks, barrier, peers_watched, setup, teardown
 from finetune.training.history import epoch_table, read_history, truncate_history
 from finetune.training.loop import FitContext, FitState, fit
 from finetune.training.loss import class_weights
@@ -103,6 +103,7 @@ def write_run_files(run: RunDir, recipe: Recipe, data: PreparedData) -> None:
 def _start_new(
     run: RunDir, recipe: Recipe, ranks: Ranks, *, progress: bool, known: Mapping[str, ImageFacts] | None = None
 ) -> _Start:
+    _check_shards_per_process(recipe, ranks)
     prepared = prepare_run(recipe, progress=progress and ranks.main, known=known)
     barrier()  # every rank has checked the data before rank 0 writes
     if ranks.main:
@@ -217,6 +218,13 @@ def _training_set(
     log.info("streaming %d train shards from %s (shuffle buffer %d images)", len(train), shards.root, SHUFFLE_BUFFER)
     targets = [int(t) for t in index.targets(rows)]  # one class per image: shard refuses several labels per image
     return ShardStream(shards.paths("train"), [s.count for s in train], targets, model.train_pipeline)
+
+
+def _check_shards_per_process(recipe: Recipe, ranks: Ranks) -> None:
+    """Too few train shards for the torchrun job, refused before the run folder is written (every rank raises)."""
+    if ranks.enabled and is_shard_folder(recipe.data.path):
+        shards = read_shard_set(Path(recipe.data.path or ""), verify=False)
+        check_shards_per_process(len(shards.of_split("train")), ranks.world)
 
 
 def _standing(recipe: Recipe, state: FitState | None, *, metric: str, finished: bool = False) -> Standing:
@@ -348,7 +356,7 @@ def train(
     ranks = setup(target.train.device)
     try:
         barrier()  # every rank has looked at the folder before rank 0 locks it
-        with removed_if_unstarted(run), locked(run, enabled=ranks.main):
+        with peers_watched(ranks, run=run.root), removed_if_unstarted(run), locked(run, enabled=ranks.main):
             resumed = _start_resume(run, stored, index, payload, ranks) if resume else None
             start = resumed or _start_new(run, target, ranks, progress=progress, known=known_images)
             progress = progress and ranks.main

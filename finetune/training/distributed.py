@@ -13,9 +13,13 @@ same files on every machine (a shared disk); tests/test_distributed.py runs two 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from finetune.data.loader import shard_indices
+from finetune.errors import TrainingError
 from finetune.inference.device import check_device, resolve_device
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,37 @@ def _node(ranks: Ranks) -> str:
 
 def current() -> Ranks:
     return Ranks(rank=dist.get_rank(), world=dist.get_world_size()) if _joined() else Ranks()
+
+
+@contextlib.contextmanager
+def peers_watched(ranks: Ranks, *, run: Path) -> Iterator[None]:
+    """Under torchrun, a collective that fails because another process died or became unreachable (gloo's
+    "Connection closed by peer", NCCL's errors, a lost rendezvous store) ends this process with one line saying how
+    to go on (resume the run folder `run`), not PyTorch's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not ranks.enabled or not _lost_peer(exc):
+            raise
+        raise TrainingError(
+            f"another process of this torchrun job stopped or became unreachable ({_gist(exc)}); the epochs finished "
+            f"before it are checkpointed: run the same torchrun command with 'finetune train --resume {run}' on every node"
+        ) from None
+
+
+def _gist(exc: RuntimeError) -> str:
+    """The first sentence of PyTorch's message, without gloo's "[source.cc:561] " prefix."""
+    lines = str(exc).strip().splitlines()
+    first = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0] if lines else ""
+    return first[:160] or type(exc).__name__
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """A failure of the process group itself (PyTorch raises these as RuntimeError or its Dist* subclasses)."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection closed", "connection reset")
+    )
 
 
 def teardown() -> None:
